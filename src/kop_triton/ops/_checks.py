@@ -1,0 +1,93 @@
+"""Argument checks shared by every public op: one place, clear messages.
+
+Every check raises ``TypeError`` (wrong kind of object / dtype) or ``ValueError`` (wrong
+shape, value or combination) naming the argument and what was received.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BACKENDS = ("auto", "triton", "chunked", "recurrent", "naive")
+
+
+def describe(t) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"tensor of shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+    return f"{type(t).__name__} {t!r}"
+
+
+def check_tensor(name: str, t, ndim: int, shape_hint: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape_hint}, got {describe(t)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {describe(t)}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have shape {shape_hint} ({ndim} dims), got {describe(t)}")
+    return t
+
+
+def check_same_device(**tensors) -> None:
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    if not items:
+        return
+    n0, t0 = items[0]
+    for n, t in items[1:]:
+        if t.device != t0.device:
+            raise ValueError(f"{n} is on {t.device} but {n0} is on {t0.device}; all inputs must share a device")
+
+
+def check_same_dtype(**tensors) -> None:
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    n0, t0 = items[0]
+    for n, t in items[1:]:
+        if t.dtype != t0.dtype:
+            raise TypeError(f"{n} has dtype {t.dtype} but {n0} has dtype {t0.dtype}; they must match")
+
+
+def check_backend(backend: str, allowed: Sequence[str] = BACKENDS) -> str:
+    if not isinstance(backend, str) or backend not in allowed:
+        raise ValueError(f"backend must be one of {list(allowed)}, got {backend!r}")
+    return backend
+
+
+def resolve_backend(backend: str, device: torch.device, allowed: Sequence[str] = BACKENDS,
+                    cpu_default: str = "chunked") -> str:
+    """"auto" -> "triton" on CUDA tensors, ``cpu_default`` elsewhere."""
+    check_backend(backend, allowed)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else cpu_default
+    return backend
+
+
+def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], batch: int, seqlen: int,
+                     device: torch.device) -> Optional[int]:
+    """Validate packed-sequence offsets; return the number of sequences N (or None)."""
+    if cu_seqlens is None:
+        return None
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be an int32/int64 tensor of shape (N+1,), got {describe(cu_seqlens)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {describe(cu_seqlens)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must have shape (N+1,) with N >= 1, got {describe(cu_seqlens)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the inputs are on {device}")
+    if batch != 1:
+        raise ValueError(f"cu_seqlens requires a packed batch of size 1, got batch size {batch}")
+    c = cu_seqlens.detach().cpu().tolist()
+    if c[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {c[:4]}...")
+    if c[-1] != seqlen:
+        raise ValueError(f"cu_seqlens must end at the sequence length T={seqlen}, got last value {c[-1]}")
+    if any(b <= a for a, b in zip(c[:-1], c[1:])):
+        raise ValueError(f"cu_seqlens must be strictly increasing, got {c if len(c) <= 16 else c[:16]}")
+    return len(c) - 1
+
+
+def state_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """States and accumulators: float32, or float64 when the inputs are float64."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32

@@ -1,0 +1,102 @@
+"""Causal Kbase convolution: y_t = sum_{l<K} weight[l] * x_{t-l}  (tap 0 = current token).
+
+Shapes: x (B, T, D); weight (K,) shared by every channel (the paper's Kbase) or (D, K)
+per channel (depthwise); states (N, K-1, D) = the K-1 inputs before t = 0, oldest first,
+float32 (float64 for float64 inputs). ``final_state`` has the same layout, so consecutive
+pieces of a stream chain exactly.
+
+Backends (same signature, same return tuple ``(y, final_state)``):
+  naive   ``F.conv1d`` on the input left-padded with the initial state: the ground truth
+  triton  the Triton kernels in ``kop_triton.kernels.conv``
+  auto    triton on CUDA tensors, naive elsewhere (``F.conv1d`` is the fast CPU path)
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import (check_cu_seqlens, check_same_device, check_tensor, describe,
+                      resolve_backend, state_dtype)
+
+MAX_KERNEL_SIZE = 4096
+CONV_BACKENDS = ("auto", "triton", "naive")
+
+
+def _per_sequence(fn, x, weight, initial_state, output_final_state, cu_seqlens):
+    offsets = cu_seqlens.tolist()
+    outs, finals = [], []
+    for i, (s, e) in enumerate(zip(offsets[:-1], offsets[1:])):
+        h0 = None if initial_state is None else initial_state[i:i + 1]
+        y_i, f_i = fn(x[:, s:e], weight, initial_state=h0, output_final_state=output_final_state)
+        outs.append(y_i)
+        finals.append(f_i)
+    y = torch.cat(outs, dim=1)
+    return y, (torch.cat(finals, dim=0) if output_final_state else None)
+
+
+def naive_causal_conv(x, weight, *, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """``F.conv1d`` (depthwise, flipped taps) on x left-padded by the K-1 previous inputs."""
+    if cu_seqlens is not None:
+        return _per_sequence(naive_causal_conv, x, weight, initial_state, output_final_state, cu_seqlens)
+    dt = state_dtype(x, weight)
+    B, T, D = x.shape
+    K = weight.shape[-1]
+    w = weight.to(dt).expand(D, K) if weight.dim() == 1 else weight.to(dt)
+    h0 = (torch.zeros(B, K - 1, D, dtype=dt, device=x.device) if initial_state is None
+          else initial_state.to(dt))
+    xp = torch.cat([h0, x.to(dt)], dim=1)                          # (B, K-1+T, D)
+    y = F.conv1d(xp.transpose(1, 2), w.flip(-1).unsqueeze(1), groups=D).transpose(1, 2)
+    final = xp[:, xp.shape[1] - (K - 1):] if output_final_state else None
+    return y.to(x.dtype), final
+
+
+def triton_causal_conv(x, weight, *, initial_state=None, output_final_state=False, cu_seqlens=None):
+    raise NotImplementedError("the Triton causal convolution is not implemented yet")
+
+
+def _check_conv_args(x, weight, initial_state, cu_seqlens):
+    check_tensor("x", x, 3, "(B, T, D)")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a tensor of shape (K,) or (D, K), got {describe(weight)}")
+    if weight.dim() not in (1, 2) or not weight.is_floating_point():
+        raise ValueError(f"weight must be a floating tensor of shape (K,) or (D, K), got {describe(weight)}")
+    check_same_device(x=x, weight=weight, initial_state=initial_state)
+    B, T, D = x.shape
+    K = weight.shape[-1]
+    if weight.dim() == 2 and weight.shape[0] != D:
+        raise ValueError(f"weight of shape (D, K) must have D = {D} rows to match x, got {describe(weight)}")
+    if not 1 <= K <= MAX_KERNEL_SIZE:
+        raise ValueError(f"weight must have 1 <= K <= {MAX_KERNEL_SIZE} taps, got {describe(weight)}")
+    N = check_cu_seqlens(cu_seqlens, B, T, x.device)
+    N = B if N is None else N
+    if initial_state is not None:
+        if not isinstance(initial_state, torch.Tensor) or not initial_state.is_floating_point():
+            raise TypeError(f"initial_state must be a float tensor of shape (N, K-1, D), got {describe(initial_state)}")
+        want = (N, K - 1, D)
+        if tuple(initial_state.shape) != want:
+            raise ValueError(f"initial_state must have shape (N, K-1, D) = {want}, got {describe(initial_state)}")
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, *, initial_state: Optional[torch.Tensor] = None,
+                output_final_state: bool = False, cu_seqlens: Optional[torch.Tensor] = None,
+                backend: str = "auto") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Causal convolution with a shared (K,) or per-channel (D, K) kernel.
+
+    Args:
+        x: (B, T, D).  weight: (K,) or (D, K), tap 0 multiplies the current token.
+        initial_state: optional (N, K-1, D), the K-1 inputs before t = 0, oldest first.
+        output_final_state: also return the last K-1 inputs, (N, K-1, D).
+        cu_seqlens: optional (N+1,) offsets of packed sequences in a B = 1 batch.
+        backend: "auto" | "triton" | "naive".
+
+    Returns:
+        (y, final_state): y (B, T, D) in x's dtype; final_state None unless asked for.
+    """
+    dev = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+    bk = resolve_backend(backend, dev, CONV_BACKENDS, cpu_default="naive")
+    _check_conv_args(x, weight, initial_state, cu_seqlens)
+    fn = triton_causal_conv if bk == "triton" else naive_causal_conv
+    return fn(x, weight, initial_state=initial_state, output_final_state=output_final_state,
+              cu_seqlens=cu_seqlens)

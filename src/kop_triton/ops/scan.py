@@ -1,0 +1,252 @@
+"""Decayed scan: S_t = diag(gamma) S_{t-1} + k_t (outer) v_t,  o_t = q_t @ S_t.
+
+Shapes: q, k (B, T, R); v (B, T, D); gamma (R,) in (0, 1]; states (N, R, D) float32
+(float64 when the inputs are float64), N = B, or the number of packed sequences when
+``cu_seqlens`` is given (then B must be 1 and the state resets at every sequence start).
+
+Backends (same signature, same return tuple ``(o, final_state)``):
+  naive      direct quadratic formula, any dtype; the ground truth
+  recurrent  step-by-step loop (the generation form)
+  chunked    chunked algorithm in PyTorch: the fast path on CPU
+  triton     the Triton kernels in ``kop_triton.kernels.scan`` (CUDA, or CPU under TRITON_INTERPRET=1)
+  auto       triton on CUDA tensors, chunked elsewhere
+
+Numerics (SPEC section 4): every decay product is gamma^n with n >= 0, so small gammas
+underflow to 0 and never overflow; accumulation in float32 (float64 for float64 inputs).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ._checks import (check_cu_seqlens, check_same_device, check_same_dtype, check_tensor,
+                      describe, resolve_backend, state_dtype)
+
+MAX_TRITON_RANK = 128
+DEFAULT_CHUNK = 64
+
+# --------------------------------------------------------------------------------------
+# PyTorch references
+# --------------------------------------------------------------------------------------
+
+
+def _decay_powers(gamma: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
+    """gamma[r] ** exponents[...] for integer exponents >= 0 -> (R, *exponents.shape).
+
+    ``torch.pow`` with a tensor exponent keeps the gradient w.r.t. gamma exact
+    (n * gamma^(n-1)) and never forms a negative power.
+    """
+    e = exponents.to(gamma.dtype)
+    return torch.pow(gamma.reshape((-1,) + (1,) * exponents.dim()), e)
+
+
+def _causal_decay_matrix(gamma: torch.Tensor, n: int) -> torch.Tensor:
+    """(R, n, n) with [r, i, j] = gamma_r^(i-j) for j <= i, 0 above the diagonal."""
+    i = torch.arange(n, device=gamma.device)
+    diff = i[:, None] - i[None, :]
+    pw = _decay_powers(gamma, diff.clamp(min=0))
+    return torch.where(diff >= 0, pw, torch.zeros((), dtype=gamma.dtype, device=gamma.device))
+
+
+def _per_sequence(fn, q, k, v, gamma, initial_state, output_final_state, cu_seqlens, **kw):
+    """Run a B=1 reference on each packed sequence separately (states reset at every start)."""
+    offsets = cu_seqlens.tolist()
+    outs, finals = [], []
+    for i, (s, e) in enumerate(zip(offsets[:-1], offsets[1:])):
+        h0 = None if initial_state is None else initial_state[i:i + 1]
+        o_i, f_i = fn(q[:, s:e], k[:, s:e], v[:, s:e], gamma, initial_state=h0,
+                      output_final_state=output_final_state, **kw)
+        outs.append(o_i)
+        finals.append(f_i)
+    o = torch.cat(outs, dim=1)
+    return o, (torch.cat(finals, dim=0) if output_final_state else None)
+
+
+def naive_decayed_scan(q, k, v, gamma, *, initial_state=None, output_final_state=False,
+                       cu_seqlens=None):
+    """Direct formula: o_t = sum_{j<=t} sum_r q_tr gamma_r^(t-j) k_jr v_j + q_t gamma^(t+1) S0.
+
+    Quadratic in T (a (R, T, T) decay tensor): the ground truth for tests, not for speed.
+    """
+    if cu_seqlens is not None:
+        return _per_sequence(naive_decayed_scan, q, k, v, gamma, initial_state,
+                             output_final_state, cu_seqlens)
+    dt = state_dtype(q, k, v, gamma)
+    qf, kf, vf, g = q.to(dt), k.to(dt), v.to(dt), gamma.to(dt)
+    T = q.shape[1]
+    L = _causal_decay_matrix(g, T)                              # (R, T, T)
+    A = torch.einsum("btr,bjr,rtj->btj", qf, kf, L)              # (B, T, T)
+    o = A @ vf                                                   # (B, T, D)
+    t = torch.arange(T, device=q.device)
+    if initial_state is not None:
+        h0 = initial_state.to(dt)
+        o = o + torch.einsum("btr,rt,brd->btd", qf, _decay_powers(g, t + 1), h0)
+    final = None
+    if output_final_state:
+        final = torch.einsum("bjr,rj,bjd->brd", kf, _decay_powers(g, T - 1 - t), vf)
+        if initial_state is not None:
+            final = final + _decay_powers(g, torch.tensor(T, device=q.device))[:, None] * initial_state.to(dt)
+    return o.to(v.dtype), final
+
+
+def recurrent_decayed_scan(q, k, v, gamma, *, initial_state=None, output_final_state=False,
+                           cu_seqlens=None):
+    """Step-by-step recurrence, one token at a time (the decoding form)."""
+    if cu_seqlens is not None:
+        return _per_sequence(recurrent_decayed_scan, q, k, v, gamma, initial_state,
+                             output_final_state, cu_seqlens)
+    dt = state_dtype(q, k, v, gamma)
+    B, T, R = q.shape
+    D = v.shape[-1]
+    g = gamma.to(dt)[:, None]
+    S = (torch.zeros(B, R, D, dtype=dt, device=q.device) if initial_state is None
+         else initial_state.to(dt))
+    outs = []
+    for t in range(T):
+        S = g * S + k[:, t, :, None].to(dt) * v[:, t, None, :].to(dt)
+        outs.append(torch.einsum("br,brd->bd", q[:, t].to(dt), S))
+    o = torch.stack(outs, dim=1) if outs else v.new_zeros(B, 0, D, dtype=dt)
+    return o.to(v.dtype), (S if output_final_state else None)
+
+
+def chunked_decayed_scan(q, k, v, gamma, *, initial_state=None, output_final_state=False,
+                         cu_seqlens=None, chunk_size: int = DEFAULT_CHUNK):
+    """Chunked algorithm in PyTorch (linear in T): exact intra-chunk decay tensor + state passing."""
+    if cu_seqlens is not None:
+        return _per_sequence(chunked_decayed_scan, q, k, v, gamma, initial_state,
+                             output_final_state, cu_seqlens, chunk_size=chunk_size)
+    dt = state_dtype(q, k, v, gamma)
+    return _chunked_core(q.to(dt), k.to(dt), v.to(dt), gamma.to(dt),
+                         None if initial_state is None else initial_state.to(dt),
+                         output_final_state, int(chunk_size), v.dtype)
+
+
+def _chunked_core(q, k, v, g, h0, output_final_state, C, out_dtype):
+    B, T, R = q.shape
+    D = v.shape[-1]
+    if T == 0:
+        return v.new_zeros(B, 0, D, dtype=out_dtype), (h0 if output_final_state else None)
+    C = max(1, min(C, T))
+    n = -(-T // C)
+    pad = n * C - T
+    if pad:
+        q = torch.nn.functional.pad(q, (0, 0, 0, pad))
+        k = torch.nn.functional.pad(k, (0, 0, 0, pad))
+        v = torch.nn.functional.pad(v, (0, 0, 0, pad))
+    qc = q.view(B, n, C, R)
+    kc = k.view(B, n, C, R)
+    vc = v.view(B, n, C, D)
+    i = torch.arange(C, device=q.device)
+    L = _causal_decay_matrix(g, C)                                   # (R, C, C)
+    # intra-chunk: A[b,n,i,j] = sum_r q_ir k_jr gamma_r^(i-j), j <= i
+    A = torch.einsum("bnir,bnjr,rij->bnij", qc, kc, L)
+    o = A @ vc                                                       # (B, n, C, D)
+    # chunk-local decays: q side gamma^(i+1) (from the previous chunk's end state),
+    # k side gamma^(C-1-j) (to this chunk's end)
+    q_dec = qc * _decay_powers(g, i + 1).T                           # (B, n, C, R)
+    k_dec = kc * _decay_powers(g, C - 1 - i).T
+    dS = k_dec.transpose(-1, -2) @ vc                                # (B, n, R, D)
+    gC = _decay_powers(g, torch.tensor(C, device=q.device))[:, None]  # (R, 1)
+    # sequential state passing over chunks (S_prev[c] = state before chunk c)
+    S = torch.zeros(B, R, D, dtype=q.dtype, device=q.device) if h0 is None else h0
+    prev = []
+    for c in range(n):
+        prev.append(S)
+        S = gC * S + dS[:, c]
+    S_prev = torch.stack(prev, dim=1)                                # (B, n, R, D)
+    o = o + q_dec @ S_prev
+    o = o.reshape(B, n * C, D)[:, :T]
+    final = None
+    if output_final_state:
+        if pad:
+            # the last chunk is partial: decay from its start over its real length only
+            Lr = C - pad
+            j = torch.arange(Lr, device=q.device)
+            k_last = kc[:, -1, :Lr] * _decay_powers(g, Lr - 1 - j).T
+            gL = _decay_powers(g, torch.tensor(Lr, device=q.device))[:, None]
+            final = gL * S_prev[:, -1] + k_last.transpose(-1, -2) @ vc[:, -1, :Lr]
+        else:
+            final = S
+    return o.to(out_dtype), final
+
+
+# --------------------------------------------------------------------------------------
+# Triton path (kernels in kop_triton.kernels.scan)
+# --------------------------------------------------------------------------------------
+
+
+def triton_decayed_scan(q, k, v, gamma, *, initial_state=None, output_final_state=False,
+                        cu_seqlens=None):
+    raise NotImplementedError("the Triton decayed scan is not implemented yet")
+
+
+# --------------------------------------------------------------------------------------
+# Public op
+# --------------------------------------------------------------------------------------
+
+_BACKENDS = {
+    "naive": naive_decayed_scan,
+    "recurrent": recurrent_decayed_scan,
+    "chunked": chunked_decayed_scan,
+}
+
+
+def _check_scan_args(q, k, v, gamma, initial_state, cu_seqlens, backend):
+    check_tensor("q", q, 3, "(B, T, R)")
+    check_tensor("k", k, 3, "(B, T, R)")
+    check_tensor("v", v, 3, "(B, T, D)")
+    check_tensor("gamma", gamma, 1, "(R,)")
+    check_same_device(q=q, k=k, v=v, gamma=gamma, initial_state=initial_state)
+    check_same_dtype(q=q, k=k, v=v)
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {describe(k)}")
+    B, T, R = q.shape
+    if v.shape[:2] != (B, T):
+        raise ValueError(f"v must have shape (B, T, D) = ({B}, {T}, D) to match q, got {describe(v)}")
+    if gamma.shape[0] != R:
+        raise ValueError(f"gamma must have shape (R,) = ({R},) to match q, got {describe(gamma)}")
+    if R < 1 or v.shape[-1] < 1:
+        raise ValueError(f"R and D must be >= 1, got q {describe(q)}, v {describe(v)}")
+    if not (torch.compiler.is_compiling() or gamma.numel() == 0):
+        lo, hi = float(gamma.detach().min()), float(gamma.detach().max())
+        if not (lo > 0.0 and hi <= 1.0):
+            raise ValueError(f"gamma must lie in (0, 1], got values in [{lo}, {hi}]")
+    N = check_cu_seqlens(cu_seqlens, B, T, q.device)
+    N = B if N is None else N
+    if initial_state is not None:
+        if not isinstance(initial_state, torch.Tensor):
+            raise TypeError(f"initial_state must be a tensor of shape (N, R, D), got {describe(initial_state)}")
+        if initial_state.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"initial_state must be float32 (or float64), got {describe(initial_state)}")
+        want = (N, R, v.shape[-1])
+        if tuple(initial_state.shape) != want:
+            raise ValueError(f"initial_state must have shape (N, R, D) = {want}, got {describe(initial_state)}")
+    if backend == "triton" and R > MAX_TRITON_RANK:
+        raise ValueError(f"the triton backend supports R <= {MAX_TRITON_RANK}, got R = {R}")
+
+
+def decayed_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor, *,
+                 initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
+                 cu_seqlens: Optional[torch.Tensor] = None,
+                 backend: str = "auto") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Decayed linear-attention scan with a constant per-channel decay.
+
+    S_t = diag(gamma) S_{t-1} + k_t (outer) v_t  (S is (R, D), float32),   o_t = q_t @ S_t.
+
+    Args:
+        q, k: (B, T, R) queries and keys.  v: (B, T, D) values (same dtype as q, k).
+        gamma: (R,) decays in (0, 1].
+        initial_state: optional (N, R, D) float32 state before t = 0 (zeros when None).
+        output_final_state: also return the (N, R, D) float32 state after the last token.
+        cu_seqlens: optional int32/int64 (N+1,) offsets of packed sequences in a B = 1 batch.
+        backend: "auto" | "triton" | "chunked" | "recurrent" | "naive".
+
+    Returns:
+        (o, final_state): o is (B, T, D) in v's dtype; final_state is None unless asked for.
+    """
+    bk = resolve_backend(backend, q.device if isinstance(q, torch.Tensor) else torch.device("cpu"))
+    _check_scan_args(q, k, v, gamma, initial_state, cu_seqlens, bk)
+    fn = triton_decayed_scan if bk == "triton" else _BACKENDS[bk]
+    return fn(q, k, v, gamma, initial_state=initial_state, output_final_state=output_final_state,
+              cu_seqlens=cu_seqlens)

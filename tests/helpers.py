@@ -1,0 +1,79 @@
+"""Shared test utilities: devices, tolerances, error reports, input factories."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Triton kernels run on CUDA tensors on a GPU machine, on CPU tensors under the interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+
+try:
+    import triton  # noqa: F401
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - triton is a test dependency
+    HAS_TRITON = False
+TRITON_OK = HAS_TRITON and (DEVICE == "cuda" or INTERPRET)
+
+# relative RMS error bounds (vs a float64 naive reference), one row per (backend class, dtype)
+TOL = {
+    ("torch", torch.float64): 1e-6,
+    ("torch", torch.float32): 1e-5,
+    ("triton", torch.float64): 1e-5,
+    ("triton", torch.float32): 1e-5,
+    ("triton", torch.float16): 5e-3,
+    ("triton", torch.bfloat16): 3e-2,
+    ("torch", torch.float16): 5e-3,
+    ("torch", torch.bfloat16): 3e-2,
+}
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def rel_rms(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    num = (a - e).pow(2).mean().sqrt()
+    den = e.pow(2).mean().sqrt()
+    return float(num / den) if float(den) > 0 else float(num)
+
+
+def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: float) -> None:
+    """Relative-RMS check that reports max-abs error and where the worst element sits."""
+    assert actual is not None, f"{name}: got None"
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    assert torch.isfinite(a).all(), f"{name}: non-finite values at {torch.nonzero(~torch.isfinite(a))[:5].tolist()}"
+    err = rel_rms(a, e)
+    if not err <= tol:
+        diff = (a - e).abs()
+        idx = torch.nonzero(diff == diff.max())[0].tolist() if diff.numel() else []
+        raise AssertionError(
+            f"{name}: relative RMS error {err:.3e} > {tol:.1e}; max abs error {float(diff.max()):.3e} "
+            f"at {idx} (actual {float(a[tuple(idx)]):.6g}, expected {float(e[tuple(idx)]):.6g})")
+
+
+def make_gamma(R: int, lo: float = 0.01, hi: float = 1.0, dtype=torch.float64, device="cpu") -> torch.Tensor:
+    """Decays spread over [lo, hi] across channels, both ends included (hi = 1.0 is no decay)."""
+    if R == 1:
+        return torch.tensor([hi], dtype=dtype, device=device)
+    return torch.linspace(lo, hi, R, dtype=dtype, device=device)
+
+
+def scan_inputs(B, T, R, D, dtype=torch.float64, device="cpu", seed=0, gamma=None, init=True,
+                requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, R, generator=g, dtype=torch.float64) / R ** 0.5
+    k = torch.randn(B, T, R, generator=g, dtype=torch.float64) / R ** 0.5
+    v = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+    h0 = torch.randn(B, R, D, generator=g, dtype=torch.float64) if init else None
+    gm = make_gamma(R) if gamma is None else gamma.to(torch.float64)
+    out = [q.to(dtype), k.to(dtype), v.to(dtype), gm.to(dtype if dtype == torch.float64 else torch.float32)]
+    if h0 is not None:
+        h0 = h0.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    out.append(h0)
+    out = [None if t is None else t.to(device).requires_grad_(requires_grad) for t in out]
+    return out
