@@ -176,9 +176,59 @@ def _chunked_core(q, k, v, g, h0, output_final_state, C, out_dtype):
 # --------------------------------------------------------------------------------------
 
 
+class _TritonDecayedScan(torch.autograd.Function):
+    """Thin autograd wrapper over kop_triton.kernels.scan.scan_fwd / scan_bwd (float32 states)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, gamma, initial_state, output_final_state, cu_seqlens):
+        from kop_triton.kernels.scan import scan_fwd
+        o, final, chunk_states = scan_fwd(q, k, v, gamma, initial_state, output_final_state,
+                                          cu_seqlens, DEFAULT_CHUNK)
+        ctx.save_for_backward(q, k, v, gamma, initial_state, chunk_states, cu_seqlens)
+        ctx.set_materialize_grads(False)
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        from kop_triton.kernels.scan import scan_bwd
+        q, k, v, gamma, initial_state, chunk_states, cu_seqlens = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros_like(v)
+        dq, dk, dv, dgamma, dh0 = scan_bwd(q, k, v, gamma, initial_state, chunk_states, do,
+                                           dfinal, cu_seqlens, DEFAULT_CHUNK)
+        return dq, dk, dv, dgamma.to(gamma.dtype), dh0, None, None
+
+
 def triton_decayed_scan(q, k, v, gamma, *, initial_state=None, output_final_state=False,
                         cu_seqlens=None):
-    raise NotImplementedError("the Triton decayed scan is not implemented yet")
+    """The Triton kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1); R <= 128.
+
+    Computes in float32 (float64 inputs are computed in float32 and cast back); the final
+    state is float32 (float64 for float64 inputs, like the references).
+    """
+    B, T, R = q.shape
+    D = v.shape[-1]
+    out_dtype = v.dtype
+    st_dtype = state_dtype(q, k, v, gamma)
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if T == 0:
+        # nothing to scan: o is empty and the state passes through unchanged
+        o = v.new_zeros(B, 0, D)
+        if not output_final_state:
+            return o, None
+        if initial_state is None:
+            return o, torch.zeros(N, R, D, dtype=st_dtype, device=q.device)
+        return o, initial_state.to(st_dtype) * 1
+    if out_dtype == torch.float64:
+        q, k, v = q.float(), k.float(), v.float()
+    h0 = initial_state
+    if h0 is not None and h0.dtype != torch.float32:
+        h0 = h0.float()
+    o, final = _TritonDecayedScan.apply(q, k, v, gamma, h0, bool(output_final_state), cu_seqlens)
+    o = o.to(out_dtype)
+    if final is not None:
+        final = final.to(st_dtype)
+    return o, final
 
 
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,561 @@
+"""Triton kernels of the decayed scan (forward and backward), chunk-parallel.
+
+Math (per sequence, per key channel r; S is (R, D) float32, S_{-1} = initial state):
+
+    S_t = gamma * S_{t-1} + k_t (outer) v_t          o_t = q_t @ S_t
+
+The sequence is cut into chunks of BT tokens (the last one may be shorter: L <= BT tokens).
+With i, j chunk-local positions, S_prev[c] the state entering chunk c and g = gamma:
+
+    A[i, j]     = sum_r q_ir k_jr g_r^(i-j)                    (j <= i, same chunk)
+    o_i         = sum_j A[i, j] v_j + (q_i * g^(i+1)) @ S_prev[c]
+    S_prev[c+1] = g^L * S_prev[c] + (k * g^(L-1-j))^T @ v       (chunk-local state dS[c])
+
+Backward, with G[c] = dLoss/d(state after chunk c) (G = dfinal after the last chunk):
+
+    G[c-1]  = g^L(c) * G[c] + (q * g^(i+1))^T @ do             (over chunk c; dh0 = G[-1])
+    dA[i,j] = do_i . v_j
+    dv_j    = sum_{i>=j} A[i, j] do_i + (k_j * g^(L-1-j)) @ G[c]
+    dq_ir   = sum_{j<=i} dA[i,j] k_jr g^(i-j) + g^(i+1) (do_i . S_prev[c]_r)
+    dk_jr   = sum_{i>=j} dA[i,j] q_ir g^(i-j) + g^(L-1-j) (v_j . G[c]_r)
+    dg_r    = sum_{j<i} dA[i,j] q_ir k_jr (i-j) g^(i-j-1)              (a) intra-chunk
+            + sum_i (i+1) g^i q_ir (do_i . S_prev[c]_r)                   (b) query side
+            + sum_{j<L-1} (L-1-j) g^(L-2-j) k_jr (v_j . G[c]_r)           (c) key side
+            + L g^(L-1) sum_d S_prev[c]_rd G[c]_rd                        (d) state decay
+
+Numerics: every power is g^n = exp2(n * log2 g) with n >= 0 (log2 g computed once on the host
+in float64); nothing divides by gamma.  The intra-chunk term never needs a negative power:
+the chunk is split into sub-chunks of BC tokens; for a row sub-block I (first index s_I) and
+columns j < s_I, g^(i-j) = g^(i-s_I) * g^(s_I-j), both exponents >= 0, so that part is one
+tl.dot of (q_I * g^(i-s_I)) and (k * g^(s_I-j))^T; the diagonal BC x BC sub-block is built
+column by column with the exact masked decay.  For (a), n g^(n-1) with n = a + b splits the
+same way: a g^(a-1) g^b + g^a b g^(b-1).  dk uses the sub-block's last index e_I as the split
+point (i > e_I >= j).  All accumulation is float32; 16-bit inputs use tensor-core dots
+(state dots stay float32 for float16 inputs, whose range a long-run state can exceed).
+
+Kernels (every grid is parallel over chunks; only the state passing walks the chunks):
+    _intra_A_kernel       A (rows of every chunk), grid (NT, BT // BC, B)
+    _chunk_state_kernel   chunk-local states dS[c] (forward) / dH[c] (backward), grid (NT, D/BD, B)
+    _state_pass_kernel    sequential pass over the chunks of a sequence, elementwise in (R, D),
+                          grid (N, R*D / BLOCK); forward in time, or reversed for the backward
+    _chunk_out_kernel     o (forward) / dv (backward), grid (NT, D/BD, B)
+    _bwd_dqk_kernel       dq, dk and per-(chunk, sub-chunk) partial dgamma, grid (NT, BT // BC, B)
+
+No atomics anywhere: dgamma partials are written to a (chunks * sub-chunks, R) buffer and
+summed by torch in a fixed order, so two runs give bitwise-identical gradients.
+
+Layout of ``chunk_states`` (returned by scan_fwd, consumed by scan_bwd): a float32 tensor of
+shape (NC, R, D), contiguous, where NC is the total number of chunks of size ``chunk_size``:
+  * without cu_seqlens: NC = B * ceil(T / chunk_size); entry b * ceil(T / chunk_size) + c is
+    the state entering chunk c of batch row b;
+  * with cu_seqlens: NC = sum_n ceil(len_n / chunk_size); entry chunk_offsets[n] + c (with
+    chunk_offsets the exclusive cumulative sum of ceil(len_n / chunk_size)) is the state
+    entering chunk c of sequence n.
+"The state entering chunk c" is the state after all earlier tokens of the same sequence:
+the initial state (zeros when None) for c = 0.  The final state is not part of it.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+# Sub-chunk of the intra-chunk decomposition: the smallest tl.dot tile (M, N, K >= 16).
+SUB_CHUNK = 16
+# Flat (R*D) elements per program of the sequential state pass.
+PASS_BLOCK = 512
+
+
+# --------------------------------------------------------------------------------------
+# jit helpers
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, DOT_MODE: tl.constexpr):
+    """a @ b with float32 accumulation; DOT_MODE 0: fp32 IEEE (never TF32), 1: bf16, 2: fp16."""
+    if DOT_MODE == 1:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif DOT_MODE == 2:
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+
+
+@triton.jit
+def _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT: tl.constexpr,
+                  IS_VARLEN: tl.constexpr):
+    """-> (bos, i_tc, i_s, L): first token of the sequence (int64), chunk index inside the
+    sequence, global chunk index (int64, row of chunk_states) and chunk length."""
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+        i_tc = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        i_s = i_t.to(tl.int64)
+    else:
+        i_tc = i_t.to(tl.int64)
+        bos = i_b.to(tl.int64) * T
+        eos = bos + T
+        i_s = i_b.to(tl.int64) * NT + i_tc
+    L = tl.minimum(eos - bos - i_tc * BT, BT)
+    return bos, i_tc, i_s, L
+
+
+# --------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _intra_A_kernel(q, k, lg, A, cu_seqlens, chunk_indices, T, R, NT,
+                    BT: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr,
+                    IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr):
+    """A[t, j] = sum_r q_tr k_jr g_r^(i-j) for j <= i (i, j chunk-local), 0 for j > i.
+
+    One program writes the (BC, BT) rows of sub-chunk I of one chunk (every column, zeros
+    included).  q, k: (B*T, R); A: (B*T, BT) float32.
+    """
+    i_t, i_i, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos, i_tc, i_s, L = _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
+    t0 = bos + i_tc * BT                      # first token of the chunk (int64)
+    s_I = i_i * BC
+    o_i = s_I + tl.arange(0, BC)              # chunk-local rows of the sub-chunk   (BC,)
+    o_j = tl.arange(0, BT)                    # chunk-local columns                  (BT,)
+    o_r = tl.arange(0, BR)
+    m_i = o_i < L
+    m_j = o_j < L
+    m_r = o_r < R
+    b_lg = tl.load(lg + o_r, mask=m_r, other=0.)                                   # (BR,)
+
+    p_q = q + (t0 + o_i)[:, None] * R + o_r[None, :]
+    b_q = tl.load(p_q, mask=m_i[:, None] & m_r[None, :], other=0.).to(tl.float32)  # (BC, BR)
+    p_k = k + (t0 + o_j)[:, None] * R + o_r[None, :]
+    b_k = tl.load(p_k, mask=m_j[:, None] & m_r[None, :], other=0.).to(tl.float32)  # (BT, BR)
+
+    # columns j < s_I: g^(i-j) = g^(i-s_I) * g^(s_I-j), both exponents >= 0
+    b_qg = b_q * tl.exp2((o_i - s_I).to(tl.float32)[:, None] * b_lg[None, :])
+    m_off = o_j < s_I
+    n_k = tl.where(m_off, s_I - o_j, 0).to(tl.float32)
+    b_kg = tl.where(m_off[:, None], b_k * tl.exp2(n_k[:, None] * b_lg[None, :]), 0.)
+    b_A = _dot(b_qg, tl.trans(b_kg), DOT_MODE)                                    # (BC, BT)
+
+    # diagonal sub-block, one column at a time with the exact decay g^(i-j), i >= j
+    for jj in range(0, BC):
+        j = s_I + jj
+        b_kj = tl.load(k + (t0 + j) * R + o_r, mask=m_r & (j < L), other=0.).to(tl.float32)
+        n_e = o_i - j
+        b_d = tl.exp2(tl.maximum(n_e, 0).to(tl.float32)[:, None] * b_lg[None, :])  # (BC, BR)
+        b_a = tl.sum(b_q * b_kj[None, :] * b_d, axis=1)                           # (BC,)
+        b_a = tl.where(n_e >= 0, b_a, 0.)
+        b_A = tl.where(o_j[None, :] == j, b_a[:, None], b_A)
+
+    p_A = A + (t0 + o_i)[:, None] * BT + o_j[None, :]
+    tl.store(p_A, b_A, mask=m_i[:, None])
+
+
+@triton.jit
+def _chunk_state_kernel(x, y, lg, s, cu_seqlens, chunk_indices, T, R, D, NT,
+                        BT: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+                        REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr):
+    """Chunk-local state s[c] = (x * g^n)^T @ y, a (BR, BD) block of the (R, D) state.
+
+    forward  (REVERSE=False): x = k, y = v,  n = L-1-j   -> dS[c], the chunk's own contribution
+    backward (REVERSE=True):  x = q, y = do, n = i+1     -> dH[c], the gradient it sends back
+    x: (B*T, R), y: (B*T, D), s: (NC, R, D) float32.
+    """
+    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos, i_tc, i_s, L = _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
+    t0 = bos + i_tc * BT
+    o_t = tl.arange(0, BT)
+    o_r = tl.arange(0, BR)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_t = o_t < L
+    m_r = o_r < R
+    m_d = o_d < D
+    b_lg = tl.load(lg + o_r, mask=m_r, other=0.)
+    b_x = tl.load(x + (t0 + o_t)[:, None] * R + o_r[None, :],
+                  mask=m_t[:, None] & m_r[None, :], other=0.).to(tl.float32)       # (BT, BR)
+    b_y = tl.load(y + (t0 + o_t)[:, None] * D + o_d[None, :],
+                  mask=m_t[:, None] & m_d[None, :], other=0.)                      # (BT, BD)
+    if REVERSE:
+        n = o_t + 1
+    else:
+        n = tl.where(m_t, L - 1 - o_t, 0)
+    b_x = b_x * tl.exp2(n.to(tl.float32)[:, None] * b_lg[None, :])
+    b_s = _dot(tl.trans(b_x), b_y, DOT_MODE)                                      # (BR, BD)
+    p_s = s + i_s * R * D + o_r[:, None] * D + o_d[None, :]
+    tl.store(p_s, b_s, mask=m_r[:, None] & m_d[None, :])
+
+
+@triton.jit
+def _state_pass_kernel(s, lg, h0, ht, cu_seqlens, chunk_offsets, T, R, D, NT,
+                       BT: tl.constexpr, BLOCK: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
+                       STORE_FINAL_STATE: tl.constexpr, REVERSE: tl.constexpr,
+                       IS_VARLEN: tl.constexpr):
+    """Sequential pass over the chunks of sequence i_n, elementwise on BLOCK flat (r, d) entries.
+
+    In place on s (NC, R, D): each step reads the chunk-local term s[c], writes the running
+    value h there, then h <- g^L(c) * h + s[c].  Forward, h starts at the initial state and
+    s[c] becomes S_prev[c]; REVERSE walks from the last chunk, h starts at dfinal and s[c]
+    becomes G[c].  The value after the walk (final state / dh0) goes to ht.
+    h0, ht: (N, R, D) float32.
+    """
+    i_n, i_e = tl.program_id(0), tl.program_id(1)
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T_n = eos - bos
+        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+        NT_n = tl.cdiv(T_n, BT)
+    else:
+        T_n = T
+        c0 = i_n.to(tl.int64) * NT
+        NT_n = NT
+    o_e = i_e * BLOCK + tl.arange(0, BLOCK)
+    m_e = o_e < R * D
+    b_lg = tl.load(lg + o_e // D, mask=m_e, other=0.)
+    b_h = tl.zeros([BLOCK], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        b_h = tl.load(h0 + i_n.to(tl.int64) * R * D + o_e, mask=m_e, other=0.).to(tl.float32)
+    for i in range(0, NT_n):
+        if REVERSE:
+            i_c = NT_n - 1 - i
+        else:
+            i_c = i
+        L = tl.minimum(T_n - i_c * BT, BT)
+        p_s = s + (c0 + i_c) * R * D + o_e
+        b_s = tl.load(p_s, mask=m_e, other=0.)
+        tl.store(p_s, b_h, mask=m_e)
+        b_h = tl.exp2(L.to(tl.float32) * b_lg) * b_h + b_s
+    if STORE_FINAL_STATE:
+        tl.store(ht + i_n.to(tl.int64) * R * D + o_e, b_h, mask=m_e)
+
+
+@triton.jit
+def _chunk_out_kernel(x, y, lg, A, s, out, cu_seqlens, chunk_indices, T, R, D, NT,
+                      BT: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+                      REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr,
+                      DOT_MODE: tl.constexpr, STATE_DOT_MODE: tl.constexpr):
+    """Per chunk and D-block (BT, BD):
+
+    forward  (REVERSE=False): o  = A @ v    + (q * g^(i+1))   @ S_prev[c]   x = q, y = v
+    backward (REVERSE=True):  dv = A^T @ do + (k * g^(L-1-j)) @ G[c]        x = k, y = do
+    A: (B*T, BT) float32 from _intra_A_kernel; s: (NC, R, D) float32; out like y.
+    """
+    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos, i_tc, i_s, L = _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
+    t0 = bos + i_tc * BT
+    o_t = tl.arange(0, BT)
+    o_r = tl.arange(0, BR)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_t = o_t < L
+    m_r = o_r < R
+    m_d = o_d < D
+    b_lg = tl.load(lg + o_r, mask=m_r, other=0.)
+    if REVERSE:
+        # b_A[j, i] = A[i, j]: row i of A lives at token t0 + i
+        p_A = A + (t0 + o_t)[None, :] * BT + o_t[:, None]
+        b_A = tl.load(p_A, mask=m_t[None, :], other=0.)
+        n = tl.where(m_t, L - 1 - o_t, 0)
+    else:
+        p_A = A + (t0 + o_t)[:, None] * BT + o_t[None, :]
+        b_A = tl.load(p_A, mask=m_t[:, None], other=0.)
+        n = o_t + 1
+    b_y = tl.load(y + (t0 + o_t)[:, None] * D + o_d[None, :],
+                  mask=m_t[:, None] & m_d[None, :], other=0.)                      # (BT, BD)
+    b_o = _dot(b_A, b_y, DOT_MODE)                                                # (BT, BD)
+    b_x = tl.load(x + (t0 + o_t)[:, None] * R + o_r[None, :],
+                  mask=m_t[:, None] & m_r[None, :], other=0.).to(tl.float32)       # (BT, BR)
+    b_x = b_x * tl.exp2(n.to(tl.float32)[:, None] * b_lg[None, :])
+    b_s = tl.load(s + i_s * R * D + o_r[:, None] * D + o_d[None, :],
+                  mask=m_r[:, None] & m_d[None, :], other=0.)                      # (BR, BD)
+    b_o += _dot(b_x, b_s, STATE_DOT_MODE)
+    p_o = out + (t0 + o_t)[:, None] * D + o_d[None, :]
+    tl.store(p_o, b_o.to(out.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+
+
+@triton.jit
+def _bwd_dqk_kernel(q, k, v, do, lg, s, ds, dq, dk, dg, cu_seqlens, chunk_indices,
+                    T, R, D, NT, BT: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr,
+                    BD: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr,
+                    STATE_DOT_MODE: tl.constexpr):
+    """dq, dk of the rows of sub-chunk I (BC, BR) and I's partial dgamma (BR,), terms (a)-(d).
+
+    s: S_prev (NC, R, D), ds: G (NC, R, D); dg: (NC * BT/BC, R) float32 partials.
+    Loops over D in BD blocks for dA (rows I: (BC, BT); columns I: (BT, BC)),
+    P = do_I @ S_prev^T and Qv = v_I @ G^T (BC, BR).
+    """
+    i_t, i_i, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos, i_tc, i_s, L = _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
+    t0 = bos + i_tc * BT
+    s_I = i_i * BC
+    e_I = s_I + BC - 1
+    o_i = s_I + tl.arange(0, BC)              # chunk-local rows of sub-chunk I
+    o_j = tl.arange(0, BT)                    # chunk-local positions of the whole chunk
+    o_r = tl.arange(0, BR)
+    m_i = o_i < L
+    m_j = o_j < L
+    m_r = o_r < R
+    b_lg = tl.load(lg + o_r, mask=m_r, other=0.)
+
+    b_dAr = tl.zeros([BC, BT], dtype=tl.float32)    # dA[i, j], i in I
+    b_dAc = tl.zeros([BT, BC], dtype=tl.float32)    # dA[i, j], j in I
+    b_P = tl.zeros([BC, BR], dtype=tl.float32)      # do_I . S_prev_r
+    b_Qv = tl.zeros([BC, BR], dtype=tl.float32)     # v_I . G_r
+    b_dd = tl.zeros([BR], dtype=tl.float32)         # sum_d S_prev * G
+    p_s0 = s + i_s * R * D
+    p_ds0 = ds + i_s * R * D
+    for i_d in range(0, tl.cdiv(D, BD)):
+        o_d = i_d * BD + tl.arange(0, BD)
+        m_d = o_d < D
+        m_Id = m_i[:, None] & m_d[None, :]
+        m_Cd = m_j[:, None] & m_d[None, :]
+        m_Rd = m_r[:, None] & m_d[None, :]
+        b_doI = tl.load(do + (t0 + o_i)[:, None] * D + o_d[None, :], mask=m_Id, other=0.)
+        b_vI = tl.load(v + (t0 + o_i)[:, None] * D + o_d[None, :], mask=m_Id, other=0.)
+        b_doC = tl.load(do + (t0 + o_j)[:, None] * D + o_d[None, :], mask=m_Cd, other=0.)
+        b_vC = tl.load(v + (t0 + o_j)[:, None] * D + o_d[None, :], mask=m_Cd, other=0.)
+        b_h = tl.load(p_s0 + o_r[:, None] * D + o_d[None, :], mask=m_Rd, other=0.)
+        b_g = tl.load(p_ds0 + o_r[:, None] * D + o_d[None, :], mask=m_Rd, other=0.)
+        b_dAr += _dot(b_doI, tl.trans(b_vC), DOT_MODE)
+        b_dAc += _dot(b_doC, tl.trans(b_vI), DOT_MODE)
+        b_P += _dot(b_doI, tl.trans(b_h), STATE_DOT_MODE)
+        b_Qv += _dot(b_vI, tl.trans(b_g), STATE_DOT_MODE)
+        b_dd += tl.sum(b_h * b_g, axis=1)
+
+    m_Ir = m_i[:, None] & m_r[None, :]
+    m_Cr = m_j[:, None] & m_r[None, :]
+    b_q = tl.load(q + (t0 + o_i)[:, None] * R + o_r[None, :], mask=m_Ir, other=0.).to(tl.float32)
+    b_k = tl.load(k + (t0 + o_i)[:, None] * R + o_r[None, :], mask=m_Ir, other=0.).to(tl.float32)
+    b_qC = tl.load(q + (t0 + o_j)[:, None] * R + o_r[None, :], mask=m_Cr, other=0.).to(tl.float32)
+    b_kC = tl.load(k + (t0 + o_j)[:, None] * R + o_r[None, :], mask=m_Cr, other=0.).to(tl.float32)
+
+    # dq, columns j < s_I: X = dA @ (k g^b), Y = dA @ (k b g^(b-1)), b = s_I - j >= 1;
+    # dq = g^a X and W = a g^(a-1) X + g^a Y with a = i - s_I (W: the n g^(n-1) kernel of (a))
+    m_off = o_j < s_I
+    n_b = tl.where(m_off, s_I - o_j, 1).to(tl.float32)
+    b_gb = tl.exp2(n_b[:, None] * b_lg[None, :])
+    b_gb1 = tl.exp2((n_b - 1.)[:, None] * b_lg[None, :])
+    b_kg = tl.where(m_off[:, None], b_kC * b_gb, 0.)
+    b_kn = tl.where(m_off[:, None], b_kC * n_b[:, None] * b_gb1, 0.)
+    b_X = _dot(b_dAr, b_kg, DOT_MODE)                                           # (BC, BR)
+    b_Y = _dot(b_dAr, b_kn, DOT_MODE)
+    n_a = (o_i - s_I).to(tl.float32)
+    b_ga = tl.exp2(n_a[:, None] * b_lg[None, :])
+    b_na = tl.where((n_a > 0)[:, None],
+                    n_a[:, None] * tl.exp2(tl.maximum(n_a - 1., 0.)[:, None] * b_lg[None, :]), 0.)
+    b_dq = b_ga * b_X
+    b_W = b_na * b_X + b_ga * b_Y
+
+    # dk, rows i > e_I: g^(i-j) = g^(i-e_I) * g^(e_I-j)
+    m_aft = o_j > e_I
+    n_c = tl.where(m_aft, o_j - e_I, 0).to(tl.float32)
+    b_qg = tl.where(m_aft[:, None], b_qC * tl.exp2(n_c[:, None] * b_lg[None, :]), 0.)
+    b_Z = _dot(tl.trans(b_dAc), b_qg, DOT_MODE)                                # (BC, BR)
+    b_dk = tl.exp2((e_I - o_i).to(tl.float32)[:, None] * b_lg[None, :]) * b_Z
+
+    # diagonal sub-block (i, j both in I, j <= i), one column j at a time, exact decays
+    for jj in range(0, BC):
+        j = s_I + jj
+        b_kj = tl.load(k + (t0 + j) * R + o_r, mask=m_r & (j < L), other=0.).to(tl.float32)
+        b_dcol = tl.sum(tl.where(o_j[None, :] == j, b_dAr, 0.), axis=1)            # dA[i, j]  (BC,)
+        n_e = o_i - j
+        n_ef = tl.maximum(n_e, 0).to(tl.float32)
+        b_t = tl.where((n_e >= 0)[:, None],
+                       b_dcol[:, None] * tl.exp2(n_ef[:, None] * b_lg[None, :]), 0.)  # (BC, BR)
+        b_dq += b_t * b_kj[None, :]
+        b_nt = tl.where((n_e > 0)[:, None],
+                        b_dcol[:, None] * n_ef[:, None]
+                        * tl.exp2(tl.maximum(n_ef - 1., 0.)[:, None] * b_lg[None, :]), 0.)
+        b_W += b_nt * b_kj[None, :]
+        b_dkj = tl.sum(b_t * b_q, axis=0)                                          # (BR,)
+        b_dk = tl.where((o_i == j)[:, None], b_dk + b_dkj[None, :], b_dk)
+
+    # inter-chunk terms
+    n_q = tl.where(m_i, o_i, 0).to(tl.float32)
+    b_gq = tl.exp2(n_q[:, None] * b_lg[None, :])                                 # g^i
+    b_dq += b_gq * tl.exp2(b_lg)[None, :] * b_P                                   # g^(i+1) P
+    n_k = tl.where(m_i, L - 1 - o_i, 0).to(tl.float32)
+    b_dk += tl.exp2(n_k[:, None] * b_lg[None, :]) * b_Qv                          # g^(L-1-j) Qv
+
+    # dgamma partial: (a) + (b) + (c) [+ (d) once per chunk]
+    b_dg = tl.sum(b_q * b_W, axis=0)
+    b_dg += tl.sum(b_q * (n_q + 1.)[:, None] * b_gq * b_P, axis=0)
+    m_c = m_i & (o_i < L - 1)
+    n_c1 = tl.where(m_c, L - 2 - o_i, 0).to(tl.float32)
+    b_nk = tl.where(m_c[:, None], (n_c1 + 1.)[:, None] * tl.exp2(n_c1[:, None] * b_lg[None, :]), 0.)
+    b_dg += tl.sum(b_k * b_nk * b_Qv, axis=0)
+    n_L = (L - 1).to(tl.float32)
+    b_dg += tl.where(i_i == 0, (n_L + 1.) * tl.exp2(n_L * b_lg) * b_dd, 0.)
+
+    tl.store(dq + (t0 + o_i)[:, None] * R + o_r[None, :], b_dq.to(dq.dtype.element_ty), mask=m_Ir)
+    tl.store(dk + (t0 + o_i)[:, None] * R + o_r[None, :], b_dk.to(dk.dtype.element_ty), mask=m_Ir)
+    tl.store(dg + (i_s * (BT // BC) + i_i) * R + o_r, b_dg, mask=m_r)
+
+
+# --------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------
+
+
+def _dot_modes(dtype: torch.dtype) -> Tuple[int, int]:
+    """(intra-chunk dot mode, state dot mode) for the input dtype (see _dot)."""
+    if dtype == torch.bfloat16:
+        return 1, 1
+    if dtype == torch.float16:
+        return 2, 0
+    return 0, 0
+
+
+def _check_chunk_size(chunk_size: int) -> int:
+    bt = int(chunk_size)
+    if bt < SUB_CHUNK or bt > 128 or bt & (bt - 1):
+        raise ValueError(f"chunk_size must be a power of two in [{SUB_CHUNK}, 128], got {chunk_size!r}")
+    return bt
+
+
+def _chunk_tables(cu_seqlens: Optional[torch.Tensor], B: int, T: int, BT: int):
+    """-> (NC, chunk_indices, chunk_offsets).  Varlen: chunk_indices (NC, 2) int32 holds
+    (sequence, chunk within the sequence) per global chunk, chunk_offsets (N+1,) int64 the
+    first global chunk of every sequence.  Without cu_seqlens both are None, NC = B*ceil(T/BT)."""
+    if cu_seqlens is None:
+        return B * triton.cdiv(T, BT), None, None
+    cu = cu_seqlens.to(torch.int64)
+    n_chunks = (cu[1:] - cu[:-1] + BT - 1) // BT
+    chunk_offsets = torch.cat([cu.new_zeros(1), n_chunks.cumsum(0)])
+    NC = int(chunk_offsets[-1])
+    seq = torch.repeat_interleave(torch.arange(n_chunks.numel(), device=cu.device), n_chunks,
+                                  output_size=NC)
+    within = torch.arange(NC, device=cu.device) - chunk_offsets[seq]
+    chunk_indices = torch.stack([seq, within], dim=1).to(torch.int32).contiguous()
+    return NC, chunk_indices, chunk_offsets
+
+
+def _block_sizes(R: int, D: int):
+    BR = max(16, triton.next_power_of_2(R))
+    BD = min(64, max(16, triton.next_power_of_2(D)))
+    return BR, BD
+
+
+def _log2_gamma(gamma: torch.Tensor) -> torch.Tensor:
+    # float64 log2 on the host side of the kernels: exponents n * log2(g) lose no accuracy here
+    return torch.log2(gamma.detach().to(torch.float64)).to(torch.float32).contiguous()
+
+
+def _intra_A(q, k, lg, cu_seqlens, chunk_indices, NC, B, T, NT, BT, BR, is_varlen, dot_mode):
+    R = q.shape[-1]
+    A = torch.empty(B * T, BT, dtype=torch.float32, device=q.device)
+    grid = (NC if is_varlen else NT, BT // SUB_CHUNK, 1 if is_varlen else B)
+    _intra_A_kernel[grid](q, k, lg, A, cu_seqlens, chunk_indices, T, R, NT,
+                          BT=BT, BC=SUB_CHUNK, BR=BR, IS_VARLEN=is_varlen, DOT_MODE=dot_mode)
+    return A
+
+
+def scan_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,
+             initial_state: Optional[torch.Tensor], output_final_state: bool,
+             cu_seqlens: Optional[torch.Tensor], chunk_size: int = 64):
+    """Forward launcher (no autograd). -> (o, final_state or None, chunk_states).
+
+    q, k: (B, T, R) and v: (B, T, D) of one dtype (float32/bfloat16/float16); gamma (R,);
+    initial_state (N, R, D) or None; cu_seqlens (N+1,) int32/int64 or None (then B == 1).
+    o: (B, T, D) in v's dtype; final_state (N, R, D) float32; chunk_states (NC, R, D) float32
+    in the layout described in the module docstring.  Requires T >= 1.
+    """
+    BT = _check_chunk_size(chunk_size)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, T, R = q.shape
+    D = v.shape[-1]
+    is_varlen = cu_seqlens is not None
+    N = cu_seqlens.numel() - 1 if is_varlen else B
+    NT = triton.cdiv(T, BT)
+    NC, chunk_indices, chunk_offsets = _chunk_tables(cu_seqlens, B, T, BT)
+    BR, BD = _block_sizes(R, D)
+    dot_mode, state_dot_mode = _dot_modes(v.dtype)
+    lg = _log2_gamma(gamma)
+    h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
+    cu = None if cu_seqlens is None else cu_seqlens.contiguous()
+    G_t = NC if is_varlen else NT
+    G_b = 1 if is_varlen else B
+
+    A = _intra_A(q, k, lg, cu, chunk_indices, NC, B, T, NT, BT, BR, is_varlen, dot_mode)
+    states = torch.empty(NC, R, D, dtype=torch.float32, device=q.device)
+    _chunk_state_kernel[(G_t, triton.cdiv(D, BD), G_b)](
+        k, v, lg, states, cu, chunk_indices, T, R, D, NT,
+        BT=BT, BR=BR, BD=BD, REVERSE=False, IS_VARLEN=is_varlen, DOT_MODE=dot_mode)
+    final = torch.empty(N, R, D, dtype=torch.float32, device=q.device) if output_final_state else None
+    _state_pass_kernel[(N, triton.cdiv(R * D, PASS_BLOCK))](
+        states, lg, h0, final, cu, chunk_offsets, T, R, D, NT,
+        BT=BT, BLOCK=PASS_BLOCK, USE_INITIAL_STATE=h0 is not None,
+        STORE_FINAL_STATE=output_final_state, REVERSE=False, IS_VARLEN=is_varlen)
+    o = torch.empty_like(v)
+    _chunk_out_kernel[(G_t, triton.cdiv(D, BD), G_b)](
+        q, v, lg, A, states, o, cu, chunk_indices, T, R, D, NT,
+        BT=BT, BR=BR, BD=BD, REVERSE=False, IS_VARLEN=is_varlen,
+        DOT_MODE=dot_mode, STATE_DOT_MODE=state_dot_mode)
+    return o, final, states
+
+
+def scan_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,
+             initial_state: Optional[torch.Tensor], chunk_states: torch.Tensor, do: torch.Tensor,
+             dfinal_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+             chunk_size: int = 64):
+    """Backward launcher (no autograd). -> (dq, dk, dv, dgamma, dinitial_state or None).
+
+    chunk_states: from scan_fwd (same chunk_size and cu_seqlens); it is only read.
+    do: (B, T, D); dfinal_state: (N, R, D) or None (zero).  dq, dk, dv in the inputs' dtype,
+    dgamma (R,) float32 (per-block partials summed in a fixed order), dinitial_state (N, R, D)
+    float32 when initial_state is given.  Requires T >= 1.
+    """
+    BT = _check_chunk_size(chunk_size)
+    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.to(v.dtype).contiguous()
+    B, T, R = q.shape
+    D = v.shape[-1]
+    is_varlen = cu_seqlens is not None
+    N = cu_seqlens.numel() - 1 if is_varlen else B
+    NT = triton.cdiv(T, BT)
+    NC, chunk_indices, chunk_offsets = _chunk_tables(cu_seqlens, B, T, BT)
+    if tuple(chunk_states.shape) != (NC, R, D):
+        raise ValueError(f"chunk_states must have shape (NC, R, D) = {(NC, R, D)} for chunk_size "
+                         f"{BT}, got {tuple(chunk_states.shape)}")
+    BR, BD = _block_sizes(R, D)
+    dot_mode, state_dot_mode = _dot_modes(v.dtype)
+    lg = _log2_gamma(gamma)
+    cu = None if cu_seqlens is None else cu_seqlens.contiguous()
+    states = chunk_states.to(torch.float32).contiguous()
+    dht = None if dfinal_state is None else dfinal_state.to(torch.float32).contiguous()
+    G_t = NC if is_varlen else NT
+    G_b = 1 if is_varlen else B
+
+    # G[c]: gradient w.r.t. the state after chunk c (reverse pass, in place on dstates)
+    dstates = torch.empty(NC, R, D, dtype=torch.float32, device=q.device)
+    _chunk_state_kernel[(G_t, triton.cdiv(D, BD), G_b)](
+        q, do, lg, dstates, cu, chunk_indices, T, R, D, NT,
+        BT=BT, BR=BR, BD=BD, REVERSE=True, IS_VARLEN=is_varlen, DOT_MODE=dot_mode)
+    dh0 = (torch.empty(N, R, D, dtype=torch.float32, device=q.device)
+           if initial_state is not None else None)
+    _state_pass_kernel[(N, triton.cdiv(R * D, PASS_BLOCK))](
+        dstates, lg, dht, dh0, cu, chunk_offsets, T, R, D, NT,
+        BT=BT, BLOCK=PASS_BLOCK, USE_INITIAL_STATE=dht is not None,
+        STORE_FINAL_STATE=dh0 is not None, REVERSE=True, IS_VARLEN=is_varlen)
+
+    A = _intra_A(q, k, lg, cu, chunk_indices, NC, B, T, NT, BT, BR, is_varlen, dot_mode)
+    dv = torch.empty_like(v)
+    _chunk_out_kernel[(G_t, triton.cdiv(D, BD), G_b)](
+        k, do, lg, A, dstates, dv, cu, chunk_indices, T, R, D, NT,
+        BT=BT, BR=BR, BD=BD, REVERSE=True, IS_VARLEN=is_varlen,
+        DOT_MODE=dot_mode, STATE_DOT_MODE=state_dot_mode)
+
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    n_sub = BT // SUB_CHUNK
+    dg = torch.empty(NC * n_sub, R, dtype=torch.float32, device=q.device)
+    _bwd_dqk_kernel[(G_t, n_sub, G_b)](
+        q, k, v, do, lg, states, dstates, dq, dk, dg, cu, chunk_indices, T, R, D, NT,
+        BT=BT, BC=SUB_CHUNK, BR=BR, BD=BD, IS_VARLEN=is_varlen,
+        DOT_MODE=dot_mode, STATE_DOT_MODE=state_dot_mode)
+    # fixed-order reduction of the per-(chunk, sub-chunk) partials, in float64
+    dgamma = dg.sum(dim=0, dtype=torch.float64).to(torch.float32)
+    return dq, dk, dv, dgamma, dh0
