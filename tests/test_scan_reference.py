@@ -185,3 +185,26 @@ def test_bad_input_errors(case, exc, match):
         q = [[1.0]]
     with pytest.raises(exc, match=match):
         decayed_scan(q, k, v, g, **{"backend": "chunked", **kw})
+
+
+@pytest.mark.parametrize("backend", ["naive", "recurrent", "chunked"])
+def test_grads_without_states(backend):
+    """No initial state and no final state requested: o-only loss, every gradient."""
+    q, k, v, g, _ = scan_inputs(2, 45, 3, 5, init=False)
+    do = torch.randn(2, 45, 5, dtype=torch.float64)
+    o_ref, _ = naive_decayed_scan(q, k, v, g)
+    ref = torch.autograd.grad((o_ref * do).sum(), [q, k, v, g])
+    o, s = decayed_scan(q, k, v, g, backend=backend)
+    assert s is None
+    got = torch.autograd.grad((o * do).sum(), [q, k, v, g])
+    assert_close("o", o, o_ref, 1e-10)
+    for n, a, b in zip(["dq", "dk", "dv", "dgamma"], got, ref):
+        assert_close(n, a, b, 1e-10)
+
+
+@pytest.mark.parametrize("backend", ["naive", "recurrent", "chunked"])
+def test_empty_sequence_passes_state_through(backend):
+    q, k, v, g, h0 = scan_inputs(2, 0, 3, 4, requires_grad=False)
+    o, s = decayed_scan(q, k, v, g, initial_state=h0, output_final_state=True, backend=backend)
+    assert o.shape == (2, 0, 4)
+    assert torch.equal(s, h0)

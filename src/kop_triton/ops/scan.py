@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .chunked import CPU_CHUNK, chunked_scan
 from ._checks import (check_cu_seqlens, check_same_device, check_same_dtype, check_tensor,
                       describe, resolve_backend, state_dtype)
 
@@ -111,64 +112,22 @@ def recurrent_decayed_scan(q, k, v, gamma, *, initial_state=None, output_final_s
 
 
 def chunked_decayed_scan(q, k, v, gamma, *, initial_state=None, output_final_state=False,
-                         cu_seqlens=None, chunk_size: int = DEFAULT_CHUNK):
-    """Chunked algorithm in PyTorch (linear in T): exact intra-chunk decay tensor + state passing."""
+                         cu_seqlens=None, chunk_size: int = CPU_CHUNK):
+    """Chunked algorithm in PyTorch (linear in T) with a hand-written backward (ops/chunked.py)."""
     if cu_seqlens is not None:
         return _per_sequence(chunked_decayed_scan, q, k, v, gamma, initial_state,
                              output_final_state, cu_seqlens, chunk_size=chunk_size)
     dt = state_dtype(q, k, v, gamma)
-    return _chunked_core(q.to(dt), k.to(dt), v.to(dt), gamma.to(dt),
-                         None if initial_state is None else initial_state.to(dt),
-                         output_final_state, int(chunk_size), v.dtype)
-
-
-def _chunked_core(q, k, v, g, h0, output_final_state, C, out_dtype):
     B, T, R = q.shape
     D = v.shape[-1]
+    h0 = None if initial_state is None else initial_state.to(dt)
     if T == 0:
-        return v.new_zeros(B, 0, D, dtype=out_dtype), (h0 if output_final_state else None)
-    C = max(1, min(C, T))
-    n = -(-T // C)
-    pad = n * C - T
-    if pad:
-        q = torch.nn.functional.pad(q, (0, 0, 0, pad))
-        k = torch.nn.functional.pad(k, (0, 0, 0, pad))
-        v = torch.nn.functional.pad(v, (0, 0, 0, pad))
-    qc = q.view(B, n, C, R)
-    kc = k.view(B, n, C, R)
-    vc = v.view(B, n, C, D)
-    i = torch.arange(C, device=q.device)
-    L = _causal_decay_matrix(g, C)                                   # (R, C, C)
-    # intra-chunk: A[b,n,i,j] = sum_r q_ir k_jr gamma_r^(i-j), j <= i
-    A = torch.einsum("bnir,bnjr,rij->bnij", qc, kc, L)
-    o = A @ vc                                                       # (B, n, C, D)
-    # chunk-local decays: q side gamma^(i+1) (from the previous chunk's end state),
-    # k side gamma^(C-1-j) (to this chunk's end)
-    q_dec = qc * _decay_powers(g, i + 1).T                           # (B, n, C, R)
-    k_dec = kc * _decay_powers(g, C - 1 - i).T
-    dS = k_dec.transpose(-1, -2) @ vc                                # (B, n, R, D)
-    gC = _decay_powers(g, torch.tensor(C, device=q.device))[:, None]  # (R, 1)
-    # sequential state passing over chunks (S_prev[c] = state before chunk c)
-    S = torch.zeros(B, R, D, dtype=q.dtype, device=q.device) if h0 is None else h0
-    prev = []
-    for c in range(n):
-        prev.append(S)
-        S = gC * S + dS[:, c]
-    S_prev = torch.stack(prev, dim=1)                                # (B, n, R, D)
-    o = o + q_dec @ S_prev
-    o = o.reshape(B, n * C, D)[:, :T]
-    final = None
-    if output_final_state:
-        if pad:
-            # the last chunk is partial: decay from its start over its real length only
-            Lr = C - pad
-            j = torch.arange(Lr, device=q.device)
-            k_last = kc[:, -1, :Lr] * _decay_powers(g, Lr - 1 - j).T
-            gL = _decay_powers(g, torch.tensor(Lr, device=q.device))[:, None]
-            final = gL * S_prev[:, -1] + k_last.transpose(-1, -2) @ vc[:, -1, :Lr]
-        else:
-            final = S
-    return o.to(out_dtype), final
+        final = None
+        if output_final_state:
+            final = h0 * 1 if h0 is not None else torch.zeros(B, R, D, dtype=dt, device=q.device)
+        return v.new_zeros(B, 0, D), final
+    o, final = chunked_scan(q.to(dt), k.to(dt), v.to(dt), gamma.to(dt), h0, output_final_state, chunk_size)
+    return o.to(v.dtype), final
 
 
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,157 @@
+"""The chunked decayed scan in PyTorch with a hand-written backward: the fast CPU path.
+
+Per chunk c of C tokens (local index i, state S_c before the chunk, all exponents >= 0):
+
+    A[i, j]  = sum_r q_ir k_jr gamma_r^(i-j)            (j <= i; exact decay tensor L (C, C, R))
+    o_i      = sum_j A[i, j] v_j + (q_i * gamma^(i+1)) @ S_c
+    S_{c+1}  = gamma^len_c * S_c + (k * gamma^(len_c-1-j))^T @ v
+
+The backward recomputes A from q, k and reuses the saved chunk-boundary states; the state
+gradient runs backwards over chunks with the same gamma^C factors (never an inversion), and
+d gamma^n / d gamma = n gamma^(n-1) is formed with n >= 1 only, so nothing divides by gamma.
+A partial last chunk is zero-padded and decays over its real length only.
+
+Measured on the 2-core dev CPU (T=8192, D=256, R=16, fp32, one thread, forward+backward):
+chunk 8: 60 ms, 16: 43 ms, 32: 51 ms, 64: 182 ms (the (B, n, C, C, R) intra-chunk products grow
+with C while the state terms do not): chunk 16 is the default.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CPU_CHUNK = 16
+
+
+def _pow(gamma: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """gamma ** e for integer e >= 0: (*e.shape, R)."""
+    return torch.pow(gamma, e.to(gamma.dtype).unsqueeze(-1))
+
+
+def _dpow(gamma: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """d(gamma ** e)/d gamma = e * gamma ** (e - 1), exactly 0 where e == 0 (no gamma^-1)."""
+    ef = e.to(gamma.dtype).unsqueeze(-1)
+    zero = torch.zeros((), dtype=gamma.dtype, device=gamma.device)
+    return torch.where(ef > 0, ef * torch.pow(gamma, (ef - 1).clamp(min=0)), zero)
+
+
+def _tables(gamma: torch.Tensor, C: int):
+    i = torch.arange(C, device=gamma.device)
+    lag = i[:, None] - i[None, :]
+    causal = (lag >= 0).unsqueeze(-1)
+    zero = torch.zeros((), dtype=gamma.dtype, device=gamma.device)
+    L = torch.where(causal, _pow(gamma, lag.clamp(min=0)), zero)           # (C, C, R)
+    return i, lag, causal, L
+
+
+class ChunkedScanFn(torch.autograd.Function):
+    """Inputs share one float dtype (float32 or float64); h0 may be None."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, gamma, h0, chunk_size: int, want_final: bool):
+        B, T, R = q.shape
+        D = v.shape[-1]
+        C = chunk_size
+        n = -(-T // C)
+        pad = n * C - T
+        last = C - pad                                                    # real length of the last chunk
+        if pad:
+            q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        qc, kc, vc = q.view(B, n, C, R), k.view(B, n, C, R), v.view(B, n, C, D)
+        i, _, _, L = _tables(gamma, C)
+        A = (qc.unsqueeze(3) * kc.unsqueeze(2) * L).sum(-1)               # (B, n, C, C)
+        kd = kc * _pow(gamma, C - 1 - i)                                  # decay to chunk end
+        if pad:
+            kd[:, -1] = kc[:, -1] * _pow(gamma, (last - 1 - i).clamp(min=0))
+        # S_all[:, c] = state before chunk c; S_all[:, n] = final state
+        S_all = torch.empty(B, n + 1, R, D, dtype=q.dtype, device=q.device)
+        if h0 is None:
+            S_all[:, 0].zero_()
+        else:
+            S_all[:, 0] = h0
+        torch.matmul(kd.transpose(-1, -2), vc, out=S_all[:, 1:])         # chunk-local states
+        g_full = torch.pow(gamma, C)[:, None]
+        g_last = torch.pow(gamma, last)[:, None]
+        for c in range(n):
+            S_all[:, c + 1].addcmul_(S_all[:, c], g_last if c == n - 1 else g_full)
+        S_prev = S_all[:, :n]
+        o = A @ vc + (qc * _pow(gamma, i + 1)) @ S_prev                   # (B, n, C, D)
+        ctx.save_for_backward(q, k, v, gamma, S_prev, A)
+        ctx.meta = (T, C, n, pad, last, h0 is not None)
+        o = o.view(B, n * C, D)[:, :T]
+        return o, (S_all[:, n].clone() if want_final else None)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, dfinal):
+        q, k, v, gamma, S_prev, A = ctx.saved_tensors
+        T, C, n, pad, last, has_h0 = ctx.meta
+        B, _, R = q.shape
+        D = v.shape[-1]
+        if do is None:
+            do = torch.zeros(B, T, D, dtype=q.dtype, device=q.device)
+        if pad:
+            do = F.pad(do, (0, 0, 0, pad))
+        qc, kc, vc = q.view(B, n, C, R), k.view(B, n, C, R), v.view(B, n, C, D)
+        doc = do.reshape(B, n, C, D)
+        i, lag, causal, L = _tables(gamma, C)
+        zero = torch.zeros((), dtype=gamma.dtype, device=gamma.device)
+        dL = torch.where(causal, _dpow(gamma, lag.clamp(min=0)), zero)
+        Pq, dPq = _pow(gamma, i + 1), _dpow(gamma, i + 1)
+        ek = C - 1 - i
+        Pk, dPk = _pow(gamma, ek), _dpow(gamma, ek)
+        if pad:
+            ek_last = (last - 1 - i).clamp(min=0)
+            Pk_last, dPk_last = _pow(gamma, ek_last), _dpow(gamma, ek_last)
+        # G_all[:, c] = dL/d(state before chunk c); G_all[:, n] = dL/d(final state)
+        G_all = torch.empty(B, n + 1, R, D, dtype=q.dtype, device=q.device)
+        if dfinal is None:
+            G_all[:, n].zero_()
+        else:
+            G_all[:, n] = dfinal
+        torch.matmul((qc * Pq).transpose(-1, -2), doc, out=G_all[:, :n])
+        g_full = torch.pow(gamma, C)[:, None]
+        g_last = torch.pow(gamma, last)[:, None]
+        for c in range(n - 1, -1, -1):
+            G_all[:, c].addcmul_(G_all[:, c + 1], g_last if c == n - 1 else g_full)
+        G_next = G_all[:, 1:]                                             # grad of the state after chunk c
+
+        kd = kc * Pk
+        if pad:
+            kd[:, -1] = kc[:, -1] * Pk_last
+        dA = doc @ vc.transpose(-1, -2)                                   # (B, n, C, C)
+        dv = A.transpose(-1, -2) @ doc + kd @ G_next
+        dqd = doc @ S_prev.transpose(-1, -2)                              # (B, n, C, R)
+        dkd = vc @ G_next.transpose(-1, -2)
+        X = dA.unsqueeze(-1) * L                                          # (B, n, C, C, R)
+        dq = dqd * Pq + (X * kc.unsqueeze(2)).sum(3)
+        dk_intra = (X * qc.unsqueeze(3)).sum(2)
+        dk = dkd * Pk + dk_intra
+        if pad:
+            dk[:, -1] = dkd[:, -1] * Pk_last + dk_intra[:, -1]
+
+        # d gamma: intra-chunk lags, query decays, key decays, chunk-to-chunk decays
+        dg = ((dA.unsqueeze(-1) * dL) * (qc.unsqueeze(3) * kc.unsqueeze(2))).sum((0, 1, 2, 3))
+        dg += (dqd * qc * dPq).sum((0, 1, 2))
+        kk = dkd * kc
+        if pad:
+            dg += (kk[:, :-1] * dPk).sum((0, 1, 2)) + (kk[:, -1] * dPk_last).sum((0, 1))
+        else:
+            dg += (kk * dPk).sum((0, 1, 2))
+        W = (S_prev * G_next).sum(-1)                                     # (B, n, R)
+        cnt = torch.tensor([C, last], device=q.device)
+        dP_state = _dpow(gamma, cnt)                                      # (2, R)
+        dg += W[:, :-1].sum((0, 1)) * dP_state[0] + W[:, -1].sum(0) * dP_state[1]
+
+        dq = dq.reshape(B, n * C, R)[:, :T]
+        dk = dk.reshape(B, n * C, R)[:, :T]
+        dv = dv.reshape(B, n * C, D)[:, :T]
+        dh0 = G_all[:, 0] if has_h0 else None
+        return dq, dk, dv, dg, dh0, None, None
+
+
+def chunked_scan(q, k, v, gamma, h0, want_final: bool, chunk_size: int = CPU_CHUNK):
+    """q, k, v, gamma, h0 in one float dtype; T >= 1."""
+    C = max(1, min(int(chunk_size), q.shape[1]))
+    return ChunkedScanFn.apply(q, k, v, gamma, h0, C, bool(want_final))
