@@ -1,0 +1,274 @@
+"""Import a v2 checkpoint of the reference implementation (AileenKoneko/K-language-model).
+
+    python -m kop_triton.convert SRC.pt OUT_DIR --tokenizer char|byte [--text FILE]
+                                 --gamma-min G --alpha-cap A [--gamma-max 1.0] [--window 2048]
+
+The source is a torch zip whose ``model`` entry is the state dict (keys possibly prefixed
+``_orig_mod.``); it stores neither the model config nor the tokenizer.  Everything the tensor
+shapes determine is inferred (vocab, widths, n_k2, rank, kernel size and sharing, head type
+and sizes); the decay range and alpha cap change the model without changing any shape, so they
+are required flags, as is the tokenizer (char: the sorted set of characters of ``--text``,
+which must be the whole training text).
+
+Loading is safe: ``torch.load(weights_only=True)`` with an explicit allow-list of the few numpy
+globals the source's ``rng_state`` needs; nothing else is unpickled.  ROSA (an optional add-on
+of the reference, off in the ``*_rosa_off`` checkpoints) is not part of this model: its tensors
+(``rosa_emb``, ``rosa_to_model``, ``rho_logit``) are ignored, so only checkpoints trained with
+ROSA off convert to an equivalent model.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Dict, Tuple
+
+import torch
+
+from .checkpoint import CheckpointError, check_state_dict, save_checkpoint
+from .model import KStackConfig, KStackLM
+from .tokenizers import ByteTokenizer, CharTokenizer
+
+
+class ConvertError(Exception):
+    """A source checkpoint that cannot be converted (with the reason)."""
+
+
+_PREFIXES = ("_orig_mod.", "module.")
+_IGNORED = re.compile(r"^(rosa_emb\.|rosa_to_model\.|eta_logit$|k_stack\.layers\.\d+\.(rho_logit|causal_mask|decay_diff)$)")
+
+
+def _numpy_allow_list():
+    import numpy as np
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    allowed = [_reconstruct, np.ndarray, np.dtype]
+    names = ("UInt8DType", "UInt32DType", "UInt64DType", "Int32DType", "Int64DType", "Float32DType",
+             "Float64DType", "BoolDType")
+    allowed += [getattr(np.dtypes, n) for n in names if hasattr(getattr(np, "dtypes", None), n)]
+    return allowed
+
+
+def load_reference_state_dict(path) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """Safely load a reference checkpoint: (state dict without prefixes, {step, best_ppl} info)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConvertError(f"source checkpoint {str(path)!r} does not exist")
+    allowed = _numpy_allow_list()
+    try:
+        if hasattr(torch.serialization, "safe_globals"):
+            with torch.serialization.safe_globals(allowed):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        else:  # torch 2.4
+            torch.serialization.add_safe_globals(allowed)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupted zip, truncated file, disallowed global: all refused
+        msg = str(e).strip().splitlines()
+        raise ConvertError(f"cannot load {str(path)!r} safely: {msg[-1] if msg else type(e).__name__}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        state, info = obj["model"], {k: obj[k] for k in ("step", "best_ppl") if isinstance(obj.get(k), (int, float))}
+    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state, info = obj, {}
+    else:
+        raise ConvertError(f"{str(path)!r} holds no model state dict (expected a 'model' entry)")
+    out = {}
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise ConvertError(f"{str(path)!r}: model entry {k!r} is not a tensor")
+        for p in _PREFIXES:
+            if k.startswith(p):
+                k = k[len(p):]
+        out[k] = v
+    return out, info
+
+
+def _layer_kinds(state) -> Dict[int, str]:
+    layers: Dict[int, set] = {}
+    for k in state:
+        m = re.match(r"^k_stack\.layers\.(\d+)\.(.+)$", k)
+        if m:
+            layers.setdefault(int(m.group(1)), set()).add(m.group(2))
+    kinds = {}
+    for i, names in layers.items():
+        if "decay_logit" in names:
+            kinds[i] = "K2"
+        elif "feature_mix.weight" in names:
+            kinds[i] = "K1"
+        elif "gain" in names:
+            kinds[i] = "K0"
+        else:
+            raise ConvertError(f"k_stack.layers.{i} is neither a K1, K2 nor K0 block (keys {sorted(names)[:6]})")
+    return kinds
+
+
+def _get(state, key):
+    if key not in state:
+        raise ConvertError(f"source state dict lacks {key!r}")
+    return state[key]
+
+
+def infer_config(state, *, gamma_min, gamma_max, alpha_cap, window=2048) -> KStackConfig:
+    """The KStackConfig the tensor shapes imply, completed with the given decay range and alpha cap."""
+    if any(re.match(r"^k_stack\.layers\.\d+\.k_base$", k) for k in state):
+        raise ConvertError("this is a v1 checkpoint (dense (window, window) k_base); only v2 is supported")
+    emb = _get(state, "emb.weight")
+    V, E = emb.shape
+    D = _get(state, "norm.scale").shape[0]
+    kinds = _layer_kinds(state)
+    n = len(kinds)
+    order = [kinds.get(i) for i in range(n)]
+    n_k2 = n - 3
+    if n < 3 or order != ["K1"] + ["K2"] * n_k2 + ["K1", "K0"]:
+        raise ConvertError(f"unexpected layer sequence {order}; expected [K1, K2 x n, K1, K0]")
+    rank = _get(state, f"k_stack.layers.1.u").shape[1] if n_k2 else 1
+    shared = "k_stack.shared_k_base_kernel" in state
+    if shared:
+        ksize = state["k_stack.shared_k_base_kernel"].shape[0]
+    elif n_k2:
+        ksize = _get(state, "k_stack.layers.1.k_base_kernel").shape[-1]
+    else:
+        ksize = 8
+    head_mult, cutoffs, div_value = 6, None, 4.0
+    if "head.up.weight" in state or "head.1.weight" in state:
+        head = "gelu"
+        hidden = state.get("head.up.weight", state.get("head.1.weight")).shape[0]
+        if hidden % D:
+            raise ConvertError(f"gelu head width {hidden} is not a multiple of d_model {D}")
+        head_mult = hidden // D
+    elif "head.head.head.weight" in state:
+        head = "adaptive"
+        n_tail = len({m.group(1) for k in state for m in [re.match(r"^head\.head\.tail\.(\d+)\.", k)] if m})
+        short = state["head.head.head.weight"].shape[0] - n_tail
+        cutoffs = [short]
+        for i in range(n_tail - 1):
+            cutoffs.append(cutoffs[-1] + _get(state, f"head.head.tail.{i}.1.weight").shape[0])
+        div_value = D / _get(state, "head.head.tail.0.0.weight").shape[0] if n_tail else 4.0
+    else:
+        head = "linear"
+    try:
+        return KStackConfig(vocab_size=V, d_model=D, emb_dim=None if E == D else E, n_k2=n_k2, rank=rank,
+                            kernel_size=ksize, shared_kernel=shared, gamma_min=gamma_min, gamma_max=gamma_max,
+                            alpha_cap=alpha_cap, head=head, head_mult=head_mult, adaptive_cutoffs=cutoffs,
+                            adaptive_div_value=div_value, window=window)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
+
+
+_K2_MAP = {"u": "mixer.u", "v": "mixer.v", "decay_logit": "mixer.decay_logit",
+           "alpha_logit": "mixer.alpha_logit", "k_base_gate_logit": "mixer.gate_logit",
+           "k_base_kernel": "mixer.kernel", "proj.weight": "mixer.proj.weight", "proj.bias": "mixer.proj.bias"}
+_K1_MAP = {"feature_mix.weight": "mix.weight", "feature_mix.bias": "mix.bias"}
+_HEAD_MAP = {"head.output_projection.weight": "head.proj.weight", "head_to_emb.weight": "head.proj.weight",
+             "head.0.scale": "head.norm.scale", "head.1.weight": "head.up.weight", "head.1.bias": "head.up.bias",
+             "head.3.weight": "head.down.weight"}
+
+
+def convert_state_dict(state, config: KStackConfig) -> Dict[str, torch.Tensor]:
+    """Rename the reference's tensors to this package's names (shapes checked by the caller)."""
+    kinds = _layer_kinds(state)
+    out = {}
+    for k, t in state.items():
+        if _IGNORED.match(k):
+            continue
+        m = re.match(r"^k_stack\.layers\.(\d+)\.(.+)$", k)
+        if m:
+            i, rest = int(m.group(1)), m.group(2)
+            table = _K2_MAP if kinds[i] == "K2" else _K1_MAP if kinds[i] == "K1" else {}
+            rest = table.get(rest, rest)
+            if rest == "mixer.alpha_logit" and t.numel() == 1:   # older scalar alpha: one value per rank
+                t = t.reshape(1).expand(config.rank)
+            if rest == "mixer.gate_logit":
+                t = t.reshape(())
+            out[f"stack.blocks.{i}.{rest}"] = t
+        elif k == "k_stack.shared_k_base_kernel":
+            out["stack.shared_kernel"] = t
+        elif k == "emb_to_model.weight":
+            out["emb_proj.weight"] = t
+        elif k in ("head.head.weight", "head.weight") and config.head == "linear":
+            if not torch.equal(t, state["emb.weight"]):
+                raise ConvertError(f"{k} differs from emb.weight: the linear head is not tied; cannot convert")
+        elif config.head == "adaptive" and k.startswith("head.head."):
+            out["head." + k[len("head.head."):]] = t
+        else:
+            out[_HEAD_MAP.get(k, k)] = t
+    return {k: v.detach().clone().float().contiguous() for k, v in out.items()}
+
+
+def convert(src, out_dir, *, tokenizer: str, text=None, gamma_min, alpha_cap, gamma_max=1.0, window=2048,
+            overwrite=False):
+    """Convert ``src`` into a checkpoint directory ``out_dir``; returns (model, tokenizer)."""
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists() and not overwrite:
+        raise ConvertError(f"{str(out_dir)!r} already holds a checkpoint (pass --overwrite to replace it)")
+    if tokenizer == "char":
+        if text is None:
+            raise ConvertError("--tokenizer char needs --text FILE (the whole training text) for its vocabulary")
+        tok = CharTokenizer(_read_text(text))
+    elif tokenizer == "byte":
+        tok = ByteTokenizer()
+    else:
+        raise ConvertError(f"--tokenizer must be 'char' or 'byte', got {tokenizer!r}")
+    state, info = load_reference_state_dict(src)
+    config = infer_config(state, gamma_min=gamma_min, gamma_max=gamma_max, alpha_cap=alpha_cap, window=window)
+    if tok.vocab_size != config.vocab_size:
+        raise ConvertError(f"the {tokenizer} tokenizer has {tok.vocab_size} tokens but the checkpoint's "
+                           f"embedding has {config.vocab_size} rows" +
+                           (" (is --text the text it was trained on?)" if tokenizer == "char" else ""))
+    ours = convert_state_dict(state, config)
+    model = KStackLM(config)
+    try:
+        check_state_dict(model, ours, source=str(src))
+    except CheckpointError as e:
+        raise ConvertError(str(e)) from None
+    model.load_state_dict(ours, strict=True)
+    meta = {"converted_from": Path(src).name, **{f"source_{k}": v for k, v in info.items()}}
+    save_checkpoint(out_dir, model, tok, meta=meta)
+    return model.eval(), tok
+
+
+def _read_text(path) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise ConvertError(f"--text: no such file {str(path)!r}")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConvertError(f"--text: {str(path)!r} is not UTF-8 text ({e.reason})") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise SystemExit(f"error: {message}")
+
+
+def main(argv=None) -> int:
+    p = _Parser(prog="python -m kop_triton.convert",
+                description="Import a reference (AileenKoneko/K-language-model) v2 checkpoint.")
+    p.add_argument("src", help="source .pt checkpoint")
+    p.add_argument("out_dir", help="output checkpoint directory")
+    p.add_argument("--tokenizer", required=True, choices=("char", "byte"))
+    p.add_argument("--text", help="training text (required for --tokenizer char)")
+    p.add_argument("--gamma-min", type=float, required=True, help="gamma_min the source was trained with")
+    p.add_argument("--gamma-max", type=float, default=1.0)
+    p.add_argument("--alpha-cap", type=float, required=True, help="alpha_cap the source was trained with")
+    p.add_argument("--window", type=int, default=2048, help="default evaluation window stored in the config")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in OUT_DIR")
+    a = p.parse_args(argv)
+    try:
+        model, tok = convert(a.src, a.out_dir, tokenizer=a.tokenizer, text=a.text, gamma_min=a.gamma_min,
+                             gamma_max=a.gamma_max, alpha_cap=a.alpha_cap, window=a.window, overwrite=a.overwrite)
+    except (ConvertError, CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    c = model.config
+    print(f"wrote {a.out_dir}: vocab {c.vocab_size}, d_model {c.d_model}, n_k2 {c.n_k2}, rank {c.rank}, "
+          f"kernel {c.kernel_size} ({'shared' if c.shared_kernel else 'per layer'}), head {c.head}, "
+          f"{model.num_parameters()} parameters")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Evaluation: mean next-token cross-entropy over non-overlapping windows.
+
+Protocol (that of the reference checkpoint's README): the validation set is the last
+``val_fraction`` of the token stream (split index ``int(n_tokens * (1 - val_fraction))``; for a
+char tokenizer tokens are characters, so this is the character split); it is cut into consecutive
+non-overlapping windows of ``window`` tokens, each run from a zero state, inputs the window's
+tokens and targets the next tokens; the tail that does not fill a window is dropped; the score
+is the mean cross-entropy over every scored token.
+
+    python -m kop_triton.eval --checkpoint DIR --text FILE [--val-fraction 0.1] [--window 2048]
+                              [--batch-size 8] [--backend auto] [--device cpu]
+
+prints one JSON line: {"val_ce": ..., "val_ppl": ..., "tokens": ..., "windows": ...}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from .ops._checks import BACKENDS
+
+
+def evaluate(model, ids, window: int = 2048, batch_size: int = 8) -> dict:
+    """Mean CE of ``model`` over the non-overlapping ``window``-token windows of ``ids`` (1-D)."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"ids must be a 1-D int tensor, got {type(ids).__name__} "
+                         f"{getattr(ids, 'shape', '')} {getattr(ids, 'dtype', '')}")
+    for name, val in (("window", window), ("batch_size", batch_size)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    n_windows = (ids.numel() - 1) // window
+    if n_windows < 1:
+        raise ValueError(f"need at least window + 1 = {window + 1} tokens to score one window, "
+                         f"got {ids.numel()}")
+    device = next(model.parameters()).device
+    ids = ids.to(device=device, dtype=torch.long)
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    try:
+        with torch.no_grad():
+            for start in range(0, n_windows, batch_size):
+                idx = torch.arange(start, min(start + batch_size, n_windows), device=device)
+                pos = idx[:, None] * window + torch.arange(window, device=device)[None]   # (b, W)
+                x, y = ids[pos], ids[pos + 1]
+                loss = model(x, y)
+                total += float(loss.double()) * y.numel()
+    finally:
+        model.train(was_training)
+    tokens = n_windows * window
+    ce = total / tokens
+    return {"val_ce": ce, "val_ppl": math.exp(ce), "tokens": tokens, "windows": n_windows}
+
+
+def validation_ids(tokenizer, text: str, val_fraction: float = 0.1) -> torch.Tensor:
+    """The last ``val_fraction`` of the encoded text as a 1-D long tensor."""
+    if not (0.0 < val_fraction <= 1.0):
+        raise ValueError(f"val_fraction must be in (0, 1], got {val_fraction}")
+    ids = tokenizer.encode(text)
+    split = int(len(ids) * (1.0 - val_fraction))
+    return torch.tensor(ids[split:], dtype=torch.long)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise SystemExit(f"error: {message}")
+
+
+def main(argv=None) -> int:
+    p = _Parser(prog="python -m kop_triton.eval", description="Evaluate a kop-triton checkpoint.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json + model.safetensors)")
+    p.add_argument("--text", required=True, help="UTF-8 text file; the last --val-fraction is scored")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--window", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--backend", default=None, choices=BACKENDS, help="override the checkpoint's backend")
+    p.add_argument("--device", default="cpu")
+    a = p.parse_args(argv)
+    from .checkpoint import CheckpointError, load_checkpoint
+    try:
+        if not 0.0 < a.val_fraction <= 1.0:
+            raise ValueError(f"--val-fraction must be in (0, 1], got {a.val_fraction}")
+        if a.window < 1 or a.batch_size < 1:
+            raise ValueError(f"--window and --batch-size must be positive, got {a.window} and {a.batch_size}")
+        try:
+            device = torch.device(a.device)
+        except RuntimeError:
+            raise ValueError(f"--device: unknown device {a.device!r}") from None
+        path = Path(a.text)
+        if not path.is_file():
+            raise ValueError(f"--text: no such file {a.text!r}")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--text: {a.text!r} is not UTF-8 text ({e.reason})") from None
+        model, tok = load_checkpoint(a.checkpoint, map_location=device)
+        if a.backend is not None:
+            model.set_backend(a.backend)
+        res = evaluate(model, validation_ids(tok, text, a.val_fraction), a.window, a.batch_size)
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,396 @@
+"""The K-Stack language model (SPEC section 2).
+
+    ids (B, T) -> Embedding (V, E) -> [Linear(E, D) if E != D] -> dropout
+        -> stack [K1, K2 x n_k2, K1, K0]      (optionally refined: h <- h + eta (Stack(h) - h))
+        -> RMSNorm -> head: "linear" (tied to the embedding), "gelu" or "adaptive" (adaptive softmax)
+
+No positional encoding and no context limit: ``forward`` runs the parallel (chunked / fused)
+form from a zero state; ``prefill`` / ``step`` / ``generate`` carry the recurrent state of
+every K2 mixer, O(1) time and memory per generated token.
+
+Model state (for ``prefill`` / ``step``): a tuple of ``KOperatorState``, one per K2 layer and
+refinement pass, pass-major (index = pass * n_k2 + layer).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .modules import INIT_STD, K0Block, K1Block, K2Block, KOperator, RMSNorm, init_kernel
+from .ops._checks import BACKENDS, describe
+
+HEADS = ("linear", "gelu", "adaptive")
+
+
+@dataclass
+class KStackConfig:
+    """Everything needed to rebuild a KStackLM (the tokenizer is stored beside it in checkpoints)."""
+    vocab_size: int
+    d_model: int = 64
+    emb_dim: Optional[int] = None          # None: E = D (no projection)
+    n_k2: int = 6
+    rank: int = 4
+    kernel_size: int = 8
+    shared_kernel: bool = True             # one Kbase kernel for all K2 layers
+    gamma_min: float = 0.05
+    gamma_max: float = 1.0
+    alpha_cap: float = 1.0
+    head: str = "linear"                   # "linear" (tied) | "gelu" | "adaptive"
+    head_mult: int = 6                     # gelu head hidden width = max(D, head_mult * D)
+    adaptive_cutoffs: Optional[List[int]] = None   # None: [V // 4, V // 2] (those inside (0, V))
+    adaptive_div_value: float = 4.0
+    emb_dropout: float = 0.0
+    mlp_dropout: float = 0.0
+    residual_dropout: float = 0.0
+    refine_steps: int = 0                  # 0: one plain pass through the stack
+    backend: str = "auto"
+    window: int = 2048                     # default training / evaluation window (no model limit)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_k2", "rank", "kernel_size", "head_mult", "window"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int) or val < (0 if name == "n_k2" else 1):
+                raise ValueError(f"KStackConfig.{name} must be a {'non-negative' if name == 'n_k2' else 'positive'} "
+                                 f"int, got {val!r}")
+        if self.emb_dim is not None and (isinstance(self.emb_dim, bool) or not isinstance(self.emb_dim, int)
+                                         or self.emb_dim < 1):
+            raise ValueError(f"KStackConfig.emb_dim must be None or a positive int, got {self.emb_dim!r}")
+        if isinstance(self.refine_steps, bool) or not isinstance(self.refine_steps, int) or self.refine_steps < 0:
+            raise ValueError(f"KStackConfig.refine_steps must be an int >= 0, got {self.refine_steps!r}")
+        if not (0.0 < self.gamma_min < self.gamma_max <= 1.0):
+            raise ValueError(f"KStackConfig needs 0 < gamma_min < gamma_max <= 1, got "
+                             f"gamma_min={self.gamma_min!r}, gamma_max={self.gamma_max!r}")
+        if not (isinstance(self.alpha_cap, (int, float)) and 0.0 < self.alpha_cap < math.inf):
+            raise ValueError(f"KStackConfig.alpha_cap must be a positive float, got {self.alpha_cap!r}")
+        if self.head not in HEADS:
+            raise ValueError(f"KStackConfig.head must be one of {list(HEADS)}, got {self.head!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"KStackConfig.backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        for name in ("emb_dropout", "mlp_dropout", "residual_dropout"):
+            p = getattr(self, name)
+            if not (isinstance(p, (int, float)) and 0.0 <= p < 1.0):
+                raise ValueError(f"KStackConfig.{name} must be in [0, 1), got {p!r}")
+        if not (isinstance(self.adaptive_div_value, (int, float)) and self.adaptive_div_value > 0):
+            raise ValueError(f"KStackConfig.adaptive_div_value must be > 0, got {self.adaptive_div_value!r}")
+        if self.head == "adaptive":
+            self.resolved_cutoffs()
+
+    @property
+    def E(self) -> int:
+        return self.d_model if self.emb_dim is None else self.emb_dim
+
+    def resolved_cutoffs(self) -> List[int]:
+        V = self.vocab_size
+        cut = self.adaptive_cutoffs
+        if cut is None:
+            cut = sorted({c for c in (V // 4, V // 2) if 0 < c < V})
+        cut = list(cut)
+        if (not cut or any(isinstance(c, bool) or not isinstance(c, int) for c in cut)
+                or cut != sorted(set(cut)) or cut[0] <= 0 or cut[-1] >= V):
+            raise ValueError(f"adaptive cutoffs must be a non-empty increasing list of ints inside (0, "
+                             f"vocab_size={V}), got {self.adaptive_cutoffs!r}")
+        return cut
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KStackConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"KStackConfig.from_dict needs a dict, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown KStackConfig fields {unknown}")
+        if "vocab_size" not in d:
+            raise ValueError("KStackConfig needs vocab_size")
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------------------
+# Heads
+# --------------------------------------------------------------------------------------
+
+
+class TiedHead(nn.Module):
+    """logits = [Linear(D, E)](h) @ emb.weight^T; the embedding weight is passed in (tied)."""
+
+    def __init__(self, d: int, e: int):
+        super().__init__()
+        self.proj = nn.Linear(d, e, bias=False) if e != d else nn.Identity()
+
+    def forward(self, h, emb_weight):
+        return F.linear(self.proj(h), emb_weight)
+
+
+class GeluHead(nn.Module):
+    """RMSNorm -> Linear(D, max(D, mult * D)) -> GELU -> Linear(-> V, no bias); untied."""
+
+    def __init__(self, d: int, vocab_size: int, mult: int):
+        super().__init__()
+        hidden = max(d, mult * d)
+        self.norm = RMSNorm(d)
+        self.up = nn.Linear(d, hidden)
+        self.down = nn.Linear(hidden, vocab_size, bias=False)
+
+    def forward(self, h):
+        return self.down(F.gelu(self.up(self.norm(h))))
+
+
+# --------------------------------------------------------------------------------------
+# Stack and model
+# --------------------------------------------------------------------------------------
+
+
+class KStack(nn.Module):
+    """[K1, K2 x n_k2, K1, K0] with an optional Kbase kernel shared by every K2 mixer."""
+
+    def __init__(self, cfg: KStackConfig):
+        super().__init__()
+        D = cfg.d_model
+        self.shared_kernel = nn.Parameter(init_kernel(cfg.kernel_size)) if cfg.shared_kernel else None
+        blocks: List[nn.Module] = [K1Block(D, cfg.mlp_dropout)]
+        for _ in range(cfg.n_k2):
+            mixer = KOperator(D, rank=cfg.rank, kernel_size=cfg.kernel_size, gamma_min=cfg.gamma_min,
+                              gamma_max=cfg.gamma_max, alpha_cap=cfg.alpha_cap,
+                              shared_kernel=self.shared_kernel, backend=cfg.backend)
+            blocks.append(K2Block(D, mixer, cfg.mlp_dropout, cfg.residual_dropout))
+        blocks += [K1Block(D, cfg.mlp_dropout), K0Block(D)]
+        self.blocks = nn.ModuleList(blocks)
+
+    def k2_blocks(self) -> List[K2Block]:
+        return [b for b in self.blocks if isinstance(b, K2Block)]
+
+    def forward(self, h, states=None, return_state=False):
+        """h (B, T, D) -> (B, T, D); ``states``: one KOperatorState (or None) per K2 block."""
+        new, i = [], 0
+        for blk in self.blocks:
+            if isinstance(blk, K2Block):
+                s = None if states is None else states[i]
+                if return_state:
+                    h, s1 = blk(h, s, return_state=True)
+                    new.append(s1)
+                else:
+                    h = blk(h, s)
+                i += 1
+            else:
+                h = blk(h)
+        return (h, new) if return_state else h
+
+    def step(self, h_t, states):
+        """One token: h_t (B, D) -> (B, D) and the new states."""
+        new, i = [], 0
+        for blk in self.blocks:
+            if isinstance(blk, K2Block):
+                h_t, s1 = blk.step(h_t, None if states is None else states[i])
+                new.append(s1)
+                i += 1
+            else:
+                h_t = blk(h_t)
+        return h_t, new
+
+
+class KStackLM(nn.Module):
+    """K-Stack language model.  ``model(ids)`` -> logits (B, T, V) (log-probabilities for the
+    adaptive head); ``model(ids, targets)`` -> mean cross-entropy (adaptive-softmax loss)."""
+
+    def __init__(self, config: KStackConfig):
+        super().__init__()
+        if not isinstance(config, KStackConfig):
+            raise TypeError(f"config must be a KStackConfig, got {type(config).__name__}")
+        self.config = cfg = config
+        V, D, E = cfg.vocab_size, cfg.d_model, cfg.E
+        self.emb = nn.Embedding(V, E)
+        self.emb_proj = nn.Linear(E, D, bias=False) if E != D else nn.Identity()
+        self.emb_drop = nn.Dropout(cfg.emb_dropout)
+        self.stack = KStack(cfg)
+        self.norm = RMSNorm(D)
+        if cfg.head == "linear":
+            self.head = TiedHead(D, E)
+        elif cfg.head == "gelu":
+            self.head = GeluHead(D, V, cfg.head_mult)
+        else:
+            self.head = nn.AdaptiveLogSoftmaxWithLoss(D, V, cfg.resolved_cutoffs(),
+                                                      div_value=float(cfg.adaptive_div_value), head_bias=False)
+        if cfg.refine_steps > 0:
+            self.eta_logit = nn.Parameter(torch.tensor(math.log(0.3 / 0.7)))
+        else:
+            self.register_parameter("eta_logit", None)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=INIT_STD)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+
+    # ---- configuration helpers ----------------------------------------------------------
+    @property
+    def n_passes(self) -> int:
+        return max(1, self.config.refine_steps)
+
+    def mixers(self) -> List[KOperator]:
+        return [b.mixer for b in self.stack.k2_blocks()]
+
+    def set_backend(self, backend: str) -> None:
+        """Switch every K2 mixer (and the config) to ``backend``."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+        self.config.backend = backend
+        for m in self.mixers():
+            m.backend = backend
+
+    def count_parameters(self) -> Dict[str, int]:
+        """Trainable parameter counts, every tensor counted once (the tied head adds nothing)."""
+        seen = set()
+
+        def count(mod_or_params):
+            n = 0
+            for p in mod_or_params:
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    n += p.numel()
+            return n
+
+        out = {"embedding": count(list(self.emb.parameters()) + list(self.emb_proj.parameters())),
+               "stack": count(self.stack.parameters()),
+               "head": count(self.head.parameters()),
+               "other": count(self.parameters())}
+        out["total"] = sum(out.values())
+        return out
+
+    def num_parameters(self) -> int:
+        return self.count_parameters()["total"]
+
+    # ---- parallel form ----------------------------------------------------------------
+    def _embed(self, ids):
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64) or ids.dim() not in (1, 2):
+            raise ValueError(f"ids must be an int32/int64 tensor of shape (B, T) or (B,), got {describe(ids)}")
+        return self.emb_drop(self.emb_proj(self.emb(ids)))
+
+    def _refine_mix(self, h, h_new):
+        if self.eta_logit is None:
+            return h_new
+        return h + torch.sigmoid(self.eta_logit).to(h.dtype) * (h_new - h)
+
+    def hidden(self, ids, state=None, return_state=False):
+        """ids (B, T) -> final-normed hidden states (B, T, D) [and the model state after T]."""
+        if ids.dim() != 2:
+            raise ValueError(f"ids must have shape (B, T), got {describe(ids)}")
+        h = self._embed(ids)                                          # (B, T, D)
+        n = len(self.stack.k2_blocks())
+        new = []
+        for p in range(self.n_passes):
+            st = None if state is None else state[p * n:(p + 1) * n]
+            if return_state:
+                h_new, s1 = self.stack(h, st, return_state=True)
+                new += s1
+            else:
+                h_new = self.stack(h, st)
+            h = self._refine_mix(h, h_new)
+        h = self.norm(h)
+        return (h, tuple(new)) if return_state else h
+
+    def logits_from_hidden(self, h):
+        """(..., D) -> (..., V): logits, or log-probabilities for the adaptive head."""
+        if self.config.head == "linear":
+            return self.head(h, self.emb.weight)
+        if self.config.head == "gelu":
+            return self.head(h)
+        lp = self.head.log_prob(h.reshape(-1, h.shape[-1]))
+        return lp.view(*h.shape[:-1], self.config.vocab_size)
+
+    def loss_from_hidden(self, h, targets):
+        """Mean cross-entropy of targets (B, T) given hidden states (B, T, D)."""
+        if not isinstance(targets, torch.Tensor) or targets.shape != h.shape[:-1]:
+            raise ValueError(f"targets must have shape {tuple(h.shape[:-1])} (the ids' shape), got {describe(targets)}")
+        if self.config.head == "adaptive":
+            return self.head(h.reshape(-1, h.shape[-1]), targets.reshape(-1)).loss
+        logits = self.logits_from_hidden(h)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+    def forward(self, ids, targets=None):
+        """ids (B, T) -> logits (B, T, V); with targets (B, T) -> the mean cross-entropy (scalar)."""
+        h = self.hidden(ids)
+        return self.logits_from_hidden(h) if targets is None else self.loss_from_hidden(h, targets)
+
+    # ---- recurrent form ---------------------------------------------------------------
+    def prefill(self, ids, state=None):
+        """Run a prompt (B, T) in parallel form; returns (logits of the last position (B, V), state)."""
+        h, new = self.hidden(ids, state=state, return_state=True)
+        return self.logits_from_hidden(h[:, -1]), new
+
+    def step(self, ids_t, state=None):
+        """One token per sequence: ids_t (B,) -> (logits (B, V), new state).  O(1) per token."""
+        if not isinstance(ids_t, torch.Tensor) or ids_t.dim() != 1:
+            raise ValueError(f"ids_t must have shape (B,), got {describe(ids_t)}")
+        h = self._embed(ids_t)                                        # (B, D)
+        n = len(self.stack.k2_blocks())
+        new = []
+        for p in range(self.n_passes):
+            st = None if state is None else state[p * n:(p + 1) * n]
+            h_new, s1 = self.stack.step(h, st)
+            new += s1
+            h = self._refine_mix(h, h_new)
+        return self.logits_from_hidden(self.norm(h)), tuple(new)
+
+    @torch.no_grad()
+    def generate(self, ids, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None):
+        """Sample ``max_new_tokens`` continuations of ``ids`` (B, T) or (T,) with the recurrent state.
+
+        The prompt is prefilled once; each new token then costs one ``step`` (no window
+        recomputation, no context limit).  temperature 0 means greedy.  Returns (B, T + new)
+        (or (T + new,) for a 1-D prompt).
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if not (isinstance(temperature, (int, float)) and temperature >= 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be a finite float >= 0, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+        if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+            raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+        squeeze = isinstance(ids, torch.Tensor) and ids.dim() == 1
+        if squeeze:
+            ids = ids[None]
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] < 1:
+            raise ValueError(f"ids must be a non-empty prompt of shape (B, T) or (T,), got {describe(ids)}")
+        was_training = self.training
+        self.eval()
+        try:
+            out = [ids]
+            if max_new_tokens > 0:
+                logits, state = self.prefill(ids)
+                for i in range(max_new_tokens):
+                    nxt = sample_next(logits, temperature, top_k, top_p, generator)   # (B,)
+                    out.append(nxt[:, None])
+                    if i + 1 < max_new_tokens:
+                        logits, state = self.step(nxt, state)
+        finally:
+            self.train(was_training)
+        res = torch.cat(out, dim=1)
+        return res[0] if squeeze else res
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Sample one id per row of logits (B, V); temperature 0 = argmax."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p          # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

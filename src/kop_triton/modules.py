@@ -1,0 +1,276 @@
+"""Modules: the KOperator sequence mixer and the blocks of the K-Stack (SPEC sections 1-2).
+
+``KOperator`` is a drop-in causal sequence mixer, (B, T, D) -> (B, T, D):
+
+    q_t = alpha * normalize(x_t @ u),  k_t = normalize(x_t @ v)
+    S_t = gamma * S_{t-1} + k_t (outer) x_t,   y_t = q_t @ S_t
+    c_t = sum_l kernel[l] * x_{t-l}
+    out_t = proj(sigmoid(gate_logit) * c_t + y_t)
+
+with gamma = gamma_min + (gamma_max - gamma_min) * sigmoid(decay_logit) and
+alpha = alpha_cap * sigmoid(alpha_logit).  The recurrent state of one mixer is a
+``KOperatorState(scan, conv)``: scan (B, R, D) and conv (B, K-1, D, the last K-1 inputs,
+oldest first), both float32 (float64 for float64 inputs).  It is a plain named tuple of
+tensors, so it passes through ``torch.compile`` and can be sliced or moved like a tensor pair.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .ops._checks import check_backend, describe, resolve_backend, state_dtype
+from .ops.k2 import NORM_EPS, k2_mixer
+
+RMS_EPS = 1e-8
+INIT_STD = 0.02
+
+
+class KOperatorState(NamedTuple):
+    """Recurrent state of one KOperator: scan (B, R, D) and conv (B, K-1, D), float32."""
+    scan: torch.Tensor
+    conv: torch.Tensor
+
+
+def init_decay_logit(rank: int, gamma_min: float, gamma_max: float) -> torch.Tensor:
+    """Log-spaced time constants between 1/(1-gamma_min) and 1/(1-gamma_max) (SPEC section 1)."""
+    tau_low = 1.0 / max(1.0 - gamma_min, 1e-6)
+    tau_high = 1.0 / max(1.0 - min(gamma_max, 1.0 - 1e-6), 1e-6)
+    tau = torch.logspace(math.log10(tau_low), math.log10(tau_high), rank, dtype=torch.float64)
+    gamma = 1.0 - 1.0 / tau
+    p = ((gamma - gamma_min) / (gamma_max - gamma_min)).clamp(1e-6, 1.0 - 1e-6)
+    return torch.log(p / (1.0 - p)).float()
+
+
+def init_kernel(kernel_size: int) -> torch.Tensor:
+    """exp(-0.15 * lag), normalised to sum 1 (tap 0 = current token)."""
+    w = torch.exp(-0.15 * torch.arange(kernel_size, dtype=torch.float64))
+    return (w / w.sum()).float()
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """Under autocast, run the mixer in the autocast dtype (fp32 states are kept inside)."""
+    dev = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(dev):
+        return x.to(torch.get_autocast_dtype(dev))
+    return x
+
+
+class KOperator(nn.Module):
+    """Causal K2 sequence mixer (SPEC section 1), parallel form and O(1) recurrent step.
+
+    Args:
+        d_model: D, the channel width.
+        rank: R, number of decayed key channels.
+        kernel_size: K, taps of the causal Kbase kernel (ignored when ``shared_kernel`` is given).
+        gamma_min, gamma_max: range of the learned decays, 0 < gamma_min < gamma_max <= 1.
+        alpha_cap: alpha = alpha_cap * sigmoid(alpha_logit), alpha_cap > 0.
+        shared_kernel: optional (K,) Parameter owned by an enclosing module (a stack sharing one
+            kernel across layers); it is used, not registered here.
+        backend: "auto" (fused Triton on CUDA, chunked PyTorch elsewhere), "triton", "chunked",
+            "recurrent" or "naive".
+
+    ``forward(x, state=None, return_state=False)`` maps (B, T, D) -> (B, T, D); with
+    ``return_state`` it returns ``(y, KOperatorState)``.  ``step(x_t, state)`` advances one
+    token, (B, D) -> (B, D), in O(1) time and memory.
+    """
+
+    def __init__(self, d_model: int, rank: int = 16, kernel_size: int = 8, gamma_min: float = 0.05,
+                 gamma_max: float = 1.0, alpha_cap: float = 1.0,
+                 shared_kernel: Optional[nn.Parameter] = None, backend: str = "auto"):
+        super().__init__()
+        _check_positive_int("d_model", d_model)
+        _check_positive_int("rank", rank)
+        gamma_min, gamma_max, alpha_cap = float(gamma_min), float(gamma_max), float(alpha_cap)
+        if not (0.0 < gamma_min < gamma_max <= 1.0):
+            raise ValueError(f"need 0 < gamma_min < gamma_max <= 1, got gamma_min={gamma_min}, "
+                             f"gamma_max={gamma_max}")
+        if not (alpha_cap > 0.0 and math.isfinite(alpha_cap)):
+            raise ValueError(f"alpha_cap must be a positive finite float, got {alpha_cap}")
+        self.backend = check_backend(backend)
+        self.d_model, self.rank = d_model, rank
+        self.gamma_min, self.gamma_max, self.alpha_cap = gamma_min, gamma_max, alpha_cap
+
+        self.u = nn.Parameter(torch.randn(d_model, rank) * 0.05)
+        self.v = nn.Parameter(torch.randn(d_model, rank) * 0.05)
+        self.decay_logit = nn.Parameter(init_decay_logit(rank, gamma_min, gamma_max))
+        self.alpha_logit = nn.Parameter(torch.zeros(rank))
+        if shared_kernel is None:
+            _check_positive_int("kernel_size", kernel_size)
+            self.kernel = nn.Parameter(init_kernel(kernel_size))
+            self._shared = None
+        else:
+            if not isinstance(shared_kernel, torch.Tensor) or shared_kernel.dim() != 1:
+                raise TypeError(f"shared_kernel must be a (K,) Parameter, got {describe(shared_kernel)}")
+            self.register_parameter("kernel", None)
+            # a tuple hides the Parameter from registration: the owner's state_dict holds it once
+            self._shared = (shared_kernel,)
+        self.gate_logit = nn.Parameter(torch.zeros(()))
+        self.proj = nn.Linear(d_model, d_model)
+        nn.init.normal_(self.proj.weight, std=INIT_STD)
+        nn.init.zeros_(self.proj.bias)
+
+    # ---- derived quantities ------------------------------------------------------------
+    def get_kernel(self) -> torch.Tensor:
+        return self.kernel if self._shared is None else self._shared[0]
+
+    @property
+    def kernel_size(self) -> int:
+        return self.get_kernel().shape[0]
+
+    def gamma(self) -> torch.Tensor:
+        return self.gamma_min + (self.gamma_max - self.gamma_min) * torch.sigmoid(self.decay_logit)
+
+    def alpha(self) -> torch.Tensor:
+        return self.alpha_cap * torch.sigmoid(self.alpha_logit)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, rank={self.rank}, kernel_size={self.kernel_size}, "
+                f"shared_kernel={self._shared is not None}, gamma=[{self.gamma_min}, {self.gamma_max}], "
+                f"alpha_cap={self.alpha_cap}, backend={self.backend!r}")
+
+    def zero_state(self, batch_size: int, device=None, dtype=torch.float32) -> KOperatorState:
+        device = self.u.device if device is None else device
+        return KOperatorState(
+            torch.zeros(batch_size, self.rank, self.d_model, device=device, dtype=dtype),
+            torch.zeros(batch_size, self.kernel_size - 1, self.d_model, device=device, dtype=dtype))
+
+    # ---- parallel form -----------------------------------------------------------------
+    def forward(self, x: torch.Tensor, state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                return_state: bool = False, cu_seqlens: Optional[torch.Tensor] = None):
+        """(B, T, D) -> (B, T, D); with ``return_state`` also the KOperatorState after the last token."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have shape (B, T, D={self.d_model}), got {describe(x)}")
+        xm = _autocast_input(x)                                       # (B, T, D)
+        bk = resolve_backend(self.backend, x.device)
+        args = (xm, self.u, self.v, self.alpha(), self.gamma(), self.get_kernel(), self.gate_logit)
+        if bk == "triton":
+            from .ops.library import k2_mixer_triton_op
+            y, s1, c1 = k2_mixer_triton_op(*args, initial_state=state, cu_seqlens=cu_seqlens)
+            final = KOperatorState(s1, c1)
+        else:
+            y, fin = k2_mixer(*args, initial_state=state, output_final_state=return_state,
+                              cu_seqlens=cu_seqlens, backend=bk)
+            final = KOperatorState(*fin) if return_state else None
+        out = self.proj(y)                                            # (B, T, D)
+        return (out, final) if return_state else out
+
+    # ---- recurrent form ----------------------------------------------------------------
+    def step(self, x_t: torch.Tensor, state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+        """One token: x_t (B, D) -> (y_t (B, D), new KOperatorState).  O(1) in the sequence length."""
+        if not isinstance(x_t, torch.Tensor) or x_t.dim() != 2 or x_t.shape[-1] != self.d_model:
+            raise ValueError(f"x_t must have shape (B, D={self.d_model}), got {describe(x_t)}")
+        B = x_t.shape[0]
+        K = self.kernel_size
+        dt = state_dtype(x_t)
+        if state is None:
+            state = self.zero_state(B, x_t.device, dt)
+        elif not isinstance(state, (tuple, list)) or len(state) != 2:
+            raise TypeError(f"state must be a KOperatorState (scan, conv), got {describe(state)}")
+        S, C = state
+        want_s, want_c = (B, self.rank, self.d_model), (B, K - 1, self.d_model)
+        if tuple(S.shape) != want_s or tuple(C.shape) != want_c:
+            raise ValueError(f"state must hold scan {want_s} and conv {want_c}, got "
+                             f"{describe(S)} and {describe(C)}")
+        xm = _autocast_input(x_t)                                     # (B, D)
+        xs = xm.to(dt)
+        q = F.normalize(xm @ self.u.to(xm.dtype), dim=-1, eps=NORM_EPS) * self.alpha().to(xm.dtype)
+        k = F.normalize(xm @ self.v.to(xm.dtype), dim=-1, eps=NORM_EPS)          # (B, R)
+        S = self.gamma().to(dt)[:, None] * S.to(dt) + k.to(dt)[:, :, None] * xs[:, None, :]  # (B, R, D)
+        y = torch.einsum("br,brd->bd", q.to(dt), S)                   # (B, D)
+        w = self.get_kernel().to(dt)
+        window = torch.cat([C.to(dt), xs[:, None, :]], dim=1)         # (B, K, D), oldest first
+        c = torch.einsum("k,bkd->bd", w.flip(0), window)              # tap 0 = current token
+        mix = torch.sigmoid(self.gate_logit).to(dt) * c + y
+        out = self.proj(mix.to(xm.dtype))
+        return out, KOperatorState(S, window[:, 1:])
+
+
+# --------------------------------------------------------------------------------------
+# K-Stack blocks (SPEC section 2)
+# --------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * scale, eps 1e-8."""
+
+    def __init__(self, d: int, eps: float = RMS_EPS):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.scale
+
+
+class MLP(nn.Module):
+    """Linear(D, 2D) -> exact GELU -> dropout -> Linear(2D, D)."""
+
+    def __init__(self, d: int, dropout: float = 0.0):
+        super().__init__()
+        self.up = nn.Linear(d, 2 * d)
+        self.down = nn.Linear(2 * d, d)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.down(self.drop(F.gelu(self.up(x))))
+
+
+class K1Block(nn.Module):
+    """h + Linear(norm1(h)), then h + MLP(norm2(h)): a token-wise block (no mixing over time)."""
+
+    def __init__(self, d: int, mlp_dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = RMSNorm(d)
+        self.mix = nn.Linear(d, d)
+        self.norm2 = RMSNorm(d)
+        self.mlp = MLP(d, mlp_dropout)
+
+    def forward(self, h):
+        h = h + self.mix(self.norm1(h))
+        return h + self.mlp(self.norm2(h))
+
+
+class K2Block(nn.Module):
+    """h + dropout(KOperator(norm1(h))), then h + MLP(norm2(h)); carries the mixer's state."""
+
+    def __init__(self, d: int, mixer: KOperator, mlp_dropout: float = 0.0, residual_dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = RMSNorm(d)
+        self.mixer = mixer
+        self.drop = nn.Dropout(residual_dropout)
+        self.norm2 = RMSNorm(d)
+        self.mlp = MLP(d, mlp_dropout)
+
+    def forward(self, h, state=None, return_state=False):
+        m = self.mixer(self.norm1(h), state=state, return_state=return_state)
+        m, new = m if return_state else (m, None)
+        h = h + self.drop(m)
+        h = h + self.mlp(self.norm2(h))
+        return (h, new) if return_state else h
+
+    def step(self, h_t, state):
+        m, new = self.mixer.step(self.norm1(h_t), state)
+        h_t = h_t + self.drop(m)
+        return h_t + self.mlp(self.norm2(h_t)), new
+
+
+class K0Block(nn.Module):
+    """h + (RMSNorm(h) * gain + bias)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.norm = RMSNorm(d)
+        self.gain = nn.Parameter(torch.ones(d))
+        self.bias = nn.Parameter(torch.zeros(d))
+
+    def forward(self, h):
+        return h + (self.norm(h) * self.gain + self.bias)
