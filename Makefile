@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # torch 2.13.0 (CPU build) lies on this project's CI/dev disk; on a GPU box install your CUDA torch first
 # and run `make test VENV_FLAGS=--system-site-packages`.  Triton is pinned to the version of the lent GPU.
-DEPS   := torch==2.13.0 triton==3.6.0 "numpy<2.4" safetensors tqdm sentencepiece matplotlib pytest hypothesis pytest-xdist
+DEPS   := "setuptools>=64" torch==2.13.0 triton==3.6.0 "numpy<2.4" safetensors tqdm sentencepiece matplotlib pytest hypothesis pytest-xdist
 STAMP  := $(VENV)/.kop-installed
 JOBS   ?= 2
 
