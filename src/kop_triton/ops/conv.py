@@ -52,8 +52,38 @@ def naive_causal_conv(x, weight, *, initial_state=None, output_final_state=False
     return y.to(x.dtype), final
 
 
+class _TritonCausalConv(torch.autograd.Function):
+    """Autograd wrapper of the launchers in ``kop_triton.kernels.conv`` (no math here)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, initial_state, output_final_state, cu_seqlens):
+        from kop_triton.kernels.conv import conv_fwd
+        y, final = conv_fwd(x, weight, initial_state, output_final_state, cu_seqlens)
+        ctx.save_for_backward(x, weight, initial_state, cu_seqlens)
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        from kop_triton.kernels.conv import conv_bwd_dw, conv_bwd_dx
+        x, weight, h0, cu = ctx.saved_tensors
+        K = weight.shape[-1]
+        dx = dw = dh0 = None
+        need_x, need_w, need_h0 = ctx.needs_input_grad[:3]
+        if dy is None:
+            dy = torch.zeros_like(x)
+        if need_x or need_h0:
+            dx, dh0 = conv_bwd_dx(dy, weight, dfinal, need_h0, cu, x.dtype,
+                                  None if h0 is None else h0.dtype)
+        if need_w:
+            dw = conv_bwd_dw(x, h0, dy, K, weight.dim() == 1, cu).to(weight.dtype)
+        return (dx if need_x else None), dw, (dh0 if need_h0 else None), None, None
+
+
 def triton_causal_conv(x, weight, *, initial_state=None, output_final_state=False, cu_seqlens=None):
-    raise NotImplementedError("the Triton causal convolution is not implemented yet")
+    """The Triton kernels (taps for short or per-channel kernels, a blocked Toeplitz product on
+    tensor cores for long shared kernels); forward and backward for x, weight and initial_state."""
+    y, final = _TritonCausalConv.apply(x, weight, initial_state, bool(output_final_state), cu_seqlens)
+    return y, (final if output_final_state else None)
 
 
 def _check_conv_args(x, weight, initial_state, cu_seqlens):

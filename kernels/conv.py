@@ -1,0 +1,389 @@
+"""Triton kernels of the causal Kbase convolution (ops: ``kop_triton.ops.conv``).
+
+    y_t = sum_{l<K} w[l] * xe_{t-l}          (tap 0 = current token)
+
+where ``xe`` is a sequence's input extended on the left by its K-1 previous inputs (the
+initial state, zeros when absent).  All sequences live in one flat (rows, D) buffer: row
+``bos + t`` of sequence ``n`` with ``bos = cu[n]``, ``cu`` the (N+1,) int64 offsets (``b * T``
+for a plain batch).  Relative position ``s < 0`` of sequence ``n`` is state row
+``h0[n, K-1+s]``.
+
+Two ways to evaluate one (BT, BD) output tile, chosen by the compile-time flag USE_DOT:
+  taps      K broadcast multiply-adds of shifted (BT, BD) input tiles; any K, shared (K,)
+            or per-channel (D, K) weights; O(T*K*D) on CUDA cores.
+  Toeplitz  (shared weight only) the tile is sum over source blocks of W (BT, BS) @ xe (BS, BD)
+            with W[i, j] = w[t0+i - s0-j] gathered from w, masked to 0 <= lag < K:
+            ceil((BT+K-1)/BS) tensor-core products per tile, still O(T*K*D), never T x T.
+
+Backward (no atomics, deterministic):
+  dxe_s = sum_l w[l] dy_{s+l}  (+ dfinal for the last K-1 positions): the transposed
+          operator, same two methods; rows s >= 0 go to dx, rows s < 0 to dh0.
+  dw[l, d] = sum_t dy_t[d] xe_{t-l}[d]: per (split, lag block, channel block) partial
+          sums over a fixed, strided set of time blocks, written to a (NS, K, D) buffer and
+          summed over NS (and over D for a shared weight) by the launcher in a fixed order.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Tile sizes.  BT = BS = 64 feeds the tensor cores with 64 x 64 x BD products; BD <= 64
+# keeps a fp32 (BT, BD) accumulator at 32 registers per thread with 4 warps.
+BLOCK_T = 64
+BLOCK_S = 64
+MAX_BLOCK_D = 64
+# Shared kernels with more taps than this use the Toeplitz product (the taps loop costs a
+# shifted tile load per tap; the product costs 2*(K+BT) flops per output on tensor cores).
+DOT_MIN_TAPS = 32
+# dw: lags per program
+BLOCK_L = 32
+
+
+def _dot_dtype(dtype: torch.dtype):
+    """Operand type of the Toeplitz products: the input's half type (tensor cores) or fp32
+    ("ieee", never TF32).  The Triton 3.6 interpreter multiplies bf16 operands wrongly
+    (it reads their raw bits), so under TRITON_INTERPRET=1 bf16 products run in fp32."""
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        return tl.float32
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, tl.float32)
+
+
+# --------------------------------------------------------------------------------------
+# jit helpers shared with the fused K2 kernel
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_xe(x, h0, bos, L, n, o_s, o_d, m_row, m_d, D, K, USE_H0: tl.constexpr):
+    """Extended-input tile (len(o_s), BD) at relative positions o_s of sequence n, fp32."""
+    p_x = x + (bos + o_s).to(tl.int64)[:, None] * D + o_d[None, :]
+    b = tl.load(p_x, mask=(m_row & (o_s >= 0) & (o_s < L))[:, None] & m_d[None, :],
+                other=0.).to(tl.float32)
+    if USE_H0:
+        p_h = h0 + (n.to(tl.int64) * (K - 1) + (K - 1 + o_s))[:, None] * D + o_d[None, :]
+        b += tl.load(p_h, mask=(m_row & (o_s < 0) & (o_s >= 1 - K))[:, None] & m_d[None, :], other=0.)
+    return b
+
+
+@triton.jit
+def conv_tile(x, w, h0, bos, L, n, t0, o_d, m_d, D, K,
+              BT: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
+              PER_CHANNEL: tl.constexpr, USE_H0: tl.constexpr, USE_DOT: tl.constexpr,
+              DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
+    """fp32 (BT, BD) tile of y_t = sum_l w[l] xe_{t-l}, rows t0 .. t0+BT-1 of sequence n."""
+    o_t = t0 + tl.arange(0, BT)
+    m_t = o_t < L
+    acc = tl.zeros([BT, BD], dtype=tl.float32)
+    if USE_DOT:
+        o_j = tl.arange(0, BS)
+        # source rows s0 .. s0+BS-1 cover t0-K+1 .. t0+BT-1
+        for s0 in range(t0 - K + 1, t0 + BT, BS):
+            o_s = s0 + o_j
+            b_x = _load_xe(x, h0, bos, L, n, o_s, o_d, o_s < L, m_d, D, K, USE_H0)
+            lag = o_t[:, None] - o_s[None, :]                        # (BT, BS)
+            b_w = tl.load(w + lag, mask=(lag >= 0) & (lag < K), other=0.)
+            if IEEE:
+                acc += tl.dot(b_w.to(DOT_DTYPE), b_x.to(DOT_DTYPE), input_precision="ieee")
+            else:
+                acc += tl.dot(b_w.to(DOT_DTYPE), b_x.to(DOT_DTYPE))
+    else:
+        # inputs of this sequence: lags l <= t; the initial state only for lags l > t0
+        p_x = x + (bos + o_t).to(tl.int64)[:, None] * D + o_d[None, :]
+        for l in range(0, tl.minimum(K, t0 + BT)):
+            m = ((o_t >= l) & m_t)[:, None] & m_d[None, :]
+            b_x = tl.load(p_x - l * D, mask=m, other=0.).to(tl.float32)
+            acc += _tap(w, l, o_d, m_d, K, PER_CHANNEL) * b_x
+        if USE_H0:
+            # xe_{t-l} = h0[n, K-1+t-l] for l > t
+            p_h = h0 + (n.to(tl.int64) * (K - 1) + K - 1 + o_t)[:, None] * D + o_d[None, :]
+            for l in range(t0 + 1, K):
+                m = ((o_t < l) & m_t)[:, None] & m_d[None, :]
+                acc += _tap(w, l, o_d, m_d, K, PER_CHANNEL) * tl.load(p_h - l * D, mask=m, other=0.)
+    return acc
+
+
+@triton.jit
+def _tap(w, l, o_d, m_d, K, PER_CHANNEL: tl.constexpr):
+    """Tap l of the kernel: a scalar (shared) or a (1, BD) row (per channel)."""
+    if PER_CHANNEL:
+        return tl.load(w + o_d * K + l, mask=m_d, other=0.)[None, :]
+    else:
+        return tl.load(w + l)
+
+
+@triton.jit
+def _seq_block(cu, table, i_t, i_b, T, IS_VARLEN: tl.constexpr):
+    """(sequence id, first row, length, block index within the sequence) of a program."""
+    if IS_VARLEN:
+        n = tl.load(table + 2 * i_t).to(tl.int64)
+        blk = tl.load(table + 2 * i_t + 1)
+        bos = tl.load(cu + n).to(tl.int64)
+        L = (tl.load(cu + n + 1) - bos).to(tl.int32)
+    else:
+        n = i_b.to(tl.int64)
+        blk = i_t
+        bos = n * T
+        L = T
+    return n, bos, L, blk
+
+
+# --------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _conv_fwd_kernel(x, w, h0, y, cu, table, T, D, K,
+                     BT: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
+                     PER_CHANNEL: tl.constexpr, USE_H0: tl.constexpr, USE_DOT: tl.constexpr,
+                     IS_VARLEN: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
+    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n, bos, L, blk = _seq_block(cu, table, i_t, i_b, T, IS_VARLEN)
+    t0 = blk * BT
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    acc = conv_tile(x, w, h0, bos, L, n, t0, o_d, m_d, D, K, BT, BS, BD,
+                    PER_CHANNEL, USE_H0, USE_DOT, DOT_DTYPE, IEEE)
+    o_t = t0 + tl.arange(0, BT)
+    p_y = y + (bos + o_t).to(tl.int64)[:, None] * D + o_d[None, :]
+    tl.store(p_y, acc.to(y.dtype.element_ty), mask=(o_t < L)[:, None] & m_d[None, :])
+
+
+@triton.jit
+def _conv_bwd_dx_kernel(dy, w, dfin, dx, dh0, cu, table, T, D, K,
+                        BT: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
+                        PER_CHANNEL: tl.constexpr, USE_DFIN: tl.constexpr, NEED_DH0: tl.constexpr,
+                        USE_DOT: tl.constexpr, IS_VARLEN: tl.constexpr,
+                        DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
+    """dxe_s = sum_l w[l] dy_{s+l} + dfinal_{s-L+K-1}, s from -(K-1) (NEED_DH0) or 0 to L-1."""
+    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n, bos, L, blk = _seq_block(cu, table, i_t, i_b, T, IS_VARLEN)
+    if NEED_DH0:
+        s0 = blk * BT - (K - 1)
+    else:
+        s0 = blk * BT
+    o_s = s0 + tl.arange(0, BT)
+    m_s = o_s < L
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    acc = tl.zeros([BT, BD], dtype=tl.float32)
+    if USE_DOT:
+        o_j = tl.arange(0, BS)
+        for p0 in range(s0, s0 + BT + K - 1, BS):
+            o_p = p0 + o_j
+            p_g = dy + (bos + o_p).to(tl.int64)[:, None] * D + o_d[None, :]
+            b_g = tl.load(p_g, mask=((o_p >= 0) & (o_p < L))[:, None] & m_d[None, :], other=0.)
+            lag = o_p[None, :] - o_s[:, None]                        # (BT, BS)
+            b_w = tl.load(w + lag, mask=(lag >= 0) & (lag < K), other=0.)
+            if IEEE:
+                acc += tl.dot(b_w.to(DOT_DTYPE), b_g.to(DOT_DTYPE), input_precision="ieee")
+            else:
+                acc += tl.dot(b_w.to(DOT_DTYPE), b_g.to(DOT_DTYPE))
+    else:
+        # dy_{s+l} exists for 0 <= s+l < L: lags from max(0, -s) to min(K, L-s)
+        p_g = dy + (bos + o_s).to(tl.int64)[:, None] * D + o_d[None, :]
+        for l in range(tl.maximum(0, -(s0 + BT - 1)), tl.minimum(K, L - s0)):
+            o_p = o_s + l
+            m = ((o_p >= 0) & (o_p < L))[:, None] & m_d[None, :]
+            b_g = tl.load(p_g + l * D, mask=m, other=0.).to(tl.float32)
+            acc += _tap(w, l, o_d, m_d, K, PER_CHANNEL) * b_g
+    if USE_DFIN:
+        o_f = o_s - L + K - 1                                        # row of final_state
+        p_f = dfin + (n * (K - 1) + o_f)[:, None] * D + o_d[None, :]
+        acc += tl.load(p_f, mask=(m_s & (o_f >= 0))[:, None] & m_d[None, :], other=0.)
+    p_dx = dx + (bos + o_s).to(tl.int64)[:, None] * D + o_d[None, :]
+    tl.store(p_dx, acc.to(dx.dtype.element_ty), mask=(m_s & (o_s >= 0))[:, None] & m_d[None, :])
+    if NEED_DH0:
+        p_h = dh0 + (n * (K - 1) + (K - 1 + o_s))[:, None] * D + o_d[None, :]
+        tl.store(p_h, acc.to(dh0.dtype.element_ty), mask=(o_s < 0)[:, None] & m_d[None, :])
+
+
+@triton.jit
+def _conv_bwd_dw_kernel(x, h0, dy, dw_part, cu, table, n_blocks, NT, T, D, K,
+                        BT: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr,
+                        USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """dw_part[i_s, l, d] = sum over time blocks i_s, i_s+NS, ... of sum_t dy_t[d] xe_{t-l}[d]."""
+    i_l, i_d, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NS = tl.num_programs(2)
+    l0 = i_l * BL
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    o_j = tl.arange(0, BL)
+    acc = tl.zeros([BL, BD], dtype=tl.float32)
+    for i_blk in range(i_s, n_blocks, NS):
+        if IS_VARLEN:
+            n, bos, L, blk = _seq_block(cu, table, i_blk, 0, T, True)
+        else:
+            n, bos, L, blk = _seq_block(cu, table, i_blk % NT, i_blk // NT, T, False)
+        o_t = blk * BT + tl.arange(0, BT)
+        m_t = o_t < L
+        p_g = dy + (bos + o_t).to(tl.int64)[:, None] * D + o_d[None, :]
+        b_g = tl.load(p_g, mask=m_t[:, None] & m_d[None, :], other=0.).to(tl.float32)
+        p_x = x + (bos + o_t).to(tl.int64)[:, None] * D + o_d[None, :]
+        for j in range(0, tl.minimum(BL, K - l0)):
+            l = l0 + j
+            b_x = tl.load(p_x - l * D, mask=((o_t >= l) & m_t)[:, None] & m_d[None, :], other=0.)
+            part = tl.sum(b_g * b_x.to(tl.float32), axis=0)           # (BD,)
+            if USE_H0:
+                if l > blk * BT:                                      # rows t < l read h0
+                    p_h = h0 + (n * (K - 1) + K - 1 - l + o_t)[:, None] * D + o_d[None, :]
+                    b_h = tl.load(p_h, mask=((o_t < l) & m_t)[:, None] & m_d[None, :], other=0.)
+                    part += tl.sum(b_g * b_h, axis=0)
+            acc = tl.where(o_j[:, None] == j, acc + part[None, :], acc)
+    p_w = dw_part + (i_s * K + l0 + o_j).to(tl.int64)[:, None] * D + o_d[None, :]
+    tl.store(p_w, acc, mask=((l0 + o_j) < K)[:, None] & m_d[None, :])
+
+
+# --------------------------------------------------------------------------------------
+# launchers (no autograd)
+# --------------------------------------------------------------------------------------
+
+
+def block_table(cu_host, n_rows_of, BT: int, device) -> torch.Tensor:
+    """(n_blocks, 2) int32 rows (sequence, block index) covering n_rows_of(length) rows each."""
+    lens = torch.tensor([n_rows_of(b - a) for a, b in zip(cu_host[:-1], cu_host[1:])], dtype=torch.int64)
+    nblk = (lens + BT - 1) // BT
+    seq = torch.repeat_interleave(torch.arange(len(lens)), nblk)
+    first = torch.repeat_interleave(torch.cumsum(nblk, 0) - nblk, nblk)
+    idx = torch.arange(int(nblk.sum())) - first
+    return torch.stack([seq, idx], 1).to(torch.int32).contiguous().to(device)
+
+
+def block_d(D: int) -> int:
+    return min(MAX_BLOCK_D, max(16, triton.next_power_of_2(D)))
+
+
+class _Layout:
+    """Flat (rows, D) view of a plain batch or of packed sequences."""
+
+    def __init__(self, x: torch.Tensor, cu_seqlens):
+        B, T, D = x.shape
+        self.B, self.T, self.D = B, T, D
+        self.varlen = cu_seqlens is not None
+        if self.varlen:
+            self.cu_host = [int(c) for c in cu_seqlens.tolist()]
+            self.cu = cu_seqlens.to(device=x.device, dtype=torch.int64).contiguous()
+            self.N = len(self.cu_host) - 1
+        else:
+            self.cu_host = None
+            self.cu = torch.arange(B + 1, device=x.device, dtype=torch.int64) * T
+            self.N = B
+        self._tables = {}
+
+    def grid_t(self, BT: int, extra: int = 0):
+        """(grid size over time, grid size over batch, table) for blocks of BT rows of each
+        sequence extended by ``extra`` rows on the left."""
+        if not self.varlen:
+            return triton.cdiv(self.T + extra, BT), self.B, self.cu
+        key = (BT, extra)
+        if key not in self._tables:
+            self._tables[key] = block_table(self.cu_host, lambda L: L + extra, BT, self.cu.device)
+        tab = self._tables[key]
+        return tab.shape[0], 1, tab
+
+    def final_rows(self, x2, h0, K):
+        """(N, K-1, D) last K-1 rows of each extended sequence, in the states' float dtype."""
+        dt = torch.float64 if x2.dtype == torch.float64 or (h0 is not None and h0.dtype == torch.float64) \
+            else torch.float32
+        N, D = self.N, self.D
+        if K == 1:
+            return x2.new_zeros(N, 0, D, dtype=dt)
+        j = torch.arange(K - 1, device=x2.device)
+        eos = self.cu[1:, None]
+        bos = self.cu[:-1, None]
+        pos = eos - (K - 1) + j[None, :]                             # (N, K-1) absolute rows
+        from_x = pos >= bos
+        rows = x2[pos.clamp(min=0).reshape(-1)].reshape(N, K - 1, D).to(dt)
+        if h0 is None:
+            hv = torch.zeros_like(rows)
+        else:
+            hidx = (K - 1 + pos - bos).clamp(0, K - 2)
+            hv = torch.gather(h0.to(dt), 1, hidx[:, :, None].expand(N, K - 1, D))
+        return torch.where(from_x[:, :, None], rows, hv)
+
+
+def _use_dot(weight: torch.Tensor, K: int, force=None) -> bool:
+    if weight.dim() != 1:
+        return False
+    return (K > DOT_MIN_TAPS) if force is None else bool(force)
+
+
+def conv_fwd(x, weight, initial_state, output_final_state, cu_seqlens, use_dot=None):
+    """y (B, T, D) in x's dtype, final_state (N, K-1, D) or None.  ``use_dot`` forces a method
+    (tests); None picks by DOT_MIN_TAPS.  Inputs may be non-contiguous."""
+    B, T, D = x.shape
+    K = weight.shape[-1]
+    lay = _Layout(x, cu_seqlens)
+    x2 = x.contiguous().view(B * T, D)
+    w = weight.detach().to(torch.float32).contiguous()
+    use_h0 = initial_state is not None and K > 1
+    h0 = initial_state.detach().to(torch.float32).contiguous() if use_h0 else x2
+    y = torch.empty(B * T, D, dtype=x.dtype, device=x.device)
+    BD = block_d(D)
+    dot = _use_dot(weight, K, use_dot)
+    if B * T > 0:
+        gt, gb, tab = lay.grid_t(BLOCK_T)
+        _conv_fwd_kernel[(gt, triton.cdiv(D, BD), gb)](
+            x2, w, h0, y, lay.cu, tab, T, D, K, BT=BLOCK_T, BS=BLOCK_S, BD=BD,
+            PER_CHANNEL=weight.dim() == 2, USE_H0=use_h0, USE_DOT=dot, IS_VARLEN=lay.varlen,
+            DOT_DTYPE=_dot_dtype(x.dtype), IEEE=_dot_dtype(x.dtype) == tl.float32)
+    final = lay.final_rows(x2, initial_state if K > 1 else None, K) if output_final_state else None
+    return y.view(B, T, D), final
+
+
+def conv_bwd_dx(dy, weight, dfinal, need_dh0, cu_seqlens, dx_dtype, dh0_dtype, use_dot=None):
+    """dx (B, T, D) and dh0 (N, K-1, D) (None unless need_dh0) for cotangents dy, dfinal."""
+    B, T, D = dy.shape
+    K = weight.shape[-1]
+    lay = _Layout(dy, cu_seqlens)
+    g2 = dy.contiguous().view(B * T, D)
+    w = weight.detach().to(torch.float32).contiguous()
+    use_dfin = dfinal is not None and K > 1
+    need_dh0 = need_dh0 and K > 1
+    dfin = dfinal.to(torch.float32).contiguous() if use_dfin else g2
+    dx = torch.empty(B * T, D, dtype=dx_dtype, device=dy.device)
+    dh0 = (torch.empty(lay.N, K - 1, D, dtype=dh0_dtype, device=dy.device) if need_dh0 else dx)
+    BD = block_d(D)
+    extra = K - 1 if need_dh0 else 0
+    gt, gb, tab = lay.grid_t(BLOCK_T, extra)
+    if gt * gb > 0:
+        _conv_bwd_dx_kernel[(gt, triton.cdiv(D, BD), gb)](
+            g2, w, dfin, dx, dh0, lay.cu, tab, T, D, K, BT=BLOCK_T, BS=BLOCK_S, BD=BD,
+            PER_CHANNEL=weight.dim() == 2, USE_DFIN=use_dfin, NEED_DH0=need_dh0,
+            USE_DOT=_use_dot(weight, K, use_dot), IS_VARLEN=lay.varlen,
+            DOT_DTYPE=_dot_dtype(dy.dtype), IEEE=_dot_dtype(dy.dtype) == tl.float32)
+    if need_dh0:
+        return dx.view(B, T, D), dh0
+    if K == 1 and dh0_dtype is not None:
+        return dx.view(B, T, D), torch.zeros(lay.N, 0, D, dtype=dh0_dtype, device=dy.device)
+    return dx.view(B, T, D), None
+
+
+def conv_bwd_dw(x, initial_state, dy, K, shared, cu_seqlens):
+    """float32 dw: (K,) when ``shared`` (summed over channels) else (D, K); fixed-order sums."""
+    B, T, D = x.shape
+    lay = _Layout(x, cu_seqlens)
+    x2 = x.contiguous().view(B * T, D)
+    g2 = dy.contiguous().view(B * T, D)
+    use_h0 = initial_state is not None and K > 1
+    h0 = initial_state.detach().to(torch.float32).contiguous() if use_h0 else x2
+    BD = block_d(D)
+    BL = min(BLOCK_L, triton.next_power_of_2(K))
+    gt, gb, tab = lay.grid_t(BLOCK_T)
+    n_blocks = gt * gb
+    n_ld = triton.cdiv(K, BL) * triton.cdiv(D, BD)
+    # time splits: enough programs to fill a GPU (~4 waves of 132 SMs), at most one per block;
+    # depends on shapes only, so the summation order is fixed.
+    NS = max(1, min(n_blocks, 512 // n_ld))
+    part = torch.empty(NS, K, D, dtype=torch.float32, device=x.device)
+    if n_blocks == 0:
+        part.zero_()
+    else:
+        _conv_bwd_dw_kernel[(triton.cdiv(K, BL), triton.cdiv(D, BD), NS)](
+            x2, h0, g2, part, lay.cu, tab, n_blocks, gt, T, D, K,
+            BT=BLOCK_T, BL=BL, BD=BD, USE_H0=use_h0, IS_VARLEN=lay.varlen)
+    dw = part.sum(0)                                                  # (K, D)
+    return dw.sum(1) if shared else dw.t().contiguous()

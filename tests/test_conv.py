@@ -1,0 +1,267 @@
+"""Causal Kbase convolution: the reference (gradcheck, direct-loop property) and the Triton
+kernels vs the float64 reference, forward and every gradient (x, weight, initial_state), with
+random cotangents on y and on the final state."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from helpers import DEVICE, TOL, TRITON_OK
+from helpers import assert_close as _assert_close
+from kop_triton import causal_conv
+from kop_triton.ops.conv import naive_causal_conv
+
+needs_triton = pytest.mark.skipif(not TRITON_OK, reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """Outputs allocated with torch.empty start as NaN, so an element never written is caught."""
+    real = torch.empty
+
+    def empty(*a, **kw):
+        t = real(*a, **kw)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+@pytest.fixture
+def conv_method(request, monkeypatch):
+    """'auto' keeps the size rule; 'taps' / 'dot' force one method for shared kernels."""
+    from kop_triton.kernels import conv as kc
+    if request.param == "taps":
+        monkeypatch.setattr(kc, "DOT_MIN_TAPS", 10 ** 9)
+    elif request.param == "dot":
+        monkeypatch.setattr(kc, "DOT_MIN_TAPS", 0)
+    return request.param
+
+
+def conv_inputs(B, T, D, K, per_channel, dtype=torch.float64, seed=0, init=True, N=None, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+    w = torch.randn(*((D, K) if per_channel else (K,)), generator=g, dtype=torch.float64) / K ** 0.5
+    h0 = torch.randn(B if N is None else N, K - 1, D, generator=g, dtype=torch.float64) if init else None
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    out = [x.to(dtype), w.to(sdt), None if h0 is None else h0.to(sdt)]
+    return [None if t is None else t.to(device).requires_grad_() for t in out]
+
+
+def loss_grads(backend, x, w, h0, seed=1, **kw):
+    y, f = causal_conv(x, w, initial_state=h0, output_final_state=True, backend=backend, **kw)
+    gen = torch.Generator().manual_seed(seed)
+    dy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y)
+    df = torch.randn(f.shape, generator=gen, dtype=torch.float64).to(f)
+    inputs = [t for t in (x, w, h0) if t is not None]
+    grads = torch.autograd.grad((y * dy).sum() + (f * df).sum(), inputs)
+    return [y, f] + list(grads)
+
+
+def assert_close(name, a, b, tol):
+    """helpers.assert_close, plus empty tensors (final states of K = 1) compared by shape."""
+    if b.numel() == 0:
+        assert a is not None and a.shape == b.shape, f"{name}: {None if a is None else tuple(a.shape)} != {tuple(b.shape)}"
+        return
+    _assert_close(name, a, b, tol)
+
+
+def f64(*ts):
+    return [None if t is None else t.detach().cpu().double().requires_grad_() for t in ts]
+
+
+def check_all(got, ref, tol, names=("y", "final_state", "dx", "dweight", "dinitial_state")):
+    assert len(got) == len(ref)
+    for n, a, b in zip(names, got, ref):
+        assert_close(n, a, b, tol)
+
+
+# --------------------------------------------------------------------------------------
+# reference
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["shared", "per-channel"])
+@pytest.mark.parametrize("K", [1, 3, 9])
+def test_reference_gradcheck_float64(per_channel, K):
+    x, w, h0 = conv_inputs(2, 7, 3, K, per_channel)
+
+    def f(x, w, h0):
+        return naive_causal_conv(x, w, initial_state=h0, output_final_state=True)
+
+    assert torch.autograd.gradcheck(f, (x, w, h0), eps=1e-6, atol=1e-7)
+
+
+def direct_loop(x, w, h0):
+    B, T, D = x.shape
+    K = w.shape[-1]
+    y = torch.zeros(B, T, D, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            for l in range(K):
+                s = t - l
+                if s >= 0:
+                    xv = x[b, s]
+                elif h0 is not None:
+                    xv = h0[b, K - 1 + s]
+                else:
+                    continue
+                y[b, t] += (w[l] if w.dim() == 1 else w[:, l]) * xv
+    return y
+
+
+@settings(max_examples=30, deadline=None)
+@given(B=st.integers(1, 2), T=st.integers(1, 12), D=st.integers(1, 4), K=st.integers(1, 15),
+       per_channel=st.booleans(), init=st.booleans(), seed=st.integers(0, 10_000))
+def test_reference_equals_direct_loop(B, T, D, K, per_channel, init, seed):
+    x, w, h0 = (None if t is None else t.detach() for t in conv_inputs(B, T, D, K, per_channel, seed=seed, init=init))
+    y, f = naive_causal_conv(x, w, initial_state=h0, output_final_state=True)
+    assert_close("y", y, direct_loop(x, w, h0), 1e-12)
+    full = torch.cat([torch.zeros(B, K - 1, D, dtype=x.dtype) if h0 is None else h0, x], 1)
+    assert_close("final_state", f, full[:, full.shape[1] - (K - 1):], 0.0)
+
+
+# --------------------------------------------------------------------------------------
+# Triton kernels vs the float64 reference
+# --------------------------------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("per_channel", [False, True], ids=["shared", "per-channel"])
+@pytest.mark.parametrize("K", [1, 2, 8, 63, 64, 65, 300])
+def test_triton_matches_reference(K, per_channel, nan_empty):
+    # K = 300 > T: the whole output reads the initial state; D = 37 is not a power of two
+    B, T, D = (1, 90, 5) if K == 300 else (2, 77, 37)
+    x, w, h0 = conv_inputs(B, T, D, K, per_channel, dtype=torch.float32, device=DEVICE)
+    got = loss_grads("triton", x, w, h0)
+    ref = loss_grads("naive", *f64(x, w, h0))
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    check_all(got, ref, TOL[("triton", torch.float32)])
+
+
+@needs_triton
+@pytest.mark.parametrize("conv_method", ["taps", "dot"], indirect=True)
+@pytest.mark.parametrize("K,T,D", [(2, 33, 70), (8, 5, 16), (65, 130, 9)], ids=["K2-2Dblocks", "K8-T<K", "K65"])
+def test_triton_both_methods_shared_kernel(conv_method, K, T, D, nan_empty):
+    x, w, h0 = conv_inputs(2, T, D, K, False, dtype=torch.float32, device=DEVICE)
+    check_all(loss_grads("triton", x, w, h0), loss_grads("naive", *f64(x, w, h0)),
+              TOL[("triton", torch.float32)])
+
+
+@needs_triton
+@pytest.mark.parametrize("per_channel", [False, True], ids=["shared", "per-channel"])
+def test_triton_zero_initial_state_and_T1(per_channel):
+    for T in (1, 3):
+        x, w, _ = conv_inputs(3, T, 6, 5, per_channel, dtype=torch.float32, init=False, device=DEVICE)
+        got = loss_grads("triton", x, w, None)
+        check_all(got, loss_grads("naive", *f64(x, w), None), TOL[("triton", torch.float32)],
+                  names=("y", "final_state", "dx", "dweight"))
+
+
+@needs_triton
+@pytest.mark.parametrize("per_channel", [False, True], ids=["shared", "per-channel"])
+@pytest.mark.parametrize("K", [1, 4, 40])
+def test_triton_varlen(K, per_channel, nan_empty):
+    lens = [5, 1, 70, 12]                                          # some shorter than K
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    x, w, h0 = conv_inputs(1, sum(lens), 7, K, per_channel, dtype=torch.float32, N=len(lens), device=DEVICE)
+    got = loss_grads("triton", x, w, h0, cu_seqlens=cu)
+    ref = loss_grads("naive", *f64(x, w, h0), cu_seqlens=cu.cpu())
+    check_all(got, ref, TOL[("triton", torch.float32)])
+    # and each sequence alone gives the same answer as its slice of the packed run
+    y, f = causal_conv(x, w, initial_state=h0, output_final_state=True, cu_seqlens=cu, backend="triton")
+    for i in (1, 2):
+        a, b = int(cu[i]), int(cu[i + 1])
+        yi, fi = causal_conv(x[:, a:b], w, initial_state=h0[i:i + 1], output_final_state=True, backend="triton")
+        assert_close(f"y[seq {i}]", y[:, a:b], yi, 1e-6)
+        assert_close(f"final[seq {i}]", f[i:i + 1], fi, 0.0)
+
+
+@needs_triton
+@pytest.mark.parametrize("K", [3, 50])
+def test_triton_state_chaining(K):
+    x, w, h0 = (t.detach() for t in conv_inputs(2, 60, 8, K, False, dtype=torch.float32, device=DEVICE))
+    y, f = causal_conv(x, w, initial_state=h0, output_final_state=True, backend="triton")
+    pieces, s = [], h0
+    for a, b in [(0, 2), (2, 41), (41, 60)]:                       # first piece shorter than K
+        yi, s = causal_conv(x[:, a:b], w, initial_state=s, output_final_state=True, backend="triton")
+        pieces.append(yi)
+    assert_close("y", torch.cat(pieces, 1), y, 1e-6)
+    assert_close("final_state", s, f, 0.0)
+
+
+@needs_triton
+@pytest.mark.parametrize("per_channel", [False, True], ids=["shared", "per-channel"])
+def test_triton_deterministic_gradients(per_channel):
+    x, w, h0 = conv_inputs(2, 100, 12, 40, per_channel, dtype=torch.float32, device=DEVICE)
+    a = loss_grads("triton", x, w, h0)
+    b = loss_grads("triton", x, w, h0)
+    for n, u, v in zip(["y", "final", "dx", "dweight", "dh0"], a, b):
+        assert torch.equal(u, v), f"{n} differs between two identical runs"
+
+
+@needs_triton
+def test_triton_non_contiguous_inputs():
+    x, w, h0 = conv_inputs(2, 40, 12, 9, True, dtype=torch.float32, device=DEVICE)
+    xs, ws, hs = x[:, :, ::2], w[::2, :], h0[:, :, ::2]
+    assert not (xs.is_contiguous() or ws.is_contiguous() or hs.is_contiguous())
+    check_all(loss_grads("triton", xs, ws, hs), loss_grads("naive", *f64(xs, ws, hs)),
+              TOL[("triton", torch.float32)])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("K", [4, 100])
+def test_triton_other_dtypes(dtype, K):
+    x, w, h0 = conv_inputs(2, 120, 24, K, False, dtype=dtype, device=DEVICE)
+    got = loss_grads("triton", x, w, h0)
+    assert got[0].dtype == dtype and got[2].dtype == dtype
+    # the reference sees the same (rounded) inputs in float64
+    check_all(got, loss_grads("naive", *f64(x, w, h0)), TOL[("triton", dtype)])
+
+
+# --------------------------------------------------------------------------------------
+# bad inputs
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case,exc,match", [
+    ("weight_3d", ValueError, r"weight must be a floating tensor of shape \(K,\) or \(D, K\)"),
+    ("weight_int", ValueError, r"weight must be a floating tensor"),
+    ("weight_list", TypeError, "weight must be a tensor"),
+    ("K0", ValueError, r"weight must have 1 <= K <= 4096"),
+    ("K_big", ValueError, r"weight must have 1 <= K <= 4096"),
+    ("D_mismatch", ValueError, r"must have D = 6 rows"),
+    ("state_shape", ValueError, r"initial_state must have shape \(N, K-1, D\) = \(2, 3, 6\)"),
+    ("state_int", TypeError, "initial_state must be a float tensor"),
+    ("x_2d", ValueError, r"x must have shape \(B, T, D\)"),
+    ("backend", ValueError, "backend must be one of"),
+    ("cu_batch", ValueError, "batch of size 1"),
+])
+@pytest.mark.parametrize("backend", ["naive", "triton"])
+def test_bad_input_errors(case, exc, match, backend):
+    x, w, h0 = (torch.randn(2, 8, 6), torch.randn(4), None)
+    kw = {"backend": backend}
+    if case == "weight_3d":
+        w = torch.randn(6, 4, 1)
+    elif case == "weight_int":
+        w = torch.ones(4, dtype=torch.int64)
+    elif case == "weight_list":
+        w = [1.0, 2.0]
+    elif case == "K0":
+        w = torch.randn(0)
+    elif case == "K_big":
+        w = torch.randn(4097)
+    elif case == "D_mismatch":
+        w = torch.randn(5, 4)
+    elif case == "state_shape":
+        h0 = torch.randn(2, 4, 6)
+    elif case == "state_int":
+        h0 = torch.zeros(2, 3, 6, dtype=torch.int32)
+    elif case == "x_2d":
+        x = x[0]
+    elif case == "backend":
+        kw["backend"] = "cuda"
+    elif case == "cu_batch":
+        kw["cu_seqlens"] = torch.tensor([0, 8])
+    with pytest.raises(exc, match=match):
+        causal_conv(x, w, initial_state=h0, **kw)
