@@ -56,6 +56,7 @@ the initial state (zeros when None) for c = 0.  The final state is not part of i
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -75,11 +76,16 @@ PASS_BLOCK = 512
 
 @triton.jit
 def _dot(a, b, DOT_MODE: tl.constexpr):
-    """a @ b with float32 accumulation; DOT_MODE 0: fp32 IEEE (never TF32), 1: bf16, 2: fp16."""
+    """a @ b with float32 accumulation; DOT_MODE 0: fp32 IEEE (never TF32), 1: bf16, 2: fp16,
+    3: bf16-rounded operands in an fp32 dot (same result as 1; for the interpreter, whose
+    tl.dot multiplies the raw bits of bf16 operands in Triton 3.6)."""
     if DOT_MODE == 1:
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
     elif DOT_MODE == 2:
         return tl.dot(a.to(tl.float16), b.to(tl.float16))
+    elif DOT_MODE == 3:
+        return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32),
+                      input_precision="ieee")
     else:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
 
@@ -110,6 +116,19 @@ def _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT: tl.constexpr,
 
 
 @triton.jit
+def _diag_decay(o_c, b_lg, DERIV: tl.constexpr):
+    """(BC, BC, BR) exact decay of a diagonal sub-block, c = i - j (chunk-local, same offset):
+    g^c where c >= 0 (DERIV=False), or c g^(c-1) where c > 0 (DERIV=True); 0 elsewhere."""
+    n = (o_c[:, None] - o_c[None, :])[:, :, None]
+    if DERIV:
+        pw = tl.exp2(tl.maximum(n - 1, 0).to(tl.float32) * b_lg[None, None, :])
+        return tl.where(n > 0, n.to(tl.float32) * pw, 0.)
+    else:
+        pw = tl.exp2(tl.maximum(n, 0).to(tl.float32) * b_lg[None, None, :])
+        return tl.where(n >= 0, pw, 0.)
+
+
+@triton.jit
 def _intra_A_kernel(q, k, lg, A, cu_seqlens, chunk_indices, T, R, NT,
                     BT: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr,
                     IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr):
@@ -122,7 +141,8 @@ def _intra_A_kernel(q, k, lg, A, cu_seqlens, chunk_indices, T, R, NT,
     bos, i_tc, i_s, L = _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
     t0 = bos + i_tc * BT                      # first token of the chunk (int64)
     s_I = i_i * BC
-    o_i = s_I + tl.arange(0, BC)              # chunk-local rows of the sub-chunk   (BC,)
+    o_c = tl.arange(0, BC)
+    o_i = s_I + o_c                           # chunk-local rows of the sub-chunk   (BC,)
     o_j = tl.arange(0, BT)                    # chunk-local columns                  (BT,)
     o_r = tl.arange(0, BR)
     m_i = o_i < L
@@ -130,30 +150,26 @@ def _intra_A_kernel(q, k, lg, A, cu_seqlens, chunk_indices, T, R, NT,
     m_r = o_r < R
     b_lg = tl.load(lg + o_r, mask=m_r, other=0.)                                   # (BR,)
 
-    p_q = q + (t0 + o_i)[:, None] * R + o_r[None, :]
-    b_q = tl.load(p_q, mask=m_i[:, None] & m_r[None, :], other=0.).to(tl.float32)  # (BC, BR)
-    p_k = k + (t0 + o_j)[:, None] * R + o_r[None, :]
-    b_k = tl.load(p_k, mask=m_j[:, None] & m_r[None, :], other=0.).to(tl.float32)  # (BT, BR)
+    m_Ir = m_i[:, None] & m_r[None, :]
+    b_q = tl.load(q + (t0 + o_i)[:, None] * R + o_r[None, :], mask=m_Ir, other=0.).to(tl.float32)
+    b_kI = tl.load(k + (t0 + o_i)[:, None] * R + o_r[None, :], mask=m_Ir, other=0.).to(tl.float32)
+    b_k = tl.load(k + (t0 + o_j)[:, None] * R + o_r[None, :],
+                  mask=m_j[:, None] & m_r[None, :], other=0.).to(tl.float32)      # (BT, BR)
 
     # columns j < s_I: g^(i-j) = g^(i-s_I) * g^(s_I-j), both exponents >= 0
-    b_qg = b_q * tl.exp2((o_i - s_I).to(tl.float32)[:, None] * b_lg[None, :])
+    b_qg = b_q * tl.exp2(o_c.to(tl.float32)[:, None] * b_lg[None, :])
     m_off = o_j < s_I
     n_k = tl.where(m_off, s_I - o_j, 0).to(tl.float32)
     b_kg = tl.where(m_off[:, None], b_k * tl.exp2(n_k[:, None] * b_lg[None, :]), 0.)
-    b_A = _dot(b_qg, tl.trans(b_kg), DOT_MODE)                                    # (BC, BT)
+    b_A = _dot(b_qg, tl.trans(b_kg), DOT_MODE)                  # (BC, BT), 0 for j >= s_I
 
-    # diagonal sub-block, one column at a time with the exact decay g^(i-j), i >= j
-    for jj in range(0, BC):
-        j = s_I + jj
-        b_kj = tl.load(k + (t0 + j) * R + o_r, mask=m_r & (j < L), other=0.).to(tl.float32)
-        n_e = o_i - j
-        b_d = tl.exp2(tl.maximum(n_e, 0).to(tl.float32)[:, None] * b_lg[None, :])  # (BC, BR)
-        b_a = tl.sum(b_q * b_kj[None, :] * b_d, axis=1)                           # (BC,)
-        b_a = tl.where(n_e >= 0, b_a, 0.)
-        b_A = tl.where(o_j[None, :] == j, b_a[:, None], b_A)
+    # diagonal sub-block: exact masked decay, (BC, BC, BR) broadcast summed over r
+    b_Ad = tl.sum(b_q[:, None, :] * b_kI[None, :, :] * _diag_decay(o_c, b_lg, False), axis=2)
 
-    p_A = A + (t0 + o_i)[:, None] * BT + o_j[None, :]
-    tl.store(p_A, b_A, mask=m_i[:, None])
+    # two disjoint stores: every column outside the diagonal block, then the block itself
+    m_out = (o_j < s_I) | (o_j >= s_I + BC)
+    tl.store(A + (t0 + o_i)[:, None] * BT + o_j[None, :], b_A, mask=m_i[:, None] & m_out[None, :])
+    tl.store(A + (t0 + o_i)[:, None] * BT + o_i[None, :], b_Ad, mask=m_i[:, None])
 
 
 @triton.jit
@@ -293,7 +309,8 @@ def _bwd_dqk_kernel(q, k, v, do, lg, s, ds, dq, dk, dg, cu_seqlens, chunk_indice
     t0 = bos + i_tc * BT
     s_I = i_i * BC
     e_I = s_I + BC - 1
-    o_i = s_I + tl.arange(0, BC)              # chunk-local rows of sub-chunk I
+    o_c = tl.arange(0, BC)
+    o_i = s_I + o_c                           # chunk-local rows of sub-chunk I
     o_j = tl.arange(0, BT)                    # chunk-local positions of the whole chunk
     o_r = tl.arange(0, BR)
     m_i = o_i < L
@@ -303,6 +320,7 @@ def _bwd_dqk_kernel(q, k, v, do, lg, s, ds, dq, dk, dg, cu_seqlens, chunk_indice
 
     b_dAr = tl.zeros([BC, BT], dtype=tl.float32)    # dA[i, j], i in I
     b_dAc = tl.zeros([BT, BC], dtype=tl.float32)    # dA[i, j], j in I
+    b_dAd = tl.zeros([BC, BC], dtype=tl.float32)    # dA[i, j], i and j in I
     b_P = tl.zeros([BC, BR], dtype=tl.float32)      # do_I . S_prev_r
     b_Qv = tl.zeros([BC, BR], dtype=tl.float32)     # v_I . G_r
     b_dd = tl.zeros([BR], dtype=tl.float32)         # sum_d S_prev * G
@@ -322,6 +340,7 @@ def _bwd_dqk_kernel(q, k, v, do, lg, s, ds, dq, dk, dg, cu_seqlens, chunk_indice
         b_g = tl.load(p_ds0 + o_r[:, None] * D + o_d[None, :], mask=m_Rd, other=0.)
         b_dAr += _dot(b_doI, tl.trans(b_vC), DOT_MODE)
         b_dAc += _dot(b_doC, tl.trans(b_vI), DOT_MODE)
+        b_dAd += _dot(b_doI, tl.trans(b_vI), DOT_MODE)
         b_P += _dot(b_doI, tl.trans(b_h), STATE_DOT_MODE)
         b_Qv += _dot(b_vI, tl.trans(b_g), STATE_DOT_MODE)
         b_dd += tl.sum(b_h * b_g, axis=1)
@@ -357,22 +376,12 @@ def _bwd_dqk_kernel(q, k, v, do, lg, s, ds, dq, dk, dg, cu_seqlens, chunk_indice
     b_Z = _dot(tl.trans(b_dAc), b_qg, DOT_MODE)                                # (BC, BR)
     b_dk = tl.exp2((e_I - o_i).to(tl.float32)[:, None] * b_lg[None, :]) * b_Z
 
-    # diagonal sub-block (i, j both in I, j <= i), one column j at a time, exact decays
-    for jj in range(0, BC):
-        j = s_I + jj
-        b_kj = tl.load(k + (t0 + j) * R + o_r, mask=m_r & (j < L), other=0.).to(tl.float32)
-        b_dcol = tl.sum(tl.where(o_j[None, :] == j, b_dAr, 0.), axis=1)            # dA[i, j]  (BC,)
-        n_e = o_i - j
-        n_ef = tl.maximum(n_e, 0).to(tl.float32)
-        b_t = tl.where((n_e >= 0)[:, None],
-                       b_dcol[:, None] * tl.exp2(n_ef[:, None] * b_lg[None, :]), 0.)  # (BC, BR)
-        b_dq += b_t * b_kj[None, :]
-        b_nt = tl.where((n_e > 0)[:, None],
-                        b_dcol[:, None] * n_ef[:, None]
-                        * tl.exp2(tl.maximum(n_ef - 1., 0.)[:, None] * b_lg[None, :]), 0.)
-        b_W += b_nt * b_kj[None, :]
-        b_dkj = tl.sum(b_t * b_q, axis=0)                                          # (BR,)
-        b_dk = tl.where((o_i == j)[:, None], b_dk + b_dkj[None, :], b_dk)
+    # diagonal sub-block (i, j both in I): exact masked decays, (BC, BC, BR) broadcasts
+    b_dAd3 = b_dAd[:, :, None]
+    b_G3 = _diag_decay(o_c, b_lg, False)                                          # g^(i-j)
+    b_dq += tl.sum(b_dAd3 * b_k[None, :, :] * b_G3, axis=1)
+    b_dk += tl.sum(b_dAd3 * b_q[:, None, :] * b_G3, axis=0)
+    b_W += tl.sum(b_dAd3 * b_k[None, :, :] * _diag_decay(o_c, b_lg, True), axis=1)  # (i-j) g^(i-j-1)
 
     # inter-chunk terms
     n_q = tl.where(m_i, o_i, 0).to(tl.float32)
@@ -404,7 +413,8 @@ def _bwd_dqk_kernel(q, k, v, do, lg, s, ds, dq, dk, dg, cu_seqlens, chunk_indice
 def _dot_modes(dtype: torch.dtype) -> Tuple[int, int]:
     """(intra-chunk dot mode, state dot mode) for the input dtype (see _dot)."""
     if dtype == torch.bfloat16:
-        return 1, 1
+        mode = 3 if os.environ.get("TRITON_INTERPRET") == "1" else 1
+        return mode, mode
     if dtype == torch.float16:
         return 2, 0
     return 0, 0
