@@ -303,3 +303,28 @@ def test_int64_offsets_cuda():
                                       g.double(), initial_state=s1.double(), output_final_state=True)
     assert_close("o tail", o[:, cut:], o_ref, TOL[("triton", torch.bfloat16)])
     assert_close("final_state", s, s_ref, TOL[("triton", torch.bfloat16)])
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="a million tokens is out of the interpreter's reach")
+def test_long_sequence_cuda():
+    """T = 1,000,003 with decays at both ends: o, final state and every gradient vs the float64
+    chunked reference (itself checked against naive in test_scan_reference.py)."""
+    from kop_triton.ops.scan import chunked_decayed_scan
+    T, R, D = 1_000_003, 4, 24
+    gamma = torch.tensor([0.01, 0.5, 0.999, 1.0])
+    got_in = [t.to("cuda").float().requires_grad_() for t in scan_inputs(1, T, R, D, gamma=gamma,
+                                                                         requires_grad=False)]
+    # the reference sees the float32-rounded values (gamma = 0.999 rounds visibly over 1e6 steps)
+    ref_in = [t.detach().double().requires_grad_() for t in got_in]
+
+    def run(fn, q, k, v, g, h0, **kw):
+        o, s = fn(q, k, v, g, initial_state=h0, output_final_state=True, **kw)
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        do = torch.randn(o.shape, generator=gen, device="cuda", dtype=F64).to(o)
+        ds = torch.randn(s.shape, generator=gen, device="cuda", dtype=F64).to(s)
+        return (o, s) + torch.autograd.grad((o * do).sum() + (s * ds).sum(), [q, k, v, g, h0])
+
+    ref = run(chunked_decayed_scan, *ref_in, chunk_size=256)
+    got = run(lambda *a, **kw: decayed_scan(*a, backend="triton", **kw), *got_in)
+    for name, a, b in zip(["o", "final_state", "dq", "dk", "dv", "dgamma", "dh0"], got, ref):
+        assert_close(name, a, b, TOL[("triton", F32)])
