@@ -27,8 +27,8 @@ Numerics: every power is g^n = exp2(n * log2 g) with n >= 0 (log2 g computed onc
 in float64); nothing divides by gamma.  The intra-chunk term never needs a negative power:
 the chunk is split into sub-chunks of BC tokens; for a row sub-block I (first index s_I) and
 columns j < s_I, g^(i-j) = g^(i-s_I) * g^(s_I-j), both exponents >= 0, so that part is one
-tl.dot of (q_I * g^(i-s_I)) and (k * g^(s_I-j))^T; the diagonal BC x BC sub-block is built
-column by column with the exact masked decay.  For (a), n g^(n-1) with n = a + b splits the
+tl.dot of (q_I * g^(i-s_I)) and (k * g^(s_I-j))^T; the diagonal BC x BC sub-block uses the
+exact masked decay in a (BC, BC, BR) broadcast summed over r.  For (a), n g^(n-1) with n = a + b splits the
 same way: a g^(a-1) g^b + g^a b g^(b-1).  dk uses the sub-block's last index e_I as the split
 point (i > e_I >= j).  All accumulation is float32; 16-bit inputs use tensor-core dots
 (state dots stay float32 for float16 inputs, whose range a long-run state can exceed).
@@ -63,9 +63,11 @@ import torch
 import triton
 import triton.language as tl
 
-# Sub-chunk of the intra-chunk decomposition: the smallest tl.dot tile (M, N, K >= 16).
+# Sub-chunk of the intra-chunk decomposition: the smallest tl.dot tile (M, N, K >= 16), which
+# also keeps the exact (BC, BC, BR) diagonal broadcast small.
 SUB_CHUNK = 16
-# Flat (R*D) elements per program of the sequential state pass.
+# Flat (R*D) elements per program of the sequential state pass (latency-bound: a small block
+# gives more programs at B = 1; not yet tuned on a GPU).
 PASS_BLOCK = 512
 
 
@@ -445,9 +447,15 @@ def _chunk_tables(cu_seqlens: Optional[torch.Tensor], B: int, T: int, BT: int):
 
 
 def _block_sizes(R: int, D: int):
+    """-> (BR, BD, num_warps of the sub-chunk kernels).  R is one block (R <= 128); the
+    (BC, BC, BR) diagonal broadcasts get 8 warps once BR > 32 to keep them in registers
+    (a register-budget estimate: 16*16*128 fp32 is 256 per thread at 4 warps; not yet
+    measured on a GPU)."""
+    if R > 128:
+        raise ValueError(f"the triton scan supports R <= 128, got R = {R}")
     BR = max(16, triton.next_power_of_2(R))
     BD = min(64, max(16, triton.next_power_of_2(D)))
-    return BR, BD
+    return BR, BD, (4 if BR <= 32 else 8)
 
 
 def _log2_gamma(gamma: torch.Tensor) -> torch.Tensor:
@@ -455,12 +463,13 @@ def _log2_gamma(gamma: torch.Tensor) -> torch.Tensor:
     return torch.log2(gamma.detach().to(torch.float64)).to(torch.float32).contiguous()
 
 
-def _intra_A(q, k, lg, cu_seqlens, chunk_indices, NC, B, T, NT, BT, BR, is_varlen, dot_mode):
+def _intra_A(q, k, lg, cu_seqlens, chunk_indices, NC, B, T, NT, BT, BR, is_varlen, dot_mode, n_warps):
     R = q.shape[-1]
     A = torch.empty(B * T, BT, dtype=torch.float32, device=q.device)
     grid = (NC if is_varlen else NT, BT // SUB_CHUNK, 1 if is_varlen else B)
     _intra_A_kernel[grid](q, k, lg, A, cu_seqlens, chunk_indices, T, R, NT,
-                          BT=BT, BC=SUB_CHUNK, BR=BR, IS_VARLEN=is_varlen, DOT_MODE=dot_mode)
+                          BT=BT, BC=SUB_CHUNK, BR=BR, IS_VARLEN=is_varlen, DOT_MODE=dot_mode,
+                          num_warps=n_warps)
     return A
 
 
@@ -482,7 +491,7 @@ def scan_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
     N = cu_seqlens.numel() - 1 if is_varlen else B
     NT = triton.cdiv(T, BT)
     NC, chunk_indices, chunk_offsets = _chunk_tables(cu_seqlens, B, T, BT)
-    BR, BD = _block_sizes(R, D)
+    BR, BD, n_warps = _block_sizes(R, D)
     dot_mode, state_dot_mode = _dot_modes(v.dtype)
     lg = _log2_gamma(gamma)
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
@@ -490,7 +499,7 @@ def scan_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
     G_t = NC if is_varlen else NT
     G_b = 1 if is_varlen else B
 
-    A = _intra_A(q, k, lg, cu, chunk_indices, NC, B, T, NT, BT, BR, is_varlen, dot_mode)
+    A = _intra_A(q, k, lg, cu, chunk_indices, NC, B, T, NT, BT, BR, is_varlen, dot_mode, n_warps)
     states = torch.empty(NC, R, D, dtype=torch.float32, device=q.device)
     _chunk_state_kernel[(G_t, triton.cdiv(D, BD), G_b)](
         k, v, lg, states, cu, chunk_indices, T, R, D, NT,
@@ -530,7 +539,7 @@ def scan_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
     if tuple(chunk_states.shape) != (NC, R, D):
         raise ValueError(f"chunk_states must have shape (NC, R, D) = {(NC, R, D)} for chunk_size "
                          f"{BT}, got {tuple(chunk_states.shape)}")
-    BR, BD = _block_sizes(R, D)
+    BR, BD, n_warps = _block_sizes(R, D)
     dot_mode, state_dot_mode = _dot_modes(v.dtype)
     lg = _log2_gamma(gamma)
     cu = None if cu_seqlens is None else cu_seqlens.contiguous()
@@ -551,7 +560,7 @@ def scan_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
         BT=BT, BLOCK=PASS_BLOCK, USE_INITIAL_STATE=dht is not None,
         STORE_FINAL_STATE=dh0 is not None, REVERSE=True, IS_VARLEN=is_varlen)
 
-    A = _intra_A(q, k, lg, cu, chunk_indices, NC, B, T, NT, BT, BR, is_varlen, dot_mode)
+    A = _intra_A(q, k, lg, cu, chunk_indices, NC, B, T, NT, BT, BR, is_varlen, dot_mode, n_warps)
     dv = torch.empty_like(v)
     _chunk_out_kernel[(G_t, triton.cdiv(D, BD), G_b)](
         k, do, lg, A, dstates, dv, cu, chunk_indices, T, R, D, NT,
@@ -565,7 +574,7 @@ def scan_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
     _bwd_dqk_kernel[(G_t, n_sub, G_b)](
         q, k, v, do, lg, states, dstates, dq, dk, dg, cu, chunk_indices, T, R, D, NT,
         BT=BT, BC=SUB_CHUNK, BR=BR, BD=BD, IS_VARLEN=is_varlen,
-        DOT_MODE=dot_mode, STATE_DOT_MODE=state_dot_mode)
+        DOT_MODE=dot_mode, STATE_DOT_MODE=state_dot_mode, num_warps=n_warps)
     # fixed-order reduction of the per-(chunk, sub-chunk) partials, in float64
     dgamma = dg.sum(dim=0, dtype=torch.float64).to(torch.float32)
     return dq, dk, dv, dgamma, dh0

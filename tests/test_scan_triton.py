@@ -278,6 +278,8 @@ def test_bad_input():
     _, (q, k, v, g, _) = _inputs(1, 4, 129, 3, init=False)
     with pytest.raises(ValueError, match="R <= 128"):
         decayed_scan(q, k, v, g, backend="triton")
+    with pytest.raises(ValueError, match="R <= 128"):
+        ks.scan_fwd(q.detach(), k.detach(), v.detach(), g.detach(), None, False, None, 64)
     _, (q, k, v, g, _) = _inputs(1, 40, 2, 3, init=False)
     with pytest.raises(ValueError, match="chunk_size"):
         ks.scan_fwd(q, k, v, g, None, False, None, 48)
