@@ -1,0 +1,122 @@
+"""Markdown tables and PNG plots from a benchmark JSON document."""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional
+
+from .harness import MB
+
+
+def _fmt_ms(ms: float) -> str:
+    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+
+
+def _fmt_mb(b: Optional[float]) -> str:
+    if b is None:
+        return "?"
+    mb = b / MB
+    return f"{mb:.3g}" if mb < 100 else f"{mb:.0f}"
+
+
+_SHORT = {"skipped": "skip", "over_budget": "budget", "oom": "OOM", "error": "ERR", "wrong": "WRONG"}
+
+
+def cell(r: dict) -> str:
+    if r["status"] == "ok":
+        return f"{_fmt_ms(r['time_ms']['median'])} ms / {_fmt_mb(r['peak_mem_bytes'])} MB"
+    return _SHORT.get(r["status"], r["status"])
+
+
+def tables(doc: dict, methods: Optional[List[str]] = None) -> str:
+    """One table per (sweep, dtype, D, R, mode): rows T, columns methods, cells 'time / peak memory'."""
+    recs = doc["results"]
+    groups: Dict[tuple, List[dict]] = {}
+    for r in recs:
+        groups.setdefault((r["sweep"], r["dtype"], r["D"], r["R"], r["mode"]), []).append(r)
+    slopes = {(s["sweep"], s["dtype"], s["D"], s["R"], s["mode"], s["method"]): s for s in doc.get("slopes", [])}
+    cross = [c for c in doc.get("crossovers", [])]
+    out = []
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3], k[4] != "fwd")):
+        sweep, dt, D, R, mode = key
+        rs = groups[key]
+        names = [m for m in dict.fromkeys(r["method"] for r in rs) if methods is None or m in methods]
+        # drop columns that never ran anywhere in this table (all skipped for the same reason)
+        shown = [n for n in names if any(r["status"] != "skipped" for r in rs if r["method"] == n)]
+        hidden = sorted({(n, next(r["reason"] for r in rs if r["method"] == n)) for n in names if n not in shown})
+        Ts = sorted({r["T"] for r in rs})
+        out.append(f"\n### {sweep}: {dt}, D={D}, R={R}, {'forward' if mode == 'fwd' else 'forward+backward'}\n")
+        out.append("time (median) / peak memory during the call; `budget` = skipped: over the time/memory budget\n")
+        out.append("| T | B | " + " | ".join(f"`{n}`" for n in shown) + " |")
+        out.append("|---|---|" + "---|" * len(shown))
+        for T in Ts:
+            row = {r["method"]: r for r in rs if r["T"] == T}
+            B = next(iter(row.values()))["B"]
+            out.append(f"| {T} | {B} | " + " | ".join(cell(row[n]) if n in row else "" for n in shown) + " |")
+        out.append("| slope | | " + " | ".join(
+            (f"{slopes[key + (n,)]['time_slope']:.2f}" if key + (n,) in slopes else "") for n in shown) + " |")
+        errs = []
+        for n in shown:
+            e = [r["error"]["output"] for r in rs if r["method"] == n and r.get("error")]
+            if e:
+                errs.append(f"`{n}` {max(e):.1e}")
+        if errs:
+            out.append("\nmax output error vs float64 reference: " + ", ".join(errs))
+        for n, why in hidden:
+            out.append(f"\n`{n}`: {why}")
+        for c in cross:
+            if (c["sweep"], c["dtype"], c["D"], c["R"], c["mode"]) == key:
+                t = c["crossover_T"]
+                out.append(f"\ncrossover `{c['ours']}` vs `{c['vs']}`: " + (f"T ~ {t} ({c['note']})" if t else c["note"]))
+        out.append("")
+    return "\n".join(out)
+
+
+def plots(doc: dict, outdir: str, prefix: str = "") -> List[str]:
+    """time vs T, memory vs T (log-log) and fraction of the copy bound, per (sweep, dtype, D, R)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in doc["results"] if r["status"] == "ok"]
+    shapes = sorted({(r["sweep"], r["dtype"], r["D"], r["R"]) for r in recs})
+    written = []
+    for sweep, dt, D, R in shapes:
+        rs = [r for r in recs if (r["sweep"], r["dtype"], r["D"], r["R"]) == (sweep, dt, D, R)]
+        if len({r["T"] for r in rs}) < 2:
+            continue   # a shape sweep at one T: the table says it all
+        tag = f"{prefix}{sweep}_{dt}_D{D}_R{R}"
+        for what, ylabel, get in (
+                ("time", "time per batch (ms)", lambda r: r["time_ms"]["median"]),
+                ("memory", "peak memory during the call (MB)", lambda r: r["peak_mem_bytes"] / MB),
+                ("copy_fraction", "fraction of the copy bound", lambda r: r["fraction_of_copy_bound"])):
+            fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=(what != "copy_fraction"))
+            any_line = False
+            for ax, mode in zip(axes, ("fwd", "fwd_bwd")):
+                methods = list(dict.fromkeys(r["method"] for r in rs if r["mode"] == mode))
+                for name in methods:
+                    if what == "copy_fraction" and not name.startswith(("scan/triton", "k2/", "conv/", "scan/chunked")):
+                        continue
+                    pts = sorted((r["T"], get(r)) for r in rs if r["mode"] == mode and r["method"] == name)
+                    pts = [(t, y) for t, y in pts if y is not None and y > 0]
+                    if not pts:
+                        continue
+                    ours = any(r["group"] == "ours" for r in rs if r["method"] == name)
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
+                            ls="-" if ours else "--", lw=2 if ours else 1.2, label=name)
+                    any_line = True
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.set_xlabel("T (sequence length; fixed tokens per batch)")
+                ax.set_title(f"{'forward' if mode == 'fwd' else 'forward+backward'}")
+                ax.grid(True, which="both", alpha=0.3)
+                ax.legend(fontsize=7)
+            axes[0].set_ylabel(ylabel)
+            fig.suptitle(f"{what.replace('_', ' ')}: {sweep}, {dt}, D={D}, R={R} "
+                         f"({doc['machine'].get('gpu_name') or doc['machine']['cpu_model']})", fontsize=10)
+            fig.tight_layout()
+            if any_line:
+                path = os.path.join(outdir, f"{tag}_{what}.png")
+                fig.savefig(path, dpi=80)
+                written.append(path)
+            plt.close(fig)
+    return written

@@ -1,0 +1,213 @@
+"""The benchmark harness: runs end to end on tiny sizes, writes a well-formed JSON document, and
+checks every method against the float64 reference before timing it.  No timing is asserted."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root holds benchmarks/
+
+from benchmarks import bench_k2, bench_scan, harness, run
+from benchmarks.methods import (METHODS, Method, Problem, mask_decayed_scan, naive_scan_rows,
+                                reference_rows, select)
+from benchmarks.sweep import SweepSpec, run_point, run_sweep
+from kop_triton.ops.k2 import reference_k2_mixer
+from kop_triton.ops.scan import naive_decayed_scan
+
+from helpers import assert_close, scan_inputs
+
+STATUSES = {"ok", "skipped", "over_budget", "oom", "error", "wrong"}
+RECORD_KEYS = {"method", "op", "group", "label", "mode", "dtype", "B", "T", "D", "R", "K", "tokens",
+               "status", "reason", "sweep", "op_min_bytes_per_token", "bytes_per_token_model"}
+OK_KEYS = {"time_ms", "time_per_seq_ms", "tokens_per_s", "peak_mem_bytes", "error", "copy_bound_ms",
+           "fraction_of_copy_bound"}
+TINY = ["--T", "16,40", "--tokens", "80", "--D", "12", "--R", "3", "--threads", "1", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _validate_doc(doc: dict, expect_methods) -> None:
+    assert doc["schema"] == "kop-triton-bench/1"
+    for k in ("created", "command", "machine", "settings", "sweeps", "results", "copy_bound", "slopes",
+              "crossovers"):
+        assert k in doc, k
+    assert doc["machine"]["torch_threads"] == 1 == doc["settings"]["torch_threads"]
+    assert doc["settings"]["memory_method"] and doc["settings"]["timing_method"]
+    seen = set()
+    for r in doc["results"]:
+        assert RECORD_KEYS <= set(r), RECORD_KEYS - set(r)
+        assert r["status"] in STATUSES, r
+        assert r["status"] != "error" and r["status"] != "wrong", r
+        seen.add(r["method"])
+        if r["method"].endswith(("triton", "triton_fused", "triton_unfused", "fla_chunk_gla")) \
+                and not torch.cuda.is_available():
+            assert r["status"] == "skipped" and "no CUDA device" in r["reason"], r
+        if r["status"] == "ok":
+            assert OK_KEYS <= set(r), OK_KEYS - set(r)
+            tol = harness.TOLERANCE[torch.float32]
+            # checked against the float64 reference before being timed
+            assert r["error"]["output"] <= tol["output"], r
+            if r["mode"] == "fwd_bwd":
+                grads = r["error"]["grads"]
+                assert grads, r
+                assert all(e is not None and e <= tol["grads"] for e in grads.values()), r
+            t = r["time_ms"]
+            assert 0 < t["p20"] <= t["median"] <= t["p80"]
+            assert r["peak_mem_bytes"] > 0
+            assert math.isclose(r["tokens_per_s"], r["tokens"] / (t["median"] * 1e-3), rel_tol=1e-9)
+            assert r["fraction_of_copy_bound"] > 0
+    assert set(expect_methods) <= seen, set(expect_methods) - seen
+    for s in doc["slopes"]:
+        assert s["points"] >= 2 and math.isfinite(s["time_slope"])
+
+
+def test_harness_quick_end_to_end(tmp_path):
+    out = tmp_path / "res"
+    doc = run.main(["--quick", "--out", str(out), *TINY, "--shape-T", "24", "--shape-tokens", "48",
+                    "--shape-D", "8", "--shape-R", "2", "--lm-batch", "1", "--lm-T", "24", "--lm-steps", "1"])
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["results"] == json.loads(json.dumps(doc["results"], default=str))
+    _validate_doc(on_disk, [m.name for m in METHODS])
+    ok = {(r["method"], r["mode"]) for r in doc["results"] if r["status"] == "ok"}
+    for name in ("scan/chunked", "scan/naive", "scan/recurrent", "scan/mask", "k2/chunked", "conv/conv1d",
+                 "attention/sdpa"):
+        assert (name, "fwd") in ok and (name, "fwd_bwd") in ok, name
+    assert {s["method"] for s in doc["slopes"]} >= {"scan/chunked", "attention/sdpa"}
+    assert any(c["ours"] == "scan/chunked" for c in doc["crossovers"])
+    assert doc["lm_throughput"]["runs"], "the LM throughput entry is always recorded"
+    for r in doc["lm_throughput"]["runs"]:
+        assert r["status"] in {"ok", "skipped"}, r
+    assert (out / "results.md").read_text().count("|") > 20
+    assert list(out.glob("*_time.png")) and list(out.glob("*_memory.png"))
+
+
+def test_bench_scan_and_k2_write_json(tmp_path):
+    p = tmp_path / "scan.json"
+    bench_scan.main([*TINY, "--json", str(p)])
+    doc = json.loads(p.read_text())
+    _validate_doc(doc, bench_scan.BACKENDS)
+    names = {s["method"] for s in doc["slopes"]}
+    assert {"scan/chunked", "scan/naive", "scan/recurrent"} <= names
+    p = tmp_path / "k2.json"
+    bench_k2.main([*TINY, "--json", str(p), "--modes", "fwd_bwd"])
+    doc = json.loads(p.read_text())
+    _validate_doc(doc, bench_k2.VARIANTS)
+    fused = [r for r in doc["results"] if r["method"] == "k2/triton_fused"]
+    unfused = [r for r in doc["results"] if r["method"] == "k2/chunked"]
+    assert fused[0]["bytes_per_token_model"] < unfused[0]["bytes_per_token_model"]
+
+
+def _problem(T=37, B=2, D=6, R=3, dtype=torch.float64):
+    return Problem(B, T, D, R, 4, dtype, torch.device("cpu"), seed=1)
+
+
+@pytest.mark.parametrize("T", [1, 5, 37])
+def test_row_reference_is_the_naive_formula(T):
+    q, k, v, g, _ = scan_inputs(2, T, 3, 5, requires_grad=False)
+    rows = torch.arange(T)
+    o = naive_decayed_scan(q, k, v, g)[0]
+    assert_close("rows", naive_scan_rows(q, k, v, g, rows), o, 1e-12)
+    sub = torch.tensor([0, T - 1])
+    assert_close("sampled rows", naive_scan_rows(q, k, v, g, sub), o[:, sub], 1e-12)
+
+
+def test_k2_and_attention_row_references():
+    prob = _problem()
+    rows = harness.check_rows(prob.T, max_rows=96)
+    inp = prob.inputs("k2")
+    y = reference_k2_mixer(*(inp[n] for n in ("x", "u", "v", "alpha", "gamma", "kernel", "gate_logit")),
+                           scan_backend="naive")[0]
+    assert_close("k2 rows", reference_rows("k2", inp, rows), y[:, rows], 1e-12)
+    a = prob.inputs("attention")
+    o = torch.nn.functional.scaled_dot_product_attention(a["q"], a["k"], a["v"], is_causal=True)
+    assert_close("attention rows", reference_rows("attention", a, rows), o[:, :, rows], 1e-12)
+
+
+def test_check_rows_sampling():
+    r = harness.check_rows(1000, max_rows=96)
+    assert len(r) == 96 and r[0] == 0 and r[-1] == 999 and bool((r[1:] > r[:-1]).all())
+    assert torch.equal(harness.check_rows(50), torch.arange(50))
+
+
+def test_mask_formulation_matches_naive():
+    q, k, v, g, _ = scan_inputs(2, 29, 4, 5, requires_grad=False)
+    assert_close("mask", mask_decayed_scan(q, k, v, g), naive_decayed_scan(q, k, v, g)[0], 1e-12)
+
+
+def _sweep_once(methods, Ts=(16, 32), budget=None, modes=("fwd", "fwd_bwd")):
+    spec = SweepSpec("t", methods, list(Ts), 64, [8], [3], ["fp32"], list(modes))
+    return run_sweep(spec, torch.device("cpu"), budget or harness.Budget(), lambda m: None)[0]
+
+
+def test_wrong_method_is_caught_before_timing():
+    chunked = select(["scan/chunked"])[0]
+    off = Method("scan/off_by_one_percent", "scan", "ours", "wrong on purpose",
+                 lambda i: chunked.fn(i) * 1.01)
+    nograd = Method("scan/detached_gamma", "scan", "ours", "drops the gamma gradient",
+                    lambda i: chunked.fn({**i, "gamma": i["gamma"].detach()}))
+    recs = _sweep_once([off, nograd, chunked])
+    by = {(r["method"], r["mode"], r["T"]): r for r in recs}
+    r = by[("scan/off_by_one_percent", "fwd", 16)]
+    assert r["status"] == "wrong" and "time_ms" not in r and r["error"]["output"] > 1e-3
+    assert by[("scan/detached_gamma", "fwd", 16)]["status"] == "ok"
+    r = by[("scan/detached_gamma", "fwd_bwd", 16)]
+    assert r["status"] == "wrong" and "gamma" in r["reason"], r
+    assert by[("scan/detached_gamma", "fwd_bwd", 32)]["status"] == "wrong"   # never timed later either
+    assert by[("scan/chunked", "fwd_bwd", 32)]["status"] == "ok"
+
+
+def test_budget_and_failures_are_recorded_not_raised():
+    def boom(i):
+        raise RuntimeError("kernel exploded")
+
+    def todo(i):
+        raise NotImplementedError("later")
+    methods = [Method("scan/boom", "scan", "ours", "raises", boom),
+               Method("scan/todo", "scan", "ours", "not implemented", todo),
+               select(["scan/naive"])[0]]
+    recs = _sweep_once(methods, Ts=(16, 32, 64), budget=harness.Budget(time_s=1e-9), modes=("fwd",))
+    by = {(r["method"], r["T"]): r for r in recs}
+    assert by[("scan/boom", 16)]["status"] == "error" and "exploded" in by[("scan/boom", 16)]["reason"]
+    assert by[("scan/todo", 16)]["status"] == "skipped" and "not implemented" in by[("scan/todo", 16)]["reason"]
+    assert by[("scan/todo", 64)]["status"] == "skipped"
+    assert by[("scan/naive", 16)]["status"] == "ok"          # the first point always runs
+    assert by[("scan/naive", 32)]["status"] == "over_budget" and by[("scan/naive", 64)]["status"] == "over_budget"
+    # a memory estimate over budget stops even the first point
+    recs = _sweep_once([select(["scan/mask"])[0]], Ts=(16,), budget=harness.Budget(mem_bytes=1.0), modes=("fwd",))
+    assert recs[0]["status"] == "over_budget" and "GiB" in recs[0]["reason"]
+
+
+def test_peak_memory_counts_torch_allocations():
+    dev = torch.device("cpu")
+    n = 1 << 20
+
+    def call():
+        a = torch.ones(n)          # 4 MiB
+        b = torch.ones(2 * n)      # 8 MiB, both live
+        del a
+        return b.sum()
+    peak = harness.peak_memory(call, dev)
+    assert 12 * 2 ** 20 <= peak < 13 * 2 ** 20
+
+
+def test_slope_and_crossover():
+    Ts = [512, 1024, 2048, 4096]
+    assert harness.fit_loglog_slope(Ts, [3e-6 * t ** 2 for t in Ts]) == pytest.approx(2.0)
+    assert harness.fit_loglog_slope(Ts, [5.0 * t for t in Ts]) == pytest.approx(1.0)
+    assert harness.fit_loglog_slope([512], [1.0]) is None
+    ours = {t: 1.0 * t for t in Ts}
+    att = {t: 1e-3 * t ** 2 for t in Ts}          # equal at T = 1000
+    c = harness.crossover(Ts, ours, att)
+    assert c["T"] == 1000
+    assert harness.crossover(Ts, {t: 0.1 for t in Ts}, att)["T"] is None
+    assert harness.scale_factor(2, 1, 2048, 4, 512) == pytest.approx(4.0)
