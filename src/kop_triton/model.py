@@ -79,7 +79,12 @@ class KStackConfig:
         if not (isinstance(self.adaptive_div_value, (int, float)) and self.adaptive_div_value > 0):
             raise ValueError(f"KStackConfig.adaptive_div_value must be > 0, got {self.adaptive_div_value!r}")
         if self.head == "adaptive":
-            self.resolved_cutoffs()
+            n_tail = len(self.resolved_cutoffs())
+            if int(self.d_model // (self.adaptive_div_value ** n_tail)) < 1:
+                raise ValueError(f"adaptive head: the last tail cluster would have width d_model // "
+                                 f"adaptive_div_value^{n_tail} = 0 (d_model={self.d_model}, "
+                                 f"adaptive_div_value={self.adaptive_div_value}); use fewer cutoffs or a "
+                                 f"smaller adaptive_div_value")
 
     @property
     def E(self) -> int:
@@ -311,7 +316,9 @@ class KStackLM(nn.Module):
         if self.config.head == "adaptive":
             return self.head(h.reshape(-1, h.shape[-1]), targets.reshape(-1)).loss
         logits = self.logits_from_hidden(h)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+        if logits.dtype in (torch.float16, torch.bfloat16):   # the softmax reduction in float32
+            logits = logits.float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
     def forward(self, ids, targets=None):
         """ids (B, T) -> logits (B, T, V); with targets (B, T) -> the mean cross-entropy (scalar)."""

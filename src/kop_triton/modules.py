@@ -151,15 +151,18 @@ class KOperator(nn.Module):
             raise ValueError(f"x must have shape (B, T, D={self.d_model}), got {describe(x)}")
         xm = _autocast_input(x)                                       # (B, T, D)
         bk = resolve_backend(self.backend, x.device)
-        args = (xm, self.u, self.v, self.alpha(), self.gamma(), self.get_kernel(), self.gate_logit)
-        if bk == "triton":
-            from .ops.library import k2_mixer_triton_op
-            y, s1, c1 = k2_mixer_triton_op(*args, initial_state=state, cu_seqlens=cu_seqlens)
-            final = KOperatorState(s1, c1)
-        else:
-            y, fin = k2_mixer(*args, initial_state=state, output_final_state=return_state,
-                              cu_seqlens=cu_seqlens, backend=bk)
-            final = KOperatorState(*fin) if return_state else None
+        # the mixer runs in xm's dtype (the autocast dtype under autocast) with fp32 states;
+        # autocast itself is off inside, so the ops see consistent dtypes forward and backward
+        with torch.autocast(x.device.type, enabled=False):
+            args = (xm, self.u, self.v, self.alpha(), self.gamma(), self.get_kernel(), self.gate_logit)
+            if bk == "triton":
+                from .ops.library import k2_mixer_triton_op
+                y, s1, c1 = k2_mixer_triton_op(*args, initial_state=state, cu_seqlens=cu_seqlens)
+                final = KOperatorState(s1, c1)
+            else:
+                y, fin = k2_mixer(*args, initial_state=state, output_final_state=return_state,
+                                  cu_seqlens=cu_seqlens, backend=bk)
+                final = KOperatorState(*fin) if return_state else None
         out = self.proj(y)                                            # (B, T, D)
         return (out, final) if return_state else out
 
