@@ -481,7 +481,8 @@ def scan_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
     q, k: (B, T, R) and v: (B, T, D) of one dtype (float32/bfloat16/float16); gamma (R,);
     initial_state (N, R, D) or None; cu_seqlens (N+1,) int32/int64 or None (then B == 1).
     o: (B, T, D) in v's dtype; final_state (N, R, D) float32; chunk_states (NC, R, D) float32
-    in the layout described in the module docstring.  Requires T >= 1.
+    in the layout described in the module docstring.  T = 0 launches nothing: the state
+    passes through unchanged.
     """
     BT = _check_chunk_size(chunk_size)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -489,6 +490,12 @@ def scan_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
     D = v.shape[-1]
     is_varlen = cu_seqlens is not None
     N = cu_seqlens.numel() - 1 if is_varlen else B
+    if T == 0:
+        final = None
+        if output_final_state:
+            final = (torch.zeros(N, R, D, dtype=torch.float32, device=q.device) if initial_state is None
+                     else initial_state.to(torch.float32).clone())
+        return torch.empty_like(v), final, torch.zeros(0, R, D, dtype=torch.float32, device=q.device)
     NT = triton.cdiv(T, BT)
     NC, chunk_indices, chunk_offsets = _chunk_tables(cu_seqlens, B, T, BT)
     BR, BD, n_warps = _block_sizes(R, D)
@@ -526,7 +533,7 @@ def scan_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
     chunk_states: from scan_fwd (same chunk_size and cu_seqlens); it is only read.
     do: (B, T, D); dfinal_state: (N, R, D) or None (zero).  dq, dk, dv in the inputs' dtype,
     dgamma (R,) float32 (per-block partials summed in a fixed order), dinitial_state (N, R, D)
-    float32 when initial_state is given.  Requires T >= 1.
+    float32 when initial_state is given.
     """
     BT = _check_chunk_size(chunk_size)
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.to(v.dtype).contiguous()
@@ -534,6 +541,13 @@ def scan_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
     D = v.shape[-1]
     is_varlen = cu_seqlens is not None
     N = cu_seqlens.numel() - 1 if is_varlen else B
+    if T == 0:
+        dh0 = None
+        if initial_state is not None:
+            dh0 = (torch.zeros(N, R, D, dtype=torch.float32, device=q.device) if dfinal_state is None
+                   else dfinal_state.to(torch.float32).clone())
+        return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+                torch.zeros(R, dtype=torch.float32, device=q.device), dh0)
     NT = triton.cdiv(T, BT)
     NC, chunk_indices, chunk_offsets = _chunk_tables(cu_seqlens, B, T, BT)
     if tuple(chunk_states.shape) != (NC, R, D):

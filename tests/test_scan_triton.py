@@ -272,6 +272,13 @@ def test_empty_sequence():
     assert torch.equal(s, h0)
     o, s = decayed_scan(q, k, v, g, output_final_state=True, backend="triton")
     assert torch.equal(s, torch.zeros(2, 3, 4, device=DEVICE))
+    # the launchers themselves (as the fused K2 path calls them): nothing to launch
+    o, s, states = ks.scan_fwd(q, k, v, g, h0, True, None, 64)
+    assert o.shape == (2, 0, 4) and states.shape == (0, 3, 4) and torch.equal(s, h0)
+    dfinal = torch.randn(2, 3, 4, device=DEVICE)
+    dq, dk, dv, dg, dh0 = ks.scan_bwd(q, k, v, g, h0, states, o, dfinal, None, 64)
+    assert dq.shape == q.shape and dv.shape == v.shape
+    assert torch.equal(dg, torch.zeros(3, device=DEVICE)) and torch.equal(dh0, dfinal)
 
 
 def test_bad_input():
