@@ -149,7 +149,7 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
 
 def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     """Parse flags on top of the preset's defaults; records which flags were given explicitly."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
     parser = build_parser()
     if explicit.get("preset"):

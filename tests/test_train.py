@@ -1,0 +1,317 @@
+"""Training CLI: optimiser recipe, schedule, end-to-end runs, checkpoints, kill/resume, errors, DDP.
+
+Every run is tiny (d_model 16-32, window 32, a few dozen steps) on generated text.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kop_triton import train as ktrain
+from kop_triton.checkpoint import CheckpointError, load_checkpoint
+from kop_triton.data import encode, split_text
+from kop_triton.eval import evaluate
+from kop_triton.model import KStackConfig, KStackLM
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--d-model", "24", "--n-k2", "2", "--rank", "4", "--kernel-size", "4", "--window", "32",
+        "--batch-size", "8", "--warmup-steps", "5", "--lr", "1e-2", "--lr-floor", "1e-3", "--no-progress",
+        "--eval-batch-size", "16", "--device", "cpu"]
+
+
+def make_text(n_chars: int = 30_000, seed: int = 0) -> str:
+    """Pseudo-English from a small vocabulary with a little grammar: learnable, not memorisable."""
+    rng = random.Random(seed)
+    nouns = ["king", "queen", "lord", "sword", "crown", "night", "day", "heart", "blood", "house"]
+    verbs = ["takes", "loves", "fears", "keeps", "breaks", "sees", "holds"]
+    adjs = ["noble", "dark", "sweet", "old", "proud", "fair"]
+    out, size = [], 0
+    while size < n_chars:
+        s = f"the {rng.choice(adjs)} {rng.choice(nouns)} {rng.choice(verbs)} the {rng.choice(nouns)}"
+        s += "." if rng.random() < 0.7 else ", and"
+        s = s + ("\n" if rng.random() < 0.2 else " ")
+        out.append(s)
+        size += len(s)
+    return "".join(out)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(make_text(), encoding="utf-8")
+    return path
+
+
+def read_log(out: Path) -> list:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def train_losses(out: Path) -> dict:
+    return {r["step"]: r["loss"] for r in read_log(out) if r["event"] == "train"}
+
+
+def run_cli(args, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "kop_triton.train", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, **kw)
+
+
+# ------------------------------------------------------------------------------- pure pieces
+
+def test_lr_schedule_warmup_cosine_floor():
+    W, N, floor = 10, 110, 0.01
+    f = [ktrain.lr_factor(s, W, N, floor) for s in range(N + 5)]
+    assert f[0] == pytest.approx(1 / W) and f[4] == pytest.approx(5 / W) and f[W - 1] == pytest.approx(1.0)
+    assert f[W] == pytest.approx(1.0)                                     # cosine starts at the peak
+    assert f[W + 50] == pytest.approx(floor + (1 - floor) * 0.5)         # half way: cos(pi/2) = 0
+    assert f[W + 25] == pytest.approx(floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert f[N] == pytest.approx(floor) and f[N + 4] == pytest.approx(floor)
+    assert all(a >= b for a, b in zip(f[W:], f[W + 1:]))                 # monotone after warmup
+
+
+def test_param_groups_follow_the_reference_recipe():
+    model = KStackLM(KStackConfig(vocab_size=11, d_model=8, emb_dim=6, n_k2=2, rank=3, kernel_size=4,
+                                  refine_steps=1))
+    lr = 0.01
+    groups = {g["name"]: g for g in ktrain.param_groups(model, lr, weight_decay=0.02)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    members = {k: {names[id(p)] for p in g["params"]} for k, g in groups.items()}
+    # every trainable parameter exactly once (the tied head weight is the embedding's)
+    all_members = [n for m in members.values() for n in m]
+    assert sorted(all_members) == sorted(n for n, _ in model.named_parameters())
+    leaf = lambda n: n.rsplit(".", 1)[-1]  # noqa: E731
+    assert {leaf(n) for n in members["logit"]} == {"decay_logit", "alpha_logit", "gate_logit", "eta_logit"}
+    assert members["emb"] == {"emb.weight", "emb_proj.weight"}
+    assert all(leaf(n) == "bias" for n in members["bias"]) and len(members["bias"]) > 5
+    assert all(leaf(n) == "scale" for n in members["norm"]) and "norm.scale" in members["norm"]
+    assert {"stack.shared_kernel"} <= members["core"]
+    assert any(n.endswith(".u") for n in members["core"]) and any(n.endswith("proj.weight") for n in members["core"])
+    expect = {"core": (1.0, 0.02), "logit": (0.5, 0.0), "bias": (0.5, 0.0), "norm": (0.5, 0.0), "emb": (0.75, 0.0)}
+    for k, (mult, wd) in expect.items():
+        assert groups[k]["lr"] == pytest.approx(lr * mult) and groups[k]["weight_decay"] == wd, k
+    simple = {g["name"]: g for g in ktrain.param_groups(model, lr, 0.02, mode="simple")}
+    assert all(p.dim() >= 2 for p in simple["decay"]["params"]) and simple["decay"]["weight_decay"] == 0.02
+    assert all(p.dim() < 2 for p in simple["no_decay"]["params"]) and simple["no_decay"]["weight_decay"] == 0.0
+    with pytest.raises(ValueError, match="mode"):
+        ktrain.param_groups(model, lr, mode="fancy")
+
+
+def test_optimizer_state_round_trips_by_name():
+    torch.manual_seed(0)
+    model = KStackLM(KStackConfig(vocab_size=7, d_model=8, n_k2=1, rank=2, kernel_size=3))
+    args = ktrain.parse_args(["--lr", "1e-2"])
+    opt = ktrain.make_optimizer(model, args, torch.device("cpu"))
+    model(torch.randint(0, 7, (2, 9)), torch.randint(0, 7, (2, 9))).backward()
+    opt.step()
+    state = ktrain.optimizer_state(model, opt)
+    assert all(isinstance(k, str) for k in state["state"])
+    opt2 = ktrain.make_optimizer(model, args, torch.device("cpu"))
+    ktrain.load_optimizer_state(model, opt2, state)
+    for p in model.parameters():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt.state[p][key], opt2.state[p][key])
+    other = KStackLM(KStackConfig(vocab_size=7, d_model=8, n_k2=2, rank=2, kernel_size=3))
+    with pytest.raises(ValueError, match="not in this model"):
+        ktrain.load_optimizer_state(other, ktrain.make_optimizer(other, args, torch.device("cpu")),
+                                    {"state": {"nope.weight": {}}, "param_groups": [{"params": ["nope.weight"]}]})
+
+
+def test_preset_sets_defaults_and_flags_override():
+    args = ktrain.parse_args(["--preset", "shakespeare-char-v2", "--steps", "7"])
+    assert (args.d_model, args.n_k2, args.rank, args.window, args.kernel_size) == (64, 6, 4, 2048, 8)
+    assert (args.gamma_min, args.alpha_cap, args.batch_size, args.lr, args.warmup_steps) == (0.05, 1.0, 32, 1e-2, 3000)
+    assert args.steps == 7 and "steps" in args.explicit and "d_model" not in args.explicit
+    cfg = ktrain.model_config(args, vocab_size=65)
+    assert (cfg.d_model, cfg.n_k2, cfg.rank, cfg.window, cfg.shared_kernel) == (64, 6, 4, 2048, True)
+    wt = ktrain.model_config(ktrain.parse_args(["--preset", "paper-wikitext2-sp8192"]), vocab_size=8192)
+    assert (wt.d_model, wt.emb_dim, wt.rank, wt.window, wt.head) == (256, 64, 32, 512, "adaptive")
+    assert list(wt.adaptive_cutoffs) == [1024, 4096] and (wt.gamma_min, wt.gamma_max) == (0.15, 0.995)
+
+
+# ------------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, text_file):
+    out = tmp_path_factory.mktemp("run") / "r"
+    code = ktrain.main(["--text", text_file, "--out", out, *TINY, "--steps", "60", "--eval-interval", "20",
+                        "--log-interval", "1", "--seed", "3"])
+    assert code == 0
+    return out
+
+
+def test_end_to_end_loss_falls_checkpoint_loads_eval_matches(trained_run, text_file):
+    log = read_log(trained_run)
+    evals = [r for r in log if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [20, 40, 60]
+    losses = train_losses(trained_run)
+    assert sorted(losses) == list(range(1, 61))
+    vocab = log[0]["vocab_size"]
+    assert losses[1] > math.log(vocab) - 0.5                      # starts near uniform
+    assert sum(list(losses.values())[-10:]) / 10 < losses[1] - 0.8  # and learns
+    assert evals[-1]["val_ce"] < evals[0]["val_ce"] < math.log(vocab)
+    model, tok = load_checkpoint(trained_run / "last")
+    _, valid = split_text(Path(text_file).read_text(encoding="utf-8"), 0.1)
+    res = evaluate(model, encode(tok, valid), window=32, batch_size=16)
+    assert res["val_ce"] == pytest.approx(evals[-1]["val_ce"], rel=1e-6)
+    best = min(evals, key=lambda r: r["val_ce"])
+    model_b, _ = load_checkpoint(trained_run / "best")
+    assert evaluate(model_b, encode(tok, valid), window=32, batch_size=16)["val_ce"] == pytest.approx(best["val_ce"],
+                                                                                                        rel=1e-6)
+    state = json.loads((trained_run / "last" / "trainer.json").read_text())
+    assert state["step"] == 60 and state["skipped_steps"] == 0 and state["sampler"]["step"] == 60
+
+
+def test_generate_cli(trained_run, capsys):
+    from kop_triton import generate
+
+    argv = ["--checkpoint", str(trained_run / "best"), "--prompt", "the ", "--max-new-tokens", "40", "--seed", "1"]
+    assert generate.main(argv) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("the ") and len(first.rstrip("\n")) >= 4 + 20
+    assert generate.main(argv) == 0
+    assert capsys.readouterr().out == first                   # seeded
+    assert generate.main(["--checkpoint", str(trained_run / "nope"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, text_file, monkeypatch):
+    calls = {"n": 0}
+    orig = KStackLM.forward
+
+    def flaky(self, ids, targets=None):
+        out = orig(self, ids, targets)
+        calls["n"] += 1
+        if targets is not None and self.training and calls["n"] in (3, 5):
+            return out * float("nan")
+        return out
+
+    monkeypatch.setattr(KStackLM, "forward", flaky)
+    out = tmp_path / "r"
+    assert ktrain.main(["--text", text_file, "--out", out, *TINY, "--steps", "8", "--eval-interval", "8",
+                        "--log-interval", "1", "--max-eval-tokens", "200"]) == 0
+    state = json.loads((out / "last" / "trainer.json").read_text())
+    assert state["skipped_steps"] == 2
+    model, _ = load_checkpoint(out / "last")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert [r["skipped_steps"] for r in read_log(out) if r["event"] == "train"] == [0, 0, 1, 1, 2, 2, 2, 2]
+
+
+# ------------------------------------------------------------------------------- faults
+
+def test_sigterm_then_resume_reproduces_the_uninterrupted_losses(tmp_path, text_file):
+    common = ["--text", text_file, *TINY, "--steps", "40", "--eval-interval", "15", "--log-interval", "1",
+              "--emb-dropout", "0.1", "--mlp-dropout", "0.1", "--residual-dropout", "0.1", "--seed", "5",
+              "--max-eval-tokens", "400"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    r = run_cli([*common, "--out", ref])
+    assert r.returncode == 0, r.stderr
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "kop_triton.train", *map(str, common), "--out", str(cut)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = cut / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill mid-run: after step 8, well before 40
+        if log.exists() and sum('"train"' in line for line in log.read_text().splitlines()) >= 8:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    stopped = json.loads((cut / "last" / "trainer.json").read_text())["step"]
+    assert 8 <= stopped < 40, err
+    assert "stopped by SIGTERM" in err
+
+    r = run_cli(["--out", cut, "--resume"])
+    assert r.returncode == 0, r.stderr
+    a, b = train_losses(ref), train_losses(cut)
+    assert sorted(b) == list(range(1, 41))
+    assert [a[s] for s in range(1, 41)] == [b[s] for s in range(1, 41)]  # bit-for-bit, step for step
+    ev_a = [(x["step"], x["val_ce"]) for x in read_log(ref) if x["event"] == "eval"]
+    ev_b = [(x["step"], x["val_ce"]) for x in read_log(cut) if x["event"] == "eval"]
+    assert ev_a == ev_b
+
+
+def test_corrupt_checkpoint_is_reported_not_used(tmp_path, text_file, capsys):
+    out = tmp_path / "r"
+    base = ["--text", str(text_file), *TINY, "--max-eval-tokens", "200", "--eval-interval", "3"]
+    assert ktrain.main([*base, "--out", str(out), "--steps", "3"]) == 0
+    capsys.readouterr()
+    for name, pattern in (("optimizer.pt", "checksum"), ("rng.pt", "checksum"), ("model.safetensors", "SHA-256"),
+                          ("trainer.json", "corrupt")):
+        victim = out / "last" / name
+        good = victim.read_bytes()
+        victim.write_bytes(good[: len(good) // 2] + bytes([good[len(good) // 2] ^ 0xFF]) + good[len(good) // 2 + 1:])
+        assert ktrain.main(["--out", str(out), "--resume", "--steps", "5"]) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and pattern in err[0] and "error" in err[0], (name, err)
+        victim.write_bytes(good)
+    assert ktrain.main(["--out", str(out), "--resume", "--steps", "4"]) == 0   # intact again: resumes
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--dataset", "imagenet"], "unknown dataset"),
+    (["--text", "/no/such/file.txt"], "not found"),
+    (["--tokenizer", "wordpiece"], "invalid choice"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--d-model", "-4"], "d_model"),
+    (["--batch-size", "abc"], "invalid int value"),
+    (["--resume"], "no checkpoint"),
+    (["--preset", "gpt5"], "invalid choice"),
+    (["--lr-floor", "1", "--lr", "0.1"], "lr-floor"),
+    (["--window", "100000"], "window"),
+])
+def test_bad_flags_give_one_clear_line(argv, needle, tmp_path, text_file, capsys):
+    full = ["--out", str(tmp_path / "o"), "--device", "cpu", "--no-progress"]
+    if "--text" not in argv and "--dataset" not in argv:
+        full += ["--text", str(text_file)]
+    try:
+        code = ktrain.main(full + argv)
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert "Traceback" not in err[0]
+
+
+def test_refuses_to_overwrite_a_run_without_resume(trained_run, capsys, text_file):
+    assert ktrain.main(["--text", str(text_file), "--out", str(trained_run), *TINY, "--steps", "2"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- distributed
+
+def test_two_process_gloo_matches_one_process_and_resumes_on_another_world_size(tmp_path, text_file):
+    common = ["--text", text_file, *TINY, "--log-interval", "1", "--eval-interval", "6", "--seed", "11",
+              "--max-eval-tokens", "600"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = run_cli([*common, "--steps", "12", "--out", one])
+    assert r.returncode == 0, r.stderr
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "kop_triton.train", *map(str, common), "--steps", "6", "--out", str(two)]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((two / "last" / "trainer.json").read_text())["world_size"] == 2
+    r = run_cli(["--out", two, "--resume", "--steps", "12"])        # resume the 2-process run on 1 process
+    assert r.returncode == 0, r.stderr
+    a, b = train_losses(one), train_losses(two)
+    assert sorted(b) == list(range(1, 13))
+    for s in range(1, 13):
+        assert b[s] == pytest.approx(a[s], rel=2e-5, abs=2e-5), (s, a[s], b[s])
+    ev_a = [x["val_ce"] for x in read_log(one) if x["event"] == "eval"]
+    ev_b = [x["val_ce"] for x in read_log(two) if x["event"] == "eval"]
+    assert len(ev_a) == len(ev_b) == 2
+    assert ev_b == pytest.approx(ev_a, rel=2e-5)
