@@ -28,12 +28,15 @@ in float64); nothing divides by gamma.  The intra-chunk term never needs a negat
 the chunk is split into sub-chunks of BC tokens; for a row sub-block I (first index s_I) and
 columns j < s_I, g^(i-j) = g^(i-s_I) * g^(s_I-j), both exponents >= 0, so that part is one
 tl.dot of (q_I * g^(i-s_I)) and (k * g^(s_I-j))^T; the diagonal BC x BC sub-block uses the
-exact masked decay in a (BC, BC, BR) broadcast summed over r.  For (a), n g^(n-1) with n = a + b splits the
-same way: a g^(a-1) g^b + g^a b g^(b-1).  dk uses the sub-block's last index e_I as the split
-point (i > e_I >= j).  All accumulation is float32; 16-bit inputs use tensor-core dots
-(state dots stay float32 for float16 inputs, whose range a long-run state can exceed).
+exact masked decay in a (BC, BC, BR) broadcast summed over r.  For (a), n g^(n-1) with
+n = a + b splits the same way: a g^(a-1) g^b + g^a b g^(b-1).  dk uses the sub-block's last
+index e_I as the split point (i > e_I >= j).  All accumulation is float32; 16-bit inputs use
+tensor-core dots (state dots stay float32 for float16 inputs, whose range a long-run state
+can exceed).  Measured vs the float64 naive reference (interpreter, T <= 4096): relative RMS
+<= 4e-7 in float32, <= 6e-4 in float16, <= 9e-3 in bfloat16 (o and every gradient).
 
-Kernels (every grid is parallel over chunks; only the state passing walks the chunks):
+Kernels (every grid is parallel over chunks; only the state passing walks the chunks;
+with cu_seqlens the chunk axis runs over all NC chunks of the packed batch and B is 1):
     _intra_A_kernel       A (rows of every chunk), grid (NT, BT // BC, B)
     _chunk_state_kernel   chunk-local states dS[c] (forward) / dH[c] (backward), grid (NT, D/BD, B)
     _state_pass_kernel    sequential pass over the chunks of a sequence, elementwise in (R, D),
