@@ -13,6 +13,7 @@ under autograd and differentiates it: the Triton autograd Function does the real
 layer only makes it visible to the compiler.  Argument checks run inside the op (eagerly, where
 data-dependent checks are allowed).
 """
+import contextlib
 from typing import List, Optional, Tuple
 
 import torch
@@ -47,13 +48,30 @@ def _(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu_seql
     return (torch.empty_like(x), x.new_empty((N, R, D), dtype=dt), x.new_empty((N, K - 1, D), dtype=dt))
 
 
+_AUTOGRAD_KEYS = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.ADInplaceOrView,
+                  torch._C.DispatchKey.AutogradOther, torch._C.DispatchKey.AutogradNestedTensor)
+
+
+@contextlib.contextmanager
+def _autograd_inside_op():
+    """A custom op's implementation runs below the autograd dispatch keys (they are in the
+    thread's exclude set, and the autograd engine carries that set into nested backward calls);
+    lift them so the Triton autograd Function can be re-run and differentiated in here."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in _AUTOGRAD_KEYS:
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
+        with torch.enable_grad():
+            yield
+
+
 @torch.library.custom_op("kop_triton::k2_mixer_bwd", mutates_args=())
 def k2_mixer_bwd(x: Tensor, u: Tensor, v: Tensor, alpha: Tensor, gamma: Tensor, kernel: Tensor,
                  gate_logit: Tensor, scan_state: Optional[Tensor], conv_state: Optional[Tensor],
                  cu_seqlens: Optional[Tensor], dy: Tensor, dscan: Tensor, dconv: Tensor) -> List[Tensor]:
     params = [t.detach().requires_grad_(True) for t in (x, u, v, alpha, gamma, kernel, gate_logit)]
     states = [None if s is None else s.detach().requires_grad_(True) for s in (scan_state, conv_state)]
-    with torch.enable_grad():
+    with _autograd_inside_op():
         y, (s1, c1) = k2_mixer(*params, initial_state=tuple(states), output_final_state=True,
                                cu_seqlens=cu_seqlens, backend="triton")
         inputs = params + [s for s in states if s is not None]
