@@ -136,7 +136,10 @@ def chunked_decayed_scan(q, k, v, gamma, *, initial_state=None, output_final_sta
 
 
 class _TritonDecayedScan(torch.autograd.Function):
-    """Thin autograd wrapper over kop_triton.kernels.scan.scan_fwd / scan_bwd (float32 states)."""
+    """Thin autograd wrapper over kop_triton.kernels.scan.scan_fwd / scan_bwd (float32 states).
+
+    The kernels are imported on first use, so the package imports without triton installed.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, gamma, initial_state, output_final_state, cu_seqlens):
