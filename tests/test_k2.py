@@ -1,0 +1,323 @@
+"""The K2 mixing term: references (gradcheck, agreement) and the fused Triton kernel vs the
+float64 unfused reference, forward and every gradient (x, u, v, alpha, gamma, kernel,
+gate_logit, scan_state, conv_state) with random cotangents on y and on both final states."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from helpers import DEVICE, TOL, TRITON_OK
+from helpers import assert_close as _assert_close
+from kop_triton import k2_mixer
+from kop_triton.ops.k2 import reference_k2_mixer
+
+needs_triton = pytest.mark.skipif(not TRITON_OK, reason="needs CUDA or TRITON_INTERPRET=1")
+
+NAMES = ("y", "scan_final", "conv_final", "dx", "du", "dv", "dalpha", "dgamma", "dkernel",
+         "dgate_logit", "dscan_state", "dconv_state")
+
+
+def assert_close(name, a, b, tol):
+    """helpers.assert_close, plus empty tensors (conv states of K = 1) compared by shape."""
+    if b.numel() == 0:
+        assert a is not None and a.shape == b.shape, f"{name}: {None if a is None else tuple(a.shape)} != {tuple(b.shape)}"
+        return
+    _assert_close(name, a, b, tol)
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """Outputs allocated with torch.empty start as NaN, so an element never written is caught."""
+    real = torch.empty
+
+    def empty(*a, **kw):
+        t = real(*a, **kw)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def k2_inputs(B, T, D, R, K, per_channel=False, dtype=torch.float64, N=None, seed=0, init=True,
+              gamma_lo=0.01, device="cpu"):
+    """x (B,T,D) unit-scale; u, v scaled so x@u is O(1); gamma spread over [gamma_lo, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    N = B if N is None else N
+    f = torch.float64
+    x = torch.randn(B, T, D, generator=g, dtype=f)
+    u = torch.randn(D, R, generator=g, dtype=f) / D ** 0.5
+    v = torch.randn(D, R, generator=g, dtype=f) / D ** 0.5
+    alpha = torch.rand(R, generator=g, dtype=f) * 0.8 + 0.2
+    gamma = torch.linspace(gamma_lo, 1.0, R, dtype=f) if R > 1 else torch.tensor([0.9], dtype=f)
+    w = torch.randn(*((D, K) if per_channel else (K,)), generator=g, dtype=f) / K ** 0.5
+    gl = torch.tensor(0.4, dtype=f)
+    s0 = torch.randn(N, R, D, generator=g, dtype=f) if init else None
+    c0 = torch.randn(N, K - 1, D, generator=g, dtype=f) if init else None
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    out = [x.to(dtype)] + [t.to(pdt) for t in (u, v, alpha, gamma, w, gl)] + \
+        [None if t is None else t.to(pdt) for t in (s0, c0)]
+    return [None if t is None else t.to(device).requires_grad_() for t in out]
+
+
+def run(backend, args, seed=1, cu_seqlens=None, **kw):
+    """Forward + every gradient of (y.dy + scan_final.ds + conv_final.dc), random cotangents."""
+    x, u, v, alpha, gamma, w, gl, s0, c0 = args
+    init = None if s0 is None and c0 is None else (s0, c0)
+    if backend in ("naive", "chunked", "recurrent"):
+        y, (s1, c1) = reference_k2_mixer(x, u, v, alpha, gamma, w, gl, initial_state=init,
+                                         output_final_state=True, cu_seqlens=cu_seqlens, scan_backend=backend)
+    else:
+        y, (s1, c1) = k2_mixer(x, u, v, alpha, gamma, w, gl, initial_state=init, output_final_state=True,
+                               cu_seqlens=cu_seqlens, backend=backend, **kw)
+    gen = torch.Generator().manual_seed(seed)
+    cot = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t) for t in (y, s1, c1)]
+    loss = sum((t * c).sum() for t, c in zip((y, s1, c1), cot))
+    inputs = [t for t in args if t is not None]
+    return [y, s1, c1] + list(torch.autograd.grad(loss, inputs))
+
+
+def f64(args):
+    return [None if t is None else t.detach().cpu().double().requires_grad_() for t in args]
+
+
+def check_all(got, ref, tol, names=NAMES):
+    assert len(got) == len(ref)
+    for n, a, b in zip(names, got, ref):
+        assert_close(n, a, b, tol)
+
+
+# --------------------------------------------------------------------------------------
+# references
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("per_channel,scan", [(False, "naive"), (True, "chunked")],
+                         ids=["shared-naive", "per-channel-chunked"])
+def test_reference_gradcheck_float64(per_channel, scan):
+    args = k2_inputs(2, 6, 3, 2, 3, per_channel)
+
+    def f(*a):
+        y, (s1, c1) = reference_k2_mixer(*a[:7], initial_state=(a[7], a[8]), output_final_state=True,
+                                         scan_backend=scan)
+        return y, s1, c1
+
+    assert torch.autograd.gradcheck(f, tuple(args), eps=1e-6, atol=1e-7)
+
+
+@settings(max_examples=15, deadline=None)
+@given(T=st.integers(1, 40), D=st.integers(1, 6), R=st.integers(1, 4), K=st.integers(1, 12),
+       per_channel=st.booleans(), seed=st.integers(0, 10_000))
+def test_reference_backends_agree(T, D, R, K, per_channel, seed):
+    args = [None if t is None else t.detach() for t in k2_inputs(1, T, D, R, K, per_channel, seed=seed)]
+    ref = reference_k2_mixer(*args[:7], initial_state=tuple(args[7:]), output_final_state=True, scan_backend="naive")
+    for scan in ("recurrent", "chunked"):
+        got = reference_k2_mixer(*args[:7], initial_state=tuple(args[7:]), output_final_state=True, scan_backend=scan)
+        assert_close(f"y[{scan}]", got[0], ref[0], 1e-9)
+        assert_close(f"scan_final[{scan}]", got[1][0], ref[1][0], 1e-9)
+        assert_close(f"conv_final[{scan}]", got[1][1], ref[1][1], 0.0)
+
+
+# --------------------------------------------------------------------------------------
+# fused Triton kernel vs the float64 reference
+# --------------------------------------------------------------------------------------
+
+CASES = {
+    # name: (B, T, D, R, K, per_channel)
+    "small-shared": (2, 70, 19, 3, 5, False),
+    "T1": (3, 1, 6, 4, 8, False),
+    "chunk-edges-T65-K1": (1, 65, 10, 2, 1, False),
+    "T128-R2": (1, 128, 7, 2, 3, True),
+    "2Dblocks-longK-dot": (2, 33, 70, 5, 40, False),
+    "T<K-shared-dot": (2, 12, 9, 4, 65, False),
+    "T<K-per-channel": (1, 20, 5, 3, 30, True),
+    "R17-per-channel": (1, 100, 8, 17, 7, True),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_matches_reference(case, nan_empty):
+    B, T, D, R, K, pc = CASES[case]
+    args = k2_inputs(B, T, D, R, K, pc, dtype=torch.float32, device=DEVICE)
+    got = run("triton", args)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+    check_all(got, run("naive", f64(args)), TOL[("triton", torch.float32)])
+
+
+@needs_triton
+def test_fused_rank_one():
+    """R = 1: q = alpha * sign(x @ u), so du and dv vanish (up to rounding: checked absolutely)."""
+    args = k2_inputs(1, 70, 7, 1, 3, True, dtype=torch.float32, device=DEVICE)
+    got, ref = run("triton", args), run("naive", f64(args))
+    for n, a, b in zip(NAMES, got, ref):
+        if n in ("du", "dv"):
+            assert float(b.abs().max()) < 1e-12 and float(a.abs().max()) < 1e-3, n
+        elif n == "dgamma":
+            # one scalar, here 3.44, summed from terms of size ~500: float32 summation leaves
+            # ~1e-7 of the terms, 1.0e-5 of the result (the scan kernels alone measure the same)
+            assert_close(n, a, b, 5e-5)
+        else:
+            assert_close(n, a, b, TOL[("triton", torch.float32)])
+
+
+@needs_triton
+@pytest.mark.parametrize("per_channel", [False, True], ids=["shared", "per-channel"])
+def test_fused_varlen(per_channel, nan_empty):
+    lens = [5, 1, 70, 12]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    args = k2_inputs(1, sum(lens), 9, 3, 6, per_channel, dtype=torch.float32, N=len(lens), device=DEVICE)
+    got = run("triton", args, cu_seqlens=cu)
+    check_all(got, run("naive", f64(args), cu_seqlens=cu.cpu()), TOL[("triton", torch.float32)])
+
+
+@needs_triton
+def test_fused_zero_state_and_partial_outputs():
+    args = k2_inputs(2, 40, 6, 3, 4, dtype=torch.float32, init=False, device=DEVICE)
+    ref_args = f64(args)
+    # no initial state, output_final_state=False: only y
+    y, fin = k2_mixer(*args[:7], backend="triton")
+    assert fin is None
+    y_ref, _ = reference_k2_mixer(*ref_args[:7], scan_backend="naive")
+    assert_close("y", y, y_ref, TOL[("triton", torch.float32)])
+    gen = torch.Generator().manual_seed(3)
+    dy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    g = torch.autograd.grad((y * dy.float()).sum(), args[:7])
+    g_ref = torch.autograd.grad((y_ref * dy).sum(), ref_args[:7])
+    for n, a, b in zip(NAMES[3:10], g, g_ref):
+        assert_close(n, a, b, TOL[("triton", torch.float32)])
+    # a loss on the final states only (no cotangent reaches y)
+    _, (s1, c1) = k2_mixer(*args[:7], output_final_state=True, backend="triton")
+    _, (s1r, c1r) = reference_k2_mixer(*ref_args[:7], output_final_state=True, scan_backend="naive")
+    g = torch.autograd.grad(s1.sum() + c1.pow(2).sum(), args[:7])
+    g_ref = torch.autograd.grad(s1r.sum() + c1r.pow(2).sum(), ref_args[:7], allow_unused=True)
+    for n, a, b in zip(NAMES[3:10], g, g_ref):
+        if b is None:               # u, alpha, the kernel and the gate do not reach the final states
+            assert n in ("du", "dalpha", "dkernel", "dgate_logit") and float(a.abs().max()) == 0.0, n
+            continue
+        assert_close(n, a, b, TOL[("triton", torch.float32)])
+
+
+@needs_triton
+def test_fused_state_chaining():
+    args = [None if t is None else t.detach() for t in k2_inputs(2, 90, 8, 3, 10, dtype=torch.float32, device=DEVICE)]
+    x, p, st = args[0], args[1:7], tuple(args[7:])
+    y, fin = k2_mixer(x, *p, initial_state=st, output_final_state=True, backend="triton")
+    pieces = []
+    for a, b in [(0, 3), (3, 70), (70, 90)]:                      # first piece shorter than K
+        yi, st = k2_mixer(x[:, a:b], *p, initial_state=st, output_final_state=True, backend="triton")
+        pieces.append(yi)
+    assert_close("y", torch.cat(pieces, 1), y, 1e-5)
+    assert_close("scan_final", st[0], fin[0], 1e-5)
+    assert_close("conv_final", st[1], fin[1], 0.0)
+
+
+@needs_triton
+def test_fused_deterministic_gradients():
+    args = k2_inputs(1, 100, 12, 4, 40, dtype=torch.float32, device=DEVICE)
+    a, b = run("triton", args), run("triton", args)
+    for n, s, t in zip(NAMES, a, b):
+        assert torch.equal(s, t), f"{n} differs between two identical runs"
+
+
+@needs_triton
+def test_fused_non_contiguous_inputs():
+    args = k2_inputs(2, 40, 12, 6, 5, True, dtype=torch.float32, device=DEVICE)
+    x, u, v, alpha, gamma, w, gl, s0, c0 = args
+    sl = [x[:, :, ::2], u[::2, ::2], v[1::2, ::2], alpha[::2], gamma[::2], w[::2], gl, s0[:, ::2, ::2], c0[:, :, ::2]]
+    assert not any(t.is_contiguous() for t in (sl[0], sl[1], sl[2], sl[5], sl[7], sl[8]))
+    check_all(run("triton", sl), run("naive", f64(sl)), TOL[("triton", torch.float32)])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_fused_other_dtypes(dtype):
+    args = k2_inputs(1, 80, 16, 4, 40, dtype=dtype, device=DEVICE)
+    got = run("triton", args)
+    assert got[0].dtype == dtype and got[3].dtype == dtype
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    assert got[1].dtype == sdt and got[2].dtype == sdt
+    # the reference sees the same (rounded) inputs in float64
+    check_all(got, run("naive", f64(args)), TOL[("triton", dtype)])
+
+
+@needs_triton
+def test_triton_unfused_backend_matches_reference():
+    args = k2_inputs(2, 50, 10, 3, 6, True, dtype=torch.float32, device=DEVICE)
+    check_all(run("triton_unfused", args), run("naive", f64(args)), TOL[("triton", torch.float32)])
+
+
+@needs_triton
+@pytest.mark.parametrize("varlen", [False, True], ids=["batch", "varlen"])
+def test_chunk_states_match_the_scan_kernels_layout(varlen):
+    """The fused forward stores chunk states exactly where scan_fwd (H1) puts them."""
+    from kop_triton.kernels.k2 import CHUNK, k2_fwd
+    from kop_triton.kernels.scan import scan_fwd
+    from kop_triton.ops.k2 import k2_qk
+    B, lens = (1, [70, 3, 130]) if varlen else (2, [150])
+    args = [None if t is None else t.detach() for t in
+            k2_inputs(B, sum(lens), 9, 3, 4, dtype=torch.float32, N=len(lens) if varlen else None, device=DEVICE)]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=DEVICE) if varlen else None
+    x, u, v, alpha, gamma, w, gl, s0, c0 = args
+    _, sT, _, states = k2_fwd(x, u, v, alpha, gamma, w, gl, s0, c0, True, cu)
+    q, k = k2_qk(x, u, v, alpha)
+    _, sT_ref, states_ref = scan_fwd(q, k, x, gamma, s0, True, cu, CHUNK)
+    assert_close("chunk_states", states, states_ref, 1e-5)
+    assert_close("scan_final", sT, sT_ref, 1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# bad inputs
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case,exc,match", [
+    ("kernel_3d", ValueError, r"weight must be a floating tensor of shape \(K,\) or \(D, K\)"),
+    ("K0", ValueError, r"weight must have 1 <= K <= 4096"),
+    ("kernel_D", ValueError, r"must have D = 6 rows"),
+    ("u_D", ValueError, r"u and v must both have shape \(D, R\) with D = 6"),
+    ("v_R", ValueError, r"u and v must both have shape"),
+    ("alpha_R", ValueError, r"alpha must have shape \(R,\) = \(3,\)"),
+    ("gamma_R", ValueError, r"gamma must have shape \(R,\) = \(3,\)"),
+    ("gamma_range", ValueError, r"gamma must lie in \(0, 1\]"),
+    ("gate_vector", TypeError, "gate_logit must be a one-element tensor"),
+    ("scan_state_shape", ValueError, r"initial_state must have shape \(N, R, D\) = \(2, 3, 6\)"),
+    ("conv_state_shape", ValueError, r"initial_state must have shape \(N, K-1, D\) = \(2, 3, 6\)"),
+    ("state_not_pair", TypeError, r"initial_state must be a \(scan_state, conv_state\) tuple"),
+    ("x_int", TypeError, "x must be a floating tensor"),
+    ("backend", ValueError, "backend must be one of"),
+])
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_bad_input_errors(case, exc, match, backend):
+    x = torch.randn(2, 8, 6)
+    u, v = torch.randn(6, 3), torch.randn(6, 3)
+    alpha, gamma, w, gl = torch.ones(3), torch.tensor([0.5, 0.9, 1.0]), torch.randn(4), torch.tensor(0.0)
+    kw = {"backend": backend}
+    if case == "kernel_3d":
+        w = torch.randn(6, 4, 1)
+    elif case == "K0":
+        w = torch.randn(0)
+    elif case == "kernel_D":
+        w = torch.randn(5, 4)
+    elif case == "u_D":
+        u = torch.randn(5, 3)
+    elif case == "v_R":
+        v = torch.randn(6, 4)
+    elif case == "alpha_R":
+        alpha = torch.ones(4)
+    elif case == "gamma_R":
+        gamma = torch.tensor([0.5, 0.9])
+    elif case == "gamma_range":
+        gamma = torch.tensor([0.5, 0.9, 1.5])
+    elif case == "gate_vector":
+        gl = torch.zeros(2)
+    elif case == "scan_state_shape":
+        kw["initial_state"] = (torch.zeros(2, 6, 3), None)
+    elif case == "conv_state_shape":
+        kw["initial_state"] = (None, torch.zeros(2, 4, 6))
+    elif case == "state_not_pair":
+        kw["initial_state"] = torch.zeros(2, 3, 6)
+    elif case == "x_int":
+        x = torch.ones(2, 8, 6, dtype=torch.int64)
+    elif case == "backend":
+        kw["backend"] = "fused"
+    with pytest.raises(exc, match=match):
+        k2_mixer(x, u, v, alpha, gamma, w, gl, **kw)
