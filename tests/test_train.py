@@ -302,8 +302,15 @@ def test_two_process_gloo_matches_one_process_and_resumes_on_another_world_size(
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "kop_triton.train", *map(str, common), "--steps", "6", "--out", str(two)]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers: nothing left behind
+        _, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish in 240 s: {err[-2000:]}")
+    assert proc.returncode == 0, err[-3000:]
     assert json.loads((two / "last" / "trainer.json").read_text())["world_size"] == 2
     r = run_cli(["--out", two, "--resume", "--steps", "12"])        # resume the 2-process run on 1 process
     assert r.returncode == 0, r.stderr

@@ -196,7 +196,7 @@ def train_sentencepiece(train_text: str, model_path: Path, vocab_size: int, mode
                 input=str(src), model_prefix=str(prefix), vocab_size=vocab_size, model_type=model_type,
                 character_coverage=1.0, hard_vocab_limit=False, bos_id=-1, eos_id=-1, pad_id=-1, unk_id=0,
                 minloglevel=2, num_threads=max(1, min(8, os.cpu_count() or 1)),
-                max_sentence_length=1 << 16, train_extremely_large_corpus=False)
+                max_sentence_length=1 << 16)
         except (RuntimeError, OSError) as exc:
             raise DataError(f"SentencePiece training failed: {str(exc).strip().splitlines()[-1]}") from None
         os.replace(str(prefix) + ".model", model_path)

@@ -72,7 +72,7 @@ MODEL_FLAGS = {
     "window": (int, "training / evaluation context length T"),
 }
 # flags that may differ between a run and its --resume (everything else comes from the checkpoint)
-RESUME_OVERRIDABLE = ("steps", "eval_interval", "log_interval", "progress", "device", "compile", "amp",
+RESUME_OVERRIDABLE = ("steps", "eval_interval", "log_interval", "progress", "device", "compile", "amp", "threads",
                       "eval_batch_size", "data_path", "data_dir", "text")
 
 
@@ -104,6 +104,7 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     add("--device", default="auto", help="auto, cpu or cuda")
     add("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA")
     add("--compile", action="store_true", default=False, help="torch.compile the model for training")
+    add("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     add("--fsdp", action="store_true", default=False, help="under torchrun: FSDP2 instead of DDP")
     add("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
     add("--log-interval", type=int, default=50, help="training-loss log record every N steps (0 = none)")
@@ -550,6 +551,11 @@ def _check_args(args) -> None:
 def train(args) -> int:
     """Run (or resume) training as described by ``args`` (see build_parser). Returns the exit code."""
     stop = StopFlag().install()  # before anything slow, so an early signal is not lost
+    if args.threads is not None:
+        if args.threads < 1:
+            stop.restore()
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     info = kdist.init(args.device)
     try:
         return _train(args, info, stop)
