@@ -19,7 +19,7 @@ VARIANTS = ["k2/triton_fused", "k2/triton_unfused", "k2/chunked", "k2/recurrent"
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--T", type=cli.int_list, default=cli.int_list("512,1024,2048,4096,8192,16384"))
+    p.add_argument("--T", type=cli.int_list, default=cli.int_list("128,256,512,1024,2048,4096,8192,16384"))
     p.add_argument("--tokens", type=int, default=16384, help="tokens per batch (B = tokens // T, at least 1)")
     p.add_argument("--D", type=cli.int_list, default=[256])
     p.add_argument("--R", type=cli.int_list, default=[16])

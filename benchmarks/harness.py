@@ -40,8 +40,13 @@ MB = 1024.0 ** 2
 # --------------------------------------------------------------------------------------
 
 
+LOAD_AT_START = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
 def set_threads(n: Optional[int]) -> int:
     """Set torch's intra-op threads explicitly (default: every core) and return the value used."""
+    global LOAD_AT_START
+    LOAD_AT_START = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     n = int(n) if n else (os.cpu_count() or 1)
     torch.set_num_threads(n)
     return torch.get_num_threads()
@@ -82,7 +87,6 @@ def machine_info(device: torch.device) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "git_commit": _git_commit(),
-        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     try:
         import triton
@@ -128,15 +132,18 @@ def sync(device: torch.device) -> None:
 TIMING_METHOD = {
     "cuda": "triton.testing.do_bench (CUDA events, L2 cache flushed between calls), quantiles 0.2/0.5/0.8 "
             "in ms; CUDA-event loop when triton is absent",
-    "cpu": "wall time (time.perf_counter) of repeated calls after one warm-up call; median, p20, p80 "
-           "over the repetitions",
+    "cpu": "wall time (time.perf_counter) of repeated calls after the first call (which is checked against "
+           "the reference and memory-profiled, not timed); median, p20, p80 over the repetitions (at least 3, "
+           "2 for calls over 1 s, more until 0.3 s in all)",
 }
 MEMORY_METHOD = {
     "cuda": "torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus memory_allocated "
-            "before the call (inputs excluded, outputs and gradients included)",
+            "before the call (inputs excluded, outputs and gradients included), on a call after the timed "
+            "ones (compilation and autotuning excluded)",
     "cpu": "torch.profiler(profile_memory=True): running sum of the CPU allocator's allocation/free "
            "events over the call, maximised (bytes allocated by torch during the call above the level "
-           "before it; inputs excluded, outputs and gradients included)",
+           "before it; inputs excluded, outputs and gradients included), on the first call (the one checked "
+           "against the reference, not timed)",
 }
 
 
@@ -170,7 +177,7 @@ def time_call(call: Callable[[], object], device: torch.device, *, first_call_s:
             return {"median": statistics.median(times), "p20": _quantile(times, 0.2),
                     "p80": _quantile(times, 0.8), "min": min(times), "max": max(times),
                     "reps": len(times), "timer": "cuda events"}
-    # CPU: fewer repetitions for long calls, at least 2 (the warm-up call is not counted)
+    # CPU: fewer repetitions for long calls, at least 2 (the first call is not counted)
     min_reps = 3 if first_call_s < 1.0 else 2
     times: List[float] = []
     while len(times) < min_reps or (sum(times) < min_total_s and len(times) < max_reps):
@@ -182,18 +189,19 @@ def time_call(call: Callable[[], object], device: torch.device, *, first_call_s:
             "min": min(ms), "max": max(ms), "reps": len(ms), "timer": "wall"}
 
 
-def peak_memory(call: Callable[[], object], device: torch.device) -> int:
-    """Peak bytes allocated during ``call`` above the level before it (see module docstring)."""
+def peak_memory(call: Callable[[], object], device: torch.device):
+    """(peak bytes allocated during ``call`` above the level before it, call's result); see the
+    module docstring for how each device measures it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        call()
+        result = call()
         torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device) - base)
+        return int(torch.cuda.max_memory_allocated(device) - base), result
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        call()
+        result = call()
     events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
               if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
     events.sort()
@@ -201,7 +209,7 @@ def peak_memory(call: Callable[[], object], device: torch.device) -> int:
     for _, n in events:
         cur += n
         peak = max(peak, cur)
-    return int(peak)
+    return int(peak), result
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -252,7 +260,7 @@ TOLERANCE = {torch.float32: {"output": 1e-4, "grads": 1e-3},
 
 @dataclass
 class Budget:
-    time_s: float = 8.0                 # largest predicted single call (fwd or fwd+bwd)
+    time_s: float = 5.0                 # largest predicted single call (fwd or fwd+bwd)
     mem_bytes: float = 3.0 * 1024 ** 3  # largest predicted peak memory of a call
 
 

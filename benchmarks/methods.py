@@ -211,8 +211,9 @@ def op_min_bytes(op: str, D: int, R: int, s: int, mode: str) -> int:
 
 
 def _est_naive_scan(B, T, D, R, s, mode):
-    # naive_decayed_scan materialises a (B, T, T, R) product inside its einsum (measured)
-    per = 4 * (B * T * T * (R + 2) + R * T * T)
+    # naive_decayed_scan materialises a (B, T, T, R) product inside its einsum (measured), in
+    # float32 for float32/bf16/fp16 inputs, float64 for float64
+    per = max(s, 4) * (B * T * T * (R + 2) + R * T * T)
     return per * (3 if mode == "fwd_bwd" else 1)
 
 

@@ -21,53 +21,87 @@ def _fmt_mb(b: Optional[float]) -> str:
 _SHORT = {"skipped": "skip", "over_budget": "budget", "oom": "OOM", "error": "ERR", "wrong": "WRONG"}
 
 
+
 def cell(r: dict) -> str:
     if r["status"] == "ok":
         return f"{_fmt_ms(r['time_ms']['median'])} ms / {_fmt_mb(r['peak_mem_bytes'])} MB"
     return _SHORT.get(r["status"], r["status"])
 
 
+def _skipped_lines(rs, names, shown):
+    """One line per reason for the methods that never ran in a table."""
+    by_reason: Dict[str, List[str]] = {}
+    for n in names:
+        if n not in shown:
+            why = next(r["reason"] for r in rs if r["method"] == n)
+            by_reason.setdefault(why, []).append(f"`{n}`")
+    return [f"\nnot run: {', '.join(v)} - {k}" for k, v in sorted(by_reason.items())]
+
+
+def _shown(rs, methods):
+    names = [m for m in dict.fromkeys(r["method"] for r in rs) if methods is None or m in methods]
+    shown = [n for n in names if any(r["status"] != "skipped" for r in rs if r["method"] == n)]
+    return names, shown
+
+
 def tables(doc: dict, methods: Optional[List[str]] = None) -> str:
-    """One table per (sweep, dtype, D, R, mode): rows T, columns methods, cells 'time / peak memory'."""
+    """Markdown: for a sweep over T, one table per (dtype, D, R, mode) with rows T and columns methods;
+    for a sweep at a single T (the shape sweep), one table with a row per (dtype, D, R, mode).
+    Cells are 'median time / peak memory during the call'."""
     recs = doc["results"]
-    groups: Dict[tuple, List[dict]] = {}
-    for r in recs:
-        groups.setdefault((r["sweep"], r["dtype"], r["D"], r["R"], r["mode"]), []).append(r)
     slopes = {(s["sweep"], s["dtype"], s["D"], s["R"], s["mode"], s["method"]): s for s in doc.get("slopes", [])}
-    cross = [c for c in doc.get("crossovers", [])]
-    out = []
-    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3], k[4] != "fwd")):
-        sweep, dt, D, R, mode = key
-        rs = groups[key]
-        names = [m for m in dict.fromkeys(r["method"] for r in rs) if methods is None or m in methods]
-        # drop columns that never ran anywhere in this table (all skipped for the same reason)
-        shown = [n for n in names if any(r["status"] != "skipped" for r in rs if r["method"] == n)]
-        hidden = sorted({(n, next(r["reason"] for r in rs if r["method"] == n)) for n in names if n not in shown})
-        Ts = sorted({r["T"] for r in rs})
-        out.append(f"\n### {sweep}: {dt}, D={D}, R={R}, {'forward' if mode == 'fwd' else 'forward+backward'}\n")
-        out.append("time (median) / peak memory during the call; `budget` = skipped: over the time/memory budget\n")
-        out.append("| T | B | " + " | ".join(f"`{n}`" for n in shown) + " |")
-        out.append("|---|---|" + "---|" * len(shown))
-        for T in Ts:
-            row = {r["method"]: r for r in rs if r["T"] == T}
-            B = next(iter(row.values()))["B"]
-            out.append(f"| {T} | {B} | " + " | ".join(cell(row[n]) if n in row else "" for n in shown) + " |")
-        out.append("| slope | | " + " | ".join(
-            (f"{slopes[key + (n,)]['time_slope']:.2f}" if key + (n,) in slopes else "") for n in shown) + " |")
-        errs = []
-        for n in shown:
-            e = [r["error"]["output"] for r in rs if r["method"] == n and r.get("error")]
-            if e:
-                errs.append(f"`{n}` {max(e):.1e}")
-        if errs:
-            out.append("\nmax output error vs float64 reference: " + ", ".join(errs))
-        for n, why in hidden:
-            out.append(f"\n`{n}`: {why}")
-        for c in cross:
-            if (c["sweep"], c["dtype"], c["D"], c["R"], c["mode"]) == key:
-                t = c["crossover_T"]
-                out.append(f"\ncrossover `{c['ours']}` vs `{c['vs']}`: " + (f"T ~ {t} ({c['note']})" if t else c["note"]))
-        out.append("")
+    cross = doc.get("crossovers", [])
+    out = ["\ncells: median time / peak memory during the call; `budget`: not started, predicted over the "
+           "per-call time or memory budget (reason in the JSON); `OOM`, `ERR`, `WRONG` (failed the reference "
+           "check, not timed)\n"]
+    for sweep in dict.fromkeys(r["sweep"] for r in recs):
+        srs = [r for r in recs if r["sweep"] == sweep]
+        groups: Dict[tuple, List[dict]] = {}
+        for r in srs:
+            groups.setdefault((r["dtype"], r["D"], r["R"], r["mode"]), []).append(r)
+        if len({r["T"] for r in srs}) == 1:
+            names, shown = _shown(srs, methods)
+            T, = {r["T"] for r in srs}
+            out.append(f"\n### {sweep}: T={T}, B={srs[0]['B']}\n")
+            out.append("| dtype | D | R | mode | " + " | ".join(f"`{n}`" for n in shown) + " |")
+            out.append("|---|---|---|---|" + "---|" * len(shown))
+            for (dt, D, R, mode), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2],
+                                                                                 kv[0][3] != "fwd")):
+                row = {r["method"]: r for r in rs}
+                out.append(f"| {dt} | {D} | {R} | {mode} | " +
+                           " | ".join(cell(row[n]) if n in row else "" for n in shown) + " |")
+            out += _skipped_lines(srs, names, shown)
+            out.append("")
+            continue
+        for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3] != "fwd")):
+            dt, D, R, mode = key
+            rs = groups[key]
+            names, shown = _shown(rs, methods)
+            Ts = sorted({r["T"] for r in rs})
+            out.append(f"\n### {sweep}: {dt}, D={D}, R={R}, {'forward' if mode == 'fwd' else 'forward+backward'}\n")
+            out.append("| T | B | " + " | ".join(f"`{n}`" for n in shown) + " |")
+            out.append("|---|---|" + "---|" * len(shown))
+            for T in Ts:
+                row = {r["method"]: r for r in rs if r["T"] == T}
+                B = next(iter(row.values()))["B"]
+                out.append(f"| {T} | {B} | " + " | ".join(cell(row[n]) if n in row else "" for n in shown) + " |")
+            out.append("| slope | | " + " | ".join(
+                (f"{slopes[(sweep,) + key + (n,)]['time_slope']:.2f}" if (sweep,) + key + (n,) in slopes else "")
+                for n in shown) + " |")
+            errs = []
+            for n in shown:
+                e = [r["error"]["output"] for r in rs if r["method"] == n and r.get("error")]
+                if e:
+                    errs.append(f"`{n}` {max(e):.1e}")
+            if errs:
+                out.append("\nmax output error vs float64 reference: " + ", ".join(errs))
+            out += _skipped_lines(rs, names, shown)
+            for c in cross:
+                if (c["sweep"], c["dtype"], c["D"], c["R"], c["mode"]) == (sweep,) + key:
+                    t = c["crossover_T"]
+                    out.append(f"\ncrossover `{c['ours']}` vs `{c['vs']}`: " +
+                               (f"T ~ {t} ({c['note']})" if t else c["note"]))
+            out.append("")
     return "\n".join(out)
 
 
@@ -104,6 +138,12 @@ def plots(doc: dict, outdir: str, prefix: str = "") -> List[str]:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
                             ls="-" if ours else "--", lw=2 if ours else 1.2, label=name)
                     any_line = True
+                if what == "time":
+                    cp = sorted((c["T"], c["time_ms"]["median"]) for c in doc.get("copy_bound", [])
+                                if c.get("status") == "ok" and (c.get("sweep"), c["dtype"], c["D"]) == (sweep, dt, D))
+                    if cp:
+                        ax.plot([c[0] for c in cp], [c[1] for c in cp], color="black", ls=":", lw=1.5,
+                                label="copy x->y (bandwidth bound)")
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
                 ax.set_xlabel("T (sequence length; fixed tokens per batch)")

@@ -46,7 +46,7 @@ def default_plan(kind: str, quick: bool) -> dict:
                     dtypes=["fp32", "bf16"], long_T=[1024 * 1024],
                     shape_T=[8192], shape_tokens=65536, shape_D=[64, 256, 1024], shape_R=[4, 16, 64],
                     shape_dtypes=["fp32", "bf16"], lm_batch=32, lm_T=2048, lm_steps=10)
-    return dict(T=[512, 1024, 2048, 4096, 8192, 16384], tokens=16384, D=[256], R=[16], dtypes=["fp32"],
+    return dict(T=[128, 256, 512, 1024, 2048, 4096, 8192, 16384], tokens=16384, D=[256], R=[16], dtypes=["fp32"],
                 long_T=[], shape_T=[2048], shape_tokens=4096, shape_D=[64, 256, 1024], shape_R=[4, 16, 64],
                 shape_dtypes=["fp32"], lm_batch=2, lm_T=2048, lm_steps=3)
 
@@ -154,7 +154,8 @@ def main(argv=None) -> dict:
     log(f"device {device}, torch threads {threads}, budget {budget.time_s:g} s / "
         f"{budget.mem_bytes / 2**30:.1f} GiB per call, results -> {out}")
 
-    specs = [SweepSpec("T-sweep", select(args.methods) if args.methods else list(METHODS), plan["T"],
+    default = [m for m in METHODS if m.name not in ("k2/naive", "k2/recurrent")]   # those: bench_k2
+    specs = [SweepSpec("T-sweep", select(args.methods) if args.methods else default, plan["T"],
                        plan["tokens"], plan["D"], plan["R"], plan["dtypes"], args.modes, long_Ts=plan["long_T"])]
     if not args.no_shape:
         specs.append(SweepSpec("shape-sweep", select(OURS_AND_PEERS), plan["shape_T"], plan["shape_tokens"],
@@ -192,6 +193,10 @@ def main(argv=None) -> dict:
     return doc
 
 
+def _load(xs):
+    return "n/a" if not xs else "/".join(f"{x:.1f}" for x in xs)
+
+
 def render_markdown(doc: dict, pngs, out: str) -> str:
     m = doc["machine"]
     lines = [f"# Benchmark results: {m.get('gpu_name') or m['cpu_model']} ({m['kind']})", "",
@@ -199,7 +204,7 @@ def render_markdown(doc: dict, pngs, out: str) -> str:
              f"- command: `{doc['command']}`",
              f"- torch {m['torch']}, triton {m['triton']}, python {m['python']}, git {m['git_commit']}",
              f"- torch threads {doc['settings']['torch_threads']} of {m['cpu_count']} cores; load average at start "
-             f"{m['load_average_at_start']}, at end {m['load_average_at_end']}",
+             f"{_load(m['load_average_at_start'])}, at end {_load(m['load_average_at_end'])} (1/5/15 min)",
              f"- timing: {doc['settings']['timing_method']}",
              f"- memory: {doc['settings']['memory_method']}",
              f"- budget per call: {doc['budget']['time_s']:g} s, {doc['budget']['mem_bytes'] / 2**30:.1f} GiB "
@@ -221,6 +226,8 @@ def render_markdown(doc: dict, pngs, out: str) -> str:
                      f"{s['time_slope']:.2f} | {s['T_range'][0]}..{s['T_range'][1]} |")
     lines += ["", "## Crossover with causal softmax attention", ""]
     for c in doc["crossovers"]:
+        if c["note"].startswith("one T only"):
+            continue   # the shape sweep: see its table
         t = c["crossover_T"]
         lines.append(f"- {c['sweep']} {c['dtype']} D={c['D']} R={c['R']} {c['mode']}: `{c['ours']}` beats "
                      f"`{c['vs']}` " + (f"from T ~ {t} ({c['note']})" if t else f"- {c['note']}"))

@@ -77,7 +77,7 @@ def test_harness_quick_end_to_end(tmp_path):
                     "--shape-D", "8", "--shape-R", "2", "--lm-batch", "1", "--lm-T", "24", "--lm-steps", "1"])
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["results"] == json.loads(json.dumps(doc["results"], default=str))
-    _validate_doc(on_disk, [m.name for m in METHODS])
+    _validate_doc(on_disk, [m.name for m in METHODS if m.name not in ("k2/naive", "k2/recurrent")])
     ok = {(r["method"], r["mode"]) for r in doc["results"] if r["status"] == "ok"}
     for name in ("scan/chunked", "scan/naive", "scan/recurrent", "scan/mask", "k2/chunked", "conv/conv1d",
                  "attention/sdpa"):
@@ -196,8 +196,9 @@ def test_peak_memory_counts_torch_allocations():
         b = torch.ones(2 * n)      # 8 MiB, both live
         del a
         return b.sum()
-    peak = harness.peak_memory(call, dev)
+    peak, result = harness.peak_memory(call, dev)
     assert 12 * 2 ** 20 <= peak < 13 * 2 ** 20
+    assert float(result) == 2 * n
 
 
 def test_slope_and_crossover():
