@@ -69,7 +69,7 @@ def setup(args):
 
 
 def write_json(doc: dict, path: str) -> None:
-    text = json.dumps(doc, indent=1, default=str)
+    text = json.dumps(doc, default=str, separators=(",", ":"))   # compact: committed results stay small
     if path == "-":
         sys.stdout.write(text + "\n")
         return

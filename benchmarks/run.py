@@ -47,8 +47,8 @@ def default_plan(kind: str, quick: bool) -> dict:
                     shape_T=[8192], shape_tokens=65536, shape_D=[64, 256, 1024], shape_R=[4, 16, 64],
                     shape_dtypes=["fp32", "bf16"], lm_batch=32, lm_T=2048, lm_steps=10)
     return dict(T=[128, 256, 512, 1024, 2048, 4096, 8192, 16384], tokens=16384, D=[256], R=[16], dtypes=["fp32"],
-                long_T=[], shape_T=[2048], shape_tokens=4096, shape_D=[64, 256, 1024], shape_R=[4, 16, 64],
-                shape_dtypes=["fp32"], lm_batch=2, lm_T=2048, lm_steps=3)
+                long_T=[], shape_T=[2048], shape_tokens=2048, shape_D=[64, 256, 1024], shape_R=[4, 16, 64],
+                shape_dtypes=["fp32", "bf16"], lm_batch=2, lm_T=2048, lm_steps=3)
 
 
 def lm_throughput(device: torch.device, batch: int, T: int, steps: int, backend: str, log,

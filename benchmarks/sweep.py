@@ -67,6 +67,11 @@ def _make_call(m: Method, inp: dict, mode: str, dy: Optional[torch.Tensor]):
     return call
 
 
+def _clear_grads(inp: dict) -> None:
+    for t in inp.values():
+        t.grad = None
+
+
 def _sizeof(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -183,6 +188,7 @@ def run_point(m: Method, prob: Problem, mode: str, tracker: H.Tracker, budget: H
             like = inp["q"] if m.op == "attention" else inp["v"] if m.op == "scan" else inp["x"]
             dy = prob.cotangent(m.op, like)
         call = _make_call(m, inp, mode, dy)
+        _clear_grads(inp)        # leaves are shared by the methods of an op: free the last one's grads
         t0 = time.perf_counter()
         if device.type == "cpu":
             # the first call (checked, not timed) also gives the peak memory: one call fewer per point
@@ -200,6 +206,7 @@ def run_point(m: Method, prob: Problem, mode: str, tracker: H.Tracker, budget: H
         leaves = [t for t in inp.values() if t.requires_grad] if mode == "fwd_bwd" else None
         tm = H.time_call(call, device, first_call_s=first_s, grad_to_none=leaves)
         if device.type == "cuda":
+            _clear_grads(inp)
             mem, _ = H.peak_memory(call, device)   # after warm-up: compilation and autotuning excluded
     except NotImplementedError as exc:
         tracker.dead[key] = ("skipped", f"skipped: not implemented ({exc})")
