@@ -40,6 +40,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    help="largest predicted seconds for one call; bigger runs are recorded as over budget")
     p.add_argument("--mem-budget", type=float, default=None,
                    help="largest predicted peak memory of one call in GiB")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="wall-time limit: points not started by then are recorded as over budget")
     p.add_argument("--no-grad-check", action="store_true", help="check forward outputs only")
     p.add_argument("--flush-denormal", action="store_true",
                    help="torch.set_flush_denormal(True) on CPU (off by default: what a user gets)")
@@ -65,6 +67,9 @@ def setup(args):
         budget.time_s = args.time_budget
     if args.mem_budget is not None:
         budget.mem_bytes = args.mem_budget * 1024 ** 3
+    if args.max_minutes is not None:
+        import time
+        budget.deadline = time.perf_counter() + 60.0 * args.max_minutes
     return device, threads, budget
 
 

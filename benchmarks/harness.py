@@ -262,6 +262,7 @@ TOLERANCE = {torch.float32: {"output": 1e-4, "grads": 1e-3},
 class Budget:
     time_s: float = 5.0                 # largest predicted single call (fwd or fwd+bwd)
     mem_bytes: float = 3.0 * 1024 ** 3  # largest predicted peak memory of a call
+    deadline: Optional[float] = None    # time.perf_counter() after which no new point is started
 
 
 @dataclass

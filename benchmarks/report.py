@@ -119,6 +119,8 @@ def plots(doc: dict, outdir: str, prefix: str = "") -> List[str]:
         if len({r["T"] for r in rs}) < 2:
             continue   # a shape sweep at one T: the table says it all
         tag = f"{prefix}{sweep}_{dt}_D{D}_R{R}"
+        palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        colors = {n: palette[i % len(palette)] for i, n in enumerate(dict.fromkeys(r["method"] for r in rs))}
         for what, ylabel, get in (
                 ("time", "time per batch (ms)", lambda r: r["time_ms"]["median"]),
                 ("memory", "peak memory during the call (MB)", lambda r: r["peak_mem_bytes"] / MB),
@@ -135,7 +137,7 @@ def plots(doc: dict, outdir: str, prefix: str = "") -> List[str]:
                     if not pts:
                         continue
                     ours = any(r["group"] == "ours" for r in rs if r["method"] == name)
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3,
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=colors[name],
                             ls="-" if ours else "--", lw=2 if ours else 1.2, label=name)
                     any_line = True
                 if what == "time":

@@ -161,10 +161,15 @@ def main(argv=None) -> dict:
         specs.append(SweepSpec("shape-sweep", select(OURS_AND_PEERS), plan["shape_T"], plan["shape_tokens"],
                                plan["shape_D"], plan["shape_R"], plan["shape_dtypes"], args.modes))
     records, copies = [], []
+    json_path = os.path.join(out, "results.json")
     for spec in specs:
         r, c = run_sweep(spec, device, budget, log, grad_check=not args.no_grad_check)
         records += r
         copies += c
+        # saved after every sweep, so a run cut short (device time limit) still leaves its results
+        cli.write_json(document(specs, records, copies, device, threads,
+                                {"note": args.note, "flush_denormal": args.flush_denormal, "complete": False}),
+                       json_path)
 
     lm = []
     if not args.no_lm:
@@ -178,12 +183,11 @@ def main(argv=None) -> dict:
                f"kernel 8); batch {plan['lm_batch']}" +
                (" (reference batch 32 reduced on CPU)" if device.type != "cuda" and plan["lm_batch"] != 32 else ""))
     doc = document(specs, records, copies, device, threads,
-                   {"note": args.note, "flush_denormal": args.flush_denormal, "quick": args.quick,
+                   {"note": args.note, "flush_denormal": args.flush_denormal, "quick": args.quick, "complete": True,
                     "budget": {"time_s": budget.time_s, "mem_bytes": budget.mem_bytes},
                     "lm_throughput": {"note": lm_note, "runs": lm},
                     "runtime_s": None})
     doc["runtime_s"] = round(time.perf_counter() - t_start, 1)
-    json_path = os.path.join(out, "results.json")
     cli.write_json(doc, json_path)
     pngs = [] if args.no_plots else plots(doc, out)
     md = render_markdown(doc, pngs, out)

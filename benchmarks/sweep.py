@@ -159,6 +159,8 @@ def run_point(m: Method, prob: Problem, mode: str, tracker: H.Tracker, budget: H
     why = m.unavailable(device)
     if why:
         return done("skipped", why)
+    if budget.deadline is not None and time.perf_counter() > budget.deadline:
+        return done("over_budget", "skipped: the run's wall-time limit (--max-minutes) was reached")
     if key in tracker.dead:
         return done(*tracker.dead[key])
     # predicted cost from the last measured point (or the analytic estimate for the first one)
