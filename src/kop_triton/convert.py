@@ -52,6 +52,18 @@ def _numpy_allow_list():
     return allowed
 
 
+def _short_reason(e: Exception) -> str:
+    """The informative line of a torch.load failure (its messages run to many lines)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if "WeightsUnpickler error:" in ln:
+            return "refused by the weights-only unpickler: " + ln.split("WeightsUnpickler error:", 1)[1].strip()
+    for ln in lines:
+        if "Unsupported global" in ln or "not an allowed global" in ln:
+            return "refused by the weights-only unpickler: " + ln
+    return lines[0] if lines else type(e).__name__
+
+
 def load_reference_state_dict(path) -> Tuple[Dict[str, torch.Tensor], dict]:
     """Safely load a reference checkpoint: (state dict without prefixes, {step, best_ppl} info)."""
     path = Path(path)
@@ -66,8 +78,10 @@ def load_reference_state_dict(path) -> Tuple[Dict[str, torch.Tensor], dict]:
             torch.serialization.add_safe_globals(allowed)
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupted zip, truncated file, disallowed global: all refused
-        msg = str(e).strip().splitlines()
-        raise ConvertError(f"cannot load {str(path)!r} safely: {msg[-1] if msg else type(e).__name__}") from None
+        import zipfile
+        reason = ("not a complete torch zip archive (truncated or corrupted)" if not zipfile.is_zipfile(path)
+                  else _short_reason(e))
+        raise ConvertError(f"cannot load {str(path)!r} safely: {reason}") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         state, info = obj["model"], {k: obj[k] for k in ("step", "best_ppl") if isinstance(obj.get(k), (int, float))}
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):

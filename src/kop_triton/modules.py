@@ -188,10 +188,10 @@ class KOperator(nn.Module):
         q = F.normalize(xm @ self.u.to(xm.dtype), dim=-1, eps=NORM_EPS) * self.alpha().to(xm.dtype)
         k = F.normalize(xm @ self.v.to(xm.dtype), dim=-1, eps=NORM_EPS)          # (B, R)
         S = self.gamma().to(dt)[:, None] * S.to(dt) + k.to(dt)[:, :, None] * xs[:, None, :]  # (B, R, D)
-        y = torch.einsum("br,brd->bd", q.to(dt), S)                   # (B, D)
+        y = (q.to(dt)[:, :, None] * S).sum(1)                         # (B, D)
         w = self.get_kernel().to(dt)
         window = torch.cat([C.to(dt), xs[:, None, :]], dim=1)         # (B, K, D), oldest first
-        c = torch.einsum("k,bkd->bd", w.flip(0), window)              # tap 0 = current token
+        c = (w.flip(0)[None, :, None] * window).sum(1)                # (B, D), tap 0 = current token
         mix = torch.sigmoid(self.gate_logit).to(dt) * c + y
         out = self.proj(mix.to(xm.dtype))
         return out, KOperatorState(S, window[:, 1:])
