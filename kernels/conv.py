@@ -172,7 +172,8 @@ def _conv_bwd_dx_kernel(dy, w, dfin, dx, dh0, cu, table, T, D, K,
     acc = tl.zeros([BT, BD], dtype=tl.float32)
     if USE_DOT:
         o_j = tl.arange(0, BS)
-        for p0 in range(s0, s0 + BT + K - 1, BS):
+        # dy rows p in [s0, s0+BT+K-1) that exist (0 <= p < L)
+        for p0 in range(tl.maximum(s0, 0), tl.minimum(s0 + BT + K - 1, L), BS):
             o_p = p0 + o_j
             p_g = dy + (bos + o_p).to(tl.int64)[:, None] * D + o_d[None, :]
             b_g = tl.load(p_g, mask=((o_p >= 0) & (o_p < L))[:, None] & m_d[None, :], other=0.)
