@@ -152,6 +152,19 @@ def test_prompt_in_pieces_equals_one_pass(cuts):
     assert_close("conv", state.conv, st.conv, 1e-12)
 
 
+def test_packed_sequences_equal_separate_runs():
+    m = _module(D=6, R=2, K=3, backend="chunked")
+    lens = [5, 1, 12]
+    x, _, _ = _inputs(1, sum(lens), m, state=False)
+    cu = torch.tensor([0, 5, 6, 18])
+    with torch.no_grad():
+        y, st = m(x, return_state=True, cu_seqlens=cu)
+        for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+            y_i, st_i = m(x[:, a:b], return_state=True)
+            assert_close(f"y seq {i}", y[:, a:b], y_i, 1e-12)
+            assert_close(f"scan seq {i}", st.scan[i:i + 1], st_i.scan, 1e-12)
+
+
 def test_shared_kernel_is_used_not_registered():
     shared = torch.nn.Parameter(torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64))
     m = KOperator(6, rank=2, shared_kernel=shared, backend="chunked").double()
@@ -166,17 +179,19 @@ def test_shared_kernel_is_used_not_registered():
     assert_close("dshared_kernel", g_got, g_ref, 1e-10)
 
 
-def test_autocast_bf16_cpu():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_cpu(dtype):
     m = _module(D=16, R=4, K=4, dtype=torch.float32, backend="chunked")
     x, _, _ = _inputs(2, 33, m, dtype=torch.float32, state=False)
     y32, st32 = m(x, return_state=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         y, st = m(x, return_state=True)
         y_t, st_t = m.step(x[:, 0], None)
-    assert y.dtype == torch.bfloat16 and st.scan.dtype == torch.float32 and st.conv.dtype == torch.float32
-    assert_close("y bf16 vs fp32", y, y32, TOL[("torch", torch.bfloat16)])
-    assert_close("scan bf16 vs fp32", st.scan, st32.scan, TOL[("torch", torch.bfloat16)])
-    assert_close("step bf16", y_t, y32[:, 0], TOL[("torch", torch.bfloat16)])
+    assert y.dtype == dtype and st.scan.dtype == torch.float32 and st.conv.dtype == torch.float32
+    tol = TOL[("torch", dtype)]
+    assert_close("y autocast vs fp32", y, y32, tol)
+    assert_close("scan autocast vs fp32", st.scan, st32.scan, tol)
+    assert_close("step autocast", y_t, y32[:, 0], tol)
     y.float().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
 
