@@ -134,7 +134,7 @@ TIMING_METHOD = {
             "in ms; CUDA-event loop when triton is absent",
     "cpu": "wall time (time.perf_counter) of repeated calls after the first call (which is checked against "
            "the reference and memory-profiled, not timed); median, p20, p80 over the repetitions (at least 3, "
-           "2 for calls over 1 s, more until 0.3 s in all)",
+           "2 for calls over 1 s, more until 0.5 s in all)",
 }
 MEMORY_METHOD = {
     "cuda": "torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus memory_allocated "
@@ -157,7 +157,7 @@ def _quantile(xs: Sequence[float], q: float) -> float:
 
 
 def time_call(call: Callable[[], object], device: torch.device, *, first_call_s: float,
-              min_total_s: float = 0.3, max_reps: int = 20, grad_to_none=None) -> dict:
+              min_total_s: float = 0.5, max_reps: int = 20, grad_to_none=None) -> dict:
     """Time ``call`` (already warmed up once, which took ``first_call_s``); milliseconds."""
     if device.type == "cuda":
         try:

@@ -85,9 +85,10 @@ def tables(doc: dict, methods: Optional[List[str]] = None) -> str:
                 row = {r["method"]: r for r in rs if r["T"] == T}
                 B = next(iter(row.values()))["B"]
                 out.append(f"| {T} | {B} | " + " | ".join(cell(row[n]) if n in row else "" for n in shown) + " |")
-            out.append("| slope | | " + " | ".join(
-                (f"{slopes[(sweep,) + key + (n,)]['time_slope']:.2f}" if (sweep,) + key + (n,) in slopes else "")
-                for n in shown) + " |")
+            def _sl(n):
+                x = slopes.get((sweep,) + key + (n,))
+                return f"{x['time_slope']:.2f} ({x['time_slope_min']:.2f})" if x else ""
+            out.append("| slope (median (min)) | | " + " | ".join(_sl(n) for n in shown) + " |")
             errs = []
             for n in shown:
                 e = [r["error"]["output"] for r in rs if r["method"] == n and r.get("error")]

@@ -224,10 +224,14 @@ def render_markdown(doc: dict, pngs, out: str) -> str:
         else:
             lines.append(f"- {desc}: {r.get('reason', r['status'])}")
     lines += ["", "## Slopes (log-log, time per sequence vs T; linear ~1, quadratic ~2)", "",
-              "| sweep | dtype | D | R | mode | method | slope | T range |", "|---|---|---|---|---|---|---|---|"]
+              "from the median time and (in brackets) from the fastest repetition; memory: peak per sequence", "",
+              "| sweep | dtype | D | R | mode | method | time slope | memory slope | T range |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for s in doc["slopes"]:
+        mem = "" if s["memory_per_seq_slope"] is None else f"{s['memory_per_seq_slope']:.2f}"
         lines.append(f"| {s['sweep']} | {s['dtype']} | {s['D']} | {s['R']} | {s['mode']} | `{s['method']}` | "
-                     f"{s['time_slope']:.2f} | {s['T_range'][0]}..{s['T_range'][1]} |")
+                     f"{s['time_slope']:.2f} ({s['time_slope_min']:.2f}) | {mem} | "
+                     f"{s['T_range'][0]}..{s['T_range'][1]} |")
     lines += ["", "## Crossover with causal softmax attention", ""]
     for c in doc["crossovers"]:
         if c["note"].startswith("one T only"):
