@@ -109,10 +109,11 @@ class Problem:
 def mask_decayed_scan(q, k, v, gamma):
     T = q.shape[1]
     i = torch.arange(T, device=q.device)
-    lag = (i[:, None] - i[None, :]).clamp(min=0).to(q.dtype)              # (T, T)
-    causal = (i[:, None] >= i[None, :]).to(q.dtype)                       # (T, T)
-    log_g = torch.log(gamma.clamp(min=1e-8)).to(q.dtype)                  # (R,)
-    decay = torch.exp(lag[..., None] * log_g) * causal[..., None]         # (T, T, R)
+    # the mask itself in float32 (integer lags are not exact in bf16), then in the inputs' dtype
+    lag = (i[:, None] - i[None, :]).clamp(min=0).to(torch.float32)        # (T, T)
+    causal = (i[:, None] >= i[None, :]).to(torch.float32)                 # (T, T)
+    log_g = torch.log(gamma.clamp(min=1e-8)).to(torch.float32)            # (R,)
+    decay = (torch.exp(lag[..., None] * log_g) * causal[..., None]).to(q.dtype)   # (T, T, R)
     kv = k[..., :, None] * v[..., None, :]                                # (B, T, R, D)
     states = torch.einsum("tjr,bjrd->btrd", decay, kv)                    # (B, T, R, D)
     return torch.einsum("btr,btrd->btd", q, states)                       # (B, T, D)
@@ -218,7 +219,7 @@ def _est_naive_scan(B, T, D, R, s, mode):
 
 
 def _est_mask(B, T, D, R, s, mode):
-    per = s * (3 * T * T * R + 3 * B * T * R * D)
+    per = max(s, 4) * 3 * T * T * R + s * 3 * B * T * R * D     # float32 mask, states in the inputs' dtype
     return per * (3 if mode == "fwd_bwd" else 1)
 
 
