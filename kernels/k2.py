@@ -4,7 +4,8 @@
     S_t = g * S_{t-1} + k_t (outer) x_t,   y_t = sigmoid(gate_logit) * conv(x)_t + q_t @ S_t
 
 One program per (sequence, D-block of BD channels) walks its sequence in sub-chunks of BC = 16
-tokens.  Per sub-chunk it loads the x rows once per D-slice, and in registers:
+tokens.  Per sub-chunk it loads the x rows once per D-slice (once in all when D <= BD = 64;
+otherwise its own slice is read a second time, from cache), and in registers:
   * projects them onto u and v (over all of D, in BD-wide slices) and normalises -> q, k (BC, BR);
   * scores A[i, j] = sum_r q_ir k_jr g_r^(i-j), j <= i, from a (BC, BC, BR) broadcast with
     the exact masked decay (every exponent >= 0; g^n = exp2(n * log2 g), log2 g computed on
@@ -58,7 +59,7 @@ def _mm(a, b, DOT_MODE: tl.constexpr):
 def _k2_fwd_kernel(x, u, v, alpha, lg, gate, w, c0, s0, y, sT, states, cu, chunk_offsets,
                    T, D, R, K, NT,
                    BC: tl.constexpr, CH: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
-                   PER_CHANNEL: tl.constexpr, CONV_DOT: tl.constexpr, USE_C0: tl.constexpr,
+                   SINGLE_D: tl.constexpr, PER_CHANNEL: tl.constexpr, CONV_DOT: tl.constexpr, USE_C0: tl.constexpr,
                    USE_S0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_STATES: tl.constexpr,
                    IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr,
                    CONV_DOT_DTYPE: tl.constexpr, CONV_IEEE: tl.constexpr):
@@ -116,8 +117,11 @@ def _k2_fwd_kernel(x, u, v, alpha, lg, gate, w, c0, s0, y, sT, states, cu, chunk
         n_v = tl.maximum(tl.sqrt(tl.sum(b_pv * b_pv, axis=1)), NORM_EPS)
         b_q = b_pu / n_u[:, None] * b_alpha[None, :]                        # (BC, BR), 0 on pad rows
         b_k = b_pv / n_v[:, None]
-        b_x = tl.load(x + rows[:, None] * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :],
-                      other=0.).to(tl.float32)                              # (BC, BD)
+        if SINGLE_D:
+            b_x = b_xp.to(tl.float32)                                       # D <= BD: the same tile
+        else:
+            b_x = tl.load(x + rows[:, None] * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :],
+                          other=0.).to(tl.float32)                          # (BC, BD)
         # decayed scan of the sub-chunk
         b_A = tl.sum(b_q[:, None, :] * b_k[None, :, :] * b_dec, axis=2)     # (BC, BC)
         b_o = _mm(b_A, b_x, DOT_MODE) + _mm(b_q * b_gq, b_S, 0)
@@ -190,7 +194,7 @@ def k2_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
     cdt = _dot_dtype(x.dtype)
     _k2_fwd_kernel[(triton.cdiv(D, BD), N)](
         x2, uf, vf, af, lg, gate, w, c0, s0, y, sT, states, lay.cu, offs, T, D, R, K, NT,
-        BC=SUB_CHUNK, CH=CHUNK, BD=BD, BR=BR, PER_CHANNEL=kernel.dim() == 2, CONV_DOT=conv_dot,
+        BC=SUB_CHUNK, CH=CHUNK, BD=BD, BR=BR, SINGLE_D=D <= BD, PER_CHANNEL=kernel.dim() == 2, CONV_DOT=conv_dot,
         USE_C0=use_c0, USE_S0=s0 is not None, STORE_FINAL=output_final_state,
         STORE_STATES=store_chunk_states, IS_VARLEN=cu_seqlens is not None,
         DOT_MODE=_dot_mode(x.dtype), CONV_DOT_DTYPE=cdt, CONV_IEEE=cdt == tl.float32)
