@@ -109,10 +109,11 @@ class Problem:
 def mask_decayed_scan(q, k, v, gamma):
     T = q.shape[1]
     i = torch.arange(T, device=q.device)
-    # the mask itself in float32 (integer lags are not exact in bf16), then in the inputs' dtype
-    lag = (i[:, None] - i[None, :]).clamp(min=0).to(torch.float32)        # (T, T)
-    causal = (i[:, None] >= i[None, :]).to(torch.float32)                 # (T, T)
-    log_g = torch.log(gamma.clamp(min=1e-8)).to(torch.float32)            # (R,)
+    # the mask itself in at least float32 (integer lags are not exact in bf16), then in the inputs' dtype
+    mt = torch.promote_types(q.dtype, torch.float32)
+    lag = (i[:, None] - i[None, :]).clamp(min=0).to(mt)                   # (T, T)
+    causal = (i[:, None] >= i[None, :]).to(mt)                            # (T, T)
+    log_g = torch.log(gamma.clamp(min=1e-8)).to(mt)                       # (R,)
     decay = (torch.exp(lag[..., None] * log_g) * causal[..., None]).to(q.dtype)   # (T, T, R)
     kv = k[..., :, None] * v[..., None, :]                                # (B, T, R, D)
     states = torch.einsum("tjr,bjrd->btrd", decay, kv)                    # (B, T, R, D)
