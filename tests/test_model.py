@@ -199,6 +199,27 @@ def test_autocast_bf16_training_step():
                  torch.cat([r.flatten() for r in ref_grads]), 0.15)
 
 
+def test_bf16_weights():
+    """A model cast to bf16 keeps its decays in float32 (bf16 cannot resolve gamma near 1)."""
+    ids = torch.randint(0, 13, (2, 20))
+    mb = _model("default-linear", dtype=torch.float32).to(torch.bfloat16)
+    ref = _model("default-linear", dtype=torch.float64)      # the same bf16-rounded weights, in float64
+    ref.load_state_dict({k: v.double() for k, v in mb.state_dict().items()})
+    ref = ref(ids)
+    assert mb.mixers()[0].gamma().dtype == torch.float32
+    out = mb(ids)
+    assert out.dtype == torch.bfloat16
+    assert_close("bf16 logits", out, ref, TOL[("torch", torch.bfloat16)])
+    with torch.no_grad():
+        logits, state = mb.prefill(ids[:, :10])
+        steps = [logits]
+        for t in range(10, 19):
+            logits, state = mb.step(ids[:, t], state)
+            steps.append(logits)
+    assert state[0].scan.dtype == torch.float32
+    assert_close("bf16 step vs parallel", torch.stack(steps, 1), out[:, 9:19], TOL[("torch", torch.bfloat16)])
+
+
 def test_dropout_only_in_training():
     torch.manual_seed(0)
     m = KStackLM(KStackConfig(vocab_size=9, d_model=8, n_k2=1, rank=2, emb_dropout=0.3, mlp_dropout=0.3,

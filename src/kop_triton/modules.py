@@ -127,10 +127,13 @@ class KOperator(nn.Module):
         return self.get_kernel().shape[0]
 
     def gamma(self) -> torch.Tensor:
-        return self.gamma_min + (self.gamma_max - self.gamma_min) * torch.sigmoid(self.decay_logit)
+        """(R,) decays, computed in float32 at least: a bf16 gamma could not tell 0.999 from 1."""
+        logit = self.decay_logit if self.decay_logit.dtype == torch.float64 else self.decay_logit.float()
+        return self.gamma_min + (self.gamma_max - self.gamma_min) * torch.sigmoid(logit)
 
     def alpha(self) -> torch.Tensor:
-        return self.alpha_cap * torch.sigmoid(self.alpha_logit)
+        logit = self.alpha_logit if self.alpha_logit.dtype == torch.float64 else self.alpha_logit.float()
+        return self.alpha_cap * torch.sigmoid(logit)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, rank={self.rank}, kernel_size={self.kernel_size}, "
