@@ -297,7 +297,10 @@ class _Layout:
         bos = self.cu[:-1, None]
         pos = eos - (K - 1) + j[None, :]                             # (N, K-1) absolute rows
         from_x = pos >= bos
-        rows = x2[pos.clamp(min=0).reshape(-1)].reshape(N, K - 1, D).to(dt)
+        if x2.shape[0] == 0:                                           # T = 0: all from the state
+            rows = x2.new_zeros(N, K - 1, D, dtype=dt)
+        else:
+            rows = x2[pos.clamp(min=0).reshape(-1)].reshape(N, K - 1, D).to(dt)
         if h0 is None:
             hv = torch.zeros_like(rows)
         else:

@@ -171,6 +171,15 @@ def test_triton_zero_initial_state_and_T1(per_channel):
 
 @needs_triton
 @pytest.mark.parametrize("per_channel", [False, True], ids=["shared", "per-channel"])
+def test_triton_empty_sequence_passes_state_through(per_channel):
+    x, w, h0 = conv_inputs(2, 0, 5, 4, per_channel, dtype=torch.float32, device=DEVICE)
+    got = loss_grads("triton", x, w, h0)
+    assert got[0].shape == (2, 0, 5)
+    check_all(got, loss_grads("naive", *f64(x, w, h0)), TOL[("triton", torch.float32)])
+
+
+@needs_triton
+@pytest.mark.parametrize("per_channel", [False, True], ids=["shared", "per-channel"])
 @pytest.mark.parametrize("K", [1, 4, 20])
 def test_triton_varlen(K, per_channel, nan_empty):
     lens = [5, 1, 70, 12]                                          # some shorter than K

@@ -47,7 +47,10 @@ def naive_causal_conv(x, weight, *, initial_state=None, output_final_state=False
     h0 = (torch.zeros(B, K - 1, D, dtype=dt, device=x.device) if initial_state is None
           else initial_state.to(dt))
     xp = torch.cat([h0, x.to(dt)], dim=1)                          # (B, K-1+T, D)
-    y = F.conv1d(xp.transpose(1, 2), w.flip(-1).unsqueeze(1), groups=D).transpose(1, 2)
+    if T == 0:
+        y = xp.new_zeros(B, 0, D) + w.sum() * 0                    # keeps the graph to weight
+    else:
+        y = F.conv1d(xp.transpose(1, 2), w.flip(-1).unsqueeze(1), groups=D).transpose(1, 2)
     final = xp[:, xp.shape[1] - (K - 1):] if output_final_state else None
     return y.to(x.dtype), final
 
