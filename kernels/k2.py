@@ -139,6 +139,20 @@ def _k2_fwd_kernel(x, u, v, alpha, lg, gate, w, c0, s0, y, sT, states, cu, chunk
         tl.store(sT + i_n.to(tl.int64) * R * D + p_S, b_S, mask=m_rd)
 
 
+def block_d(D: int, N: int, device: torch.device) -> int:
+    """Channels per program.  The walk over a sequence is sequential, so the grid is only
+    N * ceil(D / BD) programs: on a GPU, BD shrinks (64 -> 32 -> 16) until that fills every SM
+    once, trading a repeated projection (each program projects all of D) for parallelism.
+    Not yet tuned by measurement (no GPU in the session that wrote it); 64 off the GPU."""
+    bd = min(MAX_BLOCK_D, max(16, triton.next_power_of_2(D)))
+    if device.type != "cuda":
+        return bd
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    while bd > 16 and N * triton.cdiv(D, bd) < sms:
+        bd //= 2
+    return bd
+
+
 def _dot_mode(dtype: torch.dtype) -> int:
     if dtype == torch.bfloat16:
         return 3 if os.environ.get("TRITON_INTERPRET") == "1" else 1
@@ -188,7 +202,7 @@ def k2_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
     states = torch.empty(NC, R, D, **f32, device=x.device) if store_chunk_states else None
     sT = torch.empty(N, R, D, **f32, device=x.device) if output_final_state else None
     y = torch.empty(B * T, D, dtype=x.dtype, device=x.device)
-    BD = min(MAX_BLOCK_D, max(16, triton.next_power_of_2(D)))
+    BD = block_d(D, N, x.device)
     BR = max(16, triton.next_power_of_2(R))
     conv_dot = kernel.dim() == 1 and K > _conv.DOT_MIN_TAPS
     cdt = _dot_dtype(x.dtype)

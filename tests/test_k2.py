@@ -160,6 +160,15 @@ def test_fused_rank_one():
 
 
 @needs_triton
+def test_fused_narrow_channel_blocks(monkeypatch, nan_empty):
+    """BD = 16 (what a GPU picks for small grids): D = 40 in three blocks, each projecting all of D."""
+    from kop_triton.kernels import k2 as k2k
+    monkeypatch.setattr(k2k, "block_d", lambda D, N, device: 16)
+    args = k2_inputs(1, 40, 40, 3, 5, True, dtype=torch.float32, device=DEVICE)
+    check_all(run("triton", args), run("naive", f64(args)), TOL[("triton", torch.float32)])
+
+
+@needs_triton
 @pytest.mark.parametrize("per_channel", [False, True], ids=["shared", "per-channel"])
 def test_fused_varlen(per_channel, nan_empty):
     lens = [5, 1, 70, 12]
