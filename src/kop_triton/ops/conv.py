@@ -7,7 +7,10 @@ pieces of a stream chain exactly.
 
 Backends (same signature, same return tuple ``(y, final_state)``):
   naive   ``F.conv1d`` on the input left-padded with the initial state: the ground truth
-  triton  the Triton kernels in ``kop_triton.kernels.conv``
+  triton  the Triton kernels in ``kop_triton.kernels.conv``: K taps per output tile for short
+          or per-channel kernels, a blocked Toeplitz product on tensor cores (tl.dot) for shared
+          kernels of more than 32 taps, O(T*K*D) either way; backward for x, weight and
+          initial_state without atomics (weight partials per time block, summed in fixed order)
   auto    triton on CUDA tensors, naive elsewhere (``F.conv1d`` is the fast CPU path)
 """
 from __future__ import annotations
