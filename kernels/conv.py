@@ -42,18 +42,36 @@ DOT_MIN_TAPS = 32
 BLOCK_L = 32
 
 
-def _dot_dtype(dtype: torch.dtype):
-    """Operand type of the Toeplitz products: the input's half type (tensor cores) or fp32
-    ("ieee", never TF32).  The Triton 3.6 interpreter multiplies bf16 operands wrongly
-    (it reads their raw bits), so under TRITON_INTERPRET=1 bf16 products run in fp32."""
-    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
-        return tl.float32
-    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, tl.float32)
+def dot_mode(dtype: torch.dtype) -> int:
+    """Operand mode of the tensor-core products for inputs of ``dtype`` (see ``mm``): the
+    input's half type, or fp32 "ieee" (never TF32).  The Triton 3.6 interpreter multiplies
+    bf16 operands wrongly (it reads their raw bits), so there bf16 uses mode 3, the same
+    bf16-rounded operands in an fp32 product."""
+    if dtype == torch.bfloat16:
+        return 3 if os.environ.get("TRITON_INTERPRET") == "1" else 1
+    if dtype == torch.float16:
+        return 2
+    return 0
 
 
 # --------------------------------------------------------------------------------------
 # jit helpers shared with the fused K2 kernel
 # --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def mm(a, b, DOT_MODE: tl.constexpr):
+    """a @ b, float32 accumulation.  0: fp32 IEEE (never TF32); 1: bf16 operands; 2: fp16
+    operands; 3: bf16-rounded operands in an fp32 product (the interpreter's bf16 stand-in)."""
+    if DOT_MODE == 1:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif DOT_MODE == 2:
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
+    elif DOT_MODE == 3:
+        return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32),
+                      input_precision="ieee")
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
 
 
 @triton.jit
@@ -72,7 +90,7 @@ def _load_xe(x, h0, bos, L, n, o_s, o_d, m_row, m_d, D, K, USE_H0: tl.constexpr)
 def conv_tile(x, w, h0, bos, L, n, t0, o_d, m_d, D, K,
               BT: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
               PER_CHANNEL: tl.constexpr, USE_H0: tl.constexpr, USE_DOT: tl.constexpr,
-              DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
+              DOT_MODE: tl.constexpr):
     """fp32 (BT, BD) tile of y_t = sum_l w[l] xe_{t-l}, rows t0 .. t0+BT-1 of sequence n."""
     o_t = t0 + tl.arange(0, BT)
     m_t = o_t < L
@@ -85,10 +103,7 @@ def conv_tile(x, w, h0, bos, L, n, t0, o_d, m_d, D, K,
             b_x = _load_xe(x, h0, bos, L, n, o_s, o_d, o_s < L, m_d, D, K, USE_H0)
             lag = o_t[:, None] - o_s[None, :]                        # (BT, BS)
             b_w = tl.load(w + lag, mask=(lag >= 0) & (lag < K), other=0.)
-            if IEEE:
-                acc += tl.dot(b_w.to(DOT_DTYPE), b_x.to(DOT_DTYPE), input_precision="ieee")
-            else:
-                acc += tl.dot(b_w.to(DOT_DTYPE), b_x.to(DOT_DTYPE))
+            acc += mm(b_w, b_x, DOT_MODE)
     else:
         # inputs of this sequence: lags l <= t; the initial state only for lags l > t0
         p_x = x + (bos + o_t).to(tl.int64)[:, None] * D + o_d[None, :]
@@ -139,14 +154,14 @@ def _seq_block(cu, table, i_t, i_b, T, IS_VARLEN: tl.constexpr):
 def _conv_fwd_kernel(x, w, h0, y, cu, table, T, D, K,
                      BT: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
                      PER_CHANNEL: tl.constexpr, USE_H0: tl.constexpr, USE_DOT: tl.constexpr,
-                     IS_VARLEN: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
+                     IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr):
     i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, bos, L, blk = _seq_block(cu, table, i_t, i_b, T, IS_VARLEN)
     t0 = blk * BT
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
     acc = conv_tile(x, w, h0, bos, L, n, t0, o_d, m_d, D, K, BT, BS, BD,
-                    PER_CHANNEL, USE_H0, USE_DOT, DOT_DTYPE, IEEE)
+                    PER_CHANNEL, USE_H0, USE_DOT, DOT_MODE)
     o_t = t0 + tl.arange(0, BT)
     p_y = y + (bos + o_t).to(tl.int64)[:, None] * D + o_d[None, :]
     tl.store(p_y, acc.to(y.dtype.element_ty), mask=(o_t < L)[:, None] & m_d[None, :])
@@ -157,7 +172,7 @@ def _conv_bwd_dx_kernel(dy, w, dfin, dx, dh0, cu, table, T, D, K,
                         BT: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
                         PER_CHANNEL: tl.constexpr, USE_DFIN: tl.constexpr, NEED_DH0: tl.constexpr,
                         USE_DOT: tl.constexpr, IS_VARLEN: tl.constexpr,
-                        DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
+                        DOT_MODE: tl.constexpr):
     """dxe_s = sum_l w[l] dy_{s+l} + dfinal_{s-L+K-1}, s from -(K-1) (NEED_DH0) or 0 to L-1."""
     i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, bos, L, blk = _seq_block(cu, table, i_t, i_b, T, IS_VARLEN)
@@ -179,10 +194,7 @@ def _conv_bwd_dx_kernel(dy, w, dfin, dx, dh0, cu, table, T, D, K,
             b_g = tl.load(p_g, mask=((o_p >= 0) & (o_p < L))[:, None] & m_d[None, :], other=0.)
             lag = o_p[None, :] - o_s[:, None]                        # (BT, BS)
             b_w = tl.load(w + lag, mask=(lag >= 0) & (lag < K), other=0.)
-            if IEEE:
-                acc += tl.dot(b_w.to(DOT_DTYPE), b_g.to(DOT_DTYPE), input_precision="ieee")
-            else:
-                acc += tl.dot(b_w.to(DOT_DTYPE), b_g.to(DOT_DTYPE))
+            acc += mm(b_w, b_g, DOT_MODE)
     else:
         # dy_{s+l} exists for 0 <= s+l < L: lags from max(0, -s) to min(K, L-s)
         p_g = dy + (bos + o_s).to(tl.int64)[:, None] * D + o_d[None, :]
@@ -333,7 +345,7 @@ def conv_fwd(x, weight, initial_state, output_final_state, cu_seqlens, use_dot=N
         _conv_fwd_kernel[(gt, triton.cdiv(D, BD), gb)](
             x2, w, h0, y, lay.cu, tab, T, D, K, BT=BLOCK_T, BS=BLOCK_S, BD=BD,
             PER_CHANNEL=weight.dim() == 2, USE_H0=use_h0, USE_DOT=dot, IS_VARLEN=lay.varlen,
-            DOT_DTYPE=_dot_dtype(x.dtype), IEEE=_dot_dtype(x.dtype) == tl.float32)
+            DOT_MODE=dot_mode(x.dtype))
     final = lay.final_rows(x2, initial_state if K > 1 else None, K) if output_final_state else None
     return y.view(B, T, D), final
 
@@ -358,7 +370,7 @@ def conv_bwd_dx(dy, weight, dfinal, need_dh0, cu_seqlens, dx_dtype, dh0_dtype, u
             g2, w, dfin, dx, dh0, lay.cu, tab, T, D, K, BT=BLOCK_T, BS=BLOCK_S, BD=BD,
             PER_CHANNEL=weight.dim() == 2, USE_DFIN=use_dfin, NEED_DH0=need_dh0,
             USE_DOT=_use_dot(weight, K, use_dot), IS_VARLEN=lay.varlen,
-            DOT_DTYPE=_dot_dtype(dy.dtype), IEEE=_dot_dtype(dy.dtype) == tl.float32)
+            DOT_MODE=dot_mode(dy.dtype))
     if need_dh0:
         return dx.view(B, T, D), dh0
     if K == 1 and dh0_dtype is not None:

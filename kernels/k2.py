@@ -25,14 +25,12 @@ sequence is sequential (T/16 steps), parallel over sequences and channel blocks.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from . import conv as _conv
-from .conv import _Layout, _dot_dtype, conv_tile
+from .conv import _Layout, conv_tile, dot_mode, mm
 
 SUB_CHUNK = 16          # tokens per step: the smallest tl.dot tile
 CHUNK = 64              # chunk_states granularity = the scan's DEFAULT_CHUNK (scan_bwd's chunk_size)
@@ -41,28 +39,12 @@ MAX_BLOCK_D = 64
 
 
 @triton.jit
-def _mm(a, b, DOT_MODE: tl.constexpr):
-    """a @ b, float32 accumulation.  0: fp32 IEEE (never TF32); 1: bf16 operands; 2: fp16
-    operands; 3: bf16-rounded operands in an fp32 product (the interpreter's bf16 stand-in)."""
-    if DOT_MODE == 1:
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    elif DOT_MODE == 2:
-        return tl.dot(a.to(tl.float16), b.to(tl.float16))
-    elif DOT_MODE == 3:
-        return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32),
-                      input_precision="ieee")
-    else:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-
-
-@triton.jit
 def _k2_fwd_kernel(x, u, v, alpha, lg, gate, w, c0, s0, y, sT, states, cu, chunk_offsets,
                    T, D, R, K, NT,
                    BC: tl.constexpr, CH: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
-                   SINGLE_D: tl.constexpr, PER_CHANNEL: tl.constexpr, CONV_DOT: tl.constexpr, USE_C0: tl.constexpr,
-                   USE_S0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_STATES: tl.constexpr,
-                   IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr,
-                   CONV_DOT_DTYPE: tl.constexpr, CONV_IEEE: tl.constexpr):
+                   SINGLE_D: tl.constexpr, PER_CHANNEL: tl.constexpr, CONV_DOT: tl.constexpr,
+                   USE_C0: tl.constexpr, USE_S0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_STATES: tl.constexpr,
+                   IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr):
     """x, y: (rows, D); u, v: (D, R) fp32; alpha, lg: (R,) fp32; gate: (1,) fp32 sigmoid(gate_logit);
     w: (K,) or (D, K) fp32; c0: (N, K-1, D), s0 / sT: (N, R, D), states: (NC, R, D) fp32."""
     i_d, i_n = tl.program_id(0), tl.program_id(1)
@@ -111,8 +93,8 @@ def _k2_fwd_kernel(x, u, v, alpha, lg, gate, w, c0, s0, y, sT, states, cu, chunk
             m_pr = m_p[:, None] & m_r[None, :]
             b_u = tl.load(u + o_p[:, None] * R + o_r[None, :], mask=m_pr, other=0.)
             b_v = tl.load(v + o_p[:, None] * R + o_r[None, :], mask=m_pr, other=0.)
-            b_pu += _mm(b_xp, b_u, DOT_MODE)
-            b_pv += _mm(b_xp, b_v, DOT_MODE)
+            b_pu += mm(b_xp, b_u, DOT_MODE)
+            b_pv += mm(b_xp, b_v, DOT_MODE)
         n_u = tl.maximum(tl.sqrt(tl.sum(b_pu * b_pu, axis=1)), NORM_EPS)
         n_v = tl.maximum(tl.sqrt(tl.sum(b_pv * b_pv, axis=1)), NORM_EPS)
         b_q = b_pu / n_u[:, None] * b_alpha[None, :]                        # (BC, BR), 0 on pad rows
@@ -124,17 +106,17 @@ def _k2_fwd_kernel(x, u, v, alpha, lg, gate, w, c0, s0, y, sT, states, cu, chunk
                           other=0.).to(tl.float32)                          # (BC, BD)
         # decayed scan of the sub-chunk
         b_A = tl.sum(b_q[:, None, :] * b_k[None, :, :] * b_dec, axis=2)     # (BC, BC)
-        b_o = _mm(b_A, b_x, DOT_MODE) + _mm(b_q * b_gq, b_S, 0)
+        b_o = mm(b_A, b_x, DOT_MODE) + mm(b_q * b_gq, b_S, 0)
         # causal convolution tile
         b_c = conv_tile(x, w, c0, bos, L, i_n, t0, o_d, m_d, D, K, BC, BC, BD,
-                        PER_CHANNEL, USE_C0, CONV_DOT, CONV_DOT_DTYPE, CONV_IEEE)
+                        PER_CHANNEL, USE_C0, CONV_DOT, DOT_MODE)
         b_y = b_gate * b_c + b_o
         tl.store(y + rows[:, None] * D + o_d[None, :], b_y.to(y.dtype.element_ty),
                  mask=m_t[:, None] & m_d[None, :])
         # state passing: S <- g^Lc S + (k * g^(Lc-1-j))^T @ x
         n_k = tl.where(m_t, Lc - 1 - o_c, 0).to(tl.float32)
         b_kd = b_k * tl.exp2(n_k[:, None] * b_lg[None, :])
-        b_S = tl.exp2(Lc.to(tl.float32) * b_lg)[:, None] * b_S + _mm(tl.trans(b_kd), b_x, 0)
+        b_S = tl.exp2(Lc.to(tl.float32) * b_lg)[:, None] * b_S + mm(tl.trans(b_kd), b_x, 0)
     if STORE_FINAL:
         tl.store(sT + i_n.to(tl.int64) * R * D + p_S, b_S, mask=m_rd)
 
@@ -151,14 +133,6 @@ def block_d(D: int, N: int, device: torch.device) -> int:
     while bd > 16 and N * triton.cdiv(D, bd) < sms:
         bd //= 2
     return bd
-
-
-def _dot_mode(dtype: torch.dtype) -> int:
-    if dtype == torch.bfloat16:
-        return 3 if os.environ.get("TRITON_INTERPRET") == "1" else 1
-    if dtype == torch.float16:
-        return 2
-    return 0
 
 
 def chunk_offsets_of(cu_seqlens: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
@@ -205,12 +179,11 @@ def k2_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
     BD = block_d(D, N, x.device)
     BR = max(16, triton.next_power_of_2(R))
     conv_dot = kernel.dim() == 1 and K > _conv.DOT_MIN_TAPS
-    cdt = _dot_dtype(x.dtype)
     _k2_fwd_kernel[(triton.cdiv(D, BD), N)](
         x2, uf, vf, af, lg, gate, w, c0, s0, y, sT, states, lay.cu, offs, T, D, R, K, NT,
         BC=SUB_CHUNK, CH=CHUNK, BD=BD, BR=BR, SINGLE_D=D <= BD, PER_CHANNEL=kernel.dim() == 2, CONV_DOT=conv_dot,
         USE_C0=use_c0, USE_S0=s0 is not None, STORE_FINAL=output_final_state,
         STORE_STATES=store_chunk_states, IS_VARLEN=cu_seqlens is not None,
-        DOT_MODE=_dot_mode(x.dtype), CONV_DOT_DTYPE=cdt, CONV_IEEE=cdt == tl.float32)
+        DOT_MODE=dot_mode(x.dtype))
     cT = lay.final_rows(x2, conv_state if K > 1 else None, K) if output_final_state else None
     return y.view(B, T, D), sT, cT, states
