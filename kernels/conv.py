@@ -32,6 +32,8 @@ import triton.language as tl
 
 # Tile sizes.  BT = BS = 64 feeds the tensor cores with 64 x 64 x BD products; BD <= 64
 # keeps a fp32 (BT, BD) accumulator at 32 registers per thread with 4 warps.
+# These constants and DOT_MIN_TAPS are first choices by that arithmetic, not yet measured
+# on a GPU (the session that wrote them had none); the benchmarks should settle them.
 BLOCK_T = 64
 BLOCK_S = 64
 MAX_BLOCK_D = 64
