@@ -131,6 +131,7 @@ CASES = {
     "T<K-shared-dot": (2, 12, 9, 4, 65, False),
     "T<K-per-channel": (1, 20, 5, 3, 30, True),
     "R17-per-channel": (1, 100, 8, 17, 7, True),
+    "T200-four-chunks": (1, 200, 12, 4, 8, False),
 }
 
 
