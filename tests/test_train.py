@@ -29,6 +29,15 @@ TINY = ["--d-model", "24", "--n-k2", "2", "--rank", "4", "--kernel-size", "4", "
         "--eval-batch-size", "16", "--device", "cpu"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and the CI machine has two cores for two workers)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_text(n_chars: int = 30_000, seed: int = 0) -> str:
     """Pseudo-English from a small vocabulary with a little grammar: learnable, not memorisable."""
     rng = random.Random(seed)
@@ -293,15 +302,25 @@ def test_refuses_to_overwrite_a_run_without_resume(trained_run, capsys, text_fil
 
 # ------------------------------------------------------------------------------- distributed
 
-def test_two_process_gloo_matches_one_process_and_resumes_on_another_world_size(tmp_path, text_file):
-    common = ["--text", text_file, *TINY, "--log-interval", "1", "--eval-interval", "6", "--seed", "11",
-              "--max-eval-tokens", "600"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    r = run_cli([*common, "--steps", "12", "--out", one])
+DIST_COMMON = [*TINY, "--log-interval", "1", "--eval-interval", "6", "--seed", "11", "--max-eval-tokens", "600"]
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory, text_file):
+    one = tmp_path_factory.mktemp("one") / "r"
+    r = run_cli(["--text", text_file, *DIST_COMMON, "--steps", "12", "--out", one])
     assert r.returncode == 0, r.stderr
+    return one
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_process_gloo_matches_one_process_and_resumes_on_another_world_size(mode, tmp_path, text_file,
+                                                                                 single_process_run):
+    two = tmp_path / "two"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "kop_triton.train", *map(str, common), "--steps", "6", "--out", str(two)]
+           "-m", "kop_triton.train", "--text", str(text_file), *DIST_COMMON, "--steps", "6", "--out", str(two)]
+    cmd += ["--fsdp"] if mode == "fsdp" else []
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -314,11 +333,11 @@ def test_two_process_gloo_matches_one_process_and_resumes_on_another_world_size(
     assert json.loads((two / "last" / "trainer.json").read_text())["world_size"] == 2
     r = run_cli(["--out", two, "--resume", "--steps", "12"])        # resume the 2-process run on 1 process
     assert r.returncode == 0, r.stderr
-    a, b = train_losses(one), train_losses(two)
+    a, b = train_losses(single_process_run), train_losses(two)
     assert sorted(b) == list(range(1, 13))
     for s in range(1, 13):
         assert b[s] == pytest.approx(a[s], rel=2e-5, abs=2e-5), (s, a[s], b[s])
-    ev_a = [x["val_ce"] for x in read_log(one) if x["event"] == "eval"]
+    ev_a = [x["val_ce"] for x in read_log(single_process_run) if x["event"] == "eval"]
     ev_b = [x["val_ce"] for x in read_log(two) if x["event"] == "eval"]
     assert len(ev_a) == len(ev_b) == 2
     assert ev_b == pytest.approx(ev_a, rel=2e-5)

@@ -57,7 +57,10 @@ def init(device: str = "auto") -> DistInfo:
 
 def shutdown() -> None:
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()  # no rank tears the group down while another still talks to it
+        finally:
+            dist.destroy_process_group()
 
 
 def _comm(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -106,14 +109,65 @@ def wrap(model: nn.Module, info: DistInfo, fsdp: bool = False) -> nn.Module:
             from torch.distributed.fsdp import fully_shard
         except ImportError:  # torch < 2.6
             from torch.distributed._composable.fsdp import fully_shard
+        # Left replicated (sync_replicated_grads averages their gradients by hand): 0-dim parameters
+        # (gate and eta logits), which FSDP2 cannot shard, and the shared Kbase kernel, which the K2
+        # mixers hold by reference (FSDP2 swaps the parameter objects it manages, so the mixers
+        # would keep using the stale original).
+        replicated = [p for n, p in model.named_parameters() if p.dim() == 0 or n.endswith("shared_kernel")]
+        scalars = set(replicated)
         for module in list(model.modules()):
             if isinstance(module, nn.ModuleList):
                 for block in module:
-                    fully_shard(block)
-        fully_shard(model)
+                    fully_shard(block, ignored_params=scalars)
+        fully_shard(model, ignored_params=scalars)
+        model._kop_replicated = replicated  # in named_parameters order: the same on every rank
         return model
     ids = [info.device.index] if info.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def reshard(model: nn.Module) -> None:
+    """Return FSDP2 modules to their sharded parameters (a forward without backward, e.g. an
+    evaluation, leaves the root unsharded); no-op for other models."""
+    for m in model.modules():
+        if hasattr(m, "reshard") and hasattr(m, "unshard"):
+            m.reshard()
+
+
+def sync_replicated_grads(model: nn.Module, info: DistInfo) -> None:
+    """Average the gradients of the parameters FSDP2 left replicated (no-op otherwise)."""
+    params = getattr(model, "_kop_replicated", None)
+    if not info.enabled or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = _comm(torch.cat([g.reshape(-1).float() for g in grads]), info)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat = flat.to(params[0].device) / info.world
+    for p, v in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = v.to(p.dtype).reshape(p.shape)
+
+
+def clip_grad_norm(params, max_norm: float, info: DistInfo) -> float:
+    """Clip the global gradient norm to ``max_norm`` and return the norm before clipping.
+
+    Plain and DDP parameters go through torch's ``clip_grad_norm_``. With FSDP2 the squared norms
+    of the gradient shards are summed over ranks, and those of the replicated (0-dim) parameters
+    added once (torch's routine would mix the two kinds of tensor)."""
+    params = [p for p in params if p.grad is not None]
+    sharded = [p.grad for p in params if hasattr(p.grad, "to_local")]
+    if not sharded:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    plain = [p.grad for p in params if not hasattr(p.grad, "to_local")]
+    local = torch.stack([g.to_local().detach().double().pow(2).sum() for g in sharded]).sum().reshape(1)
+    total_sq = all_reduce_sum(local.cpu(), info)
+    if plain:
+        total_sq = total_sq + torch.stack([g.detach().double().pow(2).sum().cpu() for g in plain]).sum()
+    total = float(total_sq.sqrt())
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        for p in params:
+            p.grad.mul_(coef)
+    return total
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -231,33 +231,42 @@ def make_optimizer(model: nn.Module, args, device: torch.device) -> torch.optim.
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool = False) -> dict:
-    """The optimiser state keyed by parameter names (not positions): loadable by any world size.
-    With FSDP2 the full (unsharded) state is gathered to CPU; a collective then."""
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-        return get_optimizer_state_dict(model, optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def _full(t):
+    """A plain CPU tensor of ``t``; an FSDP2 DTensor shard is gathered first (a collective)."""
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.detach().cpu() if isinstance(t, torch.Tensor) else t
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimiser state keyed by parameter names (not positions), unsharded, on CPU: loadable by
+    any world size. Under FSDP2 every rank must call this (it gathers the shards)."""
     names = {id(p): n for n, p in model.named_parameters()}
     order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
     sd = optimizer.state_dict()
-    return {"state": {order[i]: v for i, v in sd["state"].items()},
+    state = {order[i]: {k: _full(v) for k, v in per.items()} for i, per in sorted(sd["state"].items())}
+    return {"state": state,
             "param_groups": [dict(g, params=[order[i] for i in g["params"]]) for g in sd["param_groups"]]}
 
 
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, fsdp: bool = False) -> None:
-    """Inverse of optimizer_state; a ValueError when the names or groups do not fit this model."""
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
-        return
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Inverse of optimizer_state (re-sharding for FSDP2 parameters); a ValueError when the names
+    or groups do not fit this model."""
     names = {id(p): n for n, p in model.named_parameters()}
-    index = {names[id(p)]: i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    index = {names[id(p)]: i for i, p in enumerate(params)}
     try:
         groups = [dict(g, params=[index[n] for n in g["params"]]) for g in state["param_groups"]]
-        per_param = {index[n]: v for n, v in state["state"].items()}
+        per_param = {index[n]: dict(v) for n, v in state["state"].items()}
     except (KeyError, TypeError) as exc:
         raise ValueError(f"parameter {exc} of the saved optimiser state is not in this model") from None
+    for i, per in per_param.items():
+        p = params[i]
+        if hasattr(p, "device_mesh"):  # FSDP2 parameter: shard the full state like the parameter
+            from torch.distributed.tensor import distribute_tensor
+            for k, v in per.items():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.dim() > 0:
+                    per[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
     optimizer.load_state_dict({"state": per_param, "param_groups": groups})
 
 
@@ -603,7 +612,7 @@ def _train(args, info: kdist.DistInfo, stop: StopFlag) -> int:
     step, best_ce, skipped, tokens_seen = 0, float("inf"), 0, 0
     if resume_dir is not None:
         try:
-            load_optimizer_state(core, optimizer, opt_state, fsdp)
+            load_optimizer_state(core, optimizer, opt_state)
         except (ValueError, KeyError, RuntimeError) as exc:
             from .checkpoint import CheckpointError
             raise CheckpointError(f"{resume_dir}: optimizer state does not fit the model ({exc})") from None
@@ -630,11 +639,10 @@ def _train(args, info: kdist.DistInfo, stop: StopFlag) -> int:
 
     def checkpoint(which: str) -> None:
         rng = _rng_state(info)  # collectives: every rank takes part
-        opt = optimizer_state(core, optimizer, fsdp)
+        opt = optimizer_state(core, optimizer)
         plain = core
         if fsdp:  # gather the full weights into an unsharded copy
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-            full = get_model_state_dict(core, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            full = {k: _full(v) for k, v in core.state_dict().items()}
             if info.is_main:
                 plain = KStackLM(core.config)
                 plain.load_state_dict(full)
@@ -670,11 +678,9 @@ def _train(args, info: kdist.DistInfo, stop: StopFlag) -> int:
         optimizer.zero_grad(set_to_none=True)
         if math.isfinite(loss_value):
             loss.backward()
+            kdist.sync_replicated_grads(core, info)
             if args.clip_grad_norm > 0:
-                gnorm = torch.nn.utils.clip_grad_norm_(core.parameters(), args.clip_grad_norm)
-                if hasattr(gnorm, "full_tensor"):
-                    gnorm = gnorm.full_tensor()
-                gnorm = float(gnorm)
+                gnorm = kdist.clip_grad_norm(core.parameters(), args.clip_grad_norm, info)
             else:
                 gnorm = 0.0
             if math.isfinite(gnorm):
@@ -699,6 +705,8 @@ def _train(args, info: kdist.DistInfo, stop: StopFlag) -> int:
         if step % args.eval_interval == 0 or step == args.steps:
             elapsed = time.perf_counter() - t_start
             res = run_eval(core, val_ids, eval_window, args.eval_batch_size, info, amp, sharded_model=fsdp)
+            if fsdp:
+                kdist.reshard(core)
             improved = res["val_ce"] < best_ce
             best_ce = min(best_ce, res["val_ce"])
             log.write(event="eval", step=step, train_loss=loss_value, lr=lr, skipped_steps=skipped,
