@@ -177,6 +177,17 @@ def test_shared_kernel_is_used_not_registered():
     (g_got,) = _grads([y], [shared])
     (g_ref,) = _grads([y_ref], [shared])
     assert_close("dshared_kernel", g_got, g_ref, 1e-10)
+    # a kernel passed at call time (how KStack hands over its shared parameter) wins
+    other = torch.tensor([0.1, -0.4, 0.9, 0.2], dtype=torch.float64)
+    own = KOperator(6, rank=2, kernel_size=4, backend="chunked").double()
+    own.load_state_dict({**m.state_dict(), "kernel": other})
+    with torch.no_grad():
+        y_arg, st_arg = m(x, state=(s0, torch.zeros(1, 3, 6, dtype=torch.float64)), return_state=True, kernel=other)
+        y_own = own(x, state=(s0, torch.zeros(1, 3, 6, dtype=torch.float64)))
+        y_step, _ = m.step(x[:, 0], None, kernel=other)
+    assert_close("kernel argument", y_arg, y_own, 1e-12)
+    assert_close("kernel argument, step", y_step, own(x[:, :1])[:, 0], 1e-12)
+    assert st_arg.conv.shape == (1, 3, 6)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

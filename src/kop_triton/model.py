@@ -154,7 +154,8 @@ class GeluHead(nn.Module):
 
 
 class KStack(nn.Module):
-    """[K1, K2 x n_k2, K1, K0] with an optional Kbase kernel shared by every K2 mixer."""
+    """[K1, K2 x n_k2, K1, K0] with an optional Kbase kernel shared by every K2 mixer (passed to
+    the mixers at call time, so parameter-swapping wrappers such as FSDP2 may shard it too)."""
 
     def __init__(self, cfg: KStackConfig):
         super().__init__()
@@ -179,10 +180,10 @@ class KStack(nn.Module):
             if isinstance(blk, K2Block):
                 s = None if states is None else states[i]
                 if return_state:
-                    h, s1 = blk(h, s, return_state=True)
+                    h, s1 = blk(h, s, return_state=True, kernel=self.shared_kernel)
                     new.append(s1)
                 else:
-                    h = blk(h, s)
+                    h = blk(h, s, kernel=self.shared_kernel)
                 i += 1
             else:
                 h = blk(h)
@@ -193,7 +194,7 @@ class KStack(nn.Module):
         new, i = [], 0
         for blk in self.blocks:
             if isinstance(blk, K2Block):
-                h_t, s1 = blk.step(h_t, None if states is None else states[i])
+                h_t, s1 = blk.step(h_t, None if states is None else states[i], kernel=self.shared_kernel)
                 new.append(s1)
                 i += 1
             else:

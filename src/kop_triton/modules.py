@@ -148,8 +148,14 @@ class KOperator(nn.Module):
 
     # ---- parallel form -----------------------------------------------------------------
     def forward(self, x: torch.Tensor, state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                return_state: bool = False, cu_seqlens: Optional[torch.Tensor] = None):
-        """(B, T, D) -> (B, T, D); with ``return_state`` also the KOperatorState after the last token."""
+                return_state: bool = False, cu_seqlens: Optional[torch.Tensor] = None,
+                kernel: Optional[torch.Tensor] = None):
+        """(B, T, D) -> (B, T, D); with ``return_state`` also the KOperatorState after the last token.
+
+        ``kernel``: optional (K,) kernel used instead of the module's own / shared one.  A stack
+        sharing one kernel passes its parameter here at call time, so wrappers that swap parameter
+        objects (FSDP2) are seen; ``cu_seqlens``: packed sequences in a batch of one.
+        """
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (B, T, D={self.d_model}), got {describe(x)}")
         xm = _autocast_input(x)                                       # (B, T, D)
@@ -157,7 +163,8 @@ class KOperator(nn.Module):
         # the mixer runs in xm's dtype (the autocast dtype under autocast) with fp32 states;
         # autocast itself is off inside, so the ops see consistent dtypes forward and backward
         with torch.autocast(x.device.type, enabled=False):
-            args = (xm, self.u, self.v, self.alpha(), self.gamma(), self.get_kernel(), self.gate_logit)
+            w = self.get_kernel() if kernel is None else kernel
+            args = (xm, self.u, self.v, self.alpha(), self.gamma(), w, self.gate_logit)
             if bk == "triton":
                 from .ops.library import k2_mixer_triton_op
                 y, s1, c1 = k2_mixer_triton_op(*args, initial_state=state, cu_seqlens=cu_seqlens)
@@ -170,15 +177,18 @@ class KOperator(nn.Module):
         return (out, final) if return_state else out
 
     # ---- recurrent form ----------------------------------------------------------------
-    def step(self, x_t: torch.Tensor, state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+    def step(self, x_t: torch.Tensor, state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+             kernel: Optional[torch.Tensor] = None):
         """One token: x_t (B, D) -> (y_t (B, D), new KOperatorState).  O(1) in the sequence length."""
         if not isinstance(x_t, torch.Tensor) or x_t.dim() != 2 or x_t.shape[-1] != self.d_model:
             raise ValueError(f"x_t must have shape (B, D={self.d_model}), got {describe(x_t)}")
         B = x_t.shape[0]
-        K = self.kernel_size
+        w = self.get_kernel() if kernel is None else kernel
+        K = w.shape[0]
         dt = state_dtype(x_t)
         if state is None:
-            state = self.zero_state(B, x_t.device, dt)
+            state = (torch.zeros(B, self.rank, self.d_model, device=x_t.device, dtype=dt),
+                     torch.zeros(B, K - 1, self.d_model, device=x_t.device, dtype=dt))
         elif not isinstance(state, (tuple, list)) or len(state) != 2:
             raise TypeError(f"state must be a KOperatorState (scan, conv), got {describe(state)}")
         S, C = state
@@ -192,7 +202,7 @@ class KOperator(nn.Module):
         k = F.normalize(xm @ self.v.to(xm.dtype), dim=-1, eps=NORM_EPS)          # (B, R)
         S = self.gamma().to(dt)[:, None] * S.to(dt) + k.to(dt)[:, :, None] * xs[:, None, :]  # (B, R, D)
         y = (q.to(dt)[:, :, None] * S).sum(1)                         # (B, D)
-        w = self.get_kernel().to(dt)
+        w = w.to(dt)
         window = torch.cat([C.to(dt), xs[:, None, :]], dim=1)         # (B, K, D), oldest first
         c = (w.flip(0)[None, :, None] * window).sum(1)                # (B, D), tap 0 = current token
         mix = torch.sigmoid(self.gate_logit).to(dt) * c + y
@@ -256,15 +266,15 @@ class K2Block(nn.Module):
         self.norm2 = RMSNorm(d)
         self.mlp = MLP(d, mlp_dropout)
 
-    def forward(self, h, state=None, return_state=False):
-        m = self.mixer(self.norm1(h), state=state, return_state=return_state)
+    def forward(self, h, state=None, return_state=False, kernel=None):
+        m = self.mixer(self.norm1(h), state=state, return_state=return_state, kernel=kernel)
         m, new = m if return_state else (m, None)
         h = h + self.drop(m)
         h = h + self.mlp(self.norm2(h))
         return (h, new) if return_state else h
 
-    def step(self, h_t, state):
-        m, new = self.mixer.step(self.norm1(h_t), state)
+    def step(self, h_t, state, kernel=None):
+        m, new = self.mixer.step(self.norm1(h_t), state, kernel=kernel)
         h_t = h_t + self.drop(m)
         return h_t + self.mlp(self.norm2(h_t)), new
 
