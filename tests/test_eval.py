@@ -89,6 +89,9 @@ def test_cli(tmp_path, capsys):
                   "'Z' is not in this char tokenizer")
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe" * 40)
     _expect_error(capsys, ["--checkpoint", ck, "--text", tmp_path / "bin.txt"], "not UTF-8")
+    _expect_error(capsys, ["--checkpoint", ck, "--text", t, "--device", "tpu:x"], "--device")
+    if not torch.cuda.is_available():
+        _expect_error(capsys, ["--checkpoint", ck, "--text", t, "--device", "cuda"], "CUDA is not available")
     with pytest.raises(SystemExit, match="required: --checkpoint"):
         main(["--text", str(t)])
     with pytest.raises(SystemExit, match="invalid int value"):

@@ -91,6 +91,8 @@ def main(argv=None) -> int:
             device = torch.device(a.device)
         except RuntimeError:
             raise ValueError(f"--device: unknown device {a.device!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {a.device}: CUDA is not available on this machine")
         path = Path(a.text)
         if not path.is_file():
             raise ValueError(f"--text: no such file {a.text!r}")
