@@ -341,3 +341,27 @@ def test_two_process_gloo_matches_one_process_and_resumes_on_another_world_size(
     ev_b = [x["val_ce"] for x in read_log(two) if x["event"] == "eval"]
     assert len(ev_a) == len(ev_b) == 2
     assert ev_b == pytest.approx(ev_a, rel=2e-5)
+
+
+def test_wikitext2_layout_with_sentencepiece(tmp_path):
+    root = tmp_path / "data" / "wikitext-2"
+    root.mkdir(parents=True)
+    for i, split in enumerate(("train", "valid", "test")):
+        (root / f"{split}.txt").write_text(make_text(40_000 if split == "train" else 6_000, seed=i), encoding="utf-8")
+    out = tmp_path / "r"
+    code = ktrain.main(["--dataset", "wikitext2", "--data-dir", tmp_path / "data", "--tokenizer", "sentencepiece",
+                        "--sp-vocab-size", "80", "--out", out, *TINY, "--steps", "12", "--eval-interval", "12",
+                        "--log-interval", "1"])
+    assert code == 0
+    cached = list((root / "tokenizers").glob("*.model"))
+    assert len(cached) == 1                                     # trained once, cached next to the data
+    model, tok = load_checkpoint(out / "last")
+    assert tok.kind == "sentencepiece" and tok.vocab_size == read_log(out)[0]["vocab_size"] <= 80
+    valid = (root / "valid.txt").read_text(encoding="utf-8")
+    from kop_triton.tokenizers import SentencePieceTokenizer
+    assert tok.encode(valid) == SentencePieceTokenizer(str(cached[0])).encode(valid)
+    ev = [r for r in read_log(out) if r["event"] == "eval"][-1]
+    res = evaluate(model, encode(tok, valid), window=32, batch_size=16)
+    assert res["val_ce"] == pytest.approx(ev["val_ce"], rel=1e-6) and res["tokens"] == ev["val_tokens"]
+    losses = train_losses(out)
+    assert losses[12] < losses[1]

@@ -223,8 +223,15 @@ def build_tokenizer(kind: str, splits: TextSplits, *, sp_vocab_size: int = 8192,
                 cache_dir = (splits.train_path.parent if splits.train_path is not None else default_data_dir()) \
                     / "tokenizers"
             path = sentencepiece_model_path(cache_dir, splits.train, sp_vocab_size, sp_model_type)
-            if not path.is_file():
-                train_sentencepiece(splits.train, path, sp_vocab_size, sp_model_type)
+            fallback = sentencepiece_model_path(Path.home() / ".cache" / "kop_triton" / "tokenizers", splits.train,
+                                                sp_vocab_size, sp_model_type)
+            if not path.is_file() and fallback.is_file():
+                path = fallback
+            elif not path.is_file():
+                try:
+                    train_sentencepiece(splits.train, path, sp_vocab_size, sp_model_type)
+                except OSError:  # the data directory is read-only: cache in the user's cache instead
+                    path = train_sentencepiece(splits.train, fallback, sp_vocab_size, sp_model_type)
         return tk.SentencePieceTokenizer(str(path))
     raise DataError(f"unknown tokenizer {kind!r}; expected one of {list(TOKENIZERS)}")
 
