@@ -260,7 +260,7 @@ TOLERANCE = {torch.float32: {"output": 1e-4, "grads": 1e-3},
 
 @dataclass
 class Budget:
-    time_s: float = 5.0                 # largest predicted single call (fwd or fwd+bwd)
+    time_s: float = 4.0                 # largest predicted single call (fwd or fwd+bwd)
     mem_bytes: float = 3.0 * 1024 ** 3  # largest predicted peak memory of a call
     deadline: Optional[float] = None    # time.perf_counter() after which no new point is started
 
@@ -269,6 +269,7 @@ class Budget:
 class Tracker:
     """Last measured point per (method, mode, shape) and the ones that ran out of budget."""
     last: Dict[tuple, dict] = field(default_factory=dict)
+    prev: Dict[tuple, dict] = field(default_factory=dict)     # the point before last
     dead: Dict[tuple, tuple] = field(default_factory=dict)   # key -> (status, reason) for larger T
 
 

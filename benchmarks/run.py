@@ -48,7 +48,8 @@ def default_plan(kind: str, quick: bool) -> dict:
                     shape_dtypes=["fp32", "bf16"], lm_batch=32, lm_T=2048, lm_steps=10)
     return dict(T=[128, 256, 512, 1024, 2048, 4096, 8192, 16384], tokens=16384, D=[256], R=[16], dtypes=["fp32"],
                 long_T=[], shape_T=[2048], shape_tokens=2048, shape_D=[64, 256, 1024], shape_R=[4, 16, 64],
-                shape_dtypes=["fp32", "bf16"], lm_batch=2, lm_T=2048, lm_steps=3)
+                shape_dtypes=["fp32"], lm_batch=2, lm_T=2048, lm_steps=3,
+                extra_dtypes=["bf16"], extra_T=[512, 2048, 8192])
 
 
 def lm_throughput(device: torch.device, batch: int, T: int, steps: int, backend: str, log,
@@ -160,6 +161,10 @@ def main(argv=None) -> dict:
     if not args.no_shape:
         specs.append(SweepSpec("shape-sweep", select(OURS_AND_PEERS), plan["shape_T"], plan["shape_tokens"],
                                plan["shape_D"], plan["shape_R"], plan["shape_dtypes"], args.modes))
+        if plan.get("extra_dtypes"):
+            # CPU: the other dtype on a short T sweep of our path and its peers (the GPU sweeps both fully)
+            specs.append(SweepSpec("dtype-sweep", select(OURS_AND_PEERS), plan["extra_T"], plan["tokens"],
+                                   plan["D"], plan["R"], plan["extra_dtypes"], args.modes))
     records, copies = [], []
     json_path = os.path.join(out, "results.json")
     for spec in specs:

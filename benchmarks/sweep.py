@@ -3,6 +3,7 @@ reference, then time and measure memory; budgets, OOM and missing kernels are re
 from __future__ import annotations
 
 import gc
+import math
 import os
 import sys
 import time
@@ -167,8 +168,19 @@ def run_point(m: Method, prob: Problem, mode: str, tracker: H.Tracker, budget: H
     last = tracker.last.get(key)
     pred_t = pred_m = None
     if last is not None:
-        pred_t = last["s"] * H.scale_factor(m.p_time, B, T, last["B"], last["T"])
-        pred_m = last["mem"] * H.scale_factor(m.p_mem, B, T, last["B"], last["T"])
+        # the method's known exponent, or the one observed between its last two points when steeper
+        # (a one-step-per-token loop is interpreter-bound: its batch time grows with T at fixed tokens)
+        p_t, p_m = m.p_time, m.p_mem
+        prev = tracker.prev.get(key)
+        if prev is not None and prev["T"] < last["T"]:
+            lt = math.log(last["T"] / prev["T"])
+            per_seq = lambda pt, k: pt[k] / pt["B"]  # noqa: E731
+            if per_seq(prev, "s") > 0 and per_seq(last, "s") > 0:
+                p_t = min(3.0, max(p_t, math.log(per_seq(last, "s") / per_seq(prev, "s")) / lt))
+            if per_seq(prev, "mem") > 0 and per_seq(last, "mem") > 0:
+                p_m = min(3.0, max(p_m, math.log(per_seq(last, "mem") / per_seq(prev, "mem")) / lt))
+        pred_t = last["s"] * H.scale_factor(p_t, B, T, last["B"], last["T"])
+        pred_m = last["mem"] * H.scale_factor(p_m, B, T, last["B"], last["T"])
     elif mode == "fwd_bwd" and (m.name, "fwd") in tracker.last and tracker.last[(m.name, "fwd")]["T"] == T:
         fwd = tracker.last[(m.name, "fwd")]        # first fwd+bwd point: about 3 forwards
         pred_t, pred_m = 3 * fwd["s"], 3 * fwd["mem"]
@@ -221,6 +233,8 @@ def run_point(m: Method, prob: Problem, mode: str, tracker: H.Tracker, budget: H
             return done("oom", f"{type(exc).__name__}: {exc}"[:300])
         return done("error", f"{type(exc).__name__}: {exc}"[:300])
     sec = tm["median"] * 1e-3
+    if key in tracker.last:
+        tracker.prev[key] = tracker.last[key]
     tracker.last[key] = {"B": B, "T": T, "s": sec, "mem": mem}
     if sec > budget.time_s:
         tracker.dead[key] = ("over_budget", f"skipped: over budget (measured {sec:.1f} s per call > "
