@@ -73,8 +73,20 @@ def setup(args):
     return device, threads, budget
 
 
+def _round(x, digits: int = 5):
+    """Floats to ``digits`` significant digits (timings are not better than that), recursively."""
+    if isinstance(x, float):
+        return float(f"{x:.{digits}g}")
+    if isinstance(x, dict):
+        return {k: _round(v, digits) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_round(v, digits) for v in x]
+    return x
+
+
 def write_json(doc: dict, path: str) -> None:
-    text = json.dumps(doc, default=str, separators=(",", ":"))   # compact: committed results stay small
+    # compact, floats to 5 significant digits: committed results stay small
+    text = json.dumps(_round(doc), default=str, separators=(",", ":"))
     if path == "-":
         sys.stdout.write(text + "\n")
         return

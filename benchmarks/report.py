@@ -122,10 +122,13 @@ def plots(doc: dict, outdir: str, prefix: str = "") -> List[str]:
         tag = f"{prefix}{sweep}_{dt}_D{D}_R{R}"
         palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         colors = {n: palette[i % len(palette)] for i, n in enumerate(dict.fromkeys(r["method"] for r in rs))}
+        kinds = ("time", "memory", "copy_fraction") if sweep == "T-sweep" else ("time",)
         for what, ylabel, get in (
                 ("time", "time per batch (ms)", lambda r: r["time_ms"]["median"]),
                 ("memory", "peak memory during the call (MB)", lambda r: r["peak_mem_bytes"] / MB),
                 ("copy_fraction", "fraction of the copy bound", lambda r: r["fraction_of_copy_bound"])):
+            if what not in kinds:
+                continue
             fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=(what != "copy_fraction"))
             any_line = False
             for ax, mode in zip(axes, ("fwd", "fwd_bwd")):
@@ -159,7 +162,7 @@ def plots(doc: dict, outdir: str, prefix: str = "") -> List[str]:
             fig.tight_layout()
             if any_line:
                 path = os.path.join(outdir, f"{tag}_{what}.png")
-                fig.savefig(path, dpi=80)
+                fig.savefig(path, dpi=72)
                 written.append(path)
             plt.close(fig)
     return written

@@ -65,7 +65,7 @@ def _validate_doc(doc: dict, expect_methods) -> None:
             t = r["time_ms"]
             assert 0 < t["p20"] <= t["median"] <= t["p80"]
             assert r["peak_mem_bytes"] > 0
-            assert math.isclose(r["tokens_per_s"], r["tokens"] / (t["median"] * 1e-3), rel_tol=1e-9)
+            assert math.isclose(r["tokens_per_s"], r["tokens"] / (t["median"] * 1e-3), rel_tol=1e-4)
             assert r["fraction_of_copy_bound"] > 0
     assert set(expect_methods) <= seen, set(expect_methods) - seen
     for s in doc["slopes"]:
@@ -77,7 +77,9 @@ def test_harness_quick_end_to_end(tmp_path):
     doc = run.main(["--quick", "--out", str(out), *TINY, "--shape-T", "24", "--shape-tokens", "48",
                     "--shape-D", "8", "--shape-R", "2", "--lm-batch", "1", "--lm-T", "24", "--lm-steps", "1"])
     on_disk = json.loads((out / "results.json").read_text())
-    assert on_disk["results"] == json.loads(json.dumps(doc["results"], default=str))
+    assert [(r["method"], r["mode"], r["T"], r["status"]) for r in on_disk["results"]] == \
+        [(r["method"], r["mode"], r["T"], r["status"]) for r in doc["results"]]
+    assert on_disk["complete"] is True
     _validate_doc(on_disk, [m.name for m in METHODS if m.name not in ("k2/naive", "k2/recurrent")])
     ok = {(r["method"], r["mode"]) for r in doc["results"] if r["status"] == "ok"}
     for name in ("scan/chunked", "scan/naive", "scan/recurrent", "scan/mask", "k2/chunked", "conv/conv1d",
