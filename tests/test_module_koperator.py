@@ -361,6 +361,34 @@ def test_triton_custom_op_compiles_fullgraph():
 
 
 @needs_triton_k2
+@pytest.mark.parametrize("with_state", [True, False], ids=["init-state", "zero-state"])
+def test_triton_custom_op_matches_reference_every_gradient(with_state):
+    """The torch.library op (what compiled graphs call) vs the float64 reference, eagerly."""
+    from helpers import DEVICE
+    from kop_triton.ops.k2 import reference_k2_mixer
+    from kop_triton.ops.library import k2_mixer_triton_op
+    g = torch.Generator().manual_seed(0)
+    B, T, D, R, K = 2, 37, 10, 3, 4
+    vals = [torch.randn(B, T, D, generator=g), torch.randn(D, R, generator=g), torch.randn(D, R, generator=g),
+            torch.rand(R, generator=g) + 0.5, torch.tensor([0.05, 0.7, 0.999]), torch.randn(K, generator=g),
+            torch.tensor(0.4), torch.randn(B, R, D, generator=g), torch.randn(B, K - 1, D, generator=g)]
+    if not with_state:
+        vals = vals[:7]
+    ours = [v.to(DEVICE).requires_grad_() for v in vals]
+    ref = [v.double().requires_grad_() for v in vals]
+    st = (ours[7], ours[8]) if with_state else None
+    y, s1, c1 = k2_mixer_triton_op(*ours[:7], initial_state=st)
+    yr, (s1r, c1r) = reference_k2_mixer(*ref[:7], initial_state=(ref[7], ref[8]) if with_state else None,
+                                        output_final_state=True)
+    tol = TOL[("triton", torch.float32)]
+    for n, a, b in zip(["y", "scan", "conv"], (y, s1, c1), (yr, s1r, c1r)):
+        assert_close(n, a, b, tol)
+    names = ["x", "u", "v", "alpha", "gamma", "kernel", "gate_logit", "scan_state", "conv_state"]
+    for n, a, b in zip(names, _grads([y, s1, c1], ours), _grads([yr, s1r, c1r], ref)):
+        assert_close(f"d{n}", a, b, tol)
+
+
+@needs_triton_k2
 def test_triton_custom_op_opcheck():
     """torch.library.opcheck: schema, fake (meta) implementation and autograd registration agree."""
     from helpers import DEVICE

@@ -165,11 +165,12 @@ class KOperator(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             w = self.get_kernel() if kernel is None else kernel
             args = (xm, self.u, self.v, self.alpha(), self.gamma(), w, self.gate_logit)
-            if bk == "triton":
+            if bk == "triton" and torch.compiler.is_compiling():
+                # under torch.compile: the torch.library op (one opaque node, no graph break)
                 from .ops.library import k2_mixer_triton_op
                 y, s1, c1 = k2_mixer_triton_op(*args, initial_state=state, cu_seqlens=cu_seqlens)
                 final = KOperatorState(s1, c1)
-            else:
+            else:   # eager: the op's own autograd Function directly (no recomputation)
                 y, fin = k2_mixer(*args, initial_state=state, output_final_state=return_state,
                                   cu_seqlens=cu_seqlens, backend=bk)
                 final = KOperatorState(*fin) if return_state else None

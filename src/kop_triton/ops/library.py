@@ -10,8 +10,10 @@ Ops (namespace ``kop_triton``):
 
 The backward op recomputes the forward of ``kop_triton.ops.k2.k2_mixer(backend="triton")``
 under autograd and differentiates it: the Triton autograd Function does the real work, this
-layer only makes it visible to the compiler.  Argument checks run inside the op (eagerly, where
-data-dependent checks are allowed).
+layer only makes it visible to the compiler.  The price is one extra fused forward per backward
+(the op cannot hand the Function's saved chunk states across the op boundary), which is why
+``KOperator`` uses this op only while compiling and calls ``k2_mixer`` directly in eager mode.
+Argument checks run inside the op (eagerly, where data-dependent checks are allowed).
 """
 import contextlib
 from typing import List, Optional, Tuple
