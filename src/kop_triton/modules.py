@@ -74,13 +74,18 @@ class KOperator(nn.Module):
         gamma_min, gamma_max: range of the learned decays, 0 < gamma_min < gamma_max <= 1.
         alpha_cap: alpha = alpha_cap * sigmoid(alpha_logit), alpha_cap > 0.
         shared_kernel: optional (K,) Parameter owned by an enclosing module (a stack sharing one
-            kernel across layers); it is used, not registered here.
+            kernel across layers); it is used, not registered here.  An owner wrapped by
+            something that swaps parameter objects (FSDP2) should instead pass its kernel at
+            call time, ``forward(..., kernel=...)`` / ``step(..., kernel=...)``, as KStack does.
         backend: "auto" (fused Triton on CUDA, chunked PyTorch elsewhere), "triton", "chunked",
-            "recurrent" or "naive".
+            "recurrent" or "naive".  With "triton" the mixer is the torch.library op of
+            ``kop_triton.ops.library`` while ``torch.compile`` traces (no graph break) and the
+            Triton autograd Function directly in eager mode.
 
     ``forward(x, state=None, return_state=False)`` maps (B, T, D) -> (B, T, D); with
     ``return_state`` it returns ``(y, KOperatorState)``.  ``step(x_t, state)`` advances one
-    token, (B, D) -> (B, D), in O(1) time and memory.
+    token, (B, D) -> (B, D), in O(1) time and memory.  Under autocast the mixer runs in the
+    autocast dtype with float32 states; the output projection follows autocast.
     """
 
     def __init__(self, d_model: int, rank: int = 16, kernel_size: int = 8, gamma_min: float = 0.05,
