@@ -502,9 +502,16 @@ class StopFlag:
 # ------------------------------------------------------------------------------- training
 
 def _load_data(args, info: kdist.DistInfo, tokenizer=None):
-    splits = kdata.load_text_splits(args.dataset, text_file=args.text, data_path=args.data_path,
-                                    data_dir=args.data_dir, val_frac=args.val_frac,
-                                    allow_download=info.is_main)
+    def load():
+        return kdata.load_text_splits(args.dataset, text_file=args.text, data_path=args.data_path,
+                                      data_dir=args.data_dir, val_frac=args.val_frac)
+
+    if info.enabled:  # rank 0 downloads what is missing; the others read after it
+        splits = load() if info.is_main else None
+        kdist.barrier(info)
+        splits = splits or load()
+    else:
+        splits = load()
     if tokenizer is None:
         if args.tokenizer == "sentencepiece" and args.sp_model is None and info.enabled:
             # rank 0 trains (and caches) the SentencePiece model; the others then read the cache
