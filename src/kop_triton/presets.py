@@ -10,8 +10,11 @@ WikiText-2 number, ``RESULTS_V1.md``), and the README of the v2 checkpoint in
 
 Differences from the reference that no flag here can remove (state them with any comparison):
 - the paper-era (v1) reference had a dense, window-sized K_base matrix (W x W parameters); this
-  project's K_base is the v2 causal kernel of ``kernel_size`` taps, so parameter counts differ
-  (paper Tiny Shakespeare 0.81M includes a 256 x 256 K_base, WikiText-2 4.08M a 512 x 512 one);
+  project's K_base is the v2 causal kernel of ``kernel_size`` taps, so parameter counts differ.
+  The counts check the hyperparameters: paper-shakespeare-char builds 744,847 parameters here,
+  + 256 x 256 = 810,383 (the paper's 0.81M); paper-wikitext2-sp8192 builds 3,819,406, + 512 x 512
+  = 4,081,550 (the paper's 4.08M); shakespeare-char-v2 builds 174,462 = the v2 README's 178,692
+  less its unused ROSA embedding (66 x 64) and 6 rho logits;
 - the reference's ``--head-dropout`` has no counterpart in KStackConfig and is left out;
 - the reference remaps token ids by frequency for the adaptive head; this project keeps the
   tokenizer's ids (SentencePiece unigram ids are already ordered by piece score).
