@@ -97,6 +97,17 @@ def test_synthetic_reference_checkpoint_round_trip(tmp_path, kw):
     assert meta == {"converted_from": "src.pt", "source_step": 12, "source_best_ppl": 3.5}
 
 
+def test_byte_tokenizer_checkpoint(tmp_path):
+    m = _model(vocab_size=256, n_k2=1)
+    save_reference(tmp_path / "src.pt", m)
+    assert main([str(tmp_path / "src.pt"), str(tmp_path / "out"), "--tokenizer", "byte", "--gamma-min", "0.1",
+                 "--alpha-cap", "2.0", "--gamma-max", "1.0"]) == 0
+    m2, tok = load_checkpoint(tmp_path / "out")
+    ids = torch.tensor([tok.encode("naïve café")])
+    m2.set_backend("chunked")
+    assert tok.vocab_size == 256 and torch.equal(m2(ids), m(ids))
+
+
 def test_gamma_min_and_alpha_cap_are_required(tmp_path, capsys):
     m = _model()
     save_reference(tmp_path / "src.pt", m)
