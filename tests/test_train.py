@@ -365,3 +365,26 @@ def test_wikitext2_layout_with_sentencepiece(tmp_path):
     assert res["val_ce"] == pytest.approx(ev["val_ce"], rel=1e-6) and res["tokens"] == ev["val_tokens"]
     losses = train_losses(out)
     assert losses[12] < losses[1]
+
+
+def test_sigint_saves_and_resume_continues_in_process(tmp_path, text_file, monkeypatch, capsys):
+    base = ["--text", text_file, *TINY, "--steps", "8", "--eval-interval", "4", "--log-interval", "1",
+            "--max-eval-tokens", "300", "--mlp-dropout", "0.2"]
+    assert ktrain.main([*base, "--out", tmp_path / "ref"]) == 0
+    from kop_triton.data import BatchSampler
+    orig = BatchSampler.batch
+
+    def interrupting(self, step, rank=0, world=1):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step; the step finishes, then it stops
+        return orig(self, step, rank, world)
+
+    monkeypatch.setattr(BatchSampler, "batch", interrupting)
+    before = signal.getsignal(signal.SIGINT)
+    assert ktrain.main([*base, "--out", tmp_path / "cut"]) == 128 + signal.SIGINT
+    assert "stopped by SIGINT at step 3" in capsys.readouterr().err
+    assert json.loads((tmp_path / "cut" / "last" / "trainer.json").read_text())["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is before  # handlers put back
+    monkeypatch.setattr(BatchSampler, "batch", orig)
+    assert ktrain.main(["--out", tmp_path / "cut", "--resume"]) == 0
+    assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "ref")
