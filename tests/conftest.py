@@ -8,3 +8,9 @@ if "TRITON_INTERPRET" not in os.environ and shutil.which("nvidia-smi") is None:
     os.environ["TRITON_INTERPRET"] = "1"
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+
+# One intra-op thread per test process: pytest-xdist already runs one process per core, and
+# oversubscribed OpenMP threads stall tiny ops by orders of magnitude on a 2-core machine.
+torch.set_num_threads(1)

@@ -228,9 +228,6 @@ def test_compile_fullgraph_reference_backend():
     _compile_check(m, *_inputs(2, 19, m, dtype=torch.float32))
 
 
-@pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.Unsupported,
-                   reason="ops/chunked.py (lead) writes matmul results into non-contiguous out= views, "
-                          "which dynamo refuses; remove this mark when that is fixed")
 def test_compile_fullgraph_chunked_backend():
     m = _module(D=8, R=3, K=4, dtype=torch.float32, backend="chunked")
     _compile_check(m, *_inputs(2, 19, m, dtype=torch.float32))

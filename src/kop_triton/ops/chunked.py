@@ -49,6 +49,11 @@ class ChunkedScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, gamma, h0, chunk_size: int, want_final: bool):
+        with torch.autocast(q.device.type, enabled=False):
+            return ChunkedScanFn._forward(ctx, q, k, v, gamma, h0, chunk_size, want_final)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, gamma, h0, chunk_size, want_final):
         B, T, R = q.shape
         D = v.shape[-1]
         C = chunk_size
@@ -65,12 +70,9 @@ class ChunkedScanFn(torch.autograd.Function):
         if pad:
             kd[:, -1] = kc[:, -1] * _pow(gamma, (last - 1 - i).clamp(min=0))
         # S_all[:, c] = state before chunk c; S_all[:, n] = final state
-        S_all = torch.empty(B, n + 1, R, D, dtype=q.dtype, device=q.device)
-        if h0 is None:
-            S_all[:, 0].zero_()
-        else:
-            S_all[:, 0] = h0
-        torch.matmul(kd.transpose(-1, -2), vc, out=S_all[:, 1:])         # chunk-local states
+        first = (torch.zeros(B, 1, R, D, dtype=q.dtype, device=q.device) if h0 is None
+                 else h0.unsqueeze(1))
+        S_all = torch.cat([first, kd.transpose(-1, -2) @ vc], dim=1)      # [h0, local dS]; the loop adds the carry
         g_full = torch.pow(gamma, C)[:, None]
         g_last = torch.pow(gamma, last)[:, None]
         for c in range(n):
@@ -85,6 +87,11 @@ class ChunkedScanFn(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dfinal):
+        with torch.autocast(do.device.type if do is not None else dfinal.device.type, enabled=False):
+            return ChunkedScanFn._backward(ctx, do, dfinal)
+
+    @staticmethod
+    def _backward(ctx, do, dfinal):
         q, k, v, gamma, S_prev, A = ctx.saved_tensors
         T, C, n, pad, last, has_h0 = ctx.meta
         B, _, R = q.shape
@@ -105,12 +112,9 @@ class ChunkedScanFn(torch.autograd.Function):
             ek_last = (last - 1 - i).clamp(min=0)
             Pk_last, dPk_last = _pow(gamma, ek_last), _dpow(gamma, ek_last)
         # G_all[:, c] = dL/d(state before chunk c); G_all[:, n] = dL/d(final state)
-        G_all = torch.empty(B, n + 1, R, D, dtype=q.dtype, device=q.device)
-        if dfinal is None:
-            G_all[:, n].zero_()
-        else:
-            G_all[:, n] = dfinal
-        torch.matmul((qc * Pq).transpose(-1, -2), doc, out=G_all[:, :n])
+        last_grad = (torch.zeros(B, 1, R, D, dtype=q.dtype, device=q.device) if dfinal is None
+                     else dfinal.unsqueeze(1))
+        G_all = torch.cat([(qc * Pq).transpose(-1, -2) @ doc, last_grad], dim=1)
         g_full = torch.pow(gamma, C)[:, None]
         g_last = torch.pow(gamma, last)[:, None]
         for c in range(n - 1, -1, -1):
