@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
@@ -242,6 +243,8 @@ class Method:
     def unavailable(self, device: torch.device) -> Optional[str]:
         if (self.triton or self.name == "scan/fla_chunk_gla") and device.type != "cuda":
             return NO_CUDA if self.triton else "skipped: no CUDA device (chunk_gla is a Triton kernel)"
+        if self.triton and os.environ.get("TRITON_INTERPRET") == "1":
+            return "skipped: TRITON_INTERPRET=1 is set (the Triton interpreter is never timed)"
         return self.needs() if self.needs is not None else None
 
 
