@@ -77,8 +77,9 @@ class ChunkedScanFn(torch.autograd.Function):
         g_last = torch.pow(gamma, last)[:, None]
         for c in range(n):
             S_all[:, c + 1].addcmul_(S_all[:, c], g_last if c == n - 1 else g_full)
-        S_prev = S_all[:, :n]
-        o = A @ vc + (qc * _pow(gamma, i + 1)) @ S_prev                   # (B, n, C, D)
+        S_prev = S_all[:, :n].contiguous()                                # one batch dim for bmm
+        o = torch.baddbmm(((qc * _pow(gamma, i + 1)) @ S_prev).view(B * n, C, D),
+                          A.view(B * n, C, C), vc.view(B * n, C, D)).view(B, n, C, D)
         ctx.save_for_backward(q, k, v, gamma, S_prev, A)
         ctx.meta = (T, C, n, pad, last, h0 is not None)
         o = o.view(B, n * C, D)[:, :T]
@@ -119,13 +120,14 @@ class ChunkedScanFn(torch.autograd.Function):
         g_last = torch.pow(gamma, last)[:, None]
         for c in range(n - 1, -1, -1):
             G_all[:, c].addcmul_(G_all[:, c + 1], g_last if c == n - 1 else g_full)
-        G_next = G_all[:, 1:]                                             # grad of the state after chunk c
+        G_next = G_all[:, 1:].contiguous()                                           # grad of the state after chunk c
 
         kd = kc * Pk
         if pad:
             kd[:, -1] = kc[:, -1] * Pk_last
         dA = doc @ vc.transpose(-1, -2)                                   # (B, n, C, C)
-        dv = A.transpose(-1, -2) @ doc + kd @ G_next
+        dv = torch.baddbmm((kd @ G_next).view(B * n, C, D), A.view(B * n, C, C).transpose(-1, -2),
+                           doc.reshape(B * n, C, D)).view(B, n, C, D)
         dqd = doc @ S_prev.transpose(-1, -2)                              # (B, n, C, R)
         dkd = vc @ G_next.transpose(-1, -2)
         X = dA.unsqueeze(-1) * L                                          # (B, n, C, C, R)
