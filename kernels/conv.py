@@ -24,11 +24,12 @@ Backward (no atomics, deterministic):
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import dot, dot_mode
 
 # Tile sizes.  BT = BS = 64 feeds the tensor cores with 64 x 64 x BD products; BD <= 64
 # keeps a fp32 (BT, BD) accumulator at 32 registers per thread with 4 warps.
@@ -44,36 +45,9 @@ DOT_MIN_TAPS = 32
 BLOCK_L = 32
 
 
-def dot_mode(dtype: torch.dtype) -> int:
-    """Operand mode of the tensor-core products for inputs of ``dtype`` (see ``mm``): the
-    input's half type, or fp32 "ieee" (never TF32).  The Triton 3.6 interpreter multiplies
-    bf16 operands wrongly (it reads their raw bits), so there bf16 uses mode 3, the same
-    bf16-rounded operands in an fp32 product."""
-    if dtype == torch.bfloat16:
-        return 3 if os.environ.get("TRITON_INTERPRET") == "1" else 1
-    if dtype == torch.float16:
-        return 2
-    return 0
-
-
 # --------------------------------------------------------------------------------------
 # jit helpers shared with the fused K2 kernel
 # --------------------------------------------------------------------------------------
-
-
-@triton.jit
-def mm(a, b, DOT_MODE: tl.constexpr):
-    """a @ b, float32 accumulation.  0: fp32 IEEE (never TF32); 1: bf16 operands; 2: fp16
-    operands; 3: bf16-rounded operands in an fp32 product (the interpreter's bf16 stand-in)."""
-    if DOT_MODE == 1:
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    elif DOT_MODE == 2:
-        return tl.dot(a.to(tl.float16), b.to(tl.float16))
-    elif DOT_MODE == 3:
-        return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32),
-                      input_precision="ieee")
-    else:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
 
 
 @triton.jit
@@ -105,7 +79,7 @@ def conv_tile(x, w, h0, bos, L, n, t0, o_d, m_d, D, K,
             b_x = _load_xe(x, h0, bos, L, n, o_s, o_d, o_s < L, m_d, D, K, USE_H0)
             lag = o_t[:, None] - o_s[None, :]                        # (BT, BS)
             b_w = tl.load(w + lag, mask=(lag >= 0) & (lag < K), other=0.)
-            acc += mm(b_w, b_x, DOT_MODE)
+            acc += dot(b_w, b_x, DOT_MODE)
     else:
         # inputs of this sequence: lags l <= t; the initial state only for lags l > t0
         p_x = x + (bos + o_t).to(tl.int64)[:, None] * D + o_d[None, :]
@@ -196,7 +170,7 @@ def _conv_bwd_dx_kernel(dy, w, dfin, dx, dh0, cu, table, T, D, K,
             b_g = tl.load(p_g, mask=((o_p >= 0) & (o_p < L))[:, None] & m_d[None, :], other=0.)
             lag = o_p[None, :] - o_s[:, None]                        # (BT, BS)
             b_w = tl.load(w + lag, mask=(lag >= 0) & (lag < K), other=0.)
-            acc += mm(b_w, b_g, DOT_MODE)
+            acc += dot(b_w, b_g, DOT_MODE)
     else:
         # dy_{s+l} exists for 0 <= s+l < L: lags from max(0, -s) to min(K, L-s)
         p_g = dy + (bos + o_s).to(tl.int64)[:, None] * D + o_d[None, :]

@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 
 from . import conv as _conv
-from .conv import _Layout, conv_tile, dot_mode, mm
+from ._common import dot, dot_mode
+from .conv import _Layout, conv_tile
 
 SUB_CHUNK = 16          # tokens per step: the smallest tl.dot tile
 CHUNK = 64              # chunk_states granularity = the scan's DEFAULT_CHUNK (scan_bwd's chunk_size)
@@ -93,8 +94,8 @@ def _k2_fwd_kernel(x, u, v, alpha, lg, gate, w, c0, s0, y, sT, states, cu, chunk
             m_pr = m_p[:, None] & m_r[None, :]
             b_u = tl.load(u + o_p[:, None] * R + o_r[None, :], mask=m_pr, other=0.)
             b_v = tl.load(v + o_p[:, None] * R + o_r[None, :], mask=m_pr, other=0.)
-            b_pu += mm(b_xp, b_u, DOT_MODE)
-            b_pv += mm(b_xp, b_v, DOT_MODE)
+            b_pu += dot(b_xp, b_u, DOT_MODE)
+            b_pv += dot(b_xp, b_v, DOT_MODE)
         n_u = tl.maximum(tl.sqrt(tl.sum(b_pu * b_pu, axis=1)), NORM_EPS)
         n_v = tl.maximum(tl.sqrt(tl.sum(b_pv * b_pv, axis=1)), NORM_EPS)
         b_q = b_pu / n_u[:, None] * b_alpha[None, :]                        # (BC, BR), 0 on pad rows
@@ -106,7 +107,7 @@ def _k2_fwd_kernel(x, u, v, alpha, lg, gate, w, c0, s0, y, sT, states, cu, chunk
                           other=0.).to(tl.float32)                          # (BC, BD)
         # decayed scan of the sub-chunk
         b_A = tl.sum(b_q[:, None, :] * b_k[None, :, :] * b_dec, axis=2)     # (BC, BC)
-        b_o = mm(b_A, b_x, DOT_MODE) + mm(b_q * b_gq, b_S, 0)
+        b_o = dot(b_A, b_x, DOT_MODE) + dot(b_q * b_gq, b_S, 0)
         # causal convolution tile
         b_c = conv_tile(x, w, c0, bos, L, i_n, t0, o_d, m_d, D, K, BC, BC, BD,
                         PER_CHANNEL, USE_C0, CONV_DOT, DOT_MODE)
@@ -116,7 +117,7 @@ def _k2_fwd_kernel(x, u, v, alpha, lg, gate, w, c0, s0, y, sT, states, cu, chunk
         # state passing: S <- g^Lc S + (k * g^(Lc-1-j))^T @ x
         n_k = tl.where(m_t, Lc - 1 - o_c, 0).to(tl.float32)
         b_kd = b_k * tl.exp2(n_k[:, None] * b_lg[None, :])
-        b_S = tl.exp2(Lc.to(tl.float32) * b_lg)[:, None] * b_S + mm(tl.trans(b_kd), b_x, 0)
+        b_S = tl.exp2(Lc.to(tl.float32) * b_lg)[:, None] * b_S + dot(tl.trans(b_kd), b_x, 0)
     if STORE_FINAL:
         tl.store(sT + i_n.to(tl.int64) * R * D + p_S, b_S, mask=m_rd)
 

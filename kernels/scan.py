@@ -59,12 +59,13 @@ the initial state (zeros when None) for c = 0.  The final state is not part of i
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import dot, dot_mode
 
 # Sub-chunk of the intra-chunk decomposition: the smallest tl.dot tile (M, N, K >= 16), which
 # also keeps the exact (BC, BC, BR) diagonal broadcast small.
@@ -77,22 +78,6 @@ PASS_BLOCK = 512
 # --------------------------------------------------------------------------------------
 # jit helpers
 # --------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _dot(a, b, DOT_MODE: tl.constexpr):
-    """a @ b with float32 accumulation; DOT_MODE 0: fp32 IEEE (never TF32), 1: bf16, 2: fp16,
-    3: bf16-rounded operands in an fp32 dot (same result as 1; for the interpreter, whose
-    tl.dot multiplies the raw bits of bf16 operands in Triton 3.6)."""
-    if DOT_MODE == 1:
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    elif DOT_MODE == 2:
-        return tl.dot(a.to(tl.float16), b.to(tl.float16))
-    elif DOT_MODE == 3:
-        return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32),
-                      input_precision="ieee")
-    else:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
 
 
 @triton.jit
@@ -166,7 +151,7 @@ def _intra_A_kernel(q, k, lg, A, cu_seqlens, chunk_indices, T, R, NT,
     m_off = o_j < s_I
     n_k = tl.where(m_off, s_I - o_j, 0).to(tl.float32)
     b_kg = tl.where(m_off[:, None], b_k * tl.exp2(n_k[:, None] * b_lg[None, :]), 0.)
-    b_A = _dot(b_qg, tl.trans(b_kg), DOT_MODE)                  # (BC, BT), 0 for j >= s_I
+    b_A = dot(b_qg, tl.trans(b_kg), DOT_MODE)                  # (BC, BT), 0 for j >= s_I
 
     # diagonal sub-block: exact masked decay, (BC, BC, BR) broadcast summed over r
     b_Ad = tl.sum(b_q[:, None, :] * b_kI[None, :, :] * _diag_decay(o_c, b_lg, False), axis=2)
@@ -206,7 +191,7 @@ def _chunk_state_kernel(x, y, lg, s, cu_seqlens, chunk_indices, T, R, D, NT,
     else:
         n = tl.where(m_t, L - 1 - o_t, 0)
     b_x = b_x * tl.exp2(n.to(tl.float32)[:, None] * b_lg[None, :])
-    b_s = _dot(tl.trans(b_x), b_y, DOT_MODE)                                      # (BR, BD)
+    b_s = dot(tl.trans(b_x), b_y, DOT_MODE)                                      # (BR, BD)
     p_s = s + i_s * R * D + o_r[:, None] * D + o_d[None, :]
     tl.store(p_s, b_s, mask=m_r[:, None] & m_d[None, :])
 
@@ -287,13 +272,13 @@ def _chunk_out_kernel(x, y, lg, A, s, out, cu_seqlens, chunk_indices, T, R, D, N
         n = o_t + 1
     b_y = tl.load(y + (t0 + o_t)[:, None] * D + o_d[None, :],
                   mask=m_t[:, None] & m_d[None, :], other=0.)                      # (BT, BD)
-    b_o = _dot(b_A, b_y, DOT_MODE)                                                # (BT, BD)
+    b_o = dot(b_A, b_y, DOT_MODE)                                                # (BT, BD)
     b_x = tl.load(x + (t0 + o_t)[:, None] * R + o_r[None, :],
                   mask=m_t[:, None] & m_r[None, :], other=0.).to(tl.float32)       # (BT, BR)
     b_x = b_x * tl.exp2(n.to(tl.float32)[:, None] * b_lg[None, :])
     b_s = tl.load(s + i_s * R * D + o_r[:, None] * D + o_d[None, :],
                   mask=m_r[:, None] & m_d[None, :], other=0.)                      # (BR, BD)
-    b_o += _dot(b_x, b_s, STATE_DOT_MODE)
+    b_o += dot(b_x, b_s, STATE_DOT_MODE)
     p_o = out + (t0 + o_t)[:, None] * D + o_d[None, :]
     tl.store(p_o, b_o.to(out.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
 
@@ -343,11 +328,11 @@ def _bwd_dqk_kernel(q, k, v, do, lg, s, ds, dq, dk, dg, cu_seqlens, chunk_indice
         b_vC = tl.load(v + (t0 + o_j)[:, None] * D + o_d[None, :], mask=m_Cd, other=0.)
         b_h = tl.load(p_s0 + o_r[:, None] * D + o_d[None, :], mask=m_Rd, other=0.)
         b_g = tl.load(p_ds0 + o_r[:, None] * D + o_d[None, :], mask=m_Rd, other=0.)
-        b_dAr += _dot(b_doI, tl.trans(b_vC), DOT_MODE)
-        b_dAc += _dot(b_doC, tl.trans(b_vI), DOT_MODE)
-        b_dAd += _dot(b_doI, tl.trans(b_vI), DOT_MODE)
-        b_P += _dot(b_doI, tl.trans(b_h), STATE_DOT_MODE)
-        b_Qv += _dot(b_vI, tl.trans(b_g), STATE_DOT_MODE)
+        b_dAr += dot(b_doI, tl.trans(b_vC), DOT_MODE)
+        b_dAc += dot(b_doC, tl.trans(b_vI), DOT_MODE)
+        b_dAd += dot(b_doI, tl.trans(b_vI), DOT_MODE)
+        b_P += dot(b_doI, tl.trans(b_h), STATE_DOT_MODE)
+        b_Qv += dot(b_vI, tl.trans(b_g), STATE_DOT_MODE)
         b_dd += tl.sum(b_h * b_g, axis=1)
 
     m_Ir = m_i[:, None] & m_r[None, :]
@@ -365,8 +350,8 @@ def _bwd_dqk_kernel(q, k, v, do, lg, s, ds, dq, dk, dg, cu_seqlens, chunk_indice
     b_gb1 = tl.exp2((n_b - 1.)[:, None] * b_lg[None, :])
     b_kg = tl.where(m_off[:, None], b_kC * b_gb, 0.)
     b_kn = tl.where(m_off[:, None], b_kC * n_b[:, None] * b_gb1, 0.)
-    b_X = _dot(b_dAr, b_kg, DOT_MODE)                                           # (BC, BR)
-    b_Y = _dot(b_dAr, b_kn, DOT_MODE)
+    b_X = dot(b_dAr, b_kg, DOT_MODE)                                           # (BC, BR)
+    b_Y = dot(b_dAr, b_kn, DOT_MODE)
     n_a = (o_i - s_I).to(tl.float32)
     b_ga = tl.exp2(n_a[:, None] * b_lg[None, :])
     b_na = tl.where((n_a > 0)[:, None],
@@ -378,7 +363,7 @@ def _bwd_dqk_kernel(q, k, v, do, lg, s, ds, dq, dk, dg, cu_seqlens, chunk_indice
     m_aft = o_j > e_I
     n_c = tl.where(m_aft, o_j - e_I, 0).to(tl.float32)
     b_qg = tl.where(m_aft[:, None], b_qC * tl.exp2(n_c[:, None] * b_lg[None, :]), 0.)
-    b_Z = _dot(tl.trans(b_dAc), b_qg, DOT_MODE)                                # (BC, BR)
+    b_Z = dot(tl.trans(b_dAc), b_qg, DOT_MODE)                                # (BC, BR)
     b_dk = tl.exp2((e_I - o_i).to(tl.float32)[:, None] * b_lg[None, :]) * b_Z
 
     # diagonal sub-block (i, j both in I): exact masked decays, (BC, BC, BR) broadcasts
@@ -416,13 +401,10 @@ def _bwd_dqk_kernel(q, k, v, do, lg, s, ds, dq, dk, dg, cu_seqlens, chunk_indice
 
 
 def _dot_modes(dtype: torch.dtype) -> Tuple[int, int]:
-    """(intra-chunk dot mode, state dot mode) for the input dtype (see _dot)."""
-    if dtype == torch.bfloat16:
-        mode = 3 if os.environ.get("TRITON_INTERPRET") == "1" else 1
-        return mode, mode
-    if dtype == torch.float16:
-        return 2, 0
-    return 0, 0
+    """(intra-chunk dot mode, state dot mode) for the input dtype: products with the state stay
+    fp32 for fp16 inputs, whose range a long-run state can exceed."""
+    mode = dot_mode(dtype)
+    return mode, (mode if dtype == torch.bfloat16 else 0)
 
 
 def _check_chunk_size(chunk_size: int) -> int:

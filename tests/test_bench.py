@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository 
 from benchmarks import bench_k2, bench_scan, harness, run
 from benchmarks.methods import (METHODS, Method, Problem, mask_decayed_scan, naive_scan_rows,
                                 reference_rows, select)
-from benchmarks.sweep import SweepSpec, run_point, run_sweep
+from benchmarks.sweep import SweepSpec, run_sweep
 from kop_triton.ops.k2 import reference_k2_mixer
 from kop_triton.ops.scan import naive_decayed_scan
 

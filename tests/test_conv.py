@@ -14,19 +14,6 @@ needs_triton = pytest.mark.skipif(not TRITON_OK, reason="needs CUDA or TRITON_IN
 
 
 @pytest.fixture
-def nan_empty(monkeypatch):
-    """Outputs allocated with torch.empty start as NaN, so an element never written is caught."""
-    real = torch.empty
-
-    def empty(*a, **kw):
-        t = real(*a, **kw)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-    monkeypatch.setattr(torch, "empty", empty)
-
-
-@pytest.fixture
 def conv_method(request, monkeypatch):
     """'auto' keeps the size rule; 'taps' / 'dot' force one method for shared kernels."""
     from kop_triton.kernels import conv as kc

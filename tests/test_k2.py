@@ -25,19 +25,6 @@ def assert_close(name, a, b, tol):
     _assert_close(name, a, b, tol)
 
 
-@pytest.fixture
-def nan_empty(monkeypatch):
-    """Outputs allocated with torch.empty start as NaN, so an element never written is caught."""
-    real = torch.empty
-
-    def empty(*a, **kw):
-        t = real(*a, **kw)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-    monkeypatch.setattr(torch, "empty", empty)
-
-
 def k2_inputs(B, T, D, R, K, per_channel=False, dtype=torch.float64, N=None, seed=0, init=True,
               gamma_lo=0.01, device="cpu"):
     """x (B,T,D) unit-scale; u, v scaled so x@u is O(1); gamma spread over [gamma_lo, 1]."""

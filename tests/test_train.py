@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from kop_triton import train as ktrain
-from kop_triton.checkpoint import CheckpointError, load_checkpoint
+from kop_triton.checkpoint import load_checkpoint
 from kop_triton.data import encode, split_text
 from kop_triton.eval import evaluate
 from kop_triton.model import KStackConfig, KStackLM

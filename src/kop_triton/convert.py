@@ -137,7 +137,7 @@ def infer_config(state, *, gamma_min, gamma_max, alpha_cap, window=2048) -> KSta
     n_k2 = n - 3
     if n < 3 or order != ["K1"] + ["K2"] * n_k2 + ["K1", "K0"]:
         raise ConvertError(f"unexpected layer sequence {order}; expected [K1, K2 x n, K1, K0]")
-    rank = _get(state, f"k_stack.layers.1.u").shape[1] if n_k2 else 1
+    rank = _get(state, "k_stack.layers.1.u").shape[1] if n_k2 else 1
     shared = "k_stack.shared_k_base_kernel" in state
     if shared:
         ksize = state["k_stack.shared_k_base_kernel"].shape[0]

@@ -90,12 +90,17 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     p = ArgumentParser(prog=PROG, description="Train a K-Stack language model.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
 
+    groups = [p]
+
+    def section(title):
+        groups.append(p.add_argument_group(title))
+
     def add(*names, **opts):
         if suppress_defaults:
             opts.pop("default", None)
-        p.add_argument(*names, **opts)
+        groups[-1].add_argument(*names, **opts)
 
-    g = p.add_argument_group("run")
+    section("run")
     add("--preset", choices=sorted(PRESETS), default=None, help="ready configuration (flags given override it)")
     add("--out", default=None, help="output directory (default runs/<preset or dataset>-<tokenizer>)")
     add("--resume", action="store_true", default=False, help="continue the run in --out from last/")
@@ -113,7 +118,7 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     add("--eval-window", type=int, default=None, help="evaluation window (default: --window)")
     add("--max-eval-tokens", type=int, default=None, help="evaluate on at most this many validation tokens")
 
-    g = p.add_argument_group("data")
+    section("data")
     add("--dataset", default=None, help="tinyshakespeare or wikitext2 (default tinyshakespeare unless --text)")
     add("--text", default=None, help="train on this UTF-8 text file instead (last --val-frac is validation)")
     add("--val-frac", type=float, default=0.1, help="validation fraction for tinyshakespeare / --text")
@@ -124,13 +129,13 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     add("--sp-model-type", choices=("unigram", "bpe"), default="unigram", help="SentencePiece model type")
     add("--sp-model", default=None, help="use this SentencePiece .model instead of training one")
 
-    g = p.add_argument_group("model (KStackConfig fields; default: the KStackConfig default)")
+    section("model (KStackConfig fields; default: the KStackConfig default)")
     for field, (typ, help_) in MODEL_FLAGS.items():
         add("--" + field.replace("_", "-"), type=typ, default=None, help=help_)
     add("--shared-kernel", action=argparse.BooleanOptionalAction, default=None,
         help="one Kbase kernel shared by all K2 blocks")
 
-    g = p.add_argument_group("optimiser and schedule")
+    section("optimiser and schedule")
     add("--batch-size", type=int, default=32, help="global batch size (sequences per step over all ranks)")
     add("--lr", type=float, default=1e-2, help="peak learning rate")
     add("--lr-floor", type=float, default=1e-4, help="learning rate at the end of the cosine")
