@@ -68,20 +68,13 @@ def _comm(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t.to(info.device) if info.device.type == "cuda" else t
 
 
-def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Sum of ``t`` over ranks, on ``t``'s device; ``t`` itself for a world of one."""
+def all_reduce(t: torch.Tensor, info: DistInfo, op: str = "sum") -> torch.Tensor:
+    """``op`` ("sum" or "max") of ``t`` over ranks, returned on ``t``'s device (``t`` itself for a
+    world of one).  Use the return value: under NCCL the reduction runs on a CUDA copy of a CPU ``t``."""
     if not info.enabled:
         return t
     c = _comm(t, info)
-    dist.all_reduce(c, op=dist.ReduceOp.SUM)
-    return c.to(t.device)
-
-
-def all_reduce_max(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if not info.enabled:
-        return t
-    c = _comm(t, info)
-    dist.all_reduce(c, op=dist.ReduceOp.MAX)
+    dist.all_reduce(c, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return c.to(t.device)
 
 
@@ -159,7 +152,7 @@ def clip_grad_norm(params, max_norm: float, info: DistInfo) -> float:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     plain = [p.grad for p in params if not hasattr(p.grad, "to_local")]
     local = torch.stack([g.to_local().detach().double().pow(2).sum() for g in sharded]).sum().reshape(1)
-    total_sq = all_reduce_sum(local.cpu(), info)
+    total_sq = all_reduce(local.cpu(), info)
     if plain:
         total_sq = total_sq + torch.stack([g.detach().double().pow(2).sum().cpu() for g in plain]).sum()
     total = float(total_sq.sqrt())

@@ -474,7 +474,7 @@ def run_eval(model: nn.Module, val_ids: torch.Tensor, window: int, batch_size: i
         totals += torch.tensor([float(res["val_ce"]) * float(res["tokens"]), float(res["tokens"])],
                                dtype=torch.float64)
     if info.enabled and not sharded_model:
-        kdist.all_reduce_sum(totals, info)
+        totals = kdist.all_reduce(totals, info)
     ce = float(totals[0] / totals[1])
     return {"val_ce": ce, "val_ppl": math.exp(min(ce, 50.0)), "val_tokens": int(totals[1])}
 
@@ -675,7 +675,7 @@ def _train(args, info: kdist.DistInfo, stop: StopFlag) -> int:
     stop_signum = 0
     while step < args.steps:
         # every rank stops at the same step, whichever of them got the signal
-        stop_signum = int(kdist.all_reduce_max(torch.tensor([float(stop.signum)]), info).item())
+        stop_signum = int(kdist.all_reduce(torch.tensor([float(stop.signum)]), info, op="max").item())
         if stop_signum:
             break
         lr = set_lr(optimizer, args.lr, lr_factor(step, args.warmup_steps, args.steps, floor_ratio))
@@ -685,7 +685,7 @@ def _train(args, info: kdist.DistInfo, stop: StopFlag) -> int:
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
         with ctx:
             loss = train_model(x, y)
-        gl = kdist.all_reduce_sum(loss.detach().float().reshape(1).cpu(), info) / info.world  # global mean
+        gl = kdist.all_reduce(loss.detach().float().reshape(1).cpu(), info) / info.world  # global mean
         loss_value = float(gl.item())
         optimizer.zero_grad(set_to_none=True)
         if math.isfinite(loss_value):
