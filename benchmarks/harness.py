@@ -134,7 +134,7 @@ TIMING_METHOD = {
             "in ms; CUDA-event loop when triton is absent",
     "cpu": "wall time (time.perf_counter) of repeated calls after the first call (which is checked against "
            "the reference and memory-profiled, not timed); median, p20, p80 over the repetitions (at least 3, "
-           "2 for calls over 1 s, more until 0.5 s in all)",
+           "2 for calls over 1 s, 1 for calls over the per-call budget, more until 0.5 s in all)",
 }
 MEMORY_METHOD = {
     "cuda": "torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus memory_allocated "
@@ -157,7 +157,8 @@ def _quantile(xs: Sequence[float], q: float) -> float:
 
 
 def time_call(call: Callable[[], object], device: torch.device, *, first_call_s: float,
-              min_total_s: float = 0.5, max_reps: int = 20, grad_to_none=None) -> dict:
+              min_total_s: float = 0.5, max_reps: int = 20, grad_to_none=None,
+              long_call_s: float = float("inf")) -> dict:
     """Time ``call`` (already warmed up once, which took ``first_call_s``); milliseconds."""
     if device.type == "cuda":
         try:
@@ -177,8 +178,9 @@ def time_call(call: Callable[[], object], device: torch.device, *, first_call_s:
             return {"median": statistics.median(times), "p20": _quantile(times, 0.2),
                     "p80": _quantile(times, 0.8), "min": min(times), "max": max(times),
                     "reps": len(times), "timer": "cuda events"}
-    # CPU: fewer repetitions for long calls, at least 2 (the first call is not counted)
-    min_reps = 3 if first_call_s < 1.0 else 2
+    # CPU: fewer repetitions for long calls (the first call is not counted): 3, 2 over 1 s, 1 over
+    # ``long_call_s`` (the per-call budget: such a point is the method's last anyway)
+    min_reps = 3 if first_call_s < 1.0 else 2 if first_call_s < long_call_s else 1
     times: List[float] = []
     while len(times) < min_reps or (sum(times) < min_total_s and len(times) < max_reps):
         t0 = time.perf_counter()

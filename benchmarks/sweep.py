@@ -218,7 +218,7 @@ def run_point(m: Method, prob: Problem, mode: str, tracker: H.Tracker, budget: H
             tracker.dead[key] = ("wrong", f"not run: failed the reference check at T={T}")
             return done("wrong", f"failed the reference check: {bad}", error=err)
         leaves = [t for t in inp.values() if t.requires_grad] if mode == "fwd_bwd" else None
-        tm = H.time_call(call, device, first_call_s=first_s, grad_to_none=leaves)
+        tm = H.time_call(call, device, first_call_s=first_s, grad_to_none=leaves, long_call_s=budget.time_s)
         if device.type == "cuda":
             _clear_grads(inp)
             mem, _ = H.peak_memory(call, device)   # after warm-up: compilation and autotuning excluded
