@@ -150,8 +150,9 @@ def k2_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
 
     x (B, T, D) float32/bfloat16/float16 (float64 is the caller's to convert); u, v (D, R);
     alpha, gamma (R,); kernel (K,) or (D, K); gate_logit one element; scan_state (N, R, D) or
-    None; conv_state (N, K-1, D) or None; T >= 1.  y in x's dtype; final states float32 (None
-    unless asked); chunk_states (NC, R, D) float32 in the scan kernels' layout (None unless asked).
+    None; conv_state (N, K-1, D) or None.  y in x's dtype; final states float32 (None unless
+    asked); chunk_states (NC, R, D) float32 in the scan kernels' layout (None unless asked).
+    With no tokens (B * T = 0) nothing is launched and the initial states pass through.
     """
     B, T, D = x.shape
     R = u.shape[1]
@@ -180,11 +181,17 @@ def k2_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
     BD = block_d(D, N, x.device)
     BR = max(16, triton.next_power_of_2(R))
     conv_dot = kernel.dim() == 1 and K > _conv.DOT_MIN_TAPS
-    _k2_fwd_kernel[(triton.cdiv(D, BD), N)](
-        x2, uf, vf, af, lg, gate, w, c0, s0, y, sT, states, lay.cu, offs, T, D, R, K, NT,
-        BC=SUB_CHUNK, CH=CHUNK, BD=BD, BR=BR, SINGLE_D=D <= BD, PER_CHANNEL=kernel.dim() == 2, CONV_DOT=conv_dot,
-        USE_C0=use_c0, USE_S0=s0 is not None, STORE_FINAL=output_final_state,
-        STORE_STATES=store_chunk_states, IS_VARLEN=cu_seqlens is not None,
-        DOT_MODE=dot_mode(x.dtype))
+    if B * T == 0:                          # no tokens: the scan state passes through unchanged
+        if sT is not None and s0 is not None:
+            sT.copy_(s0)
+        elif sT is not None:
+            sT.zero_()
+    else:
+        _k2_fwd_kernel[(triton.cdiv(D, BD), N)](
+            x2, uf, vf, af, lg, gate, w, c0, s0, y, sT, states, lay.cu, offs, T, D, R, K, NT,
+            BC=SUB_CHUNK, CH=CHUNK, BD=BD, BR=BR, SINGLE_D=D <= BD, PER_CHANNEL=kernel.dim() == 2,
+            CONV_DOT=conv_dot, USE_C0=use_c0, USE_S0=s0 is not None, STORE_FINAL=output_final_state,
+            STORE_STATES=store_chunk_states, IS_VARLEN=cu_seqlens is not None,
+            DOT_MODE=dot_mode(x.dtype))
     cT = lay.final_rows(x2, conv_state if K > 1 else None, K) if output_final_state else None
     return y.view(B, T, D), sT, cT, states

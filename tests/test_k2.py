@@ -104,6 +104,37 @@ def test_reference_backends_agree(T, D, R, K, per_channel, seed):
         assert_close(f"conv_final[{scan}]", got[1][1], ref[1][1], 0.0)
 
 
+@pytest.mark.parametrize("R", [1, 3, 4])
+def test_qk_analytic_backward_matches_autograd(R):
+    """k2_qk_backward (the chain the Triton backward uses) == autograd through k2_qk in float64,
+    including rows whose projection norm is below eps (x @ u = 0 exactly, x @ u tiny but
+    nonzero, only one of the two projections small) where eps, not the norm, divides."""
+    from kop_triton.ops.k2 import NORM_EPS, k2_qk, k2_qk_backward
+    g = torch.Generator().manual_seed(R)
+    B, T, D = 2, 9, 6
+    f = torch.float64
+    x = torch.randn(B, T, D, generator=g, dtype=f)
+    u, v = torch.randn(D, R, generator=g, dtype=f), torch.randn(D, R, generator=g, dtype=f)
+    alpha = torch.rand(R, generator=g, dtype=f) + 0.2
+    off_u = torch.eye(D, dtype=f) - u @ torch.linalg.pinv(u)         # projector onto ker(u^T)
+    x[0, 1] = 0.0                                                    # both projections exactly 0
+    x[1, 4] *= 1e-10                                                 # both tiny, nonzero
+    x[1, 7] = off_u @ x[1, 7]                                        # x @ u ~ 1e-16, x @ v O(1)
+    x[0, 5] *= 1e-8 / float((x[0, 5] @ u).norm())                    # ||x @ u|| ~ eps
+    nu, nv = (x @ u).norm(dim=-1), (x @ v).norm(dim=-1)
+    assert float(nu[0, 1]) == 0.0 and 0 < float(nu[1, 4]) < NORM_EPS and float(nv[1, 4]) < NORM_EPS
+    assert float(nu[1, 7]) < NORM_EPS < float(nv[1, 7])
+    leaves = [t.clone().requires_grad_() for t in (x, u, v, alpha)]
+    q, k = k2_qk(*leaves)
+    dq, dk = torch.randn(B, T, R, generator=g, dtype=f), torch.randn(B, T, R, generator=g, dtype=f)
+    ref = torch.autograd.grad((q, k), leaves, (dq, dk))
+    got = k2_qk_backward(x, u, v, alpha, dq, dk)
+    for n, a, b in zip(("dx", "du", "dv", "dalpha"), got, ref):
+        assert a.dtype == f
+        assert_close(n, a, b, 1e-12)
+    assert_close("dx of the below-eps rows", got[0][[0, 1, 1], [1, 4, 7]], ref[0][[0, 1, 1], [1, 4, 7]], 1e-12)
+
+
 # --------------------------------------------------------------------------------------
 # fused Triton kernel vs the float64 reference
 # --------------------------------------------------------------------------------------
@@ -119,6 +150,7 @@ CASES = {
     "T<K-per-channel": (1, 20, 5, 3, 30, True),
     "R17-per-channel": (1, 100, 8, 17, 7, True),
     "T200-four-chunks": (1, 200, 12, 4, 8, False),
+    "T0": (2, 0, 6, 3, 4, False),
 }
 
 
@@ -241,6 +273,31 @@ def test_fused_other_dtypes(dtype):
 def test_triton_unfused_backend_matches_reference():
     args = k2_inputs(2, 50, 10, 3, 6, True, dtype=torch.float32, device=DEVICE)
     check_all(run("triton_unfused", args), run("naive", f64(args)), TOL[("triton", torch.float32)])
+
+
+@needs_triton
+@pytest.mark.parametrize("final", [True, False], ids=["final-state", "y-only"])
+def test_fused_compiles_fullgraph(final):
+    """torch.compile(fullgraph=True) of k2_mixer(backend="triton") (the torch.library op while
+    tracing) == the eager autograd Function, forward and every gradient; packed sequences."""
+    lens = [5, 70, 3]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=DEVICE)
+    args = k2_inputs(1, sum(lens), 6, 3, 4, dtype=torch.float32, N=len(lens), device=DEVICE)
+
+    def f(*a):
+        y, fin = k2_mixer(*a[:7], initial_state=(a[7], a[8]), output_final_state=final, cu_seqlens=cu,
+                          backend="triton")
+        return (y, *fin) if final else (y,)
+
+    torch._dynamo.reset()
+    got, exp = torch.compile(f, fullgraph=True, backend="aot_eager")(*args), f(*args)
+    gen = torch.Generator().manual_seed(4)
+    cot = [torch.randn(t.shape, generator=gen).to(t) for t in exp]
+    names = NAMES[:len(exp)] + NAMES[3:]
+    got = list(got) + list(torch.autograd.grad(sum((t * c).sum() for t, c in zip(got, cot)), args))
+    exp = list(exp) + list(torch.autograd.grad(sum((t * c).sum() for t, c in zip(exp, cot)), args))
+    for n, a, b in zip(names, got, exp):
+        assert_close(f"compiled {n}", a, b, 1e-6)
 
 
 @needs_triton

@@ -16,8 +16,11 @@ Backends:
                   for the backward): no (B, T, R) q/k and no conv output in memory.  Backward
                   (not one kernel): q, k recomputed by PyTorch from x; the scan backward kernels
                   of ``kop_triton.kernels.scan`` on the saved chunk states; the conv backward
-                  kernels of ``kop_triton.kernels.conv``; projection/normalisation chained by
-                  autograd.  Deterministic (no atomics).
+                  kernels of ``kop_triton.kernels.conv``; the projection/normalisation backward
+                  written out (``k2_qk_backward``).  Deterministic (no atomics).  Two launchers
+                  without autograd, ``k2_triton_forward`` / ``k2_triton_backward``, serve both
+                  the eager autograd Function and, under ``torch.compile``, the torch.library
+                  ops of ``kop_triton.ops.library`` (one opaque graph node, no graph break).
   triton_unfused  PyTorch q, k + Triton scan + Triton conv + PyTorch gate-and-add: the
                   unfused comparison for the benchmarks.
   chunked / recurrent / naive  the unfused composition of the PyTorch references: the
@@ -69,85 +72,171 @@ def reference_k2_mixer(x, u, v, alpha, gamma, kernel, gate_logit, *, initial_sta
     return out, ((s1, c1) if output_final_state else None)
 
 
-class _TritonK2Mixer(torch.autograd.Function):
-    """Fused forward (``kop_triton.kernels.k2.k2_fwd``); backward from x and the saved
-    chunk-boundary scan states:
+# --------------------------------------------------------------------------------------
+# q, k and their analytic backward (PyTorch; the fused kernel never materialises q, k)
+# --------------------------------------------------------------------------------------
 
-      * q, k recomputed from x by PyTorch (projection + normalisation, float32) -- the only
-        (B, T, R) tensors of the whole op, and only in the backward;
-      * the scan part by ``kop_triton.kernels.scan.scan_bwd`` on the chunk states the fused
-        forward stored (dq, dk, its share of dx, dgamma, d scan_state);
+
+def _normalize_fwd(p):
+    """p_hat = p / max(||p||, eps) over the last axis (``F.normalize``) -> (p_hat, n, m) with
+    n = max(||p||, eps) and m = (||p|| >= eps), both (..., 1): where m holds the norm divides."""
+    norm = torch.linalg.vector_norm(p, dim=-1, keepdim=True)
+    n = norm.clamp_min(NORM_EPS)
+    return p / n, n, norm >= NORM_EPS
+
+
+def _normalize_bwd(p_hat, n, m, dp_hat):
+    """Backward of p_hat = p / max(||p||, eps):
+
+        dp = (dp_hat - m * p_hat <p_hat, dp_hat>) / n
+
+    Where the norm divides (m) the gradient loses its component along p_hat; below eps the
+    divisor is the constant eps and the map is a plain scale.  m includes ||p|| == eps, where
+    ``clamp_min`` passes its gradient, so this is exactly autograd through ``F.normalize``."""
+    along = (p_hat * dp_hat).sum(-1, keepdim=True) * m
+    return (dp_hat - p_hat * along) / n
+
+
+def _qk_fwd(x, uv, alpha):
+    """q, k from one projection p = x @ [u | v] (..., 2R) -> (q, k, saved for ``_qk_bwd``)."""
+    R = alpha.shape[0]
+    p = x @ uv
+    q_hat, n_q, m_q = _normalize_fwd(p[..., :R])
+    k, n_k, m_k = _normalize_fwd(p[..., R:])
+    return q_hat * alpha, k, (q_hat, n_q, m_q, k, n_k, m_k)
+
+
+def _qk_bwd(x, uv, alpha, saved, dq, dk):
+    """-> (dp (..., 2R), duv (D, 2R), dalpha (R,)) for q = alpha * q_hat, k; the caller forms
+    dx = dp @ uv^T (one product for both projections, accumulated where it is needed)."""
+    q_hat, n_q, m_q, k, n_k, m_k = saved
+    dalpha = (dq * q_hat).flatten(0, -2).sum(0)
+    dp = torch.cat([_normalize_bwd(q_hat, n_q, m_q, dq * alpha), _normalize_bwd(k, n_k, m_k, dk)], -1)
+    duv = x.flatten(0, -2).t() @ dp.flatten(0, -2)
+    return dp, duv, dalpha
+
+
+def k2_qk_backward(x, u, v, alpha, dq, dk):
+    """Analytic backward of ``k2_qk`` (recomputed from x, in the inputs' dtype) ->
+    (dx, du, dv, dalpha), what autograd through ``k2_qk`` gives.  With q_hat = normalize(x @ u):
+
+        dalpha = sum_{b,t} dq * q_hat
+        d(x @ u) = normalize_bwd(alpha * dq),   d(x @ v) = normalize_bwd(dk)
+        dx = d(x @ u) @ u^T + d(x @ v) @ v^T,   du = x^T d(x @ u),   dv = x^T d(x @ v)
+    """
+    R = u.shape[1]
+    uv = torch.cat([u, v], 1)
+    _, _, saved = _qk_fwd(x, uv, alpha)
+    dp, duv, dalpha = _qk_bwd(x, uv, alpha, saved, dq, dk)
+    return dp @ uv.t(), duv[:, :R], duv[:, R:], dalpha
+
+
+# --------------------------------------------------------------------------------------
+# fused Triton path: launchers (no autograd) -> thin autograd Function
+# --------------------------------------------------------------------------------------
+
+
+def k2_triton_forward(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
+                      output_final_state, cu_seqlens, store_chunk_states=True):
+    """Fused forward (``kop_triton.kernels.k2.k2_fwd``), no autograd.
+    -> (y, scan_final, conv_final, chunk_states).
+
+    Arguments as ``k2_mixer`` (validated by the caller; initial states may be None).  Computes
+    in float32 (float64 inputs in float32, cast back).  y (B, T, D) in x's dtype; the final
+    states (N, R, D) and (N, K-1, D) in ``state_dtype(x)``, None unless ``output_final_state``;
+    chunk_states: the scan state entering every 64-token chunk, (NC, R, D) float32 in the
+    layout of ``kop_triton.kernels.scan`` (what ``k2_triton_backward`` needs), None unless
+    ``store_chunk_states``.
+    """
+    from kop_triton.kernels.k2 import k2_fwd
+    xc = x.float() if x.dtype == torch.float64 else x
+    y, sT, cT, states = k2_fwd(xc, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
+                               output_final_state, cu_seqlens, store_chunk_states=store_chunk_states)
+    if output_final_state:
+        sdt = state_dtype(x)
+        sT, cT = sT.to(sdt), cT.to(sdt)
+    return y.to(x.dtype), sT, cT, states
+
+
+def k2_triton_backward(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
+                       cu_seqlens, chunk_states, dy, dscan, dconv):
+    """Backward of ``k2_triton_forward`` from x and its chunk states, no autograd.
+    -> (dx, du, dv, dalpha, dgamma, dkernel, dgate_logit, dscan_state, dconv_state), each in
+    its input's dtype and shape; an initial-state gradient is None where that state is None.
+    dy (B, T, D), dscan (N, R, D), dconv (N, K-1, D): cotangents, each may be None (zero).
+
+      * q, k recomputed from x (one projection onto [u | v], float32) -- the only (B, T, R)
+        tensors of the whole op, and only here;
+      * the scan part by ``kop_triton.kernels.scan.scan_bwd`` on the saved chunk states (dq,
+        dk, its share of dx, dgamma, d scan_state);
       * the conv part by ``kop_triton.kernels.conv``: dx and d conv_state for the cotangent
         gate * dy; one weight-gradient pass W = conv_bwd_dw(x, dy) gives both
         dkernel = gate * W and dgate_logit = gate (1 - gate) <W, kernel> (the conv is linear in
         its kernel, so <dy, conv(x)> = <W, kernel>: the conv output is never recomputed);
-      * dq, dk chained through the normalisation and projection by autograd on the recomputed
-        q, k (dx, du, dv, dalpha).
+      * dq, dk chained analytically through the normalisation and the projections
+        (``k2_qk_backward``): dx += dp @ [u | v]^T, [du | dv] = x^T dp, dalpha.
     Deterministic: no atomics anywhere; every reduction runs in a fixed order.
     """
+    from kop_triton.kernels.conv import conv_bwd_dw, conv_bwd_dx
+    from kop_triton.kernels.k2 import CHUNK
+    from kop_triton.kernels.scan import scan_bwd
+    f32 = torch.float32
+    xc = x.float() if x.dtype == torch.float64 else x               # the forward's compute dtype
+    B, T, D = x.shape
+    R, K = u.shape[1], kernel.shape[-1]
+    dyc = torch.zeros_like(xc) if dy is None else dy.to(xc.dtype)
+    xf = xc.float()
+    uv = torch.cat([u.detach(), v.detach()], 1).float()               # (D, 2R)
+    af = alpha.detach().float()
+    q, k, saved = _qk_fwd(xf, uv, af)                                 # (B, T, R) each, float32
+    dq, dk, dxs, dgamma, ds0 = scan_bwd(q.to(xc.dtype), k.to(xc.dtype), xc, gamma,
+                                        None if scan_state is None else scan_state.float(), chunk_states,
+                                        dyc, None if dscan is None else dscan.float(), cu_seqlens, CHUNK)
+    dp, duv, dalpha = _qk_bwd(xf, uv, af, saved, dq.float(), dk.float())
+    g = torch.sigmoid(gate_logit.detach().float())
+    dxc, dc0 = conv_bwd_dx(dyc.float() * g, kernel, None if dconv is None else dconv.float(),
+                           conv_state is not None, cu_seqlens, f32, f32)
+    W = conv_bwd_dw(xc, None if conv_state is None else conv_state.float(), dyc, K, kernel.dim() == 1,
+                    cu_seqlens)
+    dkernel = g * W
+    dgate = (g * (1 - g) * (W * kernel.detach().float()).sum()).reshape(gate_logit.shape)
+    dx = (dxs.float() + dxc).view(B * T, D).addmm_(dp.view(B * T, 2 * R), uv.t()).view(B, T, D)
+    du, dv = (duv[:, sl].to(t.dtype, memory_format=torch.contiguous_format, copy=True)   # own storage
+              for sl, t in ((slice(0, R), u), (slice(R, 2 * R), v)))
+    return (dx.to(x.dtype), du, dv, dalpha.to(alpha.dtype),
+            dgamma.to(gamma.dtype), dkernel.to(kernel.dtype), dgate.to(gate_logit.dtype),
+            None if scan_state is None else ds0.to(scan_state.dtype),
+            None if conv_state is None else dc0.to(conv_state.dtype))
+
+
+class _TritonK2Mixer(torch.autograd.Function):
+    """Autograd wrapper of ``k2_triton_forward`` / ``k2_triton_backward`` (no math here)."""
 
     @staticmethod
     def forward(ctx, x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
                 output_final_state, cu_seqlens):
-        from kop_triton.kernels.k2 import k2_fwd
-        xc = x.float() if x.dtype == torch.float64 else x
-        need_grad = any(ctx.needs_input_grad[:9])
-        y, sT, cT, states = k2_fwd(xc, u, v, alpha, gamma, kernel, gate_logit, scan_state,
-                                   conv_state, output_final_state, cu_seqlens,
-                                   store_chunk_states=need_grad)
+        y, sT, cT, states = k2_triton_forward(x, u, v, alpha, gamma, kernel, gate_logit, scan_state,
+                                              conv_state, output_final_state, cu_seqlens,
+                                              store_chunk_states=any(ctx.needs_input_grad[:9]))
         ctx.save_for_backward(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
-                              states, cu_seqlens)
+                              cu_seqlens, states)
         ctx.set_materialize_grads(False)
-        sdt = state_dtype(x)
-        y = y.to(x.dtype)
-        if not output_final_state:
-            return y, None, None
-        return y, sT.to(sdt), cT.to(sdt)
+        return y, sT, cT
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dscan, dconv):
-        from kop_triton.kernels.conv import conv_bwd_dw, conv_bwd_dx
-        from kop_triton.kernels.k2 import CHUNK
-        from kop_triton.kernels.scan import scan_bwd
-        x, u, v, alpha, gamma, kernel, gate_logit, s0, c0, states, cu = ctx.saved_tensors
-        xc = x.float() if x.dtype == torch.float64 else x
-        if dy is None:
-            dy = torch.zeros_like(xc)
-        dyc = dy.to(xc.dtype)
-        K = kernel.shape[-1]
-        # q, k recomputed (float32) under autograd, to chain dq, dk back to x, u, v, alpha
-        with torch.enable_grad():
-            leaves = [t.detach().float().requires_grad_() for t in (xc, u, v, alpha)]
-            q, k = k2_qk(*leaves)
-        dq, dk, dxs, dgamma, ds0 = scan_bwd(q.detach().to(xc.dtype), k.detach().to(xc.dtype), xc,
-                                            gamma, None if s0 is None else s0.float(), states, dyc,
-                                            None if dscan is None else dscan.float(), cu, CHUNK)
-        dx_qk, du, dv, dalpha = torch.autograd.grad((q, k), leaves, (dq.float(), dk.float()))
-        g = torch.sigmoid(gate_logit.detach().float())
-        dxc, dc0 = conv_bwd_dx(dyc.float() * g, kernel, None if dconv is None else dconv.float(),
-                               c0 is not None, cu, torch.float32, torch.float32)
-        W = conv_bwd_dw(xc, None if c0 is None else c0.float(), dyc, K, kernel.dim() == 1, cu)
-        dkernel = g * W
-        dgate = (g * (1 - g) * (W * kernel.detach().float()).sum()).reshape(gate_logit.shape)
-        dx = (dxs.float() + dxc + dx_qk).to(x.dtype)
-        return (dx, du.to(u.dtype), dv.to(v.dtype), dalpha.to(alpha.dtype), dgamma.to(gamma.dtype),
-                dkernel.to(kernel.dtype), dgate.to(gate_logit.dtype),
-                None if s0 is None else ds0.to(s0.dtype), None if c0 is None else dc0.to(c0.dtype),
-                None, None)
+        return (*k2_triton_backward(*ctx.saved_tensors, dy, dscan, dconv), None, None)
 
 
 def triton_k2_mixer(x, u, v, alpha, gamma, kernel, gate_logit, *, initial_state=None,
                     output_final_state=False, cu_seqlens=None):
-    """The fused Triton kernel (see ``_TritonK2Mixer`` for what the backward fuses).
+    """The fused Triton kernel (see ``k2_triton_backward`` for what the backward fuses).
 
     Computes in float32 (float64 inputs are computed in float32 and cast back); the final
     states are float32 (float64 for float64 inputs, like the references).
     """
     s0, c0 = _split_state(initial_state)
-    B, T, D = x.shape
-    if T == 0:
-        return reference_k2_mixer(x, u, v, alpha, gamma, kernel, gate_logit, initial_state=initial_state,
-                                  output_final_state=output_final_state, cu_seqlens=cu_seqlens)
     y, sT, cT = _TritonK2Mixer.apply(x, u, v, alpha, gamma, kernel, gate_logit, s0, c0,
                                      bool(output_final_state), cu_seqlens)
     if not output_final_state:
@@ -209,7 +298,8 @@ def k2_mixer(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, alpha: torch.Ten
         output_final_state: also return the final (scan_state, conv_state).
         cu_seqlens: optional (N+1,) offsets of packed sequences in a B = 1 batch.
         backend: "auto" | "triton" | "triton_unfused" | "chunked" | "recurrent" | "naive".
-            "triton" is the fused kernel (module docstring); "triton_unfused" composes the Triton
+            "triton" is the fused kernel (module docstring; under ``torch.compile`` the
+            torch.library op of ``kop_triton.ops.library``); "triton_unfused" composes the Triton
             scan and conv with PyTorch q/k and gating (the benchmarks' unfused comparison);
             the others compose the PyTorch references; "auto" is triton on CUDA, chunked elsewhere.
 
@@ -218,6 +308,13 @@ def k2_mixer(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, alpha: torch.Ten
     """
     dev = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
     bk = resolve_backend(backend, dev, K2_BACKENDS)
+    if bk == "triton" and torch.compiler.is_compiling():
+        # under torch.compile: the torch.library op, one opaque graph node (no graph break);
+        # its eager implementation runs the argument checks, which read gamma and cu_seqlens
+        from .library import k2_mixer_triton_op
+        y, s1, c1 = k2_mixer_triton_op(x, u, v, alpha, gamma, kernel, gate_logit,
+                                       initial_state=initial_state, cu_seqlens=cu_seqlens)
+        return y, ((s1, c1) if output_final_state else None)
     _check_k2_args(x, u, v, alpha, gamma, kernel, gate_logit, initial_state, cu_seqlens,
                    "triton" if bk.startswith("triton") else bk)
     if bk == "triton_unfused":
