@@ -80,7 +80,7 @@ def test_init_follows_spec():
     assert_close("kernel", m.kernel, torch.exp(-0.15 * lag) / torch.exp(-0.15 * lag).sum(), 1e-7)
     assert torch.equal(m.alpha(), torch.ones(16))            # 2.0 * sigmoid(0)
     assert m.gate_logit.shape == () and float(m.gate_logit.detach()) == 0.0
-    assert abs(float(m.u.std()) - 0.05) < 0.005 and abs(float(m.proj.weight.std()) - 0.02) < 0.001
+    assert abs(float(m.u.detach().std()) - 0.05) < 0.005 and abs(float(m.proj.weight.detach().std()) - 0.02) < 0.001
     assert torch.equal(m.proj.bias, torch.zeros(256))
     names = {n for n, _ in m.named_parameters()}
     assert names == {"u", "v", "decay_logit", "alpha_logit", "kernel", "gate_logit", "proj.weight", "proj.bias"}
@@ -385,19 +385,64 @@ def test_triton_custom_op_matches_reference_every_gradient(with_state):
         assert_close(f"d{n}", a, b, tol)
 
 
-@needs_triton_k2
-def test_triton_custom_op_opcheck():
-    """torch.library.opcheck: schema, fake (meta) implementation and autograd registration agree."""
+def _op_args(B=1, T=5, D=6, R=2, K=3, lens=None, state=True, seed=0):
+    """Tiny inputs of kop_triton::k2_mixer_fwd (lens: packed sequence lengths, B = 1)."""
     from helpers import DEVICE
-    from kop_triton.ops.library import k2_mixer_fwd
-    g = torch.Generator().manual_seed(0)
-    D, R, K = 6, 2, 3
+    g = torch.Generator().manual_seed(seed)
+    N = B if lens is None else len(lens)
 
-    def t(*s, grad=True):
-        return torch.randn(*s, generator=g).to(DEVICE).requires_grad_(grad)
+    def t(*s):
+        return torch.randn(*s, generator=g).to(DEVICE).requires_grad_()
 
-    args = (t(1, 5, D), t(D, R), t(D, R), torch.rand(R, generator=g).to(DEVICE).requires_grad_(),
+    cu = None if lens is None else torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=DEVICE)
+    return [t(B, T, D), t(D, R), t(D, R), torch.rand(R, generator=g).to(DEVICE).requires_grad_(),
             (0.5 + 0.4 * torch.rand(R, generator=g)).to(DEVICE).requires_grad_(), t(K), t(()),
-            t(1, R, D), t(1, K - 1, D), None)
-    torch.library.opcheck(k2_mixer_fwd, args, test_utils=("test_schema", "test_faketensor",
-                                                         "test_autograd_registration"))
+            t(N, R, D) if state else None, t(N, K - 1, D) if state else None, cu]
+
+
+@needs_triton_k2
+@pytest.mark.parametrize("case", ["state", "no-state", "varlen", "no-chunk-states"])
+def test_triton_custom_op_opcheck(case):
+    """torch.library.opcheck on both ops, every check (schema, fake (meta) implementation,
+    autograd registration, AOT dispatch with static and dynamic shapes)."""
+    from kop_triton.ops.library import k2_mixer_bwd, k2_mixer_fwd
+    if case == "varlen":
+        args = _op_args(T=70, lens=[3, 66, 1])            # 1 + 2 + 1 chunks, padded to 2 + 3 - 1 rows
+    else:
+        args = _op_args(T=70 if case == "state" else 5, state=case != "no-state")
+    store = case != "no-chunk-states"
+    if not store:       # what k2_mixer_triton_op passes when no input needs a gradient
+        args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    torch.library.opcheck(k2_mixer_fwd, (*args, store))
+    with torch.no_grad():
+        y, s1, c1, chunk_states = k2_mixer_fwd(*args, store)
+    rows = {"state": 2, "no-state": 1, "varlen": 4, "no-chunk-states": 0}[case]
+    assert chunk_states.shape == (rows, 2, 6)
+    if not store:
+        return
+    g = torch.Generator().manual_seed(1)
+    cot = [torch.randn(o.shape, generator=g).to(o) for o in (y, s1, c1)]
+    plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    torch.library.opcheck(k2_mixer_bwd, (*plain, chunk_states, *cot))
+
+
+@needs_triton_k2
+def test_triton_custom_op_backward_reuses_chunk_states(monkeypatch):
+    """The backward op launches no forward kernel: it runs on the chunk states the forward op
+    saved; without a gradient to compute the forward stores none."""
+    from kop_triton.kernels import k2 as k2k
+    from kop_triton.ops.library import k2_mixer_triton_op
+    args = _op_args(T=70)
+    stored, fwd = [], k2k.k2_fwd
+
+    def counting_fwd(*a, **kw):
+        stored.append(kw["store_chunk_states"])
+        return fwd(*a, **kw)
+
+    monkeypatch.setattr(k2k, "k2_fwd", counting_fwd)
+    y, s1, c1 = k2_mixer_triton_op(*args[:7], initial_state=(args[7], args[8]))
+    (y.sum() + s1.sum() + c1.sum()).backward()
+    assert stored == [True] and all(a.grad is not None for a in args[:9])
+    with torch.no_grad():
+        k2_mixer_triton_op(*args[:7], initial_state=(args[7], args[8]))
+    assert stored == [True, False]

@@ -78,9 +78,9 @@ class KOperator(nn.Module):
             something that swaps parameter objects (FSDP2) should instead pass its kernel at
             call time, ``forward(..., kernel=...)`` / ``step(..., kernel=...)``, as KStack does.
         backend: "auto" (fused Triton on CUDA, chunked PyTorch elsewhere), "triton", "chunked",
-            "recurrent" or "naive".  With "triton" the mixer is the torch.library op of
-            ``kop_triton.ops.library`` while ``torch.compile`` traces (no graph break) and the
-            Triton autograd Function directly in eager mode.
+            "recurrent" or "naive".  With "triton" ``k2_mixer`` runs the Triton autograd
+            Function directly in eager mode and the torch.library op of
+            ``kop_triton.ops.library`` while ``torch.compile`` traces (no graph break).
 
     ``forward(x, state=None, return_state=False)`` maps (B, T, D) -> (B, T, D); with
     ``return_state`` it returns ``(y, KOperatorState)``.  ``step(x_t, state)`` advances one
@@ -169,16 +169,11 @@ class KOperator(nn.Module):
         # autocast itself is off inside, so the ops see consistent dtypes forward and backward
         with torch.autocast(x.device.type, enabled=False):
             w = self.get_kernel() if kernel is None else kernel
-            args = (xm, self.u, self.v, self.alpha(), self.gamma(), w, self.gate_logit)
-            if bk == "triton" and torch.compiler.is_compiling():
-                # under torch.compile: the torch.library op (one opaque node, no graph break)
-                from .ops.library import k2_mixer_triton_op
-                y, s1, c1 = k2_mixer_triton_op(*args, initial_state=state, cu_seqlens=cu_seqlens)
-                final = KOperatorState(s1, c1)
-            else:   # eager: the op's own autograd Function directly (no recomputation)
-                y, fin = k2_mixer(*args, initial_state=state, output_final_state=return_state,
-                                  cu_seqlens=cu_seqlens, backend=bk)
-                final = KOperatorState(*fin) if return_state else None
+            # "triton": the autograd Function eagerly, the torch.library op under torch.compile
+            y, fin = k2_mixer(xm, self.u, self.v, self.alpha(), self.gamma(), w, self.gate_logit,
+                              initial_state=state, output_final_state=return_state,
+                              cu_seqlens=cu_seqlens, backend=bk)
+            final = KOperatorState(*fin) if return_state else None
         out = self.proj(y)                                            # (B, T, D)
         return (out, final) if return_state else out
 
