@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One prepared run on a CUDA machine: install, the Triton/CUDA tests, the benchmark harness.
+# Everything lands in $OUT (at most 8 files: the device tool returns no more):
+#   machine.txt  tests.log  bench.log  bench/results.json  bench/results.md  bench_plots.tgz
+#
+# The flash-linear-attention peer travels as wheels in the git-ignored .whl/ (carry it):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform any -d .whl flash-linear-attention==0.6.0 fla-core==0.6.0
+# Budget (seconds) by environment: TEST_S (default 200), BENCH_MIN (default 4 minutes of new points).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/_scratch/device}
+mkdir -p "$OUT/bench"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/machine.txt" 2>&1 \
+    || { cat "$OUT/machine.txt"; exit 1; }
+{
+    date -u; git rev-parse HEAD 2>/dev/null
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+    python3 -c "import fla; print('fla', fla.__version__)" 2>&1 | tail -1
+} >>"$OUT/machine.txt" 2>&1
+
+timeout "${TEST_S:-200}" python3 -m pytest -q -x -p no:cacheprovider -n 4 \
+    tests/test_scan_triton.py tests/test_conv.py tests/test_k2.py tests/test_module_koperator.py \
+    tests/test_model.py tests/test_eval.py tests/test_scan_reference.py >"$OUT/tests.log" 2>&1
+echo "tests exit code $?" >>"$OUT/tests.log"
+
+timeout $(( ${BENCH_MIN:-4} * 60 + 120 )) python3 -m benchmarks.run --max-minutes "${BENCH_MIN:-4}" \
+    --out "$OUT/bench" --note "device_check.sh on a lent GPU" >"$OUT/bench.log" 2>&1
+echo "bench exit code $?" >>"$OUT/bench.log"
+(cd "$OUT/bench" && ls ./*.png >/dev/null 2>&1 && tar czf ../bench_plots.tgz ./*.png && rm -f ./*.png)
+
+tail -n 3 "$OUT/tests.log" "$OUT/bench.log"
