@@ -121,6 +121,31 @@ def mask_decayed_scan(q, k, v, gamma):
     return torch.einsum("btr,btrd->btd", q, states)                       # (B, T, D)
 
 
+def block_decayed_scan(q, k, v, gamma, block: int = 128):
+    """The reference implementation's linear path (its "block" decay), written here from the
+    formula: blocks of 128 tokens; inside a block every per-token state S_t (B, blk, R, D) is
+    materialised from a (blk, blk, R) decay mask contracted with the outer products k_j (x) v_j,
+    plus the carried state decayed by gamma^(t+1); o_t = q_t . S_t.  Linear in T, but it moves
+    R x D floats per token where the chunked algorithm moves D."""
+    B, T, R = q.shape
+    cd = torch.promote_types(q.dtype, torch.float32)
+    log_g = torch.log(gamma.clamp(min=1e-8)).to(cd)
+    state = torch.zeros(B, R, v.shape[-1], dtype=cd, device=q.device)
+    outs = []
+    for s in range(0, T, block):
+        n = min(block, T - s)
+        i = torch.arange(n, device=q.device)
+        lag = (i[:, None] - i[None, :]).clamp(min=0).to(cd)
+        causal = (i[:, None] >= i[None, :]).to(cd)
+        decay = torch.exp(lag[..., None] * log_g) * causal[..., None]                 # (n, n, R)
+        kv = k[:, s:s + n, :, None].to(cd) * v[:, s:s + n, None, :].to(cd)           # (B, n, R, D)
+        carry = torch.exp((i + 1)[:, None].to(cd) * log_g)                           # (n, R)
+        states = torch.einsum("tjr,bjrd->btrd", decay, kv) + state[:, None] * carry[None, :, :, None]
+        outs.append(torch.einsum("btr,btrd->btd", q[:, s:s + n].to(cd), states))
+        state = states[:, -1]
+    return torch.cat(outs, dim=1).to(v.dtype)
+
+
 # --------------------------------------------------------------------------------------
 # methods
 # --------------------------------------------------------------------------------------
@@ -149,6 +174,15 @@ def _scan(backend):
 
 def _scan_mask(i):
     return mask_decayed_scan(i["q"], i["k"], i["v"], i["gamma"])
+
+
+def _scan_block(i):
+    return block_decayed_scan(i["q"], i["k"], i["v"], i["gamma"])
+
+
+def _est_block(B, T, D, R, s, mode):
+    # autograd keeps every block's (B, blk, R, D) states and outer products: ~3 x B T R D floats
+    return max(s, 4) * 3 * B * T * R * D * (2 if mode == "fwd_bwd" else 1)
 
 
 def _scan_fla(i):
@@ -265,6 +299,9 @@ METHODS = [
     Method("scan/recurrent", "scan", "alternative", "decayed scan, one step per token", _scan("recurrent")),
     Method("scan/mask", "scan", "alternative", "decayed scan, reference 'mask' formulation (T,T,R) mask",
            _scan_mask, p_time=2, p_mem=2, mem_estimate=_est_mask),
+    Method("scan/ref_block", "scan", "alternative",
+           "decayed scan, reference 'block' linear path (per-token states in blocks of 128)",
+           _scan_block, mem_estimate=_est_block),
     Method("scan/fla_chunk_gla", "scan", "alternative", "flash-linear-attention chunk_gla (K=R, V=D)",
            _scan_fla, needs=_fla_missing),
     Method("k2/naive", "k2", "alternative", "K2 mixer, naive quadratic scan + conv1d", _k2("naive"),
