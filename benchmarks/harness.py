@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -326,4 +327,4 @@ def command_line() -> str:
     mod = sys.modules.get("__main__")
     spec = getattr(mod, "__spec__", None)
     head = f"python -m {spec.name}" if spec is not None and spec.name else f"python {sys.argv[0]}"
-    return " ".join([head] + sys.argv[1:])
+    return " ".join([head, shlex.join(sys.argv[1:])]).strip()
