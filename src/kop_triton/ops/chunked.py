@@ -78,8 +78,8 @@ class ChunkedScanFn(torch.autograd.Function):
         for c in range(n):
             S_all[:, c + 1].addcmul_(S_all[:, c], g_last if c == n - 1 else g_full)
         S_prev = S_all[:, :n].contiguous()                                # one batch dim for bmm
-        o = torch.baddbmm(((qc * _pow(gamma, i + 1)) @ S_prev).view(B * n, C, D),
-                          A.view(B * n, C, C), vc.view(B * n, C, D)).view(B, n, C, D)
+        o = A @ vc                                                        # (B, n, C, D)
+        o += (qc * _pow(gamma, i + 1)) @ S_prev
         ctx.save_for_backward(q, k, v, gamma, S_prev, A)
         ctx.meta = (T, C, n, pad, last, h0 is not None)
         o = o.view(B, n * C, D)[:, :T]
@@ -126,8 +126,8 @@ class ChunkedScanFn(torch.autograd.Function):
         if pad:
             kd[:, -1] = kc[:, -1] * Pk_last
         dA = doc @ vc.transpose(-1, -2)                                   # (B, n, C, C)
-        dv = torch.baddbmm((kd @ G_next).view(B * n, C, D), A.view(B * n, C, C).transpose(-1, -2),
-                           doc.reshape(B * n, C, D)).view(B, n, C, D)
+        dv = A.transpose(-1, -2) @ doc                                    # (torch.baddbmm loops per
+        dv += kd @ G_next                                                 #  matrix on CPU: measured)
         dqd = doc @ S_prev.transpose(-1, -2)                              # (B, n, C, R)
         dkd = vc @ G_next.transpose(-1, -2)
         X = dA.unsqueeze(-1) * L                                          # (B, n, C, C, R)
