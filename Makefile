@@ -2,11 +2,14 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-# torch 2.13.0 (CPU build) lies on this project's CI/dev disk; on a GPU box install your CUDA torch first
-# and run `make test VENV_FLAGS=--system-site-packages`.  Triton is pinned to the version of the lent GPU.
+# torch 2.13.0 (CPU build) lies on this project's CI/dev disk; Triton is pinned to the lent GPU's version
+# (3.6.0) so the interpreter runs the same Triton.  Without a GPU, tests/conftest.py sets TRITON_INTERPRET=1
+# and the Triton kernels run through the interpreter.  On a CUDA machine with its own torch, use
+# benchmarks/device_check.sh (CUDA tests + benchmarks, no venv).
 DEPS   := "setuptools>=64" torch==2.13.0 triton==3.6.0 "numpy<2.4" safetensors tqdm sentencepiece matplotlib pytest hypothesis pytest-xdist
 STAMP  := $(VENV)/.kop-installed
 JOBS   ?= 2
+BENCH_FLAGS ?=
 
 .PHONY: install test bench clean
 
@@ -19,10 +22,10 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -n $(JOBS) tests
+	$(PY) -m pytest -q -n $(JOBS) tests
 
 bench: $(STAMP)
-	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.run $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
