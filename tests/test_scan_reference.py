@@ -208,3 +208,19 @@ def test_empty_sequence_passes_state_through(backend):
     o, s = decayed_scan(q, k, v, g, initial_state=h0, output_final_state=True, backend=backend)
     assert o.shape == (2, 0, 4)
     assert torch.equal(s, h0)
+
+
+@pytest.mark.parametrize("op", ["scan", "conv", "k2"])
+def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(op, monkeypatch):
+    """Not a crash inside Triton's driver lookup: a ValueError naming the backend and the device."""
+    from kop_triton import causal_conv, k2_mixer
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v, g = _good()
+    calls = {
+        "scan": lambda: decayed_scan(q, k, v, g, backend="triton"),
+        "conv": lambda: causal_conv(v, torch.rand(3), backend="triton"),
+        "k2": lambda: k2_mixer(v, torch.randn(4, 3), torch.randn(4, 3), torch.ones(3), g,
+                               torch.rand(3), torch.zeros(()), backend="triton"),
+    }
+    with pytest.raises(ValueError, match=r"backend='triton' runs Triton kernels on CUDA tensors.*got tensors on cpu"):
+        calls[op]()

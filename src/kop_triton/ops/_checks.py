@@ -5,6 +5,7 @@ shape, value or combination) naming the argument and what was received.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -56,11 +57,25 @@ def check_backend(backend: str, allowed: Sequence[str] = BACKENDS) -> str:
 
 def resolve_backend(backend: str, device: torch.device, allowed: Sequence[str] = BACKENDS,
                     cpu_default: str = "chunked") -> str:
-    """"auto" -> "triton" on CUDA tensors, ``cpu_default`` elsewhere."""
+    """"auto" -> "triton" on CUDA tensors, ``cpu_default`` elsewhere.  An explicit Triton
+    backend is checked to be runnable here (CUDA tensors, or CPU tensors under the interpreter)."""
     check_backend(backend, allowed)
     if backend == "auto":
         return "triton" if device.type == "cuda" else cpu_default
+    if backend.startswith("triton"):
+        check_triton_runnable(backend, device)
     return backend
+
+
+def check_triton_runnable(backend: str, device: torch.device) -> None:
+    if device.type == "cuda":
+        return
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    raise ValueError(
+        f"backend={backend!r} runs Triton kernels on CUDA tensors (or on CPU tensors with "
+        f"TRITON_INTERPRET=1 set before triton is imported), got tensors on {device}; "
+        f"use backend='auto' or 'chunked' there")
 
 
 def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], batch: int, seqlen: int,
