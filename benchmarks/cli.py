@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Optional
 
 import torch
 
@@ -95,3 +96,38 @@ def write_json(doc: dict, path: str) -> None:
     with open(tmp, "w") as f:
         f.write(text + "\n")
     os.replace(tmp, path)
+
+
+def op_sweep_main(op: str, doc: str, default_methods, argv=None, with_K: bool = False,
+                  meta: Optional[dict] = None) -> dict:
+    """The per-op scripts (bench_scan, bench_k2): one T sweep of one op's methods, JSON out."""
+    from .methods import select
+    from .report import tables
+    from .sweep import Log, SweepSpec, document, run_sweep
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--T", type=int_list, default=int_list("128,256,512,1024,2048,4096,8192,16384"))
+    p.add_argument("--tokens", type=int, default=16384, help="tokens per batch (B = tokens // T, at least 1)")
+    p.add_argument("--D", type=int_list, default=[256])
+    p.add_argument("--R", type=int_list, default=[16])
+    if with_K:
+        p.add_argument("--K", type=int, default=8, help="Kbase kernel taps")
+    p.add_argument("--dtypes", type=str_list, default=["fp32"])
+    p.add_argument("--modes", type=str_list, default=["fwd", "fwd_bwd"])
+    p.add_argument("--methods", type=str_list, default=list(default_methods),
+                   help=f"comma list of method names (default: {','.join(default_methods)})")
+    p.add_argument("--json", default="-", help="output file, '-' for stdout")
+    add_common(p)
+    args = p.parse_args(argv)
+    device, threads, budget = setup(args)
+    extra = {"K": args.K} if with_K else {}
+    spec = SweepSpec(op, select(args.methods), args.T, args.tokens, args.D, args.R, args.dtypes, args.modes,
+                     **extra)
+    log = Log(args.quiet)
+    records, copies = run_sweep(spec, device, budget, log, grad_check=not args.no_grad_check)
+    out = document([spec], records, copies, device, threads,
+                   {"note": args.note, "flush_denormal": args.flush_denormal,
+                    "budget": {"time_s": budget.time_s, "mem_bytes": budget.mem_bytes}, **(meta or {})})
+    write_json(out, args.json)
+    log(tables(out))
+    return out
