@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .ops._checks import check_backend, describe, resolve_backend, state_dtype
-from .ops.k2 import NORM_EPS, k2_mixer
+from .ops.k2 import k2_mixer, k2_qk
 
 RMS_EPS = 1e-8
 INIT_STD = 0.02
@@ -199,8 +199,7 @@ class KOperator(nn.Module):
                              f"{describe(S)} and {describe(C)}")
         xm = _autocast_input(x_t)                                     # (B, D)
         xs = xm.to(dt)
-        q = F.normalize(xm @ self.u.to(xm.dtype), dim=-1, eps=NORM_EPS) * self.alpha().to(xm.dtype)
-        k = F.normalize(xm @ self.v.to(xm.dtype), dim=-1, eps=NORM_EPS)          # (B, R)
+        q, k = k2_qk(xm, self.u, self.v, self.alpha())                # (B, R) each, as the parallel form
         S = self.gamma().to(dt)[:, None] * S.to(dt) + k.to(dt)[:, :, None] * xs[:, None, :]  # (B, R, D)
         y = (q.to(dt)[:, :, None] * S).sum(1)                         # (B, D)
         w = w.to(dt)
