@@ -307,12 +307,8 @@ class JsonlLog:
 
 
 def _atomic_write(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from .checkpoint import atomic_write_files
+    atomic_write_files(path.parent, {path.name: payload})
 
 
 def _say(info: kdist.DistInfo, msg: str) -> None:
