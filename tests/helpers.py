@@ -79,3 +79,12 @@ def scan_inputs(B, T, R, D, dtype=torch.float64, device="cpu", seed=0, gamma=Non
     out.append(h0)
     out = [None if t is None else t.to(device).requires_grad_(requires_grad) for t in out]
     return out
+
+
+def cotangent_grads(outputs, leaves, seed: int = 1):
+    """Gradients of sum_i <outputs[i], random cotangent_i> w.r.t. ``leaves`` (None outputs and
+    leaves skipped): every output, final states included, gets its own random float64 cotangent."""
+    gen = torch.Generator().manual_seed(seed)
+    loss = sum((o * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o)).sum()
+               for o in outputs if o is not None)
+    return torch.autograd.grad(loss, [t for t in leaves if t is not None])

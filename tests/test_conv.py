@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from helpers import DEVICE, TOL, TRITON_OK, assert_close
+from helpers import DEVICE, TOL, TRITON_OK, assert_close, cotangent_grads
 from kop_triton import causal_conv
 from kop_triton.ops.conv import naive_causal_conv
 
@@ -35,12 +35,8 @@ def conv_inputs(B, T, D, K, per_channel, dtype=torch.float64, seed=0, init=True,
 
 def loss_grads(backend, x, w, h0, seed=1, **kw):
     y, f = causal_conv(x, w, initial_state=h0, output_final_state=True, backend=backend, **kw)
-    gen = torch.Generator().manual_seed(seed)
-    dy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y)
-    df = torch.randn(f.shape, generator=gen, dtype=torch.float64).to(f)
     inputs = [t for t in (x, w, h0) if t is not None and t.requires_grad]
-    grads = torch.autograd.grad((y * dy).sum() + (f * df).sum(), inputs)
-    return [y, f] + list(grads)
+    return [y, f] + list(cotangent_grads([y, f], inputs, seed))
 
 
 def f64(*ts):

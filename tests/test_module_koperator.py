@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import TOL, assert_close
+from helpers import TOL, assert_close, cotangent_grads
 from kop_triton import KOperator
 from kop_triton.modules import KOperatorState
 
@@ -65,12 +65,6 @@ def _inputs(B, T, m, seed=1, dtype=torch.float64, state=True):
     return x, s0, c0
 
 
-def _grads(outputs, inputs, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    loss = sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)).sum() for o in outputs)
-    return torch.autograd.grad(loss, inputs, allow_unused=False)
-
-
 def test_init_follows_spec():
     torch.manual_seed(0)
     m = KOperator(256, rank=16, kernel_size=8, gamma_min=0.05, gamma_max=1.0, alpha_cap=2.0)
@@ -99,8 +93,8 @@ def test_parallel_matches_spec_every_gradient(backend, T):
     assert_close("conv_state", st.conv, c_ref, tol)
     inputs = [x, s0, c0] + list(m.parameters())
     names = ["x", "s0", "c0"] + [n for n, _ in m.named_parameters()]
-    got = _grads([y, st.scan, st.conv], inputs)
-    ref = _grads([y_ref, s_ref, c_ref], inputs)
+    got = cotangent_grads([y, st.scan, st.conv], inputs)
+    ref = cotangent_grads([y_ref, s_ref, c_ref], inputs)
     for n, a, b in zip(names, got, ref):
         assert_close(f"d{n}", a, b, tol)
 
@@ -174,8 +168,8 @@ def test_shared_kernel_is_used_not_registered():
     y, st = m(x, state=(s0, c0), return_state=True)
     y_ref, _, _ = spec_koperator(x, m, s0, c0)
     assert_close("y", y, y_ref, 1e-10)
-    (g_got,) = _grads([y], [shared])
-    (g_ref,) = _grads([y_ref], [shared])
+    (g_got,) = cotangent_grads([y], [shared])
+    (g_ref,) = cotangent_grads([y_ref], [shared])
     assert_close("dshared_kernel", g_got, g_ref, 1e-10)
     # a kernel passed at call time (how KStack hands over its shared parameter) wins
     other = torch.tensor([0.1, -0.4, 0.9, 0.2], dtype=torch.float64)
@@ -218,7 +212,7 @@ def _compile_check(m, x, s0, c0):
     inputs = [x, s0, c0] + list(m.parameters())
     for n, a, b in zip(["y", "scan", "conv"], outs_c, outs_e):
         assert_close(f"compiled {n}", a, b, 1e-6)
-    for i, (a, b) in enumerate(zip(_grads(outs_c, inputs), _grads(outs_e, inputs))):
+    for i, (a, b) in enumerate(zip(cotangent_grads(outs_c, inputs), cotangent_grads(outs_e, inputs))):
         assert_close(f"compiled grad {i}", a, b, 1e-6)
 
 
@@ -343,8 +337,8 @@ def test_triton_module_matches_chunked_every_gradient(T):
     params = [(n, p) for n, p in m.named_parameters() if n != "decay_logit"]
     ref_params = [p for n, p in ref.named_parameters() if n != "decay_logit"]
     names = ["x", "s0", "c0", "gamma"] + [n for n, _ in params]
-    got = _grads([y, st.scan, st.conv], [x, s0, c0, g32] + [p for _, p in params])
-    exp = _grads([yr, str_.scan, str_.conv], [xr, s0r, c0r, g64] + ref_params)
+    got = cotangent_grads([y, st.scan, st.conv], [x, s0, c0, g32] + [p for _, p in params])
+    exp = cotangent_grads([yr, str_.scan, str_.conv], [xr, s0r, c0r, g64] + ref_params)
     for n, a, b in zip(names, got, exp):
         assert_close(f"d{n}", a, b, tol)
 
@@ -381,7 +375,7 @@ def test_triton_custom_op_matches_reference_every_gradient(with_state):
     for n, a, b in zip(["y", "scan", "conv"], (y, s1, c1), (yr, s1r, c1r)):
         assert_close(n, a, b, tol)
     names = ["x", "u", "v", "alpha", "gamma", "kernel", "gate_logit", "scan_state", "conv_state"]
-    for n, a, b in zip(names, _grads([y, s1, c1], ours), _grads([yr, s1r, c1r], ref)):
+    for n, a, b in zip(names, cotangent_grads([y, s1, c1], ours), cotangent_grads([yr, s1r, c1r], ref)):
         assert_close(f"d{n}", a, b, tol)
 
 

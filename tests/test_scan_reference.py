@@ -3,7 +3,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from helpers import TOL, assert_close, make_gamma, scan_inputs
+from helpers import TOL, assert_close, cotangent_grads, make_gamma, scan_inputs
 from kop_triton import decayed_scan
 from kop_triton.ops.scan import chunked_decayed_scan, naive_decayed_scan, recurrent_decayed_scan
 
@@ -27,13 +27,7 @@ def test_gradcheck_float64(name, with_state):
 
 def _loss_grads(fn, q, k, v, g, h0, seed=1, **kw):
     o, s = fn(q, k, v, g, initial_state=h0, output_final_state=True, **kw)
-    gen = torch.Generator().manual_seed(seed)
-    do = torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o)
-    ds = torch.randn(s.shape, generator=gen, dtype=torch.float64).to(s)
-    loss = (o * do).sum() + (s * ds).sum()
-    inputs = [t for t in (q, k, v, g, h0) if t is not None]
-    grads = torch.autograd.grad(loss, inputs)
-    return o, s, grads
+    return o, s, cotangent_grads([o, s], [q, k, v, g, h0], seed)
 
 
 @pytest.mark.parametrize("name", ["recurrent", "chunked"])
