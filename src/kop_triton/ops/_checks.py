@@ -106,3 +106,19 @@ def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], batch: int, seqlen: int
 def state_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """States and accumulators: float32, or float64 when the inputs are float64."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def check_gamma_range(gamma: torch.Tensor) -> None:
+    """gamma in (0, 1] (NaN fails), without reading gamma on the host: the condition is one
+    device tensor asserted with ``torch._assert_async`` -- on CUDA an asynchronous device-side
+    assert (no synchronisation, capturable in a CUDA graph, traced by ``torch.compile``), on
+    CPU checked at once and raised here as a ValueError naming the values."""
+    if gamma.numel() == 0:
+        return
+    ok = ((gamma > 0) & (gamma <= 1)).all()
+    try:
+        torch._assert_async(ok, "gamma must lie in (0, 1]")
+    except RuntimeError:
+        g = gamma.detach()
+        raise ValueError(f"gamma must lie in (0, 1], got values in [{float(g.min())}, {float(g.max())}]"
+                         f"{' (NaN present)' if bool(g.isnan().any()) else ''}") from None

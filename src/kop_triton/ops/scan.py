@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import torch
 
 from .chunked import CPU_CHUNK, chunked_scan
-from ._checks import (check_cu_seqlens, check_same_device, check_same_dtype, check_tensor,
+from ._checks import (check_cu_seqlens, check_gamma_range, check_same_device, check_same_dtype, check_tensor,
                       describe, resolve_backend, state_dtype)
 
 MAX_TRITON_RANK = 128
@@ -220,10 +220,7 @@ def _check_scan_args(q, k, v, gamma, initial_state, cu_seqlens, backend):
         raise ValueError(f"gamma must have shape (R,) = ({R},) to match q, got {describe(gamma)}")
     if R < 1 or v.shape[-1] < 1:
         raise ValueError(f"R and D must be >= 1, got q {describe(q)}, v {describe(v)}")
-    if not (torch.compiler.is_compiling() or gamma.numel() == 0):
-        lo, hi = float(gamma.detach().min()), float(gamma.detach().max())
-        if not (lo > 0.0 and hi <= 1.0):
-            raise ValueError(f"gamma must lie in (0, 1], got values in [{lo}, {hi}]")
+    check_gamma_range(gamma)
     N = check_cu_seqlens(cu_seqlens, B, T, q.device)
     N = B if N is None else N
     if initial_state is not None:
