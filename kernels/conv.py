@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ._common import dot, dot_mode
+from .launch import launch
 
 # Tile sizes.  BT = BS = 64 feeds the tensor cores with 64 x 64 x BD products; BD <= 64
 # keeps a fp32 (BT, BD) accumulator at 32 registers per thread with 4 warps.
@@ -43,6 +44,9 @@ MAX_BLOCK_D = 64
 DOT_MIN_TAPS = 32
 # dw: lags per program
 BLOCK_L = 32
+# dw: 8 warps, for its two (BLOCK_T, BD) fp32 tiles live per lag (4 warps spilled 16 B at
+# BL = 8, BD = 64, sm_90, offline compile report 2026-12-02)
+DW_WARPS = 8
 
 
 # --------------------------------------------------------------------------------------
@@ -318,10 +322,10 @@ def conv_fwd(x, weight, initial_state, output_final_state, cu_seqlens, use_dot=N
     dot = _use_dot(weight, K, use_dot)
     if B * T > 0:
         gt, gb, tab = lay.grid_t(BLOCK_T)
-        _conv_fwd_kernel[(gt, triton.cdiv(D, BD), gb)](
-            x2, w, h0, y, lay.cu, tab, T, D, K, BT=BLOCK_T, BS=BLOCK_S, BD=BD,
-            PER_CHANNEL=weight.dim() == 2, USE_H0=use_h0, USE_DOT=dot, IS_VARLEN=lay.varlen,
-            DOT_MODE=dot_mode(x.dtype))
+        launch(_conv_fwd_kernel, (gt, triton.cdiv(D, BD), gb),
+               x=x2, w=w, h0=h0, y=y, cu=lay.cu, table=tab, T=T, D=D, K=K, BT=BLOCK_T, BS=BLOCK_S,
+               BD=BD, PER_CHANNEL=weight.dim() == 2, USE_H0=use_h0, USE_DOT=dot, IS_VARLEN=lay.varlen,
+               DOT_MODE=dot_mode(x.dtype))
     final = lay.final_rows(x2, initial_state if K > 1 else None, K) if output_final_state else None
     return y.view(B, T, D), final
 
@@ -342,11 +346,10 @@ def conv_bwd_dx(dy, weight, dfinal, need_dh0, cu_seqlens, dx_dtype, dh0_dtype, u
     extra = K - 1 if need_dh0 else 0
     gt, gb, tab = lay.grid_t(BLOCK_T, extra)
     if gt * gb > 0:
-        _conv_bwd_dx_kernel[(gt, triton.cdiv(D, BD), gb)](
-            g2, w, dfin, dx, dh0, lay.cu, tab, T, D, K, BT=BLOCK_T, BS=BLOCK_S, BD=BD,
-            PER_CHANNEL=weight.dim() == 2, USE_DFIN=use_dfin, NEED_DH0=need_dh0,
-            USE_DOT=_use_dot(weight, K, use_dot), IS_VARLEN=lay.varlen,
-            DOT_MODE=dot_mode(dy.dtype))
+        launch(_conv_bwd_dx_kernel, (gt, triton.cdiv(D, BD), gb),
+               dy=g2, w=w, dfin=dfin, dx=dx, dh0=dh0, cu=lay.cu, table=tab, T=T, D=D, K=K, BT=BLOCK_T,
+               BS=BLOCK_S, BD=BD, PER_CHANNEL=weight.dim() == 2, USE_DFIN=use_dfin, NEED_DH0=need_dh0,
+               USE_DOT=_use_dot(weight, K, use_dot), IS_VARLEN=lay.varlen, DOT_MODE=dot_mode(dy.dtype))
     if need_dh0:
         return dx.view(B, T, D), dh0
     if K == 1 and dh0_dtype is not None:
@@ -374,8 +377,9 @@ def conv_bwd_dw(x, initial_state, dy, K, shared, cu_seqlens):
     if n_blocks == 0:
         part.zero_()
     else:
-        _conv_bwd_dw_kernel[(triton.cdiv(K, BL), triton.cdiv(D, BD), NS)](
-            x2, h0, g2, part, lay.cu, tab, n_blocks, gt, T, D, K,
-            BT=BLOCK_T, BL=BL, BD=BD, USE_H0=use_h0, IS_VARLEN=lay.varlen)
+        launch(_conv_bwd_dw_kernel, (triton.cdiv(K, BL), triton.cdiv(D, BD), NS),
+               x=x2, h0=h0, dy=g2, dw_part=part, cu=lay.cu, table=tab, n_blocks=n_blocks, NT=gt, T=T,
+               D=D, K=K, BT=BLOCK_T, BL=BL, BD=BD, USE_H0=use_h0, IS_VARLEN=lay.varlen,
+               num_warps=DW_WARPS)
     dw = part.sum(0)                                                  # (K, D)
     return dw.sum(1) if shared else dw.t().contiguous()

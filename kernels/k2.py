@@ -7,8 +7,8 @@ One program per (sequence, D-block of BD channels) walks its sequence in sub-chu
 tokens.  Per sub-chunk it loads the x rows once per D-slice (once in all when D <= BD = 64;
 otherwise its own slice is read a second time, from cache), and in registers:
   * projects them onto u and v (over all of D, in BD-wide slices) and normalises -> q, k (BC, BR);
-  * scores A[i, j] = sum_r q_ir k_jr g_r^(i-j), j <= i, from a (BC, BC, BR) broadcast with
-    the exact masked decay (every exponent >= 0; g^n = exp2(n * log2 g), log2 g computed on
+  * scores A[i, j] = sum_r q_ir k_jr g_r^(i-j), j <= i, one column at a time with the exact
+    masked decay (``kop_triton.kernels.scan.diag_scores``) (every exponent >= 0; g^n = exp2(n * log2 g), log2 g computed on
     the host in float64);
   * o = A @ x + (q * g^(i+1)) @ S, S the (BR, BD) float32 state entering the sub-chunk;
   * c = the causal convolution tile (``kop_triton.kernels.conv.conv_tile``: taps, or the
@@ -31,11 +31,13 @@ import triton.language as tl
 
 from . import conv as _conv
 from ._common import dot, dot_mode
+from .launch import launch, sm_count
 from .conv import _Layout, conv_tile
+from .scan import diag_scores
 
 SUB_CHUNK = 16          # tokens per step: the smallest tl.dot tile
 CHUNK = 64              # chunk_states granularity = the scan's DEFAULT_CHUNK (scan_bwd's chunk_size)
-NORM_EPS = 1e-8
+NORM_EPS = tl.constexpr(1e-8)   # a constexpr: the compiler rejects a plain Python float global
 MAX_BLOCK_D = 64
 
 
@@ -70,10 +72,6 @@ def _k2_fwd_kernel(x, u, v, alpha, lg, gate, w, c0, s0, y, sT, states, cu, chunk
     b_S = tl.zeros([BR, BD], dtype=tl.float32)
     if USE_S0:
         b_S = tl.load(s0 + i_n.to(tl.int64) * R * D + p_S, mask=m_rd, other=0.)
-    # decays that do not depend on the sub-chunk
-    n_ij = o_c[:, None] - o_c[None, :]                                      # i - j
-    b_dec = tl.where((n_ij >= 0)[:, :, None],
-                     tl.exp2(tl.maximum(n_ij, 0).to(tl.float32)[:, :, None] * b_lg[None, None, :]), 0.)
     b_gq = tl.exp2((o_c + 1).to(tl.float32)[:, None] * b_lg[None, :])      # g^(i+1)  (BC, BR)
 
     for t0 in range(0, L, BC):
@@ -84,29 +82,32 @@ def _k2_fwd_kernel(x, u, v, alpha, lg, gate, w, c0, s0, y, sT, states, cu, chunk
         Lc = tl.minimum(L - t0, BC)
         m_t = o_c < Lc
         rows = (bos + t0 + o_c).to(tl.int64)
+        # this program's x tile (BC, BD)
+        b_x = tl.load(x + rows[:, None] * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :],
+                      other=0.).to(tl.float32)
         # q, k: projection over all of D, normalisation over R
-        b_pu = tl.zeros([BC, BR], dtype=tl.float32)
-        b_pv = tl.zeros([BC, BR], dtype=tl.float32)
-        for d0 in range(0, D, BD):
-            o_p = d0 + tl.arange(0, BD)
-            m_p = o_p < D
-            b_xp = tl.load(x + rows[:, None] * D + o_p[None, :], mask=m_t[:, None] & m_p[None, :], other=0.)
-            m_pr = m_p[:, None] & m_r[None, :]
-            b_u = tl.load(u + o_p[:, None] * R + o_r[None, :], mask=m_pr, other=0.)
-            b_v = tl.load(v + o_p[:, None] * R + o_r[None, :], mask=m_pr, other=0.)
-            b_pu += dot(b_xp, b_u, DOT_MODE)
-            b_pv += dot(b_xp, b_v, DOT_MODE)
+        if SINGLE_D:                                                        # D <= BD: the same tile
+            m_dr = m_d[:, None] & m_r[None, :]
+            b_pu = dot(b_x, tl.load(u + o_d[:, None] * R + o_r[None, :], mask=m_dr, other=0.), DOT_MODE)
+            b_pv = dot(b_x, tl.load(v + o_d[:, None] * R + o_r[None, :], mask=m_dr, other=0.), DOT_MODE)
+        else:
+            b_pu = tl.zeros([BC, BR], dtype=tl.float32)
+            b_pv = tl.zeros([BC, BR], dtype=tl.float32)
+            for d0 in range(0, D, BD):
+                o_p = d0 + tl.arange(0, BD)
+                m_p = o_p < D
+                b_xp = tl.load(x + rows[:, None] * D + o_p[None, :], mask=m_t[:, None] & m_p[None, :], other=0.)
+                m_pr = m_p[:, None] & m_r[None, :]
+                b_u = tl.load(u + o_p[:, None] * R + o_r[None, :], mask=m_pr, other=0.)
+                b_v = tl.load(v + o_p[:, None] * R + o_r[None, :], mask=m_pr, other=0.)
+                b_pu += dot(b_xp, b_u, DOT_MODE)
+                b_pv += dot(b_xp, b_v, DOT_MODE)
         n_u = tl.maximum(tl.sqrt(tl.sum(b_pu * b_pu, axis=1)), NORM_EPS)
         n_v = tl.maximum(tl.sqrt(tl.sum(b_pv * b_pv, axis=1)), NORM_EPS)
         b_q = b_pu / n_u[:, None] * b_alpha[None, :]                        # (BC, BR), 0 on pad rows
         b_k = b_pv / n_v[:, None]
-        if SINGLE_D:
-            b_x = b_xp.to(tl.float32)                                       # D <= BD: the same tile
-        else:
-            b_x = tl.load(x + rows[:, None] * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :],
-                          other=0.).to(tl.float32)                          # (BC, BD)
         # decayed scan of the sub-chunk
-        b_A = tl.sum(b_q[:, None, :] * b_k[None, :, :] * b_dec, axis=2)     # (BC, BC)
+        b_A = diag_scores(b_q, b_k, b_lg, BC)                               # (BC, BC)
         b_o = dot(b_A, b_x, DOT_MODE) + dot(b_q * b_gq, b_S, 0)
         # causal convolution tile
         b_c = conv_tile(x, w, c0, bos, L, i_n, t0, o_d, m_d, D, K, BC, BC, BD,
@@ -128,9 +129,9 @@ def block_d(D: int, N: int, device: torch.device) -> int:
     once, trading a repeated projection (each program projects all of D) for parallelism.
     Not yet tuned by measurement (no GPU in the session that wrote it); 64 off the GPU."""
     bd = min(MAX_BLOCK_D, max(16, triton.next_power_of_2(D)))
-    if device.type != "cuda":
+    sms = sm_count(device)
+    if sms is None:
         return bd
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     while bd > 16 and N * triton.cdiv(D, bd) < sms:
         bd //= 2
     return bd
@@ -187,11 +188,13 @@ def k2_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
         elif sT is not None:
             sT.zero_()
     else:
-        _k2_fwd_kernel[(triton.cdiv(D, BD), N)](
-            x2, uf, vf, af, lg, gate, w, c0, s0, y, sT, states, lay.cu, offs, T, D, R, K, NT,
-            BC=SUB_CHUNK, CH=CHUNK, BD=BD, BR=BR, SINGLE_D=D <= BD, PER_CHANNEL=kernel.dim() == 2,
-            CONV_DOT=conv_dot, USE_C0=use_c0, USE_S0=s0 is not None, STORE_FINAL=output_final_state,
-            STORE_STATES=store_chunk_states, IS_VARLEN=cu_seqlens is not None,
-            DOT_MODE=dot_mode(x.dtype))
+        launch(_k2_fwd_kernel, (triton.cdiv(D, BD), N),
+               x=x2, u=uf, v=vf, alpha=af, lg=lg, gate=gate, w=w, c0=c0, s0=s0, y=y, sT=sT,
+               states=states, cu=lay.cu, chunk_offsets=offs, T=T, D=D, R=R, K=K, NT=NT, BC=SUB_CHUNK,
+               CH=CHUNK, BD=BD, BR=BR, SINGLE_D=D <= BD, PER_CHANNEL=kernel.dim() == 2,
+               CONV_DOT=conv_dot, USE_C0=use_c0, USE_S0=s0 is not None, STORE_FINAL=output_final_state,
+               STORE_STATES=store_chunk_states, IS_VARLEN=cu_seqlens is not None,
+               DOT_MODE=dot_mode(x.dtype),
+               num_warps=4 if BR <= 32 and x.dtype != torch.float32 else 8)
     cT = lay.final_rows(x2, conv_state if K > 1 else None, K) if output_final_state else None
     return y.view(B, T, D), sT, cT, states

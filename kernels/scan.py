@@ -28,7 +28,8 @@ in float64); nothing divides by gamma.  The intra-chunk term never needs a negat
 the chunk is split into sub-chunks of BC tokens; for a row sub-block I (first index s_I) and
 columns j < s_I, g^(i-j) = g^(i-s_I) * g^(s_I-j), both exponents >= 0, so that part is one
 tl.dot of (q_I * g^(i-s_I)) and (k * g^(s_I-j))^T; the diagonal BC x BC sub-block uses the
-exact masked decay in a (BC, BC, BR) broadcast summed over r.  For (a), n g^(n-1) with
+exact masked decay, one column (or row) of the sub-block at a time, so only (BC, BR) tensors
+are live.  For (a), n g^(n-1) with
 n = a + b splits the same way: a g^(a-1) g^b + g^a b g^(b-1).  dk uses the sub-block's last
 index e_I as the split point (i > e_I >= j).  All accumulation is float32; 16-bit inputs use
 tensor-core dots (state dots stay float32 for float16 inputs, whose range a long-run state
@@ -59,6 +60,7 @@ the initial state (zeros when None) for c = 0.  The final state is not part of i
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Tuple
 
 import torch
@@ -66,9 +68,10 @@ import triton
 import triton.language as tl
 
 from ._common import dot, dot_mode
+from .launch import launch
 
 # Sub-chunk of the intra-chunk decomposition: the smallest tl.dot tile (M, N, K >= 16), which
-# also keeps the exact (BC, BC, BR) diagonal broadcast small.
+# also keeps the exact diagonal sub-blocks small (BC steps of (BC, BR) work each).
 SUB_CHUNK = 16
 # Flat (R*D) elements per program of the sequential state pass (latency-bound: a small block
 # gives more programs at B = 1; not yet tuned on a GPU).
@@ -106,21 +109,24 @@ def _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT: tl.constexpr,
 
 
 @triton.jit
-def _diag_decay(o_c, b_lg, DERIV: tl.constexpr):
-    """(BC, BC, BR) exact decay of a diagonal sub-block, c = i - j (chunk-local, same offset):
-    g^c where c >= 0 (DERIV=False), or c g^(c-1) where c > 0 (DERIV=True); 0 elsewhere."""
-    n = (o_c[:, None] - o_c[None, :])[:, :, None]
-    if DERIV:
-        pw = tl.exp2(tl.maximum(n - 1, 0).to(tl.float32) * b_lg[None, None, :])
-        return tl.where(n > 0, n.to(tl.float32) * pw, 0.)
-    else:
-        pw = tl.exp2(tl.maximum(n, 0).to(tl.float32) * b_lg[None, None, :])
-        return tl.where(n >= 0, pw, 0.)
+def diag_scores(b_q, b_k, b_lg, BC: tl.constexpr):
+    """(BC, BC) scores of a diagonal sub-block, A[i, j] = sum_r q_ir k_jr g_r^(i-j) for j <= i,
+    0 above the diagonal, with the exact masked decay.  One column j at a time, so only (BC, BR)
+    tensors are live (a (BC, BC, BR) broadcast spilled 1.1 KB per thread at BR = 128, sm_90)."""
+    o_c = tl.arange(0, BC)
+    b_A = tl.zeros([BC, BC], dtype=tl.float32)
+    for c in range(0, BC):
+        k_c = tl.sum(tl.where((o_c == c)[:, None], b_k, 0.), axis=0)                # k[c, :]  (BR,)
+        n_1 = (o_c - c)[:, None]                                                    # i - c
+        col = tl.sum(tl.where(n_1 >= 0, b_q * k_c[None, :] *
+                              tl.exp2(tl.maximum(n_1, 0).to(tl.float32) * b_lg[None, :]), 0.), axis=1)
+        b_A = tl.where((o_c == c)[None, :], col[:, None], b_A)
+    return b_A
 
 
 @triton.jit
 def _intra_A_kernel(q, k, lg, A, cu_seqlens, chunk_indices, T, R, NT,
-                    BT: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr,
+                    BT: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr, BRS: tl.constexpr,
                     IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr):
     """A[t, j] = sum_r q_tr k_jr g_r^(i-j) for j <= i (i, j chunk-local), 0 for j > i.
 
@@ -134,27 +140,28 @@ def _intra_A_kernel(q, k, lg, A, cu_seqlens, chunk_indices, T, R, NT,
     o_c = tl.arange(0, BC)
     o_i = s_I + o_c                           # chunk-local rows of the sub-chunk   (BC,)
     o_j = tl.arange(0, BT)                    # chunk-local columns                  (BT,)
-    o_r = tl.arange(0, BR)
     m_i = o_i < L
     m_j = o_j < L
-    m_r = o_r < R
-    b_lg = tl.load(lg + o_r, mask=m_r, other=0.)                                   # (BR,)
-
-    m_Ir = m_i[:, None] & m_r[None, :]
-    b_q = tl.load(q + (t0 + o_i)[:, None] * R + o_r[None, :], mask=m_Ir, other=0.).to(tl.float32)
-    b_kI = tl.load(k + (t0 + o_i)[:, None] * R + o_r[None, :], mask=m_Ir, other=0.).to(tl.float32)
-    b_k = tl.load(k + (t0 + o_j)[:, None] * R + o_r[None, :],
-                  mask=m_j[:, None] & m_r[None, :], other=0.).to(tl.float32)      # (BT, BR)
-
-    # columns j < s_I: g^(i-j) = g^(i-s_I) * g^(s_I-j), both exponents >= 0
-    b_qg = b_q * tl.exp2(o_c.to(tl.float32)[:, None] * b_lg[None, :])
     m_off = o_j < s_I
     n_k = tl.where(m_off, s_I - o_j, 0).to(tl.float32)
-    b_kg = tl.where(m_off[:, None], b_k * tl.exp2(n_k[:, None] * b_lg[None, :]), 0.)
-    b_A = dot(b_qg, tl.trans(b_kg), DOT_MODE)                  # (BC, BT), 0 for j >= s_I
-
-    # diagonal sub-block: exact masked decay, (BC, BC, BR) broadcast summed over r
-    b_Ad = tl.sum(b_q[:, None, :] * b_kI[None, :, :] * _diag_decay(o_c, b_lg, False), axis=2)
+    b_A = tl.zeros([BC, BT], dtype=tl.float32)
+    b_Ad = tl.zeros([BC, BC], dtype=tl.float32)
+    # the sum over r, in slices of BRS channels (a (BT, 128) fp32 key tile spilled 1.8 KB, sm_90)
+    for r0 in range(0, BR, BRS):
+        o_r = r0 + tl.arange(0, BRS)
+        m_r = o_r < R
+        b_lg = tl.load(lg + o_r, mask=m_r, other=0.)                               # (BRS,)
+        m_Ir = m_i[:, None] & m_r[None, :]
+        b_q = tl.load(q + (t0 + o_i)[:, None] * R + o_r[None, :], mask=m_Ir, other=0.).to(tl.float32)
+        b_kI = tl.load(k + (t0 + o_i)[:, None] * R + o_r[None, :], mask=m_Ir, other=0.).to(tl.float32)
+        b_k = tl.load(k + (t0 + o_j)[:, None] * R + o_r[None, :],
+                      mask=m_j[:, None] & m_r[None, :], other=0.).to(tl.float32)  # (BT, BRS)
+        # columns j < s_I: g^(i-j) = g^(i-s_I) * g^(s_I-j), both exponents >= 0
+        b_qg = b_q * tl.exp2(o_c.to(tl.float32)[:, None] * b_lg[None, :])
+        b_kg = tl.where(m_off[:, None], b_k * tl.exp2(n_k[:, None] * b_lg[None, :]), 0.)
+        b_A += dot(b_qg, tl.trans(b_kg), DOT_MODE)             # (BC, BT), 0 for j >= s_I
+        # diagonal sub-block: exact masked decay
+        b_Ad += diag_scores(b_q, b_kI, b_lg, BC)
 
     # two disjoint stores: every column outside the diagonal block, then the block itself
     m_out = (o_j < s_I) | (o_j >= s_I + BC)
@@ -164,34 +171,38 @@ def _intra_A_kernel(q, k, lg, A, cu_seqlens, chunk_indices, T, R, NT,
 
 @triton.jit
 def _chunk_state_kernel(x, y, lg, s, cu_seqlens, chunk_indices, T, R, D, NT,
-                        BT: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+                        BT: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
                         REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr):
     """Chunk-local state s[c] = (x * g^n)^T @ y, a (BR, BD) block of the (R, D) state.
 
     forward  (REVERSE=False): x = k, y = v,  n = L-1-j   -> dS[c], the chunk's own contribution
     backward (REVERSE=True):  x = q, y = do, n = i+1     -> dH[c], the gradient it sends back
-    x: (B*T, R), y: (B*T, D), s: (NC, R, D) float32.
+    x: (B*T, R), y: (B*T, D), s: (NC, R, D) float32.  The contraction over the chunk's tokens
+    runs in BK-token slices (see ``ScanConfig``: one (BT, BD) operand of an fp32 dot on CUDA
+    cores does not fit in registers).
     """
     i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, i_tc, i_s, L = _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
     t0 = bos + i_tc * BT
-    o_t = tl.arange(0, BT)
     o_r = tl.arange(0, BR)
     o_d = i_d * BD + tl.arange(0, BD)
-    m_t = o_t < L
     m_r = o_r < R
     m_d = o_d < D
     b_lg = tl.load(lg + o_r, mask=m_r, other=0.)
-    b_x = tl.load(x + (t0 + o_t)[:, None] * R + o_r[None, :],
-                  mask=m_t[:, None] & m_r[None, :], other=0.).to(tl.float32)       # (BT, BR)
-    b_y = tl.load(y + (t0 + o_t)[:, None] * D + o_d[None, :],
-                  mask=m_t[:, None] & m_d[None, :], other=0.)                      # (BT, BD)
-    if REVERSE:
-        n = o_t + 1
-    else:
-        n = tl.where(m_t, L - 1 - o_t, 0)
-    b_x = b_x * tl.exp2(n.to(tl.float32)[:, None] * b_lg[None, :])
-    b_s = dot(tl.trans(b_x), b_y, DOT_MODE)                                      # (BR, BD)
+    b_s = tl.zeros([BR, BD], dtype=tl.float32)
+    for k0 in range(0, BT, BK):
+        o_t = k0 + tl.arange(0, BK)
+        m_t = o_t < L
+        b_x = tl.load(x + (t0 + o_t)[:, None] * R + o_r[None, :],
+                      mask=m_t[:, None] & m_r[None, :], other=0.).to(tl.float32)   # (BK, BR)
+        b_y = tl.load(y + (t0 + o_t)[:, None] * D + o_d[None, :],
+                      mask=m_t[:, None] & m_d[None, :], other=0.)                  # (BK, BD)
+        if REVERSE:
+            n = o_t + 1
+        else:
+            n = tl.where(m_t, L - 1 - o_t, 0)
+        b_x = b_x * tl.exp2(n.to(tl.float32)[:, None] * b_lg[None, :])
+        b_s += dot(tl.trans(b_x), b_y, DOT_MODE)                                 # (BR, BD)
     p_s = s + i_s * R * D + o_r[:, None] * D + o_d[None, :]
     tl.store(p_s, b_s, mask=m_r[:, None] & m_d[None, :])
 
@@ -242,7 +253,7 @@ def _state_pass_kernel(s, lg, h0, ht, cu_seqlens, chunk_offsets, T, R, D, NT,
 
 @triton.jit
 def _chunk_out_kernel(x, y, lg, A, s, out, cu_seqlens, chunk_indices, T, R, D, NT,
-                      BT: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+                      BT: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
                       REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr,
                       DOT_MODE: tl.constexpr, STATE_DOT_MODE: tl.constexpr):
     """Per chunk and D-block (BT, BD):
@@ -250,35 +261,41 @@ def _chunk_out_kernel(x, y, lg, A, s, out, cu_seqlens, chunk_indices, T, R, D, N
     forward  (REVERSE=False): o  = A @ v    + (q * g^(i+1))   @ S_prev[c]   x = q, y = v
     backward (REVERSE=True):  dv = A^T @ do + (k * g^(L-1-j)) @ G[c]        x = k, y = do
     A: (B*T, BT) float32 from _intra_A_kernel; s: (NC, R, D) float32; out like y.
+    Both contractions (over the chunk's tokens, over R) run in BK-wide slices.
     """
     i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, i_tc, i_s, L = _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
     t0 = bos + i_tc * BT
     o_t = tl.arange(0, BT)
-    o_r = tl.arange(0, BR)
     o_d = i_d * BD + tl.arange(0, BD)
     m_t = o_t < L
-    m_r = o_r < R
     m_d = o_d < D
-    b_lg = tl.load(lg + o_r, mask=m_r, other=0.)
+    b_o = tl.zeros([BT, BD], dtype=tl.float32)
+    for k0 in range(0, BT, BK):
+        o_k = k0 + tl.arange(0, BK)
+        m_k = o_k < L
+        if REVERSE:
+            # b_A[j, i] = A[i, j]: row i of A lives at token t0 + i
+            b_A = tl.load(A + (t0 + o_k)[None, :] * BT + o_t[:, None], mask=m_k[None, :], other=0.)
+        else:
+            b_A = tl.load(A + (t0 + o_t)[:, None] * BT + o_k[None, :], mask=m_t[:, None], other=0.)
+        b_y = tl.load(y + (t0 + o_k)[:, None] * D + o_d[None, :],
+                      mask=m_k[:, None] & m_d[None, :], other=0.)                   # (BK, BD)
+        b_o += dot(b_A, b_y, DOT_MODE)                                           # (BT, BD)
     if REVERSE:
-        # b_A[j, i] = A[i, j]: row i of A lives at token t0 + i
-        p_A = A + (t0 + o_t)[None, :] * BT + o_t[:, None]
-        b_A = tl.load(p_A, mask=m_t[None, :], other=0.)
         n = tl.where(m_t, L - 1 - o_t, 0)
     else:
-        p_A = A + (t0 + o_t)[:, None] * BT + o_t[None, :]
-        b_A = tl.load(p_A, mask=m_t[:, None], other=0.)
         n = o_t + 1
-    b_y = tl.load(y + (t0 + o_t)[:, None] * D + o_d[None, :],
-                  mask=m_t[:, None] & m_d[None, :], other=0.)                      # (BT, BD)
-    b_o = dot(b_A, b_y, DOT_MODE)                                                # (BT, BD)
-    b_x = tl.load(x + (t0 + o_t)[:, None] * R + o_r[None, :],
-                  mask=m_t[:, None] & m_r[None, :], other=0.).to(tl.float32)       # (BT, BR)
-    b_x = b_x * tl.exp2(n.to(tl.float32)[:, None] * b_lg[None, :])
-    b_s = tl.load(s + i_s * R * D + o_r[:, None] * D + o_d[None, :],
-                  mask=m_r[:, None] & m_d[None, :], other=0.)                      # (BR, BD)
-    b_o += dot(b_x, b_s, STATE_DOT_MODE)
+    for r0 in range(0, BR, BK):
+        o_r = r0 + tl.arange(0, BK)
+        m_r = o_r < R
+        b_lg = tl.load(lg + o_r, mask=m_r, other=0.)
+        b_x = tl.load(x + (t0 + o_t)[:, None] * R + o_r[None, :],
+                      mask=m_t[:, None] & m_r[None, :], other=0.).to(tl.float32)   # (BT, BK)
+        b_x = b_x * tl.exp2(n.to(tl.float32)[:, None] * b_lg[None, :])
+        b_s = tl.load(s + i_s * R * D + o_r[:, None] * D + o_d[None, :],
+                      mask=m_r[:, None] & m_d[None, :], other=0.)                  # (BK, BD)
+        b_o += dot(b_x, b_s, STATE_DOT_MODE)
     p_o = out + (t0 + o_t)[:, None] * D + o_d[None, :]
     tl.store(p_o, b_o.to(out.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
 
@@ -286,13 +303,13 @@ def _chunk_out_kernel(x, y, lg, A, s, out, cu_seqlens, chunk_indices, T, R, D, N
 @triton.jit
 def _bwd_dqk_kernel(q, k, v, do, lg, s, ds, dq, dk, dg, cu_seqlens, chunk_indices,
                     T, R, D, NT, BT: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr,
-                    BD: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr,
+                    BRS: tl.constexpr, BD: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr,
                     STATE_DOT_MODE: tl.constexpr):
     """dq, dk of the rows of sub-chunk I (BC, BR) and I's partial dgamma (BR,), terms (a)-(d).
 
     s: S_prev (NC, R, D), ds: G (NC, R, D); dg: (NC * BT/BC, R) float32 partials.
-    Loops over D in BD blocks for dA (rows I: (BC, BT); columns I: (BT, BC)),
-    P = do_I @ S_prev^T and Qv = v_I @ G^T (BC, BR).
+    Loops over D in BD blocks for dA (rows I: (BC, BT); columns I: (BT, BC)), then per slice
+    of BRS key channels for P = do_I @ S_prev^T and Qv = v_I @ G^T (BC, BRS) and the rest.
     """
     i_t, i_i, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, i_tc, i_s, L = _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
@@ -302,97 +319,118 @@ def _bwd_dqk_kernel(q, k, v, do, lg, s, ds, dq, dk, dg, cu_seqlens, chunk_indice
     o_c = tl.arange(0, BC)
     o_i = s_I + o_c                           # chunk-local rows of sub-chunk I
     o_j = tl.arange(0, BT)                    # chunk-local positions of the whole chunk
-    o_r = tl.arange(0, BR)
     m_i = o_i < L
     m_j = o_j < L
-    m_r = o_r < R
-    b_lg = tl.load(lg + o_r, mask=m_r, other=0.)
 
+    # pass 1 over D: the blocks of dA = do @ v^T this sub-chunk needs
     b_dAr = tl.zeros([BC, BT], dtype=tl.float32)    # dA[i, j], i in I
     b_dAc = tl.zeros([BT, BC], dtype=tl.float32)    # dA[i, j], j in I
     b_dAd = tl.zeros([BC, BC], dtype=tl.float32)    # dA[i, j], i and j in I
-    b_P = tl.zeros([BC, BR], dtype=tl.float32)      # do_I . S_prev_r
-    b_Qv = tl.zeros([BC, BR], dtype=tl.float32)     # v_I . G_r
-    b_dd = tl.zeros([BR], dtype=tl.float32)         # sum_d S_prev * G
-    p_s0 = s + i_s * R * D
-    p_ds0 = ds + i_s * R * D
     for i_d in range(0, tl.cdiv(D, BD)):
         o_d = i_d * BD + tl.arange(0, BD)
         m_d = o_d < D
         m_Id = m_i[:, None] & m_d[None, :]
         m_Cd = m_j[:, None] & m_d[None, :]
-        m_Rd = m_r[:, None] & m_d[None, :]
         b_doI = tl.load(do + (t0 + o_i)[:, None] * D + o_d[None, :], mask=m_Id, other=0.)
         b_vI = tl.load(v + (t0 + o_i)[:, None] * D + o_d[None, :], mask=m_Id, other=0.)
         b_doC = tl.load(do + (t0 + o_j)[:, None] * D + o_d[None, :], mask=m_Cd, other=0.)
         b_vC = tl.load(v + (t0 + o_j)[:, None] * D + o_d[None, :], mask=m_Cd, other=0.)
-        b_h = tl.load(p_s0 + o_r[:, None] * D + o_d[None, :], mask=m_Rd, other=0.)
-        b_g = tl.load(p_ds0 + o_r[:, None] * D + o_d[None, :], mask=m_Rd, other=0.)
         b_dAr += dot(b_doI, tl.trans(b_vC), DOT_MODE)
         b_dAc += dot(b_doC, tl.trans(b_vI), DOT_MODE)
         b_dAd += dot(b_doI, tl.trans(b_vI), DOT_MODE)
-        b_P += dot(b_doI, tl.trans(b_h), STATE_DOT_MODE)
-        b_Qv += dot(b_vI, tl.trans(b_g), STATE_DOT_MODE)
-        b_dd += tl.sum(b_h * b_g, axis=1)
 
-    m_Ir = m_i[:, None] & m_r[None, :]
-    m_Cr = m_j[:, None] & m_r[None, :]
-    b_q = tl.load(q + (t0 + o_i)[:, None] * R + o_r[None, :], mask=m_Ir, other=0.).to(tl.float32)
-    b_k = tl.load(k + (t0 + o_i)[:, None] * R + o_r[None, :], mask=m_Ir, other=0.).to(tl.float32)
-    b_qC = tl.load(q + (t0 + o_j)[:, None] * R + o_r[None, :], mask=m_Cr, other=0.).to(tl.float32)
-    b_kC = tl.load(k + (t0 + o_j)[:, None] * R + o_r[None, :], mask=m_Cr, other=0.).to(tl.float32)
+    # pass 2, per slice of BRS key channels (everything below is elementwise in r): at BR = 128
+    # the (BT, BR) fp32 tiles of one pass spilled ~800 B per thread (sm_90)
+    p_s0 = s + i_s * R * D
+    p_ds0 = ds + i_s * R * D
+    for r0 in range(0, BR, BRS):
+        o_r = r0 + tl.arange(0, BRS)
+        m_r = o_r < R
+        b_lg = tl.load(lg + o_r, mask=m_r, other=0.)
+        b_P = tl.zeros([BC, BRS], dtype=tl.float32)     # do_I . S_prev_r
+        b_Qv = tl.zeros([BC, BRS], dtype=tl.float32)    # v_I . G_r
+        b_dd = tl.zeros([BRS], dtype=tl.float32)        # sum_d S_prev * G
+        for i_d in range(0, tl.cdiv(D, BD)):
+            o_d = i_d * BD + tl.arange(0, BD)
+            m_d = o_d < D
+            m_Id = m_i[:, None] & m_d[None, :]
+            m_Rd = m_r[:, None] & m_d[None, :]
+            b_doI = tl.load(do + (t0 + o_i)[:, None] * D + o_d[None, :], mask=m_Id, other=0.)
+            b_vI = tl.load(v + (t0 + o_i)[:, None] * D + o_d[None, :], mask=m_Id, other=0.)
+            b_h = tl.load(p_s0 + o_r[:, None] * D + o_d[None, :], mask=m_Rd, other=0.)
+            b_g = tl.load(p_ds0 + o_r[:, None] * D + o_d[None, :], mask=m_Rd, other=0.)
+            b_P += dot(b_doI, tl.trans(b_h), STATE_DOT_MODE)
+            b_Qv += dot(b_vI, tl.trans(b_g), STATE_DOT_MODE)
+            b_dd += tl.sum(b_h * b_g, axis=1)
 
-    # dq, columns j < s_I: X = dA @ (k g^b), Y = dA @ (k b g^(b-1)), b = s_I - j >= 1;
-    # dq = g^a X and W = a g^(a-1) X + g^a Y with a = i - s_I (W: the n g^(n-1) kernel of (a))
-    m_off = o_j < s_I
-    n_b = tl.where(m_off, s_I - o_j, 1).to(tl.float32)
-    b_gb = tl.exp2(n_b[:, None] * b_lg[None, :])
-    b_gb1 = tl.exp2((n_b - 1.)[:, None] * b_lg[None, :])
-    b_kg = tl.where(m_off[:, None], b_kC * b_gb, 0.)
-    b_kn = tl.where(m_off[:, None], b_kC * n_b[:, None] * b_gb1, 0.)
-    b_X = dot(b_dAr, b_kg, DOT_MODE)                                           # (BC, BR)
-    b_Y = dot(b_dAr, b_kn, DOT_MODE)
-    n_a = (o_i - s_I).to(tl.float32)
-    b_ga = tl.exp2(n_a[:, None] * b_lg[None, :])
-    b_na = tl.where((n_a > 0)[:, None],
-                    n_a[:, None] * tl.exp2(tl.maximum(n_a - 1., 0.)[:, None] * b_lg[None, :]), 0.)
-    b_dq = b_ga * b_X
-    b_W = b_na * b_X + b_ga * b_Y
+        m_Ir = m_i[:, None] & m_r[None, :]
+        m_Cr = m_j[:, None] & m_r[None, :]
+        b_q = tl.load(q + (t0 + o_i)[:, None] * R + o_r[None, :], mask=m_Ir, other=0.).to(tl.float32)
+        b_k = tl.load(k + (t0 + o_i)[:, None] * R + o_r[None, :], mask=m_Ir, other=0.).to(tl.float32)
+        b_qC = tl.load(q + (t0 + o_j)[:, None] * R + o_r[None, :], mask=m_Cr, other=0.).to(tl.float32)
+        b_kC = tl.load(k + (t0 + o_j)[:, None] * R + o_r[None, :], mask=m_Cr, other=0.).to(tl.float32)
 
-    # dk, rows i > e_I: g^(i-j) = g^(i-e_I) * g^(e_I-j)
-    m_aft = o_j > e_I
-    n_c = tl.where(m_aft, o_j - e_I, 0).to(tl.float32)
-    b_qg = tl.where(m_aft[:, None], b_qC * tl.exp2(n_c[:, None] * b_lg[None, :]), 0.)
-    b_Z = dot(tl.trans(b_dAc), b_qg, DOT_MODE)                                # (BC, BR)
-    b_dk = tl.exp2((e_I - o_i).to(tl.float32)[:, None] * b_lg[None, :]) * b_Z
+        # dq, columns j < s_I: X = dA @ (k g^b), Y = dA @ (k b g^(b-1)), b = s_I - j >= 1;
+        # dq = g^a X and W = a g^(a-1) X + g^a Y with a = i - s_I (W: the n g^(n-1) kernel of (a))
+        m_off = o_j < s_I
+        n_b = tl.where(m_off, s_I - o_j, 1).to(tl.float32)
+        b_gb = tl.exp2(n_b[:, None] * b_lg[None, :])
+        b_gb1 = tl.exp2((n_b - 1.)[:, None] * b_lg[None, :])
+        b_kg = tl.where(m_off[:, None], b_kC * b_gb, 0.)
+        b_kn = tl.where(m_off[:, None], b_kC * n_b[:, None] * b_gb1, 0.)
+        b_X = dot(b_dAr, b_kg, DOT_MODE)                                           # (BC, BR)
+        b_Y = dot(b_dAr, b_kn, DOT_MODE)
+        n_a = (o_i - s_I).to(tl.float32)
+        b_ga = tl.exp2(n_a[:, None] * b_lg[None, :])
+        b_na = tl.where((n_a > 0)[:, None],
+                        n_a[:, None] * tl.exp2(tl.maximum(n_a - 1., 0.)[:, None] * b_lg[None, :]), 0.)
+        b_dq = b_ga * b_X
+        b_W = b_na * b_X + b_ga * b_Y
 
-    # diagonal sub-block (i, j both in I): exact masked decays, (BC, BC, BR) broadcasts
-    b_dAd3 = b_dAd[:, :, None]
-    b_G3 = _diag_decay(o_c, b_lg, False)                                          # g^(i-j)
-    b_dq += tl.sum(b_dAd3 * b_k[None, :, :] * b_G3, axis=1)
-    b_dk += tl.sum(b_dAd3 * b_q[:, None, :] * b_G3, axis=0)
-    b_W += tl.sum(b_dAd3 * b_k[None, :, :] * _diag_decay(o_c, b_lg, True), axis=1)  # (i-j) g^(i-j-1)
+        # dk, rows i > e_I: g^(i-j) = g^(i-e_I) * g^(e_I-j)
+        m_aft = o_j > e_I
+        n_c = tl.where(m_aft, o_j - e_I, 0).to(tl.float32)
+        b_qg = tl.where(m_aft[:, None], b_qC * tl.exp2(n_c[:, None] * b_lg[None, :]), 0.)
+        b_Z = dot(tl.trans(b_dAc), b_qg, DOT_MODE)                                # (BC, BR)
+        b_dk = tl.exp2((e_I - o_i).to(tl.float32)[:, None] * b_lg[None, :]) * b_Z
 
-    # inter-chunk terms
-    n_q = tl.where(m_i, o_i, 0).to(tl.float32)
-    b_gq = tl.exp2(n_q[:, None] * b_lg[None, :])                                 # g^i
-    b_dq += b_gq * tl.exp2(b_lg)[None, :] * b_P                                   # g^(i+1) P
-    n_k = tl.where(m_i, L - 1 - o_i, 0).to(tl.float32)
-    b_dk += tl.exp2(n_k[:, None] * b_lg[None, :]) * b_Qv                          # g^(L-1-j) Qv
+        # diagonal sub-block (i, j both in I): exact masked decays, one position c of I at a time
+        # ((BC, BR) registers per step; a (BC, BC, BR) broadcast does not fit at BR = 128)
+        for c in range(0, BC):
+            sel = o_c == c
+            a_col = tl.sum(tl.where(sel[None, :], b_dAd, 0.), axis=1)                   # dA[i, c]   (BC,)
+            a_row = tl.sum(tl.where(sel[:, None], b_dAd, 0.), axis=0)                   # dA[c, j]   (BC,)
+            k_c = tl.sum(tl.where(sel[:, None], b_k, 0.), axis=0)                       # k[c, :]    (BR,)
+            q_c = tl.sum(tl.where(sel[:, None], b_q, 0.), axis=0)                       # q[c, :]    (BR,)
+            n_1 = (o_c - c)[:, None]                                                    # i - c
+            b_dkc = a_col[:, None] * k_c[None, :]
+            b_dq += tl.where(n_1 >= 0, b_dkc * tl.exp2(tl.maximum(n_1, 0).to(tl.float32) * b_lg[None, :]), 0.)
+            b_W += tl.where(n_1 > 0, b_dkc * n_1.to(tl.float32) *
+                            tl.exp2(tl.maximum(n_1 - 1, 0).to(tl.float32) * b_lg[None, :]), 0.)  # (i-c) g^(i-c-1)
+            n_2 = (c - o_c)[:, None]                                                    # c - j
+            b_dk += tl.where(n_2 >= 0, a_row[:, None] * q_c[None, :] *
+                             tl.exp2(tl.maximum(n_2, 0).to(tl.float32) * b_lg[None, :]), 0.)
 
-    # dgamma partial: (a) + (b) + (c) [+ (d) once per chunk]
-    b_dg = tl.sum(b_q * b_W, axis=0)
-    b_dg += tl.sum(b_q * (n_q + 1.)[:, None] * b_gq * b_P, axis=0)
-    m_c = m_i & (o_i < L - 1)
-    n_c1 = tl.where(m_c, L - 2 - o_i, 0).to(tl.float32)
-    b_nk = tl.where(m_c[:, None], (n_c1 + 1.)[:, None] * tl.exp2(n_c1[:, None] * b_lg[None, :]), 0.)
-    b_dg += tl.sum(b_k * b_nk * b_Qv, axis=0)
-    n_L = (L - 1).to(tl.float32)
-    b_dg += tl.where(i_i == 0, (n_L + 1.) * tl.exp2(n_L * b_lg) * b_dd, 0.)
+        # inter-chunk terms
+        n_q = tl.where(m_i, o_i, 0).to(tl.float32)
+        b_gq = tl.exp2(n_q[:, None] * b_lg[None, :])                                 # g^i
+        b_dq += b_gq * tl.exp2(b_lg)[None, :] * b_P                                   # g^(i+1) P
+        n_k = tl.where(m_i, L - 1 - o_i, 0).to(tl.float32)
+        b_dk += tl.exp2(n_k[:, None] * b_lg[None, :]) * b_Qv                          # g^(L-1-j) Qv
 
-    tl.store(dq + (t0 + o_i)[:, None] * R + o_r[None, :], b_dq.to(dq.dtype.element_ty), mask=m_Ir)
-    tl.store(dk + (t0 + o_i)[:, None] * R + o_r[None, :], b_dk.to(dk.dtype.element_ty), mask=m_Ir)
-    tl.store(dg + (i_s * (BT // BC) + i_i) * R + o_r, b_dg, mask=m_r)
+        # dgamma partial: (a) + (b) + (c) [+ (d) once per chunk]
+        b_dg = tl.sum(b_q * b_W, axis=0)
+        b_dg += tl.sum(b_q * (n_q + 1.)[:, None] * b_gq * b_P, axis=0)
+        m_c = m_i & (o_i < L - 1)
+        n_c1 = tl.where(m_c, L - 2 - o_i, 0).to(tl.float32)
+        b_nk = tl.where(m_c[:, None], (n_c1 + 1.)[:, None] * tl.exp2(n_c1[:, None] * b_lg[None, :]), 0.)
+        b_dg += tl.sum(b_k * b_nk * b_Qv, axis=0)
+        n_L = (L - 1).to(tl.float32)
+        b_dg += tl.where(i_i == 0, (n_L + 1.) * tl.exp2(n_L * b_lg) * b_dd, 0.)
+
+        tl.store(dq + (t0 + o_i)[:, None] * R + o_r[None, :], b_dq.to(dq.dtype.element_ty), mask=m_Ir)
+        tl.store(dk + (t0 + o_i)[:, None] * R + o_r[None, :], b_dk.to(dk.dtype.element_ty), mask=m_Ir)
+        tl.store(dg + (i_s * (BT // BC) + i_i) * R + o_r, b_dg, mask=m_r)
 
 
 # --------------------------------------------------------------------------------------
@@ -431,16 +469,42 @@ def _chunk_tables(cu_seqlens: Optional[torch.Tensor], B: int, T: int, BT: int):
     return NC, chunk_indices, chunk_offsets
 
 
-def _block_sizes(R: int, D: int):
-    """-> (BR, BD, num_warps of the sub-chunk kernels).  R is one block (R <= 128); the
-    (BC, BC, BR) diagonal broadcasts get 8 warps once BR > 32 to keep them in registers
-    (a register-budget estimate: 16*16*128 fp32 is 256 per thread at 4 warps; not yet
-    measured on a GPU)."""
+@dataclasses.dataclass(frozen=True)
+class ScanConfig:
+    """Launch settings of the scan kernels for one (R, D, dtype) -- the one place they are chosen.
+
+    BR   R as one block (R <= 128), padded to a power of two >= 16 (the smallest tl.dot tile).
+    BD   channels per program of the tile kernels (_chunk_state / _chunk_out).
+    BK   slice of every contraction inside the tile kernels (tokens, or R).  An fp32 IEEE dot
+         runs on CUDA cores, where each thread holds its rows and columns of both operands over
+         the whole contraction: with K = 64 that spilled up to 15 KB per thread (compile report
+         of 2026-12-02, sm_90); 16-wide slices keep every operand in registers.
+    BRS  key channels per step of the loops over R in _intra_A and _bwd_dqk (their (BT, R) fp32
+         tiles spilled 0.8-1.8 KB per thread at R = 128 when held whole).
+    BDQ  channels per step of _bwd_dqk's loops over D.
+    warps / warps_sub  num_warps of the tile kernels / of _intra_A and _bwd_dqk (8 for fp32 inputs:
+         at 4 warps _bwd_dqk spilled 64 B at R <= 16).
+    Every value is checked by the offline compile gate (``kop_triton.kernels.report``: zero
+    spills for every dtype and R up to 128); none is tuned by GPU timing yet.
+    """
+    BR: int
+    BD: int
+    BK: int
+    BRS: int
+    BDQ: int
+    warps: int
+    warps_sub: int
+
+
+def scan_config(R: int, D: int, dtype: torch.dtype) -> ScanConfig:
     if R > 128:
         raise ValueError(f"the triton scan supports R <= 128, got R = {R}")
     BR = max(16, triton.next_power_of_2(R))
     BD = min(64, max(16, triton.next_power_of_2(D)))
-    return BR, BD, (4 if BR <= 32 else 8)
+    return ScanConfig(BR=BR, BD=BD, BK=16, BRS=min(BR, 32),
+                      BDQ=min(BD, 32 if dtype == torch.bfloat16 else 16),
+                      warps=4 if BR <= 32 else 8,
+                      warps_sub=4 if BR <= 32 and dtype != torch.float32 else 8)
 
 
 def _log2_gamma(gamma: torch.Tensor) -> torch.Tensor:
@@ -448,13 +512,14 @@ def _log2_gamma(gamma: torch.Tensor) -> torch.Tensor:
     return torch.log2(gamma.detach().to(torch.float64)).to(torch.float32).contiguous()
 
 
-def _intra_A(q, k, lg, cu_seqlens, chunk_indices, NC, B, T, NT, BT, BR, is_varlen, dot_mode, n_warps):
+def _intra_A(q, k, lg, cu_seqlens, chunk_indices, NC, B, T, NT, BT, cfg, is_varlen, dot_mode):
     R = q.shape[-1]
     A = torch.empty(B * T, BT, dtype=torch.float32, device=q.device)
     grid = (NC if is_varlen else NT, BT // SUB_CHUNK, 1 if is_varlen else B)
-    _intra_A_kernel[grid](q, k, lg, A, cu_seqlens, chunk_indices, T, R, NT,
-                          BT=BT, BC=SUB_CHUNK, BR=BR, IS_VARLEN=is_varlen, DOT_MODE=dot_mode,
-                          num_warps=n_warps)
+    launch(_intra_A_kernel, grid,
+           q=q, k=k, lg=lg, A=A, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, T=T, R=R, NT=NT,
+           BT=BT, BC=SUB_CHUNK, BR=cfg.BR, BRS=cfg.BRS, IS_VARLEN=is_varlen, DOT_MODE=dot_mode,
+           num_warps=cfg.warps_sub)
     return A
 
 
@@ -483,7 +548,8 @@ def scan_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
         return torch.empty_like(v), final, torch.zeros(0, R, D, dtype=torch.float32, device=q.device)
     NT = triton.cdiv(T, BT)
     NC, chunk_indices, chunk_offsets = _chunk_tables(cu_seqlens, B, T, BT)
-    BR, BD, n_warps = _block_sizes(R, D)
+    cfg = scan_config(R, D, v.dtype)
+    BR, BD, BK = cfg.BR, cfg.BD, cfg.BK
     dot_mode, state_dot_mode = _dot_modes(v.dtype)
     lg = _log2_gamma(gamma)
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
@@ -491,21 +557,23 @@ def scan_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
     G_t = NC if is_varlen else NT
     G_b = 1 if is_varlen else B
 
-    A = _intra_A(q, k, lg, cu, chunk_indices, NC, B, T, NT, BT, BR, is_varlen, dot_mode, n_warps)
+    A = _intra_A(q, k, lg, cu, chunk_indices, NC, B, T, NT, BT, cfg, is_varlen, dot_mode)
     states = torch.empty(NC, R, D, dtype=torch.float32, device=q.device)
-    _chunk_state_kernel[(G_t, triton.cdiv(D, BD), G_b)](
-        k, v, lg, states, cu, chunk_indices, T, R, D, NT,
-        BT=BT, BR=BR, BD=BD, REVERSE=False, IS_VARLEN=is_varlen, DOT_MODE=dot_mode)
+    launch(_chunk_state_kernel, (G_t, triton.cdiv(D, BD), G_b),
+           x=k, y=v, lg=lg, s=states, cu_seqlens=cu, chunk_indices=chunk_indices, T=T, R=R, D=D, NT=NT,
+           BT=BT, BR=BR, BD=BD, BK=BK, num_warps=cfg.warps,
+           REVERSE=False, IS_VARLEN=is_varlen, DOT_MODE=dot_mode)
     final = torch.empty(N, R, D, dtype=torch.float32, device=q.device) if output_final_state else None
-    _state_pass_kernel[(N, triton.cdiv(R * D, PASS_BLOCK))](
-        states, lg, h0, final, cu, chunk_offsets, T, R, D, NT,
-        BT=BT, BLOCK=PASS_BLOCK, USE_INITIAL_STATE=h0 is not None,
-        STORE_FINAL_STATE=output_final_state, REVERSE=False, IS_VARLEN=is_varlen)
+    launch(_state_pass_kernel, (N, triton.cdiv(R * D, PASS_BLOCK)),
+           s=states, lg=lg, h0=h0, ht=final, cu_seqlens=cu, chunk_offsets=chunk_offsets, T=T, R=R, D=D,
+           NT=NT, BT=BT, BLOCK=PASS_BLOCK, USE_INITIAL_STATE=h0 is not None,
+           STORE_FINAL_STATE=output_final_state, REVERSE=False, IS_VARLEN=is_varlen)
     o = torch.empty_like(v)
-    _chunk_out_kernel[(G_t, triton.cdiv(D, BD), G_b)](
-        q, v, lg, A, states, o, cu, chunk_indices, T, R, D, NT,
-        BT=BT, BR=BR, BD=BD, REVERSE=False, IS_VARLEN=is_varlen,
-        DOT_MODE=dot_mode, STATE_DOT_MODE=state_dot_mode)
+    launch(_chunk_out_kernel, (G_t, triton.cdiv(D, BD), G_b),
+           x=q, y=v, lg=lg, A=A, s=states, out=o, cu_seqlens=cu, chunk_indices=chunk_indices, T=T, R=R,
+           D=D, NT=NT, BT=BT, BR=BR, BD=BD, BK=BK, num_warps=cfg.warps,
+           REVERSE=False, IS_VARLEN=is_varlen, DOT_MODE=dot_mode,
+           STATE_DOT_MODE=state_dot_mode)
     return o, final, states
 
 
@@ -538,7 +606,8 @@ def scan_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
     if tuple(chunk_states.shape) != (NC, R, D):
         raise ValueError(f"chunk_states must have shape (NC, R, D) = {(NC, R, D)} for chunk_size "
                          f"{BT}, got {tuple(chunk_states.shape)}")
-    BR, BD, n_warps = _block_sizes(R, D)
+    cfg = scan_config(R, D, v.dtype)
+    BR, BD, BK = cfg.BR, cfg.BD, cfg.BK
     dot_mode, state_dot_mode = _dot_modes(v.dtype)
     lg = _log2_gamma(gamma)
     cu = None if cu_seqlens is None else cu_seqlens.contiguous()
@@ -549,31 +618,34 @@ def scan_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
 
     # G[c]: gradient w.r.t. the state after chunk c (reverse pass, in place on dstates)
     dstates = torch.empty(NC, R, D, dtype=torch.float32, device=q.device)
-    _chunk_state_kernel[(G_t, triton.cdiv(D, BD), G_b)](
-        q, do, lg, dstates, cu, chunk_indices, T, R, D, NT,
-        BT=BT, BR=BR, BD=BD, REVERSE=True, IS_VARLEN=is_varlen, DOT_MODE=dot_mode)
+    launch(_chunk_state_kernel, (G_t, triton.cdiv(D, BD), G_b),
+           x=q, y=do, lg=lg, s=dstates, cu_seqlens=cu, chunk_indices=chunk_indices, T=T, R=R, D=D,
+           NT=NT, BT=BT, BR=BR, BD=BD, BK=BK, num_warps=cfg.warps,
+           REVERSE=True, IS_VARLEN=is_varlen, DOT_MODE=dot_mode)
     dh0 = (torch.empty(N, R, D, dtype=torch.float32, device=q.device)
            if initial_state is not None else None)
-    _state_pass_kernel[(N, triton.cdiv(R * D, PASS_BLOCK))](
-        dstates, lg, dht, dh0, cu, chunk_offsets, T, R, D, NT,
-        BT=BT, BLOCK=PASS_BLOCK, USE_INITIAL_STATE=dht is not None,
-        STORE_FINAL_STATE=dh0 is not None, REVERSE=True, IS_VARLEN=is_varlen)
+    launch(_state_pass_kernel, (N, triton.cdiv(R * D, PASS_BLOCK)),
+           s=dstates, lg=lg, h0=dht, ht=dh0, cu_seqlens=cu, chunk_offsets=chunk_offsets, T=T, R=R, D=D,
+           NT=NT, BT=BT, BLOCK=PASS_BLOCK, USE_INITIAL_STATE=dht is not None,
+           STORE_FINAL_STATE=dh0 is not None, REVERSE=True, IS_VARLEN=is_varlen)
 
-    A = _intra_A(q, k, lg, cu, chunk_indices, NC, B, T, NT, BT, BR, is_varlen, dot_mode, n_warps)
+    A = _intra_A(q, k, lg, cu, chunk_indices, NC, B, T, NT, BT, cfg, is_varlen, dot_mode)
     dv = torch.empty_like(v)
-    _chunk_out_kernel[(G_t, triton.cdiv(D, BD), G_b)](
-        k, do, lg, A, dstates, dv, cu, chunk_indices, T, R, D, NT,
-        BT=BT, BR=BR, BD=BD, REVERSE=True, IS_VARLEN=is_varlen,
-        DOT_MODE=dot_mode, STATE_DOT_MODE=state_dot_mode)
+    launch(_chunk_out_kernel, (G_t, triton.cdiv(D, BD), G_b),
+           x=k, y=do, lg=lg, A=A, s=dstates, out=dv, cu_seqlens=cu, chunk_indices=chunk_indices, T=T,
+           R=R, D=D, NT=NT, BT=BT, BR=BR, BD=BD, BK=BK, num_warps=cfg.warps,
+           REVERSE=True, IS_VARLEN=is_varlen, DOT_MODE=dot_mode,
+           STATE_DOT_MODE=state_dot_mode)
 
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     n_sub = BT // SUB_CHUNK
     dg = torch.empty(NC * n_sub, R, dtype=torch.float32, device=q.device)
-    _bwd_dqk_kernel[(G_t, n_sub, G_b)](
-        q, k, v, do, lg, states, dstates, dq, dk, dg, cu, chunk_indices, T, R, D, NT,
-        BT=BT, BC=SUB_CHUNK, BR=BR, BD=BD, IS_VARLEN=is_varlen,
-        DOT_MODE=dot_mode, STATE_DOT_MODE=state_dot_mode, num_warps=n_warps)
+    launch(_bwd_dqk_kernel, (G_t, n_sub, G_b),
+           q=q, k=k, v=v, do=do, lg=lg, s=states, ds=dstates, dq=dq, dk=dk, dg=dg, cu_seqlens=cu,
+           chunk_indices=chunk_indices, T=T, R=R, D=D, NT=NT, BT=BT, BC=SUB_CHUNK, BR=BR, BRS=cfg.BRS,
+           BD=cfg.BDQ,
+           IS_VARLEN=is_varlen, DOT_MODE=dot_mode, STATE_DOT_MODE=state_dot_mode, num_warps=cfg.warps_sub)
     # fixed-order reduction of the per-(chunk, sub-chunk) partials, in float64
     dgamma = dg.sum(dim=0, dtype=torch.float64).to(torch.float32)
     return dq, dk, dv, dgamma, dh0
