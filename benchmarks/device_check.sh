@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# One prepared run on a CUDA machine: install, the Triton/CUDA tests, the benchmark harness.
+# One prepared run on a CUDA machine: install, the compile gate with the driver's register counts,
+# the Triton/CUDA tests, the benchmark harness.
 # Everything lands in $OUT (at most 8 files: the device tool returns no more):
-#   machine.txt  tests.log  bench.log  bench/results.json  bench/results.md  bench_plots.tgz
+#   machine.txt (+ compile gate summary)  kernels.md  tests.log  bench.log  bench/results.json
+#   bench/results.md  bench_plots.tgz
 #
 # The flash-linear-attention peer travels as wheels in the git-ignored .whl/ (carry it):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform any -d .whl flash-linear-attention==0.6.0 fla-core==0.6.0
-# Budget (seconds) by environment: TEST_S (default 200), BENCH_MIN (default 4 minutes of new points).
+# Budget (seconds) by environment: GATE_S (default 120), TEST_S (default 200), BENCH_MIN (default 3
+# minutes of new points).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/_scratch/device}
@@ -26,12 +29,19 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/machine.txt
     python3 -c "import fla; print('fla', fla.__version__)" 2>&1 | tail -1
 } >>"$OUT/machine.txt" 2>&1
 
+# the offline compile gate on the device: ptxas's counts beside the driver's, for the GPU's own arch
+arch=$(python3 -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'sm_{m}{n}')")
+timeout "${GATE_S:-120}" python3 -m kop_triton.kernels.report --set ci --targets "$arch" --jobs 8 --device \
+    --md "$OUT/kernels.md" >"$OUT/kernels.log" 2>&1
+echo "compile report exit code $?" >>"$OUT/kernels.log"
+cat "$OUT/kernels.log" >>"$OUT/machine.txt"; rm -f "$OUT/kernels.log"
+
 timeout "${TEST_S:-200}" python3 -m pytest -q -x -p no:cacheprovider -n 4 \
     tests/test_scan_triton.py tests/test_conv.py tests/test_k2.py tests/test_module_koperator.py \
     tests/test_model.py tests/test_eval.py tests/test_scan_reference.py >"$OUT/tests.log" 2>&1
 echo "tests exit code $?" >>"$OUT/tests.log"
 
-timeout $(( ${BENCH_MIN:-4} * 60 + 120 )) python3 -m benchmarks.run --max-minutes "${BENCH_MIN:-4}" \
+timeout $(( ${BENCH_MIN:-3} * 60 + 120 )) python3 -m benchmarks.run --max-minutes "${BENCH_MIN:-3}" \
     --out "$OUT/bench" --note "device_check.sh on a lent GPU" >"$OUT/bench.log" 2>&1
 echo "bench exit code $?" >>"$OUT/bench.log"
 (cd "$OUT/bench" && ls ./*.png >/dev/null 2>&1 && tar czf ../bench_plots.tgz ./*.png && rm -f ./*.png)

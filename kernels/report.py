@@ -1,0 +1,466 @@
+"""The offline compile gate: every Triton specialisation the public ops launch, compiled for real
+GPU targets on a machine with no GPU and no CUDA driver, with ptxas's register, spill and
+shared-memory report and the tensor-core instructions of the PTX.
+
+    python -m kop_triton.kernels.report                    # the full workload, sm_80 / sm_90 / sm_100
+    python -m kop_triton.kernels.report --set ci --targets sm_90 --json out.json --md out.md
+
+How (no GPU needed):
+  1. Workload.  The ops' Triton paths (``triton_decayed_scan``, ``triton_causal_conv``,
+     ``triton_k2_mixer``: what ``decayed_scan`` / ``causal_conv`` / ``k2_mixer`` /
+     ``KOperator`` run on CUDA after their argument checks) are called forward and backward on
+     meta tensors (any size: T = 1M, D = 8192 cost nothing) or small CPU tensors (packed
+     sequences, whose tables are built from data) inside ``kop_triton.kernels.launch.recording``:
+     the launchers choose blocks, warps and flags exactly as on a GPU with 132 SMs, and every
+     launch is recorded instead of run.  Run without TRITON_INTERPRET, so the launchers pick
+     the GPU's operand modes (bf16 tensor-core dots, not the interpreter's emulation).
+  2. Specialisation.  Each launch is bound with Triton's own binder for the target, giving the
+     signature, constexprs and divisibility attributes the runtime would use; duplicates are
+     compiled once.
+  3. Compile with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, then
+     ``ptxas -v`` (shipped in the Triton wheel) on the PTX: registers, spill stores / loads,
+     shared memory.  The PTX is searched for MMA instructions (``mma.sync`` / ``wgmma`` /
+     ``tcgen05.mma``), and for TF32 ones.
+  4. The gate, per specialisation: it compiles; zero spill bytes; shared memory within the
+     target's per-block limit; every kernel whose Triton IR multiplies 16-bit operands
+     (``tt.dot`` on bf16 / f16) has MMA instructions; no TF32 anywhere.
+
+What this cannot show: timings, occupancy effects of register counts, and anything about the
+driver or a real launch; those need a GPU (``benchmarks/device_check.sh``).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Dict, List, Optional
+
+if os.environ.get("TRITON_INTERPRET") == "1":      # the gate compiles; it never interprets
+    raise RuntimeError("kop_triton.kernels.report must run without TRITON_INTERPRET=1 "
+                       "(run it as its own process: python -m kop_triton.kernels.report)")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from .launch import Launch, recording  # noqa: E402
+
+TARGETS = {"sm_80": 80, "sm_90": 90, "sm_100": 100}
+# Largest dynamic shared memory per block (opt-in), CUDA C Programming Guide, "Technical
+# Specifications per Compute Capability": 163 KB on 8.0, 227 KB on 9.0 and 10.0.
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024}
+MMA_PATTERNS = (r"\bmma\.sync\.", r"\bwgmma\.mma_async\.", r"\btcgen05\.mma\.")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# --------------------------------------------------------------------------------------
+# 1. workload
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    op: str                  # "scan" | "conv" | "k2"
+    dtype: str               # fp32 | bf16 | fp16
+    B: int
+    T: int
+    D: int
+    R: int = 1               # scan / k2
+    K: int = 1               # conv / k2
+    per_channel: bool = False
+    states: bool = False     # initial states given and final states asked for
+    varlen: bool = False     # packed sequences (3 of them) in a batch of one
+
+    def label(self) -> str:
+        s = f"{self.op} {self.dtype} B={self.B} T={self.T} D={self.D}"
+        if self.op != "conv":
+            s += f" R={self.R}"
+        if self.op != "scan":
+            s += f" K={self.K}{' per-channel' if self.per_channel else ''}"
+        return s + (" states" if self.states else "") + (" varlen" if self.varlen else "")
+
+
+def workload(which: str = "full") -> List[Case]:
+    """The cases of the gate.  "full": every kernel x fp32 / bf16 / fp16 x R in {1, 4, 16, 64,
+    128} x D in {1, 24, 64, 256, 1024, 4096} (8192 for the K2 mixer at T = 1M) x K from 1 to
+    4096, shared and per-channel kernels, with and without states and packed sequences, forward
+    and backward.  "ci": every kernel, dtype and flag with the smallest and the largest tiles the
+    launchers pick (R in {4, 128}, D in {24, 1024}, the taps and the Toeplitz conv), sized for
+    the 2-core CI machine."""
+    full = which == "full"
+    cases: List[Case] = []
+    Rs = (1, 4, 16, 64, 128) if full else (4, 128)
+    Ds = (1, 24, 64, 256, 1024, 4096) if full else (24, 1024)
+    Ks = (1, 4, 8, 32, 33, 300, 4096) if full else (8, 4096)
+    for dt in DTYPES:
+        for R in Rs:
+            for D in Ds:
+                cases.append(Case("scan", dt, 2, 2048, D, R=R))
+                cases.append(Case("k2", dt, 2, 2048, D, R=R, K=8))
+            if full or R == 4:
+                cases.append(Case("scan", dt, 1, 300, 64, R=R, states=True, varlen=True))
+        cases.append(Case("scan", dt, 1, 1 << 20, 1024, R=16, states=True))
+        cases.append(Case("k2", dt, 1, 1 << 20, 8192 if full else 1024, R=16, K=8, states=True))
+        for K in Ks + (() if full else (1,)):
+            for D in ((1, 24, 64, 256, 4096) if full else (24, 256)):
+                if full or K != 1:
+                    cases.append(Case("conv", dt, 2, 4096, D, K=K))
+                    cases.append(Case("conv", dt, 2, 4096, D, K=K, per_channel=True, states=True))
+            cases.append(Case("conv", dt, 1, 300, 64, K=K, states=True, varlen=True))
+            cases.append(Case("k2", dt, 1, 300, 64, R=16, K=K, per_channel=K % 2 == 0, states=True,
+                              varlen=True))
+    return cases
+
+
+def _inputs(c: Case):
+    dev = "cpu" if c.varlen else "meta"
+    dt = DTYPES[c.dtype]
+    f32 = torch.float32
+    N = 3 if c.varlen else c.B
+    mk = lambda *s, dtype=f32: torch.empty(*s, dtype=dtype, device=dev).requires_grad_()  # noqa: E731
+    cu = None
+    if c.varlen:
+        cuts = [0, c.T // 5, c.T // 5 + 1 + c.T // 3, c.T]
+        cu = torch.tensor(cuts, dtype=torch.int32)
+    return dev, dt, N, mk, cu
+
+
+def run_case(c: Case) -> List[Launch]:
+    """Forward and backward of one case through the ops' Triton paths, launches recorded."""
+    from kop_triton.ops.conv import triton_causal_conv
+    from kop_triton.ops.k2 import triton_k2_mixer
+    from kop_triton.ops.scan import triton_decayed_scan
+    dev, dt, N, mk, cu = _inputs(c)
+    with recording() as rec:
+        if c.op == "scan":
+            q, k, v = mk(c.B, c.T, c.R, dtype=dt), mk(c.B, c.T, c.R, dtype=dt), mk(c.B, c.T, c.D, dtype=dt)
+            gamma = mk(c.R)
+            h0 = mk(N, c.R, c.D) if c.states else None
+            outs = triton_decayed_scan(q, k, v, gamma, initial_state=h0, output_final_state=c.states,
+                                       cu_seqlens=cu)
+            ins = [t for t in (q, k, v, gamma, h0) if t is not None]
+        elif c.op == "conv":
+            x = mk(c.B, c.T, c.D, dtype=dt)
+            w = mk(c.D, c.K) if c.per_channel else mk(c.K)
+            h0 = mk(N, c.K - 1, c.D) if c.states else None
+            outs = triton_causal_conv(x, w, initial_state=h0, output_final_state=c.states, cu_seqlens=cu)
+            ins = [t for t in (x, w, h0) if t is not None]
+        else:
+            x = mk(c.B, c.T, c.D, dtype=dt)
+            u, v, alpha, gamma = mk(c.D, c.R), mk(c.D, c.R), mk(c.R), mk(c.R)
+            w = mk(c.D, c.K) if c.per_channel else mk(c.K)
+            gl = mk(())
+            st = (mk(N, c.R, c.D), mk(N, c.K - 1, c.D)) if c.states else None
+            y, fin = triton_k2_mixer(x, u, v, alpha, gamma, w, gl, initial_state=st,
+                                     output_final_state=c.states, cu_seqlens=cu)
+            outs = (y,) + (tuple(fin) if fin is not None else ())
+            ins = [t for t in (x, u, v, alpha, gamma, w, gl) + (st or ()) if t is not None]
+        outs = [o for o in outs if o is not None and o.requires_grad]
+        torch.autograd.grad(outs, ins, [torch.ones_like(o) for o in outs], allow_unused=True)
+    return rec.launches
+
+
+# --------------------------------------------------------------------------------------
+# 2. specialisations
+# --------------------------------------------------------------------------------------
+
+
+class Ptr:
+    """Stand-in for a tensor argument: its dtype, 16-byte aligned (as every CUDA allocation)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def data_ptr(self) -> int:
+        return 0
+
+
+@dataclasses.dataclass
+class Spec:
+    kernel: str                      # module:qualname
+    kwargs: Dict                     # tensors replaced by Ptr
+    key: str                         # Triton's cache key for this target
+    config: str                      # constexprs and launch options, readable
+    dtype: str
+    cases: List[str]
+
+
+def _kernel_fn(path: str):
+    mod, name = path.split(":")
+    return getattr(__import__(mod, fromlist=[name]), name)
+
+
+def _binder(fn, arch: int):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    return backend, create_function_from_signature(fn.signature, fn.params, backend)
+
+
+def _portable(v):
+    return Ptr(v.dtype) if isinstance(v, torch.Tensor) else v
+
+
+def _dtype_label(kwargs) -> str:
+    ptrs = sorted({str(v.dtype).replace("torch.", "") for v in kwargs.values() if isinstance(v, Ptr)})
+    return "/".join(ptrs)
+
+
+def specializations(cases: List[Case], arch: int, exact: bool = True) -> List[Spec]:
+    """The distinct specialisations the cases launch, for sm_<arch>.  ``exact``: as Triton's cache
+    tells them apart (integer arguments' divisibility by 16 included); otherwise one per kernel,
+    constexpr values, launch options and pointer dtypes (the CI gate: integer divisibility
+    changes vector widths, not which tiles live in registers)."""
+    specs: Dict[str, Spec] = {}
+    binders = {}
+    for c in cases:
+        for ln in run_case(c):
+            fn = ln.kernel
+            path = f"{fn.fn.__module__}:{fn.fn.__qualname__}"
+            if path not in binders:
+                binders[path] = _binder(fn, arch)
+            backend, binder = binders[path]
+            kw = {k: _portable(v) for k, v in ln.kwargs.items()}
+            _, spec, opts = binder(**kw)
+            cexpr = {p.name: kw[p.name] for p in fn.params if p.is_constexpr}
+            ints = {p.name: s for p, s in zip(fn.params, spec)
+                    if not p.is_constexpr and s[0] == "constexpr"}            # runtime-specialised (== 1, None)
+            opt = {k: v for k, v in kw.items() if k in ("num_warps", "num_stages")}
+            cfg = ", ".join(f"{k}={v}" for k, v in {**cexpr, **opt}.items())
+            if ints:
+                cfg += "; const " + ", ".join(f"{k}={v[1]}" for k, v in ints.items())
+            key = f"{path}|{spec}|{sorted(opts.items())}" if exact else f"{path}|{cfg}|{_dtype_label(kw)}"
+            if key not in specs:
+                specs[key] = Spec(path, kw, key, cfg, _dtype_label(kw), [])
+            if len(specs[key].cases) < 3:
+                specs[key].cases.append(c.label())
+    return list(specs.values())
+
+
+# --------------------------------------------------------------------------------------
+# 3. compile + ptxas
+# --------------------------------------------------------------------------------------
+
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_SMEM = re.compile(r"(\d+) bytes smem")
+
+
+def parse_ptxas(log: str) -> Dict[str, int]:
+    """Registers, spill store / load bytes and static shared memory from ``ptxas -v``."""
+    regs = [int(m) for m in _PTXAS_REGS.findall(log)]
+    spills = [(int(a), int(b)) for a, b in _PTXAS_SPILL.findall(log)]
+    smem = [int(m) for m in _PTXAS_SMEM.findall(log)]
+    if not regs:
+        raise ValueError(f"no register report in the ptxas log:\n{log}")
+    return {"registers": max(regs), "spill_stores": sum(a for a, _ in spills),
+            "spill_loads": sum(b for _, b in spills), "ptxas_smem": max(smem) if smem else 0}
+
+
+def count_mma(ptx: str) -> Dict[str, int]:
+    lines = [ln for ln in ptx.splitlines() if any(re.search(p, ln) for p in MMA_PATTERNS)]
+    return {"mma": len(lines), "tf32_mma": sum(".tf32" in ln for ln in lines)}
+
+
+_TTIR_DOT = re.compile(r"tt\.dot\b[^\n]*")
+
+
+def dots_16bit(ttir: str) -> bool:
+    """Does the Triton IR multiply 16-bit operands (a tt.dot on bf16 / f16 tensors)?"""
+    return any(re.search(r"x(bf16|f16)>", ln) for ln in _TTIR_DOT.findall(ttir))
+
+
+def ptxas(ptx: str, arch: int) -> str:
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([get_ptxas(arch).path, "-lineinfo", "-v", f"--gpu-name={sm_arch_from_capability(arch)}",
+                              src, "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"ptxas failed ({out.returncode}):\n{out.stderr[-4000:]}")
+    return out.stderr + out.stdout
+
+
+def compile_one(kernel_path: str, kwargs: Dict, arch: int, on_device: bool = False) -> Dict:
+    """Compile one specialisation for sm_<arch> -> row of measurements (or the error).
+    ``on_device`` (a CUDA machine of that arch): also load the binary through the driver and
+    record the driver's own register and spill counts beside ptxas's."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    fn = _kernel_fn(kernel_path)
+    backend, binder = _binder(fn, arch)
+    t0 = time.time()
+    try:
+        bound, spec, opts = binder(**kwargs)
+        options, sig, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+        log = io.StringIO()
+        knobs = triton.knobs.nvidia
+        dump, knobs.dump_ptxas_log = knobs.dump_ptxas_log, True     # Triton's own `ptxas -v` run, printed
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(io.StringIO()):
+                k = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                                   options=options.__dict__)
+        finally:
+            knobs.dump_ptxas_log = dump
+        text = log.getvalue()
+        # a binary from Triton's cache ran no ptxas: run it on the cached PTX
+        row = parse_ptxas(text if _PTXAS_REGS.search(text) else ptxas(k.asm["ptx"], arch))
+        row.update(count_mma(k.asm["ptx"]))
+        row["dots_16bit"] = dots_16bit(k.asm["ttir"])
+        row["smem"] = max(int(k.metadata.shared), row["ptxas_smem"])
+        row["num_warps"] = int(k.metadata.num_warps)
+        row["num_stages"] = int(k.metadata.num_stages)
+        row["error"] = None
+        if on_device:
+            k._init_handles()
+            row["device_registers"], row["device_spills"] = int(k.n_regs), int(k.n_spills)
+    except Exception as e:  # a compile error is a result of the gate, not a crash of it
+        msg = f"{type(e).__name__}: {e}"
+        row = {"error": msg[-3000:]}
+    row["seconds"] = round(time.time() - t0, 2)
+    return row
+
+
+def problems(row: Dict, arch: int) -> List[str]:
+    """Why a compiled specialisation fails the gate (empty: it passes)."""
+    if row.get("error"):
+        return ["does not compile"]
+    out = []
+    if row["spill_stores"] or row["spill_loads"]:
+        out.append(f"spills {row['spill_stores']} B stores / {row['spill_loads']} B loads")
+    if row["smem"] > SMEM_LIMIT[arch]:
+        out.append(f"shared memory {row['smem']} B > {SMEM_LIMIT[arch]} B")
+    if row["dots_16bit"] and row["mma"] == 0:
+        out.append("16-bit dot without MMA instructions")
+    if row["tf32_mma"]:
+        out.append(f"{row['tf32_mma']} TF32 MMA instructions")
+    return out
+
+
+def _job(args):
+    return compile_one(*args)
+
+
+def run_gate(cases: List[Case], targets: List[str], jobs: int = 1, kernel: Optional[str] = None,
+             exact: bool = True, on_device: bool = False) -> List[Dict]:
+    """Compile every specialisation of ``cases`` for each target (only kernels whose name
+    contains ``kernel``, when given) -> one row per (target, specialisation)."""
+    rows = []
+    work = []
+    for t in targets:
+        arch = TARGETS[t]
+        for s in specializations(cases, arch, exact):
+            if kernel is None or any(k and k in s.kernel for k in kernel.split(",")):
+                work.append((t, arch, s))
+    args = [(s.kernel, s.kwargs, arch, on_device) for _, arch, s in work]
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as ex:
+            results = list(ex.map(_job, args))
+    else:
+        results = [_job(a) for a in args]
+    for (t, arch, s), r in zip(work, results):
+        rows.append({"target": t, "kernel": s.kernel.split(":")[1], "dtype": s.dtype, "config": s.config,
+                     "cases": s.cases, **r, "problems": problems(r, arch)})
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# 4. report
+# --------------------------------------------------------------------------------------
+
+
+def summary(rows: List[Dict]) -> List[Dict]:
+    out = []
+    for t in sorted({r["target"] for r in rows}):
+        rs = [r for r in rows if r["target"] == t]
+        ok = [r for r in rs if not r.get("error")]
+        spills = [r["spill_stores"] + r["spill_loads"] for r in ok]
+        out.append({"target": t, "specializations": len(rs), "compile_errors": len(rs) - len(ok),
+                    "spilling": sum(s > 0 for s in spills), "largest_spill_bytes": max(spills, default=0),
+                    "max_registers": max((r["registers"] for r in ok), default=0),
+                    "max_smem": max((r["smem"] for r in ok), default=0),
+                    "failing": sum(bool(r["problems"]) for r in rs)})
+    return out
+
+
+def markdown(rows: List[Dict], meta: Dict) -> str:
+    lines = [f"# Offline compile report: {meta['date']}", "",
+             f"Triton {meta['triton']}, torch {meta['torch']}, workload `{meta['set']}` "
+             f"({meta['cases']} cases), targets {', '.join(meta['targets'])}; compiled on {meta['machine']} "
+             f"with no GPU (`python -m kop_triton.kernels.report {meta['argv']}`, {meta['seconds']:.0f} s).",
+             "Registers, spills and shared memory are ptxas's own report for the target; MMA counts "
+             "the PTX's `mma.sync` / `wgmma.mma_async` / `tcgen05.mma` lines.", "",
+             "| target | specialisations | compile errors | spilling | largest spill (B) | max registers | "
+             "max smem (B) | failing the gate |", "|---|---|---|---|---|---|---|---|"]
+    for s in summary(rows):
+        lines.append(f"| {s['target']} | {s['specializations']} | {s['compile_errors']} | {s['spilling']} | "
+                     f"{s['largest_spill_bytes']} | {s['max_registers']} | {s['max_smem']} | {s['failing']} |")
+    lines += ["", "| target | kernel | pointers | config | regs | spill st/ld (B) | smem (B) | MMA | "
+              "gate | e.g. case |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["target"], r["kernel"], r["dtype"], r["config"])):
+        if r.get("error"):
+            lines.append(f"| {r['target']} | {r['kernel']} | {r['dtype']} | {r['config']} | - | - | - | - | "
+                         f"**does not compile** | {r['cases'][0]} |")
+            continue
+        gate = "ok" if not r["problems"] else "**" + "; ".join(r["problems"]) + "**"
+        if "device_registers" in r:
+            gate += f" (driver: {r['device_registers']} regs, {r['device_spills']} spills)"
+        lines.append(f"| {r['target']} | {r['kernel']} | {r['dtype']} | {r['config']} | {r['registers']} | "
+                     f"{r['spill_stores']}/{r['spill_loads']} | {r['smem']} | {r['mma']} | {gate} | "
+                     f"{r['cases'][0]} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kop_triton.kernels.report", description=__doc__.split("\n")[0])
+    ap.add_argument("--set", choices=("full", "ci"), default="full", help="workload (default: full)")
+    ap.add_argument("--targets", default="sm_80,sm_90,sm_100",
+                    help="comma-separated, of " + ", ".join(TARGETS) + " (default: all)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    ap.add_argument("--json", help="write every row here")
+    ap.add_argument("--md", help="write the markdown report here")
+    ap.add_argument("--kernel", help="only kernels whose name contains one of these (comma-separated)")
+    ap.add_argument("--device", action="store_true",
+                    help="on a CUDA GPU: also load each binary and record the driver's register / spill counts")
+    args = ap.parse_args(argv)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    bad = [t for t in targets if t not in TARGETS]
+    if bad:
+        ap.error(f"--targets: unknown {bad}; choose from {list(TARGETS)}")
+    t0 = time.time()
+    cases = workload(args.set)
+    if args.device and not torch.cuda.is_available():
+        ap.error("--device needs a CUDA GPU")
+    rows = run_gate(cases, targets, args.jobs, args.kernel, exact=args.set == "full", on_device=args.device)
+    meta = {"date": time.strftime("%Y-%m-%d"), "triton": triton.__version__, "torch": torch.__version__,
+            "set": args.set, "cases": len(cases), "targets": targets, "seconds": time.time() - t0,
+            "machine": f"{os.cpu_count()}-core CPU", "argv": " ".join(argv if argv is not None else sys.argv[1:])}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "summary": summary(rows), "rows": rows}, f, indent=1)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(markdown(rows, meta))
+    for s in summary(rows):
+        print(json.dumps(s))
+    failing = [r for r in rows if r["problems"]]
+    for r in failing:
+        print(f"FAIL {r['target']} {r['kernel']} [{r['dtype']}; {r['config']}]: {'; '.join(r['problems'])}"
+              f"  (e.g. {r['cases'][0]})" + (f"\n    {r['error'].splitlines()[-1]}" if r.get("error") else ""))
+    print(f"gate: {len(rows) - len(failing)} specialisations pass, {len(failing)} fail")
+    return 1 if failing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

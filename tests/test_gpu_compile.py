@@ -1,0 +1,122 @@
+"""The offline compile gate (``kop_triton.kernels.report``): every Triton specialisation the ops
+launch compiles for sm_80 / sm_90 / sm_100 with Triton's real compiler, with zero register
+spills, shared memory within the target's limit, tensor cores for 16-bit dots and no TF32 --
+checked on this machine, which has no GPU.  The compiler must run without the interpreter, so
+every compile happens in a child process without TRITON_INTERPRET.
+
+The CI workload (``--set ci``) covers every kernel, every dtype, every flag and the largest
+tiles the launchers pick; ``--set full`` (the committed report, benchmarks/results/kernels-*.md)
+adds the rest of the R / D / K grid."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = HERE + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _child(code: str, timeout: int = 600) -> dict:
+    """Run ``code`` in a fresh interpreter-free process; it prints one JSON object last."""
+    out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True,
+                         timeout=timeout)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------
+# the gate's parts, on known inputs
+# --------------------------------------------------------------------------------------
+
+def test_parse_ptxas_log():
+    from kop_triton.kernels.report import parse_ptxas
+    log = ("ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
+           "ptxas info    : Function properties for k\n"
+           "    0 bytes stack frame, 424 bytes spill stores, 412 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers, 16384 bytes smem, 400 bytes cmem[0]\n")
+    assert parse_ptxas(log) == {"registers": 255, "spill_stores": 424, "spill_loads": 412, "ptxas_smem": 16384}
+    with pytest.raises(ValueError, match="no register report"):
+        parse_ptxas("garbage")
+
+
+def test_mma_and_tf32_detection():
+    from kop_triton.kernels.report import count_mma, dots_16bit
+    ptx = ("\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1}, {%r1}, {%r2}, {%f1};\n"
+           "\twgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 {%f2}, %rd1, %rd2, 1, 1, 1;\n"
+           "\tfma.rn.f32 %f3, %f4, %f5, %f3;\n")
+    assert count_mma(ptx) == {"mma": 2, "tf32_mma": 1}
+    assert dots_16bit("%5 = tt.dot %3, %4, %cst : tensor<16x16xbf16> * tensor<16x64xbf16> -> tensor<16x64xf32>")
+    assert not dots_16bit("%5 = tt.dot %3, %4, %cst, inputPrecision = ieee : tensor<16x16xf32> * "
+                          "tensor<16x64xf32> -> tensor<16x64xf32>")
+
+
+def test_gate_verdicts_on_known_kernels():
+    """The gate fails what it must: a compile error, spills, TF32; passes a bf16 MMA dot."""
+    rows = _child("""
+import json, torch
+from kop_triton.kernels.report import Ptr, compile_one, problems
+P = Ptr(torch.float32)
+dot = dict(a=P, b=P, c=P, M=64, K=128, N=64)
+rows = {
+    "float": compile_one("gate_kernels:uses_python_float", dict(x=P, N=16), 90),
+    "fp32": compile_one("gate_kernels:big_fp32_dot", dict(dot, BF16=False), 90),
+    "bf16": compile_one("gate_kernels:big_fp32_dot", dict(dot, M=64, K=64, BF16=True), 90),
+    "tf32": compile_one("gate_kernels:tf32_dot", dict(dot, K=32), 90),
+}
+print(json.dumps({k: dict(r, problems=problems(r, 90)) for k, r in rows.items()}))
+""")
+    assert rows["float"]["problems"] == ["does not compile"]
+    assert "global variable" in rows["float"]["error"]
+    assert rows["fp32"]["spill_stores"] > 0 and any("spills" in p for p in rows["fp32"]["problems"])
+    assert rows["bf16"]["mma"] > 0 and rows["bf16"]["dots_16bit"] and rows["bf16"]["problems"] == []
+    assert rows["tf32"]["tf32_mma"] > 0 and any("TF32" in p for p in rows["tf32"]["problems"])
+
+
+def test_workload_records_every_kernel_without_running_it():
+    """The workload drives the ops' Triton paths on meta tensors (T = 1M, D = 8192 cost nothing)
+    and records every launch; each kernel of kernels/ appears, forward and backward."""
+    got = _child("""
+import json
+from kop_triton.kernels.report import Case, run_case, workload
+names = sorted({ln.name for c in workload("ci") for ln in run_case(c)})
+big = run_case(Case("k2", "bf16", 1, 1 << 20, 8192, R=16, K=8, states=True))
+print(json.dumps({"names": names, "big": sorted({ln.name for ln in big}),
+                  "grid": max(ln.grid[0] for ln in big if ln.name == "_chunk_out_kernel")}))
+""")
+    assert got["names"] == sorted(["_intra_A_kernel", "_chunk_state_kernel", "_state_pass_kernel",
+                                   "_chunk_out_kernel", "_bwd_dqk_kernel", "_conv_fwd_kernel",
+                                   "_conv_bwd_dx_kernel", "_conv_bwd_dw_kernel", "_k2_fwd_kernel"])
+    assert "_k2_fwd_kernel" in got["big"] and "_bwd_dqk_kernel" in got["big"]
+    assert got["grid"] == (1 << 20) // 64                 # one program per 64-token chunk
+
+
+# --------------------------------------------------------------------------------------
+# the gate itself
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", ["sm_80", "sm_90", "sm_100"])
+def test_compile_gate(target, tmp_path):
+    """Every specialisation of the CI workload compiles for ``target`` with zero spills, shared
+    memory within the limit, MMA instructions wherever 16-bit operands are multiplied, no TF32."""
+    out = tmp_path / "gate.json"
+    proc = subprocess.run([sys.executable, "-m", "kop_triton.kernels.report", "--set", "ci", "--targets", target,
+                           "--jobs", "1", "--json", str(out)], env=_env(), capture_output=True, text=True,
+                          timeout=1500)
+    assert out.exists(), proc.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    failing = [f"{r['kernel']} [{r['dtype']}; {r['config']}]: {r['problems']} (e.g. {r['cases'][0]})"
+               + (f"\n{r['error'][-600:]}" if r.get("error") else "") for r in rows if r["problems"]]
+    assert not failing, "\n".join(failing)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    kernels = {r["kernel"] for r in rows}
+    assert len(kernels) == 9, kernels
+    mma16 = [r for r in rows if r["dots_16bit"]]
+    assert mma16 and all(r["mma"] > 0 for r in mma16)
+    assert any(not r["dots_16bit"] and r["mma"] == 0 for r in rows)    # fp32 stays off tensor cores
