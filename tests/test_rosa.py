@@ -181,7 +181,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="num_threads"):
         rosa_next_ids(torch.tensor([1, 2]), num_threads=0)
     s = RosaStream(2, 5)
-    with pytest.raises(ValueError, match=r"ids_t must have shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"ids_t must be an integer tensor of shape \(2,\)"):
         s.push(torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match=r"\[0, 5\)"):
         s.push(torch.tensor([1, 5]))

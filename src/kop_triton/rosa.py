@@ -91,9 +91,11 @@ def check_mode(mode, allow_off: bool = False) -> str:
     return mode
 
 
+_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
 def _check_ids(ids, vocab_size):
-    if not isinstance(ids, torch.Tensor) or ids.dim() not in (1, 2) or ids.dtype not in (
-            torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64):
+    if not isinstance(ids, torch.Tensor) or ids.dim() not in (1, 2) or ids.dtype not in _INT_DTYPES:
         raise ValueError(f"ids must be an integer tensor of shape (B, T) or (T,), got {describe(ids)}")
     x = ids.detach().to("cpu", torch.int64).contiguous()
     if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
@@ -214,13 +216,17 @@ class RosaStream:
 
     def push(self, ids_t) -> torch.Tensor:
         """ids_t (B,) integer ids -> (B,) int64 CPU ROSA ids of these positions."""
-        if not isinstance(ids_t, torch.Tensor) or ids_t.dim() != 1 or ids_t.shape[0] != self.batch_size:
-            raise ValueError(f"ids_t must have shape ({self.batch_size},), got {describe(ids_t)}")
-        x, _ = _check_ids(ids_t, self.vocab_size)
+        if (not isinstance(ids_t, torch.Tensor) or ids_t.dim() != 1 or ids_t.shape[0] != self.batch_size
+                or ids_t.dtype not in _INT_DTYPES):
+            raise ValueError(f"ids_t must be an integer tensor of shape ({self.batch_size},), got {describe(ids_t)}")
+        vals = ids_t.tolist()                      # one host copy (a device sync for a GPU tensor)
+        if not all(0 <= v < self.vocab_size for v in vals):
+            raise ValueError(f"ids_t must lie in [0, {self.vocab_size}), got {vals}")
         if self.window is not None and self.position and self.position % self.window == 0:
             for h in self._sams:
                 self._lib.rosa_reset(h)
-        out = [self._lib.rosa_push(h, v) for h, v in zip(self._sams, x.tolist())]
+        push = self._lib.rosa_push
+        out = [push(h, v) for h, v in zip(self._sams, vals)]
         if min(out) < -1:
             raise RuntimeError(f"ROSA failed: {_ERRORS.get(min(out), min(out))}")
         self.position += 1
