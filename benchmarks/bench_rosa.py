@@ -131,11 +131,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", default="1,2", help="comma-separated thread counts for the batch timing")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--new", type=int, default=256, help="generated tokens per model in the generation timing")
+    p.add_argument("--parts", default="batch,disagreement,stream,generate", help="which measurements to run")
     p.add_argument("--json", default="-", help="output file ('-': stdout)")
     a = p.parse_args(argv)
     if not Path(a.text).is_file():
         p.error(f"--text: no such file {a.text!r} (Tiny Shakespeare is expected under ../shared)")
     threads = [int(t) for t in a.threads.split(",") if t.strip()]
+    parts = [t.strip() for t in a.parts.split(",") if t.strip()]
+    if not parts or set(parts) - {"batch", "disagreement", "stream", "generate"}:
+        p.error(f"--parts must list some of batch, disagreement, stream, generate; got {a.parts!r}")
     if min([a.batch, a.window, a.repeats, a.new] + threads) < 1:
         p.error("--batch, --window, --repeats, --new and --threads must be positive")
     torch.set_num_threads(1)                               # the model timing: one torch thread
@@ -146,12 +150,16 @@ def main(argv=None) -> int:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor(),
                     "torch": torch.__version__, "loadavg_start": load0},
         "text": str(a.text), "vocab": vocab, "tokens": int(ids.numel()),
-        "batch": {"shape": [a.batch, a.window], "results": bench_batch(ids, vocab, a.batch, a.window, threads,
-                                                                        a.repeats)},
-        "disagreement": disagreement(ids, vocab, a.window),
-        "stream": bench_stream(ids, vocab),
-        "generate": bench_generate(vocab, a.new),
     }
+    if "batch" in parts:
+        res["batch"] = {"shape": [a.batch, a.window],
+                        "results": bench_batch(ids, vocab, a.batch, a.window, threads, a.repeats)}
+    if "disagreement" in parts:
+        res["disagreement"] = disagreement(ids, vocab, a.window)
+    if "stream" in parts:
+        res["stream"] = bench_stream(ids, vocab)
+    if "generate" in parts:
+        res["generate"] = bench_generate(vocab, a.new)
     res["machine"]["loadavg_end"] = os.getloadavg()
     text = json.dumps(res, indent=2)
     if a.json == "-":

@@ -65,7 +65,7 @@ def _load_library():
             raise RosaUnavailable(f"cannot load ROSA's C helper {spec.origin!r}: {e}; rebuild it with "
                                   f"`make clean install`") from None
         p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        for name, res, args in (("rosa_new", p, [i64, c_int, i64]), ("rosa_free", None, [p]),
+        for name, res, args in (("rosa_new", p, [i64, c_int, i64, c_int]), ("rosa_free", None, [p]),
                                 ("rosa_reset", None, [p]), ("rosa_copy", p, [p]), ("rosa_length", i64, [p]),
                                 ("rosa_push", i64, [p, i64]),
                                 ("rosa_batch", i64, [p, p, i64, i64, i64, c_int])):
@@ -204,7 +204,8 @@ class RosaStream:
         self._lib = _load_library()
         self._sams = []
         for _ in range(batch_size):
-            h = self._lib.rosa_new(vocab_size, _MODE_CODE[mode], window or 1024)
+            # a bounded window may use the dense transition table; the whole history uses edge lists
+            h = self._lib.rosa_new(vocab_size, _MODE_CODE[mode], window or 1024, int(window is not None))
             if not h:
                 raise MemoryError("ROSA: cannot allocate an automaton")
             self._sams.append(h)
