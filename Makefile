@@ -13,7 +13,12 @@ BENCH_FLAGS ?=
 
 .PHONY: install test bench clean
 
-$(STAMP): setup.py
+CC     ?= cc
+
+# ROSA's C helper (src/kop_triton/_rosa.c) is compiled by the editable install below
+$(STAMP): setup.py src/kop_triton/_rosa.c
+	@command -v $(CC) >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || command -v clang >/dev/null 2>&1 || \
+	  { echo "kop-triton needs a C compiler for ROSA's helper (src/kop_triton/_rosa.c): install gcc or clang (Debian/Ubuntu: apt-get install gcc) and rerun"; exit 1; }
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install -q $(DEPS)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
@@ -28,4 +33,4 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.run $(BENCH_FLAGS)
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) build src/*.egg-info src/kop_triton/_rosa*.so

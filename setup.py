@@ -1,4 +1,23 @@
-from setuptools import setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROSA_SOURCE = "src/kop_triton/_rosa.c"
+
+
+class BuildRosa(build_ext):
+    """Builds ROSA's C helper (a plain shared library loaded through ctypes, no Python API), and
+    turns a missing or failing C compiler into one clear message instead of a compiler trace."""
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as e:  # CCompilerError, CompileError, LinkError, PlatformError
+            raise SystemExit(
+                f"kop-triton: cannot build ROSA's C helper {ROSA_SOURCE} ({type(e).__name__}: "
+                f"{str(e).strip().splitlines()[-1] if str(e).strip() else 'no compiler output'}). "
+                "It needs a C compiler (gcc or clang; on Debian/Ubuntu: apt-get install gcc), "
+                "then rerun `make install`.") from None
+
 
 setup(
     name="kop-triton",
@@ -7,6 +26,8 @@ setup(
     python_requires=">=3.10",
     package_dir={"kop_triton": "src/kop_triton", "kop_triton.kernels": "kernels"},
     packages=["kop_triton", "kop_triton.ops", "kop_triton.kernels"],
+    ext_modules=[Extension("kop_triton._rosa", sources=[ROSA_SOURCE], extra_compile_args=["-O3", "-std=c99"])],
+    cmdclass={"build_ext": BuildRosa},
     install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm"],
     extras_require={
         "triton": ["triton>=3.4"],

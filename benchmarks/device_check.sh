@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One prepared run on a CUDA machine: install, the compile gate with the driver's register counts,
-# the Triton/CUDA tests, the benchmark harness.
+# One prepared run on a CUDA machine: install (which compiles ROSA's C helper: Triton needs a C
+# compiler there anyway), the compile gate with the driver's register counts, the Triton/CUDA
+# tests, the benchmark harness.
 # Everything lands in $OUT (at most 8 files: the device tool returns no more):
 #   machine.txt (+ compile gate summary)  kernels.md  tests.log  bench.log  bench/results.json
 #   bench/results.md  bench_plots.tgz
@@ -38,7 +39,8 @@ cat "$OUT/kernels.log" >>"$OUT/machine.txt"; rm -f "$OUT/kernels.log"
 
 timeout "${TEST_S:-200}" python3 -m pytest -q -x -p no:cacheprovider -n 4 \
     tests/test_scan_triton.py tests/test_conv.py tests/test_k2.py tests/test_module_koperator.py \
-    tests/test_model.py tests/test_eval.py tests/test_scan_reference.py >"$OUT/tests.log" 2>&1
+    tests/test_model.py tests/test_eval.py tests/test_scan_reference.py tests/test_rosa.py \
+    tests/test_rosa_model.py >"$OUT/tests.log" 2>&1
 echo "tests exit code $?" >>"$OUT/tests.log"
 
 timeout $(( ${BENCH_MIN:-3} * 60 + 120 )) python3 -m benchmarks.run --max-minutes "${BENCH_MIN:-3}" \

@@ -215,3 +215,19 @@ def test_slope_and_crossover():
     assert c["T"] == 1000
     assert harness.crossover(Ts, {t: 0.1 for t in Ts}, att)["T"] is None
     assert harness.scale_factor(2, 1, 2048, 4, 512) == pytest.approx(4.0)
+
+
+def test_bench_rosa_writes_json(tmp_path):
+    from benchmarks import bench_rosa
+    text = tmp_path / "t.txt"
+    text.write_text("the king and the queen; the crown and the sword.\n" * 40)
+    out = tmp_path / "rosa.json"
+    assert bench_rosa.main(["--text", str(text), "--batch", "3", "--window", "64", "--threads", "1,2",
+                            "--repeats", "2", "--new", "2", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [(r["mode"], r["threads"]) for r in res["batch"]["results"]] == [
+        ("exact", 1), ("exact", 2), ("reference", 1), ("reference", 2)]
+    assert all(r["tokens_per_s_best"] > 0 for r in res["batch"]["results"])
+    d = res["disagreement"]["whole_text"]
+    assert d["positions"] == (res["tokens"] // 64) * 64 and 0 <= d["fraction"] <= 1
+    assert res["stream"]["exact"]["tokens"] == res["tokens"] and res["generate"]["reference"]["steps"] == 2

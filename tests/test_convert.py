@@ -14,6 +14,7 @@ from helpers import SHARED
 from kop_triton import KStackConfig, KStackLM
 from kop_triton.checkpoint import load_checkpoint
 from kop_triton.convert import main
+from kop_triton.modules import ROSA_RHO_INIT
 
 REF_CKPT = SHARED / "reference" / "k-language-model-v2" / "char_shakespeare_v2_rosa_off.pt"
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
@@ -38,8 +39,10 @@ def reference_layout(model: KStackLM) -> dict:
                     "mixer.gate_logit": "k_base_gate_logit", "mixer.kernel": "k_base_kernel"}.get(rest, rest)
             rest = rest.replace("mixer.", "")
             out[f"k_stack.layers.{i}.{rest}"] = t
-        elif k == "norm.scale":
+        elif k == "norm.scale" or k.startswith("rosa_emb."):
             out[k] = t
+        elif k == "rosa_proj.weight":
+            out["rosa_to_model.weight"] = t
         elif c.head == "linear":
             out["head.output_projection.weight"] = t
         elif c.head == "gelu":
@@ -48,9 +51,11 @@ def reference_layout(model: KStackLM) -> dict:
             out["head.head." + k[len("head."):]] = t
     if c.head == "linear":
         out["head.head.weight"] = out["emb.weight"]
-    for i in range(1, c.n_k2 + 1):
-        out[f"k_stack.layers.{i}.rho_logit"] = torch.tensor(-2.2)
-    out["rosa_emb.weight"] = torch.randn(c.vocab_size + 1, c.E)
+    for i in range(1, c.n_k2 + 1):   # the reference has one in every K2 layer, at its init when unused
+        out.setdefault(f"k_stack.layers.{i}.rho_logit", torch.tensor(ROSA_RHO_INIT))
+    out.setdefault("rosa_emb.weight", torch.randn(c.vocab_size + 1, c.E) * 0.02)
+    if c.E != c.d_model:
+        out.setdefault("rosa_to_model.weight", torch.randn(c.d_model, c.E) * 0.02)
     return {"_orig_mod." + k: v.clone() for k, v in out.items()}
 
 

@@ -388,3 +388,44 @@ def test_sigint_saves_and_resume_continues_in_process(tmp_path, text_file, monke
     monkeypatch.setattr(BatchSampler, "batch", orig)
     assert ktrain.main(["--out", tmp_path / "cut", "--resume"]) == 0
     assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "ref")
+
+
+# ------------------------------------------------------------------------------- ROSA
+
+def test_rosa_run_trains_rho_and_scores_as_eval(tmp_path, text_file):
+    out = tmp_path / "rosa"
+    assert ktrain.main(["--text", text_file, "--out", out, *TINY, "--steps", "8", "--eval-interval", "8",
+                        "--log-interval", "1", "--max-eval-tokens", "300", "--rosa", "reference",
+                        "--rosa-layers", "1"]) == 0
+    log = read_log(out)
+    assert (log[0]["config"]["rosa"], log[0]["config"]["rosa_layers"]) == ("reference", [1])
+    model, tok = load_checkpoint(out / "last")
+    b0, b1 = model.stack.k2_blocks()
+    from kop_triton.modules import ROSA_RHO_INIT
+    assert b0.rho_logit is None and abs(b1.rho_logit.item() - ROSA_RHO_INIT) > 1e-5   # trained
+    _, valid = split_text(Path(text_file).read_text(encoding="utf-8"), 0.1)
+    res = evaluate(model, encode(tok, valid)[:301], window=32, batch_size=16)
+    assert res["val_ce"] == pytest.approx([r for r in log if r["event"] == "eval"][-1]["val_ce"], rel=1e-6)
+
+
+def test_rosa_prefetcher_gives_the_sampler_batches(text_file):
+    from kop_triton.data import BatchSampler
+    from kop_triton.distributed import DistInfo
+    ids = torch.randint(0, 9, (5000,), generator=torch.Generator().manual_seed(0))
+    s = BatchSampler(ids, 64, 4, seed=2, rosa="exact", vocab_size=9)
+    info = DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    pf = ktrain.BatchPrefetcher(s, info)
+    assert pf.enabled
+    for step in (0, 1, 2, 5, 6):          # in order, and after a jump
+        got, want = pf.get(step, 7), s.batch(step)
+        assert len(got) == 3 and all(torch.equal(a, b) for a, b in zip(got, want))
+    pf.close()
+    assert not ktrain.BatchPrefetcher(BatchSampler(ids, 64, 4, seed=2), info).enabled
+
+
+def test_rosa_preset_is_the_v2_rosa_model():
+    args = ktrain.parse_args(["--preset", "shakespeare-char-v2-rosa"])
+    cfg = ktrain.model_config(args, 65)
+    assert (cfg.rosa, cfg.rosa_layers, cfg.window, cfg.n_k2) == ("reference", None, 2048, 6)
+    assert KStackLM(cfg).num_parameters() == 178_692          # the v2 README's ROSA checkpoints
+    assert ktrain.model_config(ktrain.parse_args(["--rosa-layers", "0,2", "--rosa", "exact"]), 9).rosa_layers == [0, 2]

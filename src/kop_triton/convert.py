@@ -2,6 +2,7 @@
 
     python -m kop_triton.convert SRC.pt OUT_DIR --tokenizer char|byte [--text FILE]
                                  --gamma-min G --alpha-cap A [--gamma-max 1.0] [--window 2048]
+                                 [--rosa exact|reference|off]
 
 The source is a torch zip whose ``model`` entry is the state dict (keys possibly prefixed
 ``_orig_mod.``); it stores neither the model config nor the tokenizer.  Everything the tensor
@@ -11,10 +12,16 @@ are required flags, as is the tokenizer (char: the sorted set of characters of `
 which must be the whole training text).
 
 Loading is safe: ``torch.load(weights_only=True)`` with an explicit allow-list of the few numpy
-globals the source's ``rng_state`` needs; nothing else is unpickled.  ROSA (an optional add-on
-of the reference, off in the ``*_rosa_off`` checkpoints) is not part of this model: its tensors
-(``rosa_emb``, ``rosa_to_model``, ``rho_logit``) are ignored, so only checkpoints trained with
-ROSA off convert to an equivalent model.
+globals the source's ``rng_state`` needs; nothing else is unpickled.
+
+ROSA: every reference checkpoint holds ``rosa_emb`` (and ``rosa_to_model`` when E != D) and a
+``rho_logit`` per K2 layer, trained or not.  The weights count as trained when a layer's
+``rho_logit`` has moved from its init logit(0.1) (it gets no gradient with ROSA off); then
+``--rosa`` is required, since the file does not say how ROSA was computed: ``reference`` (the
+reference implementation's automaton, what its released checkpoints were trained and scored
+with), ``exact`` (the definition) or ``off`` (drop the ROSA weights: a different model).  The
+layers whose ``rho_logit`` moved are the ones that get the ROSA term.  Untrained ROSA weights
+are dropped (``--rosa exact|reference`` is then an error).
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ import torch
 
 from .checkpoint import CheckpointError, check_state_dict, save_checkpoint
 from .model import KStackConfig, KStackLM
+from .modules import ROSA_RHO_INIT
 from .tokenizers import ByteTokenizer, CharTokenizer
 
 
@@ -36,7 +44,8 @@ class ConvertError(Exception):
 
 
 _PREFIXES = ("_orig_mod.", "module.")
-_IGNORED = re.compile(r"^(rosa_emb\.|rosa_to_model\.|eta_logit$|k_stack\.layers\.\d+\.(rho_logit|causal_mask|decay_diff)$)")
+_IGNORED = re.compile(r"^(eta_logit$|k_stack\.layers\.\d+\.(causal_mask|decay_diff)$)")
+_ROSA_KEYS = re.compile(r"^(rosa_emb\.|rosa_to_model\.|k_stack\.layers\.\d+\.rho_logit$)")
 
 
 def _numpy_allow_list():
@@ -124,7 +133,20 @@ def _get(state, key):
     return state[key]
 
 
-def infer_config(state, *, gamma_min, gamma_max, alpha_cap, window=2048) -> KStackConfig:
+def trained_rosa_layers(state):
+    """0-based K2 layers whose rho_logit has moved from its init logit(0.1) (ROSA was trained)."""
+    kinds = _layer_kinds(state)
+    k2 = sorted(i for i, k in kinds.items() if k == "K2")
+    out = []
+    for j, i in enumerate(k2):
+        t = state.get(f"k_stack.layers.{i}.rho_logit")
+        if t is not None and abs(float(t.reshape(-1)[0]) - ROSA_RHO_INIT) > 1e-6:
+            out.append(j)
+    return out
+
+
+def infer_config(state, *, gamma_min, gamma_max, alpha_cap, window=2048, rosa="off",
+                 rosa_layers=None) -> KStackConfig:
     """The KStackConfig the tensor shapes imply, completed with the given decay range and alpha cap."""
     if any(re.match(r"^k_stack\.layers\.\d+\.k_base$", k) for k in state):
         raise ConvertError("this is a v1 checkpoint (dense (window, window) k_base); only v2 is supported")
@@ -166,7 +188,7 @@ def infer_config(state, *, gamma_min, gamma_max, alpha_cap, window=2048) -> KSta
         return KStackConfig(vocab_size=V, d_model=D, emb_dim=None if E == D else E, n_k2=n_k2, rank=rank,
                             kernel_size=ksize, shared_kernel=shared, gamma_min=gamma_min, gamma_max=gamma_max,
                             alpha_cap=alpha_cap, head=head, head_mult=head_mult, adaptive_cutoffs=cutoffs,
-                            adaptive_div_value=div_value, window=window)
+                            adaptive_div_value=div_value, window=window, rosa=rosa, rosa_layers=rosa_layers)
     except ValueError as e:
         raise ConvertError(str(e)) from None
 
@@ -183,9 +205,21 @@ _HEAD_MAP = {"head.output_projection.weight": "head.proj.weight", "head_to_emb.w
 def convert_state_dict(state, config: KStackConfig) -> Dict[str, torch.Tensor]:
     """Rename the reference's tensors to this package's names (shapes checked by the caller)."""
     kinds = _layer_kinds(state)
+    k2 = sorted(i for i, kind in kinds.items() if kind == "K2")
+    rosa_layers = {k2[j] for j in config.rosa_layer_set()}
     out = {}
     for k, t in state.items():
         if _IGNORED.match(k):
+            continue
+        if _ROSA_KEYS.match(k):
+            if config.rosa == "off":
+                continue
+            m = re.match(r"^k_stack\.layers\.(\d+)\.rho_logit$", k)
+            if m:
+                if int(m.group(1)) in rosa_layers:
+                    out[f"stack.blocks.{m.group(1)}.rho_logit"] = t.reshape(())
+            else:
+                out[k.replace("rosa_to_model.", "rosa_proj.")] = t
             continue
         m = re.match(r"^k_stack\.layers\.(\d+)\.(.+)$", k)
         if m:
@@ -211,9 +245,31 @@ def convert_state_dict(state, config: KStackConfig) -> Dict[str, torch.Tensor]:
     return {k: v.detach().clone().float().contiguous() for k, v in out.items()}
 
 
+def resolve_rosa(state, rosa):
+    """(mode, rosa_layers) for the config, from the flag and the weights (module docstring)."""
+    if rosa is not None and rosa not in ("off", "exact", "reference"):
+        raise ConvertError(f"--rosa must be 'exact', 'reference' or 'off', got {rosa!r}")
+    trained = trained_rosa_layers(state)
+    if trained and rosa is None:
+        raise ConvertError(
+            f"the checkpoint has trained ROSA weights (rho_logit of K2 layers {trained} moved from its init "
+            f"logit(0.1)) and does not say how ROSA was computed: pass --rosa reference (the reference "
+            f"implementation's automaton, which its released checkpoints were trained with), --rosa exact "
+            f"(the definition) or --rosa off (drop the ROSA weights: a different model)")
+    if not trained and rosa in ("exact", "reference"):
+        raise ConvertError(f"--rosa {rosa}: the checkpoint's ROSA weights were never trained (every rho_logit "
+                           f"is at its init logit(0.1)); convert it without --rosa (or with --rosa off)")
+    if not trained or rosa == "off":
+        return "off", None
+    n_k2 = sum(1 for k in _layer_kinds(state).values() if k == "K2")
+    return rosa, (None if len(trained) == n_k2 else trained)
+
+
 def convert(src, out_dir, *, tokenizer: str, text=None, gamma_min, alpha_cap, gamma_max=1.0, window=2048,
-            overwrite=False):
-    """Convert ``src`` into a checkpoint directory ``out_dir``; returns (model, tokenizer)."""
+            overwrite=False, rosa=None):
+    """Convert ``src`` into a checkpoint directory ``out_dir``; returns (model, tokenizer).
+
+    ``rosa``: None, "off", "exact" or "reference" (required when ROSA was trained; module docstring)."""
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists() and not overwrite:
         raise ConvertError(f"{str(out_dir)!r} already holds a checkpoint (pass --overwrite to replace it)")
@@ -226,7 +282,9 @@ def convert(src, out_dir, *, tokenizer: str, text=None, gamma_min, alpha_cap, ga
     else:
         raise ConvertError(f"--tokenizer must be 'char' or 'byte', got {tokenizer!r}")
     state, info = load_reference_state_dict(src)
-    config = infer_config(state, gamma_min=gamma_min, gamma_max=gamma_max, alpha_cap=alpha_cap, window=window)
+    rosa_mode, rosa_layers = resolve_rosa(state, rosa)
+    config = infer_config(state, gamma_min=gamma_min, gamma_max=gamma_max, alpha_cap=alpha_cap, window=window,
+                          rosa=rosa_mode, rosa_layers=rosa_layers)
     if tok.vocab_size != config.vocab_size:
         raise ConvertError(f"the {tokenizer} tokenizer has {tok.vocab_size} tokens but the checkpoint's "
                            f"embedding has {config.vocab_size} rows" +
@@ -269,17 +327,23 @@ def main(argv=None) -> int:
     p.add_argument("--gamma-max", type=float, default=1.0)
     p.add_argument("--alpha-cap", type=float, required=True, help="alpha_cap the source was trained with")
     p.add_argument("--window", type=int, default=2048, help="default evaluation window stored in the config")
+    p.add_argument("--rosa", choices=("exact", "reference", "off"), default=None,
+                   help="how to compute ROSA (required when the checkpoint has trained ROSA weights): reference = "
+                        "the reference implementation's automaton (its released checkpoints), exact = the "
+                        "definition, off = drop the ROSA weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in OUT_DIR")
     a = p.parse_args(argv)
     try:
         model, tok = convert(a.src, a.out_dir, tokenizer=a.tokenizer, text=a.text, gamma_min=a.gamma_min,
-                             gamma_max=a.gamma_max, alpha_cap=a.alpha_cap, window=a.window, overwrite=a.overwrite)
+                             gamma_max=a.gamma_max, alpha_cap=a.alpha_cap, window=a.window, overwrite=a.overwrite,
+                             rosa=a.rosa)
     except (ConvertError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     c = model.config
     print(f"wrote {a.out_dir}: vocab {c.vocab_size}, d_model {c.d_model}, n_k2 {c.n_k2}, rank {c.rank}, "
           f"kernel {c.kernel_size} ({'shared' if c.shared_kernel else 'per layer'}), head {c.head}, "
+          f"rosa {c.rosa}{'' if c.rosa == 'off' or c.rosa_layers is None else f' on K2 layers {c.rosa_layers}'}, "
           f"{model.num_parameters()} parameters")
     return 0
 

@@ -250,9 +250,14 @@ class BatchSampler:
     ``batch_size`` offsets drawn uniformly from ``[0, len(ids) - window - 1]`` by a generator seeded
     with ``(seed, step)``; rank ``r`` of ``world`` takes rows ``r * B/world : (r + 1) * B/world``.
     The position to resume from is the step number alone.
+
+    With ``rosa`` "exact" or "reference" it returns ``(x, y, rosa_ids)``: the ROSA ids of every
+    row of x (``kop_triton.rosa``, on the CPU, rows spread over threads), so the model needs
+    no host work for them and the trainer can build the next batch while the model runs.
     """
 
-    def __init__(self, ids: torch.Tensor, window: int, batch_size: int, seed: int):
+    def __init__(self, ids: torch.Tensor, window: int, batch_size: int, seed: int, rosa: str = "off",
+                 vocab_size: Optional[int] = None):
         if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
             raise TypeError(f"ids must be a 1-D tensor of token ids, got {type(ids).__name__}")
         if window < 1 or batch_size < 1:
@@ -260,6 +265,11 @@ class BatchSampler:
         if ids.numel() < window + 2:
             raise DataError(f"the training split has {ids.numel()} tokens; a window of {window} needs at least "
                             f"{window + 2} (use a smaller --window or more text)")
+        from .rosa import check_mode
+        self.rosa = check_mode(rosa, allow_off=True)
+        if self.rosa != "off" and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1):
+            raise ValueError(f"vocab_size must be a positive int with rosa {rosa!r}, got {vocab_size!r}")
+        self.vocab_size = vocab_size
         self.ids = ids.to(torch.long).contiguous()
         self.window, self.batch_size, self.seed = int(window), int(batch_size), int(seed)
         self._arange = torch.arange(self.window + 1)
@@ -274,7 +284,11 @@ class BatchSampler:
         per = self.batch_size // world
         offs = self.offsets(step)[rank * per:(rank + 1) * per]
         rows = self.ids[offs[:, None] + self._arange[None, :]]  # (per, window + 1)
-        return rows[:, :-1], rows[:, 1:]
+        if self.rosa == "off":
+            return rows[:, :-1], rows[:, 1:]
+        from .rosa import rosa_next_ids
+        x = rows[:, :-1].contiguous()
+        return x, rows[:, 1:], rosa_next_ids(x, self.rosa, vocab_size=self.vocab_size)
 
     def state(self, step: int) -> dict:
         return {"kind": "random-windows", "seed": self.seed, "step": int(step), "window": self.window,

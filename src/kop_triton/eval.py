@@ -8,9 +8,11 @@ tokens and targets the next tokens; the tail that does not fill a window is drop
 is the mean cross-entropy over every scored token.
 
     python -m kop_triton.eval --checkpoint DIR --text FILE [--val-fraction 0.1] [--window 2048]
-                              [--batch-size 8] [--backend auto] [--device cpu]
+                              [--batch-size 8] [--backend auto] [--device cpu] [--rosa exact|reference]
 
 prints one JSON line: {"val_ce": ..., "val_ppl": ..., "tokens": ..., "windows": ...}.
+A ROSA model computes ROSA from each window's own ids; ``--rosa`` switches a ROSA model between
+the reference implementation's automaton and the exact definition (same weights).
 """
 from __future__ import annotations
 
@@ -80,6 +82,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--backend", default=None, choices=BACKENDS, help="override the checkpoint's backend")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--rosa", default=None, choices=("exact", "reference"),
+                   help="override how a ROSA model computes ROSA")
     a = p.parse_args(argv)
     from .checkpoint import CheckpointError, load_checkpoint
     try:
@@ -103,6 +107,8 @@ def main(argv=None) -> int:
         model, tok = load_checkpoint(a.checkpoint, map_location=device)
         if a.backend is not None:
             model.set_backend(a.backend)
+        if a.rosa is not None:
+            model.set_rosa(a.rosa)
         res = evaluate(model, validation_ids(tok, text, a.val_fraction), a.window, a.batch_size)
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,7 +1,9 @@
 """Sample text from a checkpoint: ``python -m kop_triton.generate --checkpoint DIR --prompt TEXT``.
 
 Prints the prompt followed by the generated continuation to stdout. Generation is O(1) per token
-(the model's recurrent step); ``--seed`` makes sampling reproducible.
+(the model's recurrent step); ``--seed`` makes sampling reproducible.  A ROSA model carries its
+suffix automata in the state: over the whole history by default, or restarted every
+``--rosa-window`` tokens as the reference's per-window ROSA.
 """
 from __future__ import annotations
 
@@ -30,11 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--rosa", default=None, choices=("exact", "reference"),
+                   help="override how a ROSA model computes ROSA")
+    p.add_argument("--rosa-window", type=int, default=None,
+                   help="ROSA models: restart the automata every N tokens (default: never, whole history)")
     return p
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 1.0,
-                  top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0) -> str:
+                  top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0,
+                  rosa_window: Optional[int] = None) -> str:
     """Prompt + continuation as text."""
     ids = tokenizer.encode(prompt)
     if not ids:
@@ -42,7 +49,8 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
     device = next(model.parameters()).device
     x = torch.tensor([ids], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    out = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+    kw = {} if rosa_window is None else {"rosa_window": rosa_window}
+    out = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen, **kw)
     return tokenizer.decode(out[0].tolist())
 
 
@@ -56,10 +64,16 @@ def main(argv: Optional[list] = None) -> int:
             raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
         if args.temperature < 0:
             raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+        if args.rosa_window is not None and args.rosa_window < 1:
+            raise ValueError(f"--rosa-window must be >= 1, got {args.rosa_window}")
         device = resolve_device(args.device)
         model, tokenizer = load_checkpoint(args.checkpoint, map_location=device)
+        if args.rosa is not None:
+            model.set_rosa(args.rosa)
+        if args.rosa_window is not None and model.config.rosa == "off":
+            raise ValueError("--rosa-window: this model has ROSA off")
         text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
-                             args.top_k, args.top_p, args.seed)
+                             args.top_k, args.top_p, args.seed, rosa_window=args.rosa_window)
     except (CheckpointError, ValueError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

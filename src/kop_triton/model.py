@@ -8,8 +8,16 @@ No positional encoding and no context limit: ``forward`` runs the parallel (chun
 form from a zero state; ``prefill`` / ``step`` / ``generate`` carry the recurrent state of
 every K2 mixer, O(1) time and memory per generated token.
 
+ROSA (``config.rosa`` "exact" or "reference", off by default; ``kop_triton.rosa``): the ROSA
+ids of the input (computed on the CPU from the ids alone, -1 = no match) are shifted by +1 and
+embedded, ``rosa_h = rosa_proj(rosa_emb(rosa + 1))`` with rosa_emb (V + 1, E) and rosa_proj
+Linear(E, D) without bias when E != D; every selected K2 block adds ``sigmoid(rho_logit) *
+rosa_h`` to its mixer output before the output projection.  ``forward`` computes ROSA from the
+given ids (each row from scratch), or takes precomputed ``rosa_ids`` (the training sampler's).
+
 Model state (for ``prefill`` / ``step``): a tuple of ``KOperatorState``, one per K2 layer and
-refinement pass, pass-major (index = pass * n_k2 + layer).
+refinement pass, pass-major (index = pass * n_k2 + layer); with ROSA on, followed by one
+``RosaStream`` (the automata, advanced in place by ``prefill`` / ``step``).
 """
 from __future__ import annotations
 
@@ -24,6 +32,8 @@ import torch.nn.functional as F
 
 from .modules import INIT_STD, K0Block, K1Block, K2Block, KOperator, RMSNorm, init_kernel
 from .ops._checks import BACKENDS, describe
+from .rosa import MODES as ROSA_MODES
+from .rosa import RosaStream, rosa_next_ids
 
 HEADS = ("linear", "gelu", "adaptive")
 
@@ -51,6 +61,8 @@ class KStackConfig:
     refine_steps: int = 0                  # 0: one plain pass through the stack
     backend: str = "auto"
     window: int = 2048                     # default training / evaluation window (no model limit)
+    rosa: str = "off"                      # "off" | "exact" | "reference" (kop_triton.rosa)
+    rosa_layers: Optional[List[int]] = None   # 0-based K2 layers given the ROSA term; None: all
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_k2", "rank", "kernel_size", "head_mult", "window"):
@@ -78,6 +90,16 @@ class KStackConfig:
                 raise ValueError(f"KStackConfig.{name} must be in [0, 1), got {p!r}")
         if not (isinstance(self.adaptive_div_value, (int, float)) and self.adaptive_div_value > 0):
             raise ValueError(f"KStackConfig.adaptive_div_value must be > 0, got {self.adaptive_div_value!r}")
+        if self.rosa not in ROSA_MODES:
+            raise ValueError(f"KStackConfig.rosa must be one of {list(ROSA_MODES)}, got {self.rosa!r}")
+        if self.rosa_layers is not None:
+            rl = self.rosa_layers
+            if (not isinstance(rl, (list, tuple)) or not rl
+                    or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_k2 for i in rl)
+                    or len(set(rl)) != len(rl)):
+                raise ValueError(f"KStackConfig.rosa_layers must be None or a non-empty list of distinct K2 layer "
+                                 f"indices in [0, n_k2={self.n_k2}), got {rl!r}")
+            self.rosa_layers = sorted(rl)
         if self.head == "adaptive":
             n_tail = len(self.resolved_cutoffs())
             if int(self.d_model // (self.adaptive_div_value ** n_tail)) < 1:
@@ -101,6 +123,12 @@ class KStackConfig:
             raise ValueError(f"adaptive cutoffs must be a non-empty increasing list of ints inside (0, "
                              f"vocab_size={V}), got {self.adaptive_cutoffs!r}")
         return cut
+
+    def rosa_layer_set(self) -> List[int]:
+        """The K2 layers (0-based) that get the ROSA term; empty when ROSA is off."""
+        if self.rosa == "off":
+            return []
+        return list(range(self.n_k2)) if self.rosa_layers is None else list(self.rosa_layers)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -162,39 +190,42 @@ class KStack(nn.Module):
         D = cfg.d_model
         self.shared_kernel = nn.Parameter(init_kernel(cfg.kernel_size)) if cfg.shared_kernel else None
         blocks: List[nn.Module] = [K1Block(D, cfg.mlp_dropout)]
-        for _ in range(cfg.n_k2):
+        rosa_layers = set(cfg.rosa_layer_set())
+        for i in range(cfg.n_k2):
             mixer = KOperator(D, rank=cfg.rank, kernel_size=cfg.kernel_size, gamma_min=cfg.gamma_min,
                               gamma_max=cfg.gamma_max, alpha_cap=cfg.alpha_cap,
                               shared_kernel=self.shared_kernel, backend=cfg.backend)
-            blocks.append(K2Block(D, mixer, cfg.mlp_dropout, cfg.residual_dropout))
+            blocks.append(K2Block(D, mixer, cfg.mlp_dropout, cfg.residual_dropout, rosa=i in rosa_layers))
         blocks += [K1Block(D, cfg.mlp_dropout), K0Block(D)]
         self.blocks = nn.ModuleList(blocks)
 
     def k2_blocks(self) -> List[K2Block]:
         return [b for b in self.blocks if isinstance(b, K2Block)]
 
-    def forward(self, h, states=None, return_state=False):
-        """h (B, T, D) -> (B, T, D); ``states``: one KOperatorState (or None) per K2 block."""
+    def forward(self, h, states=None, return_state=False, rosa_h=None):
+        """h (B, T, D) -> (B, T, D); ``states``: one KOperatorState (or None) per K2 block;
+        ``rosa_h`` (B, T, D): the ROSA embedding, used by the blocks that have a rho_logit."""
         new, i = [], 0
         for blk in self.blocks:
             if isinstance(blk, K2Block):
                 s = None if states is None else states[i]
                 if return_state:
-                    h, s1 = blk(h, s, return_state=True, kernel=self.shared_kernel)
+                    h, s1 = blk(h, s, return_state=True, kernel=self.shared_kernel, rosa_h=rosa_h)
                     new.append(s1)
                 else:
-                    h = blk(h, s, kernel=self.shared_kernel)
+                    h = blk(h, s, kernel=self.shared_kernel, rosa_h=rosa_h)
                 i += 1
             else:
                 h = blk(h)
         return (h, new) if return_state else h
 
-    def step(self, h_t, states):
-        """One token: h_t (B, D) -> (B, D) and the new states."""
+    def step(self, h_t, states, rosa_h=None):
+        """One token: h_t (B, D) -> (B, D) and the new states (``rosa_h``: (B, D) or None)."""
         new, i = [], 0
         for blk in self.blocks:
             if isinstance(blk, K2Block):
-                h_t, s1 = blk.step(h_t, None if states is None else states[i], kernel=self.shared_kernel)
+                h_t, s1 = blk.step(h_t, None if states is None else states[i], kernel=self.shared_kernel,
+                                   rosa_h=rosa_h)
                 new.append(s1)
                 i += 1
             else:
@@ -215,6 +246,11 @@ class KStackLM(nn.Module):
         self.emb = nn.Embedding(V, E)
         self.emb_proj = nn.Linear(E, D, bias=False) if E != D else nn.Identity()
         self.emb_drop = nn.Dropout(cfg.emb_dropout)
+        if cfg.rosa != "off":
+            self.rosa_emb = nn.Embedding(V + 1, E)           # row 0: "no match" (ROSA id -1)
+            self.rosa_proj = nn.Linear(E, D, bias=False) if E != D else nn.Identity()
+        else:
+            self.rosa_emb = self.rosa_proj = None
         self.stack = KStack(cfg)
         self.norm = RMSNorm(D)
         if cfg.head == "linear":
@@ -250,6 +286,14 @@ class KStackLM(nn.Module):
         for m in self.mixers():
             m.backend = backend
 
+    def set_rosa(self, mode: str) -> None:
+        """Switch a ROSA model between "exact" and "reference" (the weights are the same)."""
+        if mode not in ROSA_MODES[1:]:
+            raise ValueError(f"rosa mode must be one of {list(ROSA_MODES[1:])}, got {mode!r}")
+        if self.config.rosa == "off":
+            raise ValueError(f"this model has no ROSA weights (config.rosa 'off'); cannot switch it to {mode!r}")
+        self.config.rosa = mode
+
     def count_parameters(self) -> Dict[str, int]:
         """Trainable parameter counts, every tensor counted once (the tied head adds nothing)."""
         seen = set()
@@ -262,7 +306,8 @@ class KStackLM(nn.Module):
                     n += p.numel()
             return n
 
-        out = {"embedding": count(list(self.emb.parameters()) + list(self.emb_proj.parameters())),
+        rosa = [] if self.rosa_emb is None else list(self.rosa_emb.parameters()) + list(self.rosa_proj.parameters())
+        out = {"embedding": count(list(self.emb.parameters()) + list(self.emb_proj.parameters()) + rosa),
                "stack": count(self.stack.parameters()),
                "head": count(self.head.parameters()),
                "other": count(self.parameters())}
@@ -278,27 +323,66 @@ class KStackLM(nn.Module):
             raise ValueError(f"ids must be an int32/int64 tensor of shape (B, T) or (B,), got {describe(ids)}")
         return self.emb_drop(self.emb_proj(self.emb(ids)))
 
+    def _rosa_hidden(self, rosa_ids, device):
+        """ROSA ids (..., ) in [-1, V) -> rosa_h (..., D) on ``device``."""
+        idx = rosa_ids.to(device=device, dtype=torch.long, non_blocking=True) + 1
+        return self.rosa_proj(self.rosa_emb(idx))
+
+    def compute_rosa(self, ids) -> torch.Tensor:
+        """The ROSA ids of every row of ids (B, T), each from scratch (int64, on the CPU)."""
+        return _rosa_ids_eager(ids, self.config.rosa, self.config.vocab_size)
+
+    def _rosa_inputs(self, ids, state, return_state, rosa_ids, rosa_window):
+        """(rosa_h or None, the RosaStream to carry or None) for a parallel call."""
+        if self.config.rosa == "off":
+            if rosa_ids is not None:
+                raise ValueError("rosa_ids given but this model has ROSA off")
+            return None, None
+        stream = state[-1] if state and isinstance(state[-1], RosaStream) else None
+        if rosa_ids is not None:
+            if state is not None or return_state:
+                raise ValueError("rosa_ids can only be given to a stateless call (training / scoring); a "
+                                 "stateful one computes ROSA with its RosaStream")
+            if not isinstance(rosa_ids, torch.Tensor) or rosa_ids.shape != ids.shape:
+                raise ValueError(f"rosa_ids must have the ids' shape {tuple(ids.shape)}, got {describe(rosa_ids)}")
+        elif stream is not None or return_state:
+            if stream is None:
+                stream = RosaStream(ids.shape[0], self.config.vocab_size, self.config.rosa, window=rosa_window)
+            elif stream.batch_size != ids.shape[0] or stream.mode != self.config.rosa:
+                raise ValueError(f"the state's {stream!r} does not fit ids {tuple(ids.shape)} / rosa "
+                                 f"{self.config.rosa!r}")
+            rosa_ids = stream.extend(ids)
+        else:
+            rosa_ids = self.compute_rosa(ids)
+        return self._rosa_hidden(rosa_ids, self.emb.weight.device), stream
+
     def _refine_mix(self, h, h_new):
         if self.eta_logit is None:
             return h_new
         return h + torch.sigmoid(self.eta_logit).to(h.dtype) * (h_new - h)
 
-    def hidden(self, ids, state=None, return_state=False):
-        """ids (B, T) -> final-normed hidden states (B, T, D) [and the model state after T]."""
+    def hidden(self, ids, state=None, return_state=False, rosa_ids=None, rosa_window=None):
+        """ids (B, T) -> final-normed hidden states (B, T, D) [and the model state after T].
+
+        ``rosa_ids`` (B, T): precomputed ROSA ids (stateless calls only); ``rosa_window``: for a
+        new ROSA state, restart the automata every ``rosa_window`` tokens (None: never)."""
         if ids.dim() != 2:
             raise ValueError(f"ids must have shape (B, T), got {describe(ids)}")
         h = self._embed(ids)                                          # (B, T, D)
+        rosa_h, stream = self._rosa_inputs(ids, state, return_state, rosa_ids, rosa_window)   # (B, T, D)
         n = len(self.stack.k2_blocks())
         new = []
         for p in range(self.n_passes):
             st = None if state is None else state[p * n:(p + 1) * n]
             if return_state:
-                h_new, s1 = self.stack(h, st, return_state=True)
+                h_new, s1 = self.stack(h, st, return_state=True, rosa_h=rosa_h)
                 new += s1
             else:
-                h_new = self.stack(h, st)
+                h_new = self.stack(h, st, rosa_h=rosa_h)
             h = self._refine_mix(h, h_new)
         h = self.norm(h)
+        if stream is not None:
+            new.append(stream)
         return (h, tuple(new)) if return_state else h
 
     def logits_from_hidden(self, h):
@@ -321,15 +405,17 @@ class KStackLM(nn.Module):
             logits = logits.float()
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
-    def forward(self, ids, targets=None):
-        """ids (B, T) -> logits (B, T, V); with targets (B, T) -> the mean cross-entropy (scalar)."""
-        h = self.hidden(ids)
+    def forward(self, ids, targets=None, rosa_ids=None):
+        """ids (B, T) -> logits (B, T, V); with targets (B, T) -> the mean cross-entropy (scalar).
+        ``rosa_ids``: the ROSA ids of ``ids`` when precomputed (else computed here, on the CPU)."""
+        h = self.hidden(ids, rosa_ids=rosa_ids)
         return self.logits_from_hidden(h) if targets is None else self.loss_from_hidden(h, targets)
 
     # ---- recurrent form ---------------------------------------------------------------
-    def prefill(self, ids, state=None):
-        """Run a prompt (B, T) in parallel form; returns (logits of the last position (B, V), state)."""
-        h, new = self.hidden(ids, state=state, return_state=True)
+    def prefill(self, ids, state=None, rosa_window=None):
+        """Run a prompt (B, T) in parallel form; returns (logits of the last position (B, V), state).
+        ``rosa_window``: see ``hidden`` (used when the state is new)."""
+        h, new = self.hidden(ids, state=state, return_state=True, rosa_window=rosa_window)
         return self.logits_from_hidden(h[:, -1]), new
 
     def step(self, ids_t, state=None):
@@ -337,23 +423,38 @@ class KStackLM(nn.Module):
         if not isinstance(ids_t, torch.Tensor) or ids_t.dim() != 1:
             raise ValueError(f"ids_t must have shape (B,), got {describe(ids_t)}")
         h = self._embed(ids_t)                                        # (B, D)
+        rosa_h, stream = self._rosa_step(ids_t, state)                # (B, D) or None
         n = len(self.stack.k2_blocks())
         new = []
         for p in range(self.n_passes):
             st = None if state is None else state[p * n:(p + 1) * n]
-            h_new, s1 = self.stack.step(h, st)
+            h_new, s1 = self.stack.step(h, st, rosa_h=rosa_h)
             new += s1
             h = self._refine_mix(h, h_new)
+        if stream is not None:
+            new.append(stream)
         return self.logits_from_hidden(self.norm(h)), tuple(new)
+
+    def _rosa_step(self, ids_t, state):
+        """Advance the state's RosaStream by ids_t (B,): (rosa_h (B, D), stream), or (None, None)."""
+        if self.config.rosa == "off":
+            return None, None
+        stream = state[-1] if state and isinstance(state[-1], RosaStream) else None
+        if stream is None:
+            stream = RosaStream(ids_t.shape[0], self.config.vocab_size, self.config.rosa)
+        # the automaton is on the CPU: one host copy of the new ids per step
+        return self._rosa_hidden(stream.push(ids_t), self.emb.weight.device), stream
 
     @torch.no_grad()
     def generate(self, ids, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
-                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None):
+                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                 rosa_window: Optional[int] = None):
         """Sample ``max_new_tokens`` continuations of ``ids`` (B, T) or (T,) with the recurrent state.
 
         The prompt is prefilled once; each new token then costs one ``step`` (no window
         recomputation, no context limit).  temperature 0 means greedy.  Returns (B, T + new)
-        (or (T + new,) for a 1-D prompt).
+        (or (T + new,) for a 1-D prompt).  With ROSA on, ``rosa_window`` W restarts the automata
+        every W tokens (the reference's per-window ROSA); None runs them over the whole history.
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -373,7 +474,7 @@ class KStackLM(nn.Module):
         try:
             out = [ids]
             if max_new_tokens > 0:
-                logits, state = self.prefill(ids)
+                logits, state = self.prefill(ids, rosa_window=rosa_window)
                 for i in range(max_new_tokens):
                     nxt = sample_next(logits, temperature, top_k, top_p, generator)   # (B,)
                     out.append(nxt[:, None])
@@ -383,6 +484,12 @@ class KStackLM(nn.Module):
             self.train(was_training)
         res = torch.cat(out, dim=1)
         return res[0] if squeeze else res
+
+
+@torch.compiler.disable
+def _rosa_ids_eager(ids, mode, vocab_size):
+    # the automaton is C code on the CPU: outside any compiled graph
+    return rosa_next_ids(ids, mode, vocab_size=vocab_size)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

@@ -154,12 +154,14 @@ class KOperator(nn.Module):
     # ---- parallel form -----------------------------------------------------------------
     def forward(self, x: torch.Tensor, state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
                 return_state: bool = False, cu_seqlens: Optional[torch.Tensor] = None,
-                kernel: Optional[torch.Tensor] = None):
+                kernel: Optional[torch.Tensor] = None, extra: Optional[torch.Tensor] = None):
         """(B, T, D) -> (B, T, D); with ``return_state`` also the KOperatorState after the last token.
 
         ``kernel``: optional (K,) kernel used instead of the module's own / shared one.  A stack
         sharing one kernel passes its parameter here at call time, so wrappers that swap parameter
         objects (FSDP2) are seen; ``cu_seqlens``: packed sequences in a batch of one.
+        ``extra``: optional (B, T, D) term added to the mixing output before the output projection
+        (the K-Stack's ROSA term, ``sigmoid(rho_logit) * rosa_h``).
         """
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (B, T, D={self.d_model}), got {describe(x)}")
@@ -174,13 +176,18 @@ class KOperator(nn.Module):
                               initial_state=state, output_final_state=return_state,
                               cu_seqlens=cu_seqlens, backend=bk)
             final = KOperatorState(*fin) if return_state else None
+        if extra is not None:
+            if not isinstance(extra, torch.Tensor) or extra.shape != x.shape:
+                raise ValueError(f"extra must have x's shape {tuple(x.shape)}, got {describe(extra)}")
+            y = y + extra.to(y.dtype)
         out = self.proj(y)                                            # (B, T, D)
         return (out, final) if return_state else out
 
     # ---- recurrent form ----------------------------------------------------------------
     def step(self, x_t: torch.Tensor, state: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-             kernel: Optional[torch.Tensor] = None):
-        """One token: x_t (B, D) -> (y_t (B, D), new KOperatorState).  O(1) in the sequence length."""
+             kernel: Optional[torch.Tensor] = None, extra: Optional[torch.Tensor] = None):
+        """One token: x_t (B, D) -> (y_t (B, D), new KOperatorState).  O(1) in the sequence length.
+        ``extra``: optional (B, D) term added before the output projection, as in ``forward``."""
         if not isinstance(x_t, torch.Tensor) or x_t.dim() != 2 or x_t.shape[-1] != self.d_model:
             raise ValueError(f"x_t must have shape (B, D={self.d_model}), got {describe(x_t)}")
         B = x_t.shape[0]
@@ -206,7 +213,12 @@ class KOperator(nn.Module):
         window = torch.cat([C.to(dt), xs[:, None, :]], dim=1)         # (B, K, D), oldest first
         c = (w.flip(0)[None, :, None] * window).sum(1)                # (B, D), tap 0 = current token
         mix = torch.sigmoid(self.gate_logit).to(dt) * c + y
-        out = self.proj(mix.to(xm.dtype))
+        mix = mix.to(xm.dtype)
+        if extra is not None:
+            if not isinstance(extra, torch.Tensor) or extra.shape != x_t.shape:
+                raise ValueError(f"extra must have x_t's shape {tuple(x_t.shape)}, got {describe(extra)}")
+            mix = mix + extra.to(mix.dtype)
+        out = self.proj(mix)
         return out, KOperatorState(S, window[:, 1:])
 
 
@@ -255,26 +267,44 @@ class K1Block(nn.Module):
         return h + self.mlp(self.norm2(h))
 
 
-class K2Block(nn.Module):
-    """h + dropout(KOperator(norm1(h))), then h + MLP(norm2(h)); carries the mixer's state."""
+ROSA_RHO_INIT = math.log(0.1 / 0.9)     # rho = sigmoid(rho_logit) starts at 0.1
 
-    def __init__(self, d: int, mixer: KOperator, mlp_dropout: float = 0.0, residual_dropout: float = 0.0):
+
+class K2Block(nn.Module):
+    """h + dropout(KOperator(norm1(h))), then h + MLP(norm2(h)); carries the mixer's state.
+
+    With ``rosa=True`` the block owns ``rho_logit`` (init logit(0.1)) and, given the ROSA
+    embedding ``rosa_h`` (B, T, D), adds ``sigmoid(rho_logit) * rosa_h`` to the mixer's output
+    before its output projection (the reference implementation's ROSA branch)."""
+
+    def __init__(self, d: int, mixer: KOperator, mlp_dropout: float = 0.0, residual_dropout: float = 0.0,
+                 rosa: bool = False):
         super().__init__()
         self.norm1 = RMSNorm(d)
         self.mixer = mixer
         self.drop = nn.Dropout(residual_dropout)
         self.norm2 = RMSNorm(d)
         self.mlp = MLP(d, mlp_dropout)
+        if rosa:
+            self.rho_logit = nn.Parameter(torch.tensor(ROSA_RHO_INIT))
+        else:
+            self.register_parameter("rho_logit", None)
 
-    def forward(self, h, state=None, return_state=False, kernel=None):
-        m = self.mixer(self.norm1(h), state=state, return_state=return_state, kernel=kernel)
+    def _rosa_term(self, rosa_h):
+        if rosa_h is None or self.rho_logit is None:
+            return None
+        return torch.sigmoid(self.rho_logit).to(rosa_h.dtype) * rosa_h
+
+    def forward(self, h, state=None, return_state=False, kernel=None, rosa_h=None):
+        m = self.mixer(self.norm1(h), state=state, return_state=return_state, kernel=kernel,
+                       extra=self._rosa_term(rosa_h))
         m, new = m if return_state else (m, None)
         h = h + self.drop(m)
         h = h + self.mlp(self.norm2(h))
         return (h, new) if return_state else h
 
-    def step(self, h_t, state, kernel=None):
-        m, new = self.mixer.step(self.norm1(h_t), state, kernel=kernel)
+    def step(self, h_t, state, kernel=None, rosa_h=None):
+        m, new = self.mixer.step(self.norm1(h_t), state, kernel=kernel, extra=self._rosa_term(rosa_h))
         h_t = h_t + self.drop(m)
         return h_t + self.mlp(self.norm2(h_t)), new
 

@@ -48,7 +48,7 @@ TRAINER_FORMAT = "kop-train/1"
 TRAINER_FILE = "trainer.json"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
-LOGIT_NAMES = ("decay_logit", "alpha_logit", "gate_logit", "eta_logit")
+LOGIT_NAMES = ("decay_logit", "alpha_logit", "gate_logit", "eta_logit", "rho_logit")
 
 # model flags: KStackConfig field -> (type, help); defaults come from KStackConfig itself
 MODEL_FLAGS = {
@@ -64,6 +64,9 @@ MODEL_FLAGS = {
     "head_mult": (int, "width multiplier of the gelu head"),
     "adaptive_cutoffs": (str, "comma-separated cutoffs of the adaptive head, e.g. 1024,4096"),
     "adaptive_div_value": (float, "adaptive head: width divisor per cluster"),
+    "rosa": (str, "ROSA branch: off, exact (the definition) or reference (the reference implementation's "
+                  "automaton, as its released ROSA checkpoints)"),
+    "rosa_layers": (str, "0-based K2 layers that get ROSA, comma-separated (default: all)"),
     "emb_dropout": (float, "dropout after the embedding"),
     "mlp_dropout": (float, "dropout inside the MLPs"),
     "residual_dropout": (float, "dropout on the K2 mixer output"),
@@ -171,7 +174,8 @@ def _group_of(name: str, param: nn.Parameter, embedding_params: set) -> str:
     leaf = name.rsplit(".", 1)[-1]
     if leaf in LOGIT_NAMES:
         return "logit"
-    if id(param) in embedding_params or name.split(".", 1)[0].startswith("emb"):
+    top = name.split(".", 1)[0]
+    if id(param) in embedding_params or top.startswith("emb") or top.startswith("rosa_"):
         return "emb"
     if leaf == "bias":
         return "bias"
@@ -438,6 +442,11 @@ def model_config(args, vocab_size: int):
                 value = tuple(int(v) for v in value.split(",") if v.strip())
             except ValueError:
                 raise UsageError(f"--adaptive-cutoffs must be comma-separated integers, got {value!r}") from None
+        if name == "rosa_layers" and isinstance(value, str):
+            try:
+                value = [int(v) for v in value.split(",") if v.strip()]
+            except ValueError:
+                raise UsageError(f"--rosa-layers must be comma-separated K2 layer indices, got {value!r}") from None
         kwargs[name] = value
     return KStackConfig(**kwargs)
 
@@ -473,6 +482,40 @@ def run_eval(model: nn.Module, val_ids: torch.Tensor, window: int, batch_size: i
         totals = kdist.all_reduce(totals, info)
     ce = float(totals[0] / totals[1])
     return {"val_ce": ce, "val_ppl": math.exp(min(ce, 50.0)), "val_tokens": int(totals[1])}
+
+
+# ------------------------------------------------------------------------------- data
+
+class BatchPrefetcher:
+    """With ROSA on, builds the batch of step + 1 in a background thread while step's runs: the
+    sampler runs the automata there (C code, outside the GIL), overlapping the model.  The sampler
+    is a pure function of the step, so the batches are those of the plain loop.  With ROSA off a
+    batch is one gather, loaded in place."""
+
+    def __init__(self, sampler, info: kdist.DistInfo, pin: bool = False):
+        from concurrent.futures import ThreadPoolExecutor
+        self.sampler, self.info, self.pin = sampler, info, pin
+        self.enabled = getattr(sampler, "rosa", "off") != "off"
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch") if self.enabled else None
+        self._next = None          # (step, future)
+
+    def _load(self, step):
+        batch = self.sampler.batch(step, self.info.rank, self.info.world)
+        return tuple(t.pin_memory() for t in batch) if self.pin else batch
+
+    def get(self, step: int, total_steps: int):
+        if self._next is not None and self._next[0] == step:
+            batch = self._next[1].result()
+        else:
+            batch = self._load(step)
+        if self.enabled and step + 1 < total_steps:
+            self._next = (step + 1, self._pool.submit(self._load, step + 1))
+        return batch
+
+    def close(self):
+        self._next = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------- signals
@@ -607,7 +650,8 @@ def _train(args, info: kdist.DistInfo, stop: StopFlag) -> int:
     eval_window = int(args.eval_window or window)
     if args.max_eval_tokens:
         val_ids = val_ids[: args.max_eval_tokens + 1]
-    sampler = kdata.BatchSampler(train_ids, window, args.batch_size, args.seed)
+    sampler = kdata.BatchSampler(train_ids, window, args.batch_size, args.seed, rosa=model.config.rosa,
+                                 vocab_size=model.config.vocab_size)
 
     model.to(device)
     core = model
@@ -669,18 +713,20 @@ def _train(args, info: kdist.DistInfo, stop: StopFlag) -> int:
     t_last, tok_last, last_loss, exit_code = time.perf_counter(), tokens_seen, float("nan"), 0
     t_start = time.perf_counter()
     stop_signum = 0
+    prefetch = BatchPrefetcher(sampler, info, pin=device.type == "cuda")
     while step < args.steps:
         # every rank stops at the same step, whichever of them got the signal
         stop_signum = int(kdist.all_reduce(torch.tensor([float(stop.signum)]), info, op="max").item())
         if stop_signum:
             break
         lr = set_lr(optimizer, args.lr, lr_factor(step, args.warmup_steps, args.steps, floor_ratio))
-        x, y = sampler.batch(step, info.rank, info.world)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        batch = prefetch.get(step, args.steps)
+        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        extra = {} if len(batch) == 2 else {"rosa_ids": batch[2].to(device, non_blocking=True)}
         train_model.train()
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
         with ctx:
-            loss = train_model(x, y)
+            loss = train_model(x, y, **extra)
         gl = kdist.all_reduce(loss.detach().float().reshape(1).cpu(), info) / info.world  # global mean
         loss_value = float(gl.item())
         optimizer.zero_grad(set_to_none=True)
@@ -729,6 +775,7 @@ def _train(args, info: kdist.DistInfo, stop: StopFlag) -> int:
             if improved:
                 checkpoint("best")
             checkpoint("last")
+    prefetch.close()
     if step < args.steps:  # stopped by a signal
         checkpoint("last")
         signum = stop_signum or stop.signum or signal.SIGTERM
