@@ -42,6 +42,9 @@ MAX_BLOCK_D = 64
 # Shared kernels with more taps than this use the Toeplitz product (the taps loop costs a
 # shifted tile load per tap; the product costs 2*(K+BT) flops per output on tensor cores).
 DOT_MIN_TAPS = 32
+# conv forward / dx: 8 warps (at 4, the (BT, BD) fp32 tiles spilled 4-12 B on sm_80 / sm_100,
+# offline compile report 2026-12-02)
+CONV_WARPS = 8
 # dw: lags per program
 BLOCK_L = 32
 # dw: 8 warps, for its two (BLOCK_T, BD) fp32 tiles live per lag (4 warps spilled 16 B at
@@ -325,7 +328,7 @@ def conv_fwd(x, weight, initial_state, output_final_state, cu_seqlens, use_dot=N
         launch(_conv_fwd_kernel, (gt, triton.cdiv(D, BD), gb),
                x=x2, w=w, h0=h0, y=y, cu=lay.cu, table=tab, T=T, D=D, K=K, BT=BLOCK_T, BS=BLOCK_S,
                BD=BD, PER_CHANNEL=weight.dim() == 2, USE_H0=use_h0, USE_DOT=dot, IS_VARLEN=lay.varlen,
-               DOT_MODE=dot_mode(x.dtype))
+               DOT_MODE=dot_mode(x.dtype), num_warps=CONV_WARPS)
     final = lay.final_rows(x2, initial_state if K > 1 else None, K) if output_final_state else None
     return y.view(B, T, D), final
 
@@ -349,7 +352,8 @@ def conv_bwd_dx(dy, weight, dfinal, need_dh0, cu_seqlens, dx_dtype, dh0_dtype, u
         launch(_conv_bwd_dx_kernel, (gt, triton.cdiv(D, BD), gb),
                dy=g2, w=w, dfin=dfin, dx=dx, dh0=dh0, cu=lay.cu, table=tab, T=T, D=D, K=K, BT=BLOCK_T,
                BS=BLOCK_S, BD=BD, PER_CHANNEL=weight.dim() == 2, USE_DFIN=use_dfin, NEED_DH0=need_dh0,
-               USE_DOT=_use_dot(weight, K, use_dot), IS_VARLEN=lay.varlen, DOT_MODE=dot_mode(dy.dtype))
+               USE_DOT=_use_dot(weight, K, use_dot), IS_VARLEN=lay.varlen, DOT_MODE=dot_mode(dy.dtype),
+               num_warps=CONV_WARPS)
     if need_dh0:
         return dx.view(B, T, D), dh0
     if K == 1 and dh0_dtype is not None:

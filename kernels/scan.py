@@ -482,8 +482,9 @@ class ScanConfig:
     BRS  key channels per step of the loops over R in _intra_A and _bwd_dqk (their (BT, R) fp32
          tiles spilled 0.8-1.8 KB per thread at R = 128 when held whole).
     BDQ  channels per step of _bwd_dqk's loops over D.
-    warps / warps_sub  num_warps of the tile kernels / of _intra_A and _bwd_dqk (8 for fp32 inputs:
-         at 4 warps _bwd_dqk spilled 64 B at R <= 16).
+    warps / warps_sub  num_warps of the tile kernels / of _intra_A and _bwd_dqk.  8 for the tile
+         kernels (at 4, _chunk_out spilled 4 B on sm_80 at R <= 16, bf16, and up to 4 B at R = 64),
+         8 for fp32 inputs or R > 32 in the others (at 4, _bwd_dqk spilled 64 B at R <= 16, fp32).
     Every value is checked by the offline compile gate (``kop_triton.kernels.report``: zero
     spills for every dtype and R up to 128); none is tuned by GPU timing yet.
     """
@@ -503,7 +504,7 @@ def scan_config(R: int, D: int, dtype: torch.dtype) -> ScanConfig:
     BD = min(64, max(16, triton.next_power_of_2(D)))
     return ScanConfig(BR=BR, BD=BD, BK=16, BRS=min(BR, 32),
                       BDQ=min(BD, 32 if dtype == torch.bfloat16 else 16),
-                      warps=4 if BR <= 32 else 8,
+                      warps=8,
                       warps_sub=4 if BR <= 32 and dtype != torch.float32 else 8)
 
 
