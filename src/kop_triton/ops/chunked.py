@@ -103,8 +103,10 @@ def scan_chunks_bwd(saved, doc, dfinal):
     if pad:
         kd[:, -1] = kc[:, -1] * Pk_last
     dA = doc @ vc.transpose(-1, -2)                                   # (B, n, C, C)
-    dv = A.transpose(-1, -2) @ doc                                    # (torch.baddbmm loops per
-    dv += kd @ G_next                                                 #  matrix on CPU: measured)
+    # A^T made contiguous first: CPU bmm copies a transposed operand matrix by matrix (measured
+    # 0.90 -> 0.46 ms at (512, 16, 16) x (512, 16, 64)); torch.baddbmm loops per matrix on CPU
+    dv = A.transpose(-1, -2).contiguous() @ doc
+    dv += kd @ G_next
     dqd = doc @ S_prev.transpose(-1, -2)                              # (B, n, C, R)
     dkd = vc @ G_next.transpose(-1, -2)
     X = dA.unsqueeze(-1) * L                                          # (B, n, C, C, R)

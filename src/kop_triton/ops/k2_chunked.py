@@ -126,7 +126,7 @@ class ChunkedK2Fn(torch.autograd.Function):
                 dc0 = torch.zeros(B, K - 1, D, dtype=dx.dtype, device=dx.device) if dc0 is None else dc0.clone()
                 dc0[:, m:] += extra
         dp, duv, dalpha = _qk_bwd(x, uv, a, saved_qk, from_chunks(dqc, T), from_chunks(dkc, T))
-        dx = (dx.reshape(B * T, D) + dp.reshape(B * T, 2 * R) @ uv.t()).view(B, T, D)
+        dx = dx.reshape(B * T, D).addmm_(dp.reshape(B * T, 2 * R), uv.t()).view(B, T, D)
         dkernel = gate * Wk
         dgate = gate * (1 - gate) * (Wk * w).sum()
         grads = (duv[:, :R], duv[:, R:], dalpha, dgamma, dkernel, dgate.reshape(ctx.gate_shape),
