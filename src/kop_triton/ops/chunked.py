@@ -53,7 +53,8 @@ def scan_chunks_fwd(qc, kc, vc, gamma, h0, last: int, band=None):
     B, n, C, R = qc.shape
     D = vc.shape[-1]
     i, _, _, L = _tables(gamma, C)
-    A = torch.einsum("bnir,bnjr,ijr->bnij", qc, kc, L)                # (B, n, C, C)
+    # einsum returns A as a permuted view; contiguous once, or every bmm on it copies it matrix by matrix
+    A = torch.einsum("bnir,bnjr,ijr->bnij", qc, kc, L).contiguous()   # (B, n, C, C)
     if band is not None:
         A += band
     kd = kc * _pow(gamma, C - 1 - i)                                  # decay to chunk end
