@@ -66,8 +66,9 @@ def scan_chunks_fwd(qc, kc, vc, gamma, h0, last: int, band=None):
     S_all = torch.cat([first, kd.transpose(-1, -2) @ vc], dim=1)      # [h0, local dS]; the loop adds the carry
     g_full = torch.pow(gamma, C)[:, None]
     g_last = torch.pow(gamma, last)[:, None]
-    for c in range(n):
-        S_all[:, c + 1].addcmul_(S_all[:, c], g_last if c == n - 1 else g_full)
+    S_views = S_all.unbind(1)                                         # one view per chunk, made once:
+    for c in range(n):                                                # the loop is one op per chunk
+        S_views[c + 1].addcmul_(S_views[c], g_last if c == n - 1 else g_full)
     S_prev = S_all[:, :n].contiguous()                                # one batch dim for bmm
     o = A @ vc                                                        # (B, n, C, D)
     o += (qc * _pow(gamma, i + 1)) @ S_prev
@@ -96,8 +97,9 @@ def scan_chunks_bwd(saved, doc, dfinal):
     G_all = torch.cat([(qc * Pq).transpose(-1, -2) @ doc, last_grad], dim=1)
     g_full = torch.pow(gamma, C)[:, None]
     g_last = torch.pow(gamma, last)[:, None]
+    G_views = G_all.unbind(1)
     for c in range(n - 1, -1, -1):
-        G_all[:, c].addcmul_(G_all[:, c + 1], g_last if c == n - 1 else g_full)
+        G_views[c].addcmul_(G_views[c + 1], g_last if c == n - 1 else g_full)
     G_next = G_all[:, 1:].contiguous()                                           # grad of the state after chunk c
 
     kd = kc * Pk
