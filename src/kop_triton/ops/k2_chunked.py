@@ -19,8 +19,8 @@ kernel and gate gradients from the chunk products dA = dy @ x^T the scan forms a
 q and k (B, T, R) are projected once from x onto [u | v], and their normalisation backward is
 chained analytically (``k2.py``'s ``_qk_fwd`` / ``_qk_bwd``).
 
-Requires K - 1 <= C (the conv reaches into the previous chunk only), a shared (K,) kernel, float32
-or float64 x and no ``cu_seqlens``; ``k2_mixer`` falls back to the unfused composition otherwise.
+Requires K - 1 <= C <= T (the conv reaches into the previous chunk only, and the final conv state
+is the last K - 1 rows of x), a shared (K,) kernel, float32 or float64 x and no ``cu_seqlens``; ``k2_mixer`` falls back to the unfused composition otherwise.
 Numerics are those of ``chunked.py`` (exponents >= 0, states recomputed from the saved chunk
 boundaries, no atomics), in x's dtype.
 """
@@ -88,12 +88,7 @@ class ChunkedK2Fn(torch.autograd.Function):
         sT_out = cT = None
         if want_final:
             sT_out = sT.clone()
-            if K > 1:
-                xs = x if c0 is None and T >= K - 1 else torch.cat(
-                    [torch.zeros(B, K - 1, D, dtype=dt, device=x.device) if c0 is None else c0.to(dt), x], 1)
-                cT = xs[:, xs.shape[1] - (K - 1):].clone()
-            else:
-                cT = x.new_zeros(B, 0, D)
+            cT = x[:, T - (K - 1):].clone()                              # T >= C >= K - 1: the last inputs
         return y, sT_out, cT
 
     @staticmethod
@@ -113,18 +108,12 @@ class ChunkedK2Fn(torch.autograd.Function):
             dhead = doc[:, :, :K - 1]                                    # (B, n, K-1, D)
             dtails = (gate * (Ec @ w)).t() @ dhead                       # (B, n, K-1, D)
             dxc[:, :-1, C - K + 1:] += dtails[:, 1:]
-            if has_c0 or dconv is not None:
+            if has_c0:
                 dc0 = dtails[:, 0]
             Wk = Wk + torch.einsum("ij,ijl->l", torch.einsum("bnid,bnjd->ij", dhead, tails), Ec)
         dx = from_chunks(dxc, T)
         if dconv is not None and K > 1:
-            # the final conv state is the last K-1 inputs (of [c0, x])
-            m = min(K - 1, T)
-            dx[:, T - m:] += dconv[:, K - 1 - m:].to(dx.dtype)
-            if m < K - 1:
-                extra = dconv[:, :K - 1 - m].to(dx.dtype)
-                dc0 = torch.zeros(B, K - 1, D, dtype=dx.dtype, device=dx.device) if dc0 is None else dc0.clone()
-                dc0[:, m:] += extra
+            dx[:, T - (K - 1):] += dconv.to(dx.dtype)                   # the final conv state is x's last K-1 rows
         dp, duv, dalpha = _qk_bwd(x, uv, a, saved_qk, from_chunks(dqc, T), from_chunks(dkc, T))
         dx = dx.reshape(B * T, D).addmm_(dp.reshape(B * T, 2 * R), uv.t()).view(B, T, D)
         dkernel = gate * Wk
@@ -142,9 +131,5 @@ def chunked_k2_mixer(x, u, v, alpha, gamma, kernel, gate_logit, *, initial_state
     ``fused_supported`` true.  -> (y (B, T, D) in x's dtype, (scan_state, conv_state) or None)."""
     s0, c0 = (None, None) if initial_state is None else initial_state
     C = max(1, min(int(chunk_size), x.shape[1]))
-    y, sT, cT = _apply(x, u, v, alpha, gamma, kernel, gate_logit, s0, c0, C, bool(output_final_state))
+    y, sT, cT = ChunkedK2Fn.apply(x, u, v, alpha, gamma, kernel, gate_logit, s0, c0, C, bool(output_final_state))
     return y, ((sT, cT) if output_final_state else None)
-
-
-def _apply(x, u, v, alpha, gamma, kernel, gate_logit, s0, c0, C, want_final):
-    return ChunkedK2Fn.apply(x, u, v, alpha, gamma, kernel, gate_logit, s0, c0, C, want_final)
