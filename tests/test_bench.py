@@ -231,3 +231,18 @@ def test_bench_rosa_writes_json(tmp_path):
     d = res["disagreement"]["whole_text"]
     assert d["positions"] == (res["tokens"] // 64) * 64 and 0 <= d["fraction"] <= 1
     assert res["stream"]["exact"]["tokens"] == res["tokens"] and res["generate"]["reference"]["steps"] == 2
+
+
+def test_bench_train_without_reference_skips_it_and_times_ours(tmp_path):
+    from benchmarks import bench_train
+    out = tmp_path / "train.json"
+    doc = bench_train.main(["--batch", "1", "--window", "40", "--rounds", "2", "--threads", "1",
+                            "--json", str(out), "--quiet"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(doc))
+    assert doc["reference"]["status"] == "skipped" and "--reference-dir" in doc["reference"]["reason"]
+    r = doc["results"]["1"]
+    assert list(r) == ["ours"] and len(r["ours"]["step_s"]) == 2
+    assert r["ours"]["tokens_per_s"] > 0 and r["ours"]["tokens_per_s_best"] >= r["ours"]["tokens_per_s"]
+    bad = bench_train.main(["--batch", "1", "--window", "40", "--rounds", "1", "--reference-dir",
+                            str(tmp_path), "--quiet"])
+    assert bad["reference"]["status"] == "skipped" and "k_language_model" in bad["reference"]["reason"]

@@ -23,8 +23,12 @@ Backends:
                   ops of ``kop_triton.ops.library`` (one opaque graph node, no graph break).
   triton_unfused  PyTorch q, k + Triton scan + Triton conv + PyTorch gate-and-add: the
                   unfused comparison for the benchmarks.
-  chunked / recurrent / naive  the unfused composition of the PyTorch references: the
-                  reference of the fused op.
+  chunked         one fused PyTorch autograd Function (``kop_triton.ops.k2_chunked``): the
+                  conv folded into the chunked scan's products, hand-written backward; the
+                  unfused composition below where it does not apply (cu_seqlens, per-channel
+                  kernels, K - 1 > 16, half-precision x).
+  recurrent / naive  the unfused composition of the PyTorch references: the reference of
+                  the fused ops.
   auto            triton on CUDA, chunked elsewhere.
 """
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import BACKENDS, check_same_device, check_tensor, describe, resolve_backend, state_dtype
+from .chunked import CPU_CHUNK
 from .conv import _check_conv_args, naive_causal_conv
 from .scan import _check_scan_args, chunked_decayed_scan, naive_decayed_scan, recurrent_decayed_scan
 
@@ -323,6 +328,12 @@ def k2_mixer(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, alpha: torch.Ten
     if bk == "triton":
         return triton_k2_mixer(x, u, v, alpha, gamma, kernel, gate_logit, initial_state=initial_state,
                                output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    if bk == "chunked":
+        # the fused chunked Function (conv folded into the scan's chunk products) where it applies
+        from .k2_chunked import chunked_k2_mixer, fused_supported
+        if fused_supported(x, kernel, CPU_CHUNK, cu_seqlens):
+            return chunked_k2_mixer(x, u, v, alpha, gamma, kernel, gate_logit, initial_state=_split_state(initial_state),
+                                    output_final_state=output_final_state)
     return reference_k2_mixer(x, u, v, alpha, gamma, kernel, gate_logit, initial_state=initial_state,
                               output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                               scan_backend=bk)
