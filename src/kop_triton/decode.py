@@ -1,0 +1,206 @@
+"""The fast recurrent step of a KStackLM: its parameters prepared once, a few fused ops per layer.
+
+``KStackLM.step`` spends its time in per-op overhead: a d_model 64 model's step is a few hundred
+kFLOP, so the cost is the number of tensor ops and the Python around them.  ``StepPlan`` holds,
+for one set of parameter values, everything the step derives from them (gamma, alpha, the
+sigmoid gate folded into the flipped Kbase kernel, [u | v] as one matrix, the transposed
+linear weights, the K0 gain folded into its norm scale), and runs one token through the stack
+with about 16 ops per K2 layer:
+
+    x   = rms_norm(h)                           # (B, D)
+    qk  = normalize((x @ [u|v]).view(B, 2, R)) * [alpha; 1]
+    S'  = gamma * S + k (outer) x               # (B, R, D), a new tensor (the old state is kept)
+    win = [conv state | x]                      # (B, K, D), oldest first
+    mix = q @ S' + (g * flip(kernel)) @ win     # one baddbmm
+    h   = h + proj(mix);  h = h + MLP(rms_norm(h))
+
+It computes the same function as the module step (``KOperator.step``), with the same state
+(``KOperatorState(scan (B, R, D), conv (B, K-1, D))`` per K2 layer and pass), so the two paths
+can be mixed token by token.  There are no host synchronisations (no ``.item()``, no data-
+dependent Python branches), so on CUDA the step can run asynchronously.
+
+A plan is valid while the parameters are unchanged: ``KStackLM`` keys its cached plan on each
+parameter's storage pointer and version counter, so an optimiser step or ``load_state_dict``
+rebuilds it on the next step.  Plans cover the inference case (no autograd, eval mode, float32
+or float64 weights, autocast off); ``KStackLM.step`` uses the module path otherwise.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .modules import KOperatorState, RMS_EPS
+from .ops._checks import describe
+from .ops.k2 import NORM_EPS
+
+
+def _t(w: torch.Tensor) -> torch.Tensor:
+    """A linear weight (out, in) as the contiguous (in, out) right operand of an mm."""
+    return w.detach().t().contiguous()
+
+
+# Measured on the dev CPU (1 thread, (1, 64) fp32): F.rms_norm 12 us, the three ops of _inv_rms
+# and a multiply 7 us; F.normalize 11 us, vector_norm + clamp + divide 5 us; the ops below are
+# chosen by such timings, each computing the module's formula (rounding differences only).
+
+class _Norm:
+    """RMS normalisation as ``t = rsqrt(mean(x^2) + eps)`` (one addmm reduces and adds eps)."""
+    __slots__ = ("mean_w", "eps")
+
+    def __init__(self, d, dt, device):
+        self.mean_w = torch.full((d, 1), 1.0 / d, dtype=dt, device=device)     # (D, 1)
+        self.eps = torch.full((1, 1), RMS_EPS, dtype=dt, device=device)
+
+    def inv(self, h):
+        """(B, D) -> (B, 1)."""
+        return torch.rsqrt(torch.addmm(self.eps, h * h, self.mean_w))
+
+
+class _ScaledLinear:
+    """Linear(scale * rms(h)) = t * (h @ (diag(scale) W^T)) + b: the norm scale folded in."""
+    __slots__ = ("wt", "b")
+
+    def __init__(self, lin, scale):
+        self.wt = (scale.detach()[:, None] * lin.weight.detach().t()).contiguous()   # (in, out)
+        self.b = lin.bias.detach()
+
+    def __call__(self, h, t):
+        return torch.addcmul(self.b, torch.mm(h, self.wt), t)
+
+
+class _Linear:
+    __slots__ = ("wt", "b")
+
+    def __init__(self, lin):
+        self.wt = _t(lin.weight)
+        self.b = lin.bias.detach()
+
+    def __call__(self, x):
+        return torch.addmm(self.b, x, self.wt)
+
+
+class _Block:
+    """A K1 or K2 block: norm1 (folded into K1's mix), the mixer, norm2 folded into the MLP."""
+    __slots__ = ("n1", "up", "down", "mix", "k2")
+
+    def __init__(self, blk, k2):
+        self.n1 = blk.norm1.scale.detach()
+        self.up = _ScaledLinear(blk.mlp.up, blk.norm2.scale)
+        self.down = _Linear(blk.mlp.down)
+        self.mix = None if k2 else _ScaledLinear(blk.mix, blk.norm1.scale)
+        self.k2 = k2
+
+
+class _K2:
+    __slots__ = ("uv", "qk_scale", "gamma", "wg", "proj", "R", "K")
+
+    def __init__(self, mixer, kernel, dt):
+        with torch.no_grad():
+            self.uv = torch.cat([mixer.u, mixer.v], 1).to(dt).contiguous()            # (D, 2R)
+            alpha = mixer.alpha().to(dt)
+            self.qk_scale = torch.stack([alpha, torch.ones_like(alpha)])              # (2, R)
+            self.gamma = mixer.gamma().to(dt)[:, None].contiguous()                    # (R, 1)
+            g = torch.sigmoid(mixer.gate_logit.to(dt))
+            self.wg = (g * kernel.detach().to(dt).flip(0))[:, None].contiguous()       # (K, 1), oldest first
+        self.proj = _Linear(mixer.proj)
+        self.R, self.K = mixer.rank, kernel.shape[0]
+
+
+class StepPlan:
+    """One token through a KStackLM with prepared parameters: ``plan.step(ids_t, state)``."""
+
+    def __init__(self, model):
+        p0 = next(model.parameters())
+        self.dtype = dt = p0.dtype
+        self.device = p0.device
+        stack = model.stack
+        self.blocks: List[_Block] = []
+        self.k2: List[_K2] = []
+        for blk in stack.blocks:
+            name = type(blk).__name__
+            if name == "K2Block":
+                kern = blk.mixer.get_kernel() if stack.shared_kernel is None else stack.shared_kernel
+                self.blocks.append(_Block(blk, True))
+                self.k2.append(_K2(blk.mixer, kern, dt))
+            elif name == "K1Block":
+                self.blocks.append(_Block(blk, False))
+            else:                                                     # K0: h + norm(h) * gain + bias
+                self.k0_w = (blk.norm.scale * blk.gain).detach()
+                self.k0_b = blk.bias.detach()
+        self.emb = model.emb.weight.detach()
+        self.emb_proj = None if isinstance(model.emb_proj, torch.nn.Identity) else _t(model.emb_proj.weight)
+        self.norm = model.norm.scale.detach()
+        self.eta = None if model.eta_logit is None else torch.sigmoid(model.eta_logit.detach())
+        self.n_passes = model.n_passes
+        self.D = model.config.d_model
+        self.head = model.logits_from_hidden
+        self.nrm = _Norm(self.D, dt, self.device)
+        self.head_wt = None
+        if model.config.head == "linear" and self.emb_proj is None:
+            self.head_wt = (self.norm[:, None] * self.emb.t()).contiguous()          # (D, V)
+        self.params = [p for p in model.parameters()]
+        self.versions = self.version_key()
+
+    def version_key(self):
+        return tuple(p._version for p in self.params)
+
+    def _stack(self, h, states, out):
+        nrm = self.nrm
+        i = 0
+        for blk in self.blocks:
+            t = nrm.inv(h)                                            # (B, 1)
+            if blk.k2:
+                m = self.k2[i]
+                S, C = states[i]
+                B = h.shape[0]
+                x = h * blk.n1 * t                                    # (B, D), the mixer input
+                qk = torch.mm(x, m.uv).view(B, 2, m.R)
+                qk = qk * (m.qk_scale / torch.linalg.vector_norm(qk, dim=-1, keepdim=True).clamp_min(NORM_EPS))
+                x3 = x[:, None, :]                                    # (B, 1, D)
+                S = torch.addcmul(S * m.gamma, qk[:, 1, :, None], x3)  # (B, R, D)
+                win = torch.cat([C, x3], 1)                           # (B, K, D), oldest first
+                c = (win * m.wg).sum(1, keepdim=True)                 # (B, 1, D): g * Kbase conv
+                mix = torch.baddbmm(c, qk[:, None, 0], S)[:, 0]       # (B, D): + q @ S
+                h = h + m.proj(mix)
+                out.append(KOperatorState(S, win[:, 1:]))
+                i += 1
+            else:
+                h = h + blk.mix(h, t)
+            h = h + blk.down(F.gelu(blk.up(h, nrm.inv(h))))
+        t = nrm.inv(h)                                                # K0: h + norm(h) * gain + bias
+        return torch.addcmul(h + self.k0_b, h, t * self.k0_w)
+
+    def check(self, state, B):
+        """The model state (zeros when None), its length and shapes checked (a few tuple compares)."""
+        if state is None:
+            return tuple(KOperatorState(torch.zeros(B, m.R, self.D, dtype=self.dtype, device=self.device),
+                                        torch.zeros(B, m.K - 1, self.D, dtype=self.dtype, device=self.device))
+                         for m in self.k2 * self.n_passes)
+        if not isinstance(state, (tuple, list)) or len(state) != len(self.k2) * self.n_passes:
+            raise ValueError(f"state must be a tuple of {len(self.k2) * self.n_passes} KOperatorState (one per "
+                             f"K2 layer and pass), got {describe(state)}")
+        for i, s in enumerate(state):
+            m = self.k2[i % len(self.k2)]
+            if (not isinstance(s, (tuple, list)) or len(s) != 2 or s[0].shape != (B, m.R, self.D)
+                    or s[1].shape != (B, m.K - 1, self.D)):
+                raise ValueError(f"state[{i}] must be a KOperatorState with scan {(B, m.R, self.D)} and conv "
+                                 f"{(B, m.K - 1, self.D)}, got {describe(s)}")
+        return state
+
+    def step(self, ids_t: torch.Tensor, state) -> Tuple[torch.Tensor, tuple]:
+        """ids_t (B,) -> (logits (B, V), new state), as ``KStackLM.step``."""
+        state = self.check(state, ids_t.shape[0])
+        h = F.embedding(ids_t, self.emb)                              # (B, E)
+        if self.emb_proj is not None:
+            h = torch.mm(h, self.emb_proj)                            # (B, D)
+        n = len(self.k2)
+        new: list = []
+        for p in range(self.n_passes):
+            h_new = self._stack(h, state[p * n:(p + 1) * n], new)
+            h = h_new if self.eta is None else h + self.eta * (h_new - h)
+        t = self.nrm.inv(h)
+        if self.head_wt is not None:                                  # tied head, E = D: final norm folded in
+            return torch.mm(h, self.head_wt) * t, tuple(new)
+        return self.head(h * t * self.norm), tuple(new)
