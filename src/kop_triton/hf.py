@@ -242,17 +242,17 @@ class KStackPreTrainedModel(PreTrainedModel):
         """A copy of ``lm`` (weights copied exactly) as this class."""
         if not isinstance(lm, KStackLM):
             raise TypeError(f"lm must be a KStackLM, got {type(lm).__name__}")
-        out = cls(KStackHFConfig.from_kstack_config(lm.config, **config_kwargs))
-        out.model.load_state_dict(lm.state_dict(), strict=True)
         p = next(lm.parameters())
-        return out.to(device=p.device, dtype=p.dtype).train(lm.training)
+        out = cls(KStackHFConfig.from_kstack_config(lm.config, **config_kwargs)).to(device=p.device, dtype=p.dtype)
+        out.model.load_state_dict(lm.state_dict(), strict=True)     # same dtype: an exact copy
+        return out.train(lm.training)
 
     def to_kstack(self) -> KStackLM:
         """A ``KStackLM`` copy of this model's weights."""
-        lm = KStackLM(self.config.to_kstack_config())
-        lm.load_state_dict(self.model.state_dict(), strict=True)
         p = next(self.model.parameters())
-        return lm.to(device=p.device, dtype=p.dtype).train(self.training)
+        lm = KStackLM(self.config.to_kstack_config()).to(device=p.device, dtype=p.dtype)
+        lm.load_state_dict(self.model.state_dict(), strict=True)
+        return lm.train(self.training)
 
     # ---- running ----------------------------------------------------------------------
     def _check_inputs(self, input_ids, inputs_embeds):
@@ -388,7 +388,9 @@ class KStackForCausalLM(KStackPreTrainedModel, GenerationMixin):
             if logits.shape[:2] != labels.shape:
                 raise ValueError(f"labels must have the shape of input_ids {tuple(logits.shape[:2])}, got "
                                  f"{describe(labels)}")
-            shifted = logits[:, :-1].float()
+            shifted = logits[:, :-1]
+            if shifted.dtype in (torch.float16, torch.bfloat16):   # the softmax reduction in float32
+                shifted = shifted.float()
             loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device),
                                    ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
