@@ -59,12 +59,12 @@ class _Norm:
 
 
 class _ScaledLinear:
-    """Linear(scale * rms(h)) = t * (h @ (diag(scale) W^T)) + b: the norm scale folded in."""
+    """Linear(scale * rms(h)) * post = t * (h @ (diag(scale) W^T post)) + b post: the norm scale folded in."""
     __slots__ = ("wt", "b")
 
-    def __init__(self, lin, scale):
-        self.wt = (scale.detach()[:, None] * lin.weight.detach().t()).contiguous()   # (in, out)
-        self.b = lin.bias.detach()
+    def __init__(self, lin, scale, post=1.0):
+        self.wt = (scale.detach()[:, None] * lin.weight.detach().t() * post).contiguous()   # (in, out)
+        self.b = lin.bias.detach() * post
 
     def __call__(self, h, t):
         return torch.addcmul(self.b, torch.mm(h, self.wt), t)
@@ -73,24 +73,35 @@ class _ScaledLinear:
 class _Linear:
     __slots__ = ("wt", "b")
 
-    def __init__(self, lin):
-        self.wt = _t(lin.weight)
+    def __init__(self, lin, pre=1.0):
+        self.wt = (lin.weight.detach().t() * pre).contiguous()
         self.b = lin.bias.detach()
 
     def __call__(self, x):
         return torch.addmm(self.b, x, self.wt)
 
 
+_SQRT1_2 = 0.7071067811865476
+
+
 class _Block:
-    """A K1 or K2 block: norm1 (folded into K1's mix), the mixer, norm2 folded into the MLP."""
+    """A K1 or K2 block: norm1 (folded into K1's mix), the mixer, and the MLP with norm2 folded in.
+
+    Exact GELU without F.gelu (10 us for 128 values on the dev CPU, erf + addcmul 2.6 us): with
+    u' = u / sqrt(2) (scaled up-projection), gelu(u) = (u' + u' erf(u')) / sqrt(2), and the
+    1 / sqrt(2) goes into the down-projection."""
     __slots__ = ("n1", "up", "down", "mix", "k2")
 
     def __init__(self, blk, k2):
         self.n1 = blk.norm1.scale.detach()
-        self.up = _ScaledLinear(blk.mlp.up, blk.norm2.scale)
-        self.down = _Linear(blk.mlp.down)
+        self.up = _ScaledLinear(blk.mlp.up, blk.norm2.scale, post=_SQRT1_2)
+        self.down = _Linear(blk.mlp.down, pre=_SQRT1_2)
         self.mix = None if k2 else _ScaledLinear(blk.mix, blk.norm1.scale)
         self.k2 = k2
+
+    def mlp(self, h, t):
+        u = self.up(h, t)                                             # (B, 2D), u / sqrt(2)
+        return self.down(torch.addcmul(u, u, torch.erf(u)))
 
 
 class _K2:
@@ -103,7 +114,7 @@ class _K2:
             self.qk_scale = torch.stack([alpha, torch.ones_like(alpha)])              # (2, R)
             self.gamma = mixer.gamma().to(dt)[:, None].contiguous()                    # (R, 1)
             g = torch.sigmoid(mixer.gate_logit.to(dt))
-            self.wg = (g * kernel.detach().to(dt).flip(0))[:, None].contiguous()       # (K, 1), oldest first
+            self.wg = (g * kernel.detach().to(dt).flip(0))[None, None, :].contiguous()  # (1, 1, K), oldest first
         self.proj = _Linear(mixer.proj)
         self.R, self.K = mixer.rank, kernel.shape[0]
 
@@ -161,14 +172,17 @@ class StepPlan:
                 x3 = x[:, None, :]                                    # (B, 1, D)
                 S = torch.addcmul(S * m.gamma, qk[:, 1, :, None], x3)  # (B, R, D)
                 win = torch.cat([C, x3], 1)                           # (B, K, D), oldest first
-                c = (win * m.wg).sum(1, keepdim=True)                 # (B, 1, D): g * Kbase conv
-                mix = torch.baddbmm(c, qk[:, None, 0], S)[:, 0]       # (B, D): + q @ S
+                c = torch.bmm(m.wg.expand(B, 1, m.K), win)            # (B, 1, D): g * Kbase conv
+                if B < 16:                                            # + q @ S: bmm for few rows, else a
+                    mix = torch.baddbmm(c, qk[:, None, 0], S)[:, 0]   # product and sum over R (B = 64:
+                else:                                                 # 35 us vs 26 us on the dev CPU)
+                    mix = (qk[:, 0, :, None] * S).sum(1) + c[:, 0]    # (B, D)
                 h = h + m.proj(mix)
                 out.append(KOperatorState(S, win[:, 1:]))
                 i += 1
             else:
                 h = h + blk.mix(h, t)
-            h = h + blk.down(F.gelu(blk.up(h, nrm.inv(h))))
+            h = h + blk.mlp(h, nrm.inv(h))
         t = nrm.inv(h)                                                # K0: h + norm(h) * gain + bias
         return torch.addcmul(h + self.k0_b, h, t * self.k0_w)
 
@@ -185,8 +199,10 @@ class StepPlan:
             m = self.k2[i % len(self.k2)]
             if (not isinstance(s, (tuple, list)) or len(s) != 2 or s[0].shape != (B, m.R, self.D)
                     or s[1].shape != (B, m.K - 1, self.D)):
+                got = (f"{describe(s[0])} and {describe(s[1])}" if isinstance(s, (tuple, list)) and len(s) == 2
+                       else describe(s))
                 raise ValueError(f"state[{i}] must be a KOperatorState with scan {(B, m.R, self.D)} and conv "
-                                 f"{(B, m.K - 1, self.D)}, got {describe(s)}")
+                                 f"{(B, m.K - 1, self.D)}, got {got}")
         return state
 
     def step(self, ids_t: torch.Tensor, state) -> Tuple[torch.Tensor, tuple]:
