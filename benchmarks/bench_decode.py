@@ -12,7 +12,8 @@ For each batch size and prompt length ("context"), greedy decoding, three ways:
   hf         ``KStackForCausalLM.generate`` (transformers, ``do_sample=False``): its prefill, then its
              cache path, which calls ``KStackLM.step``.
 tokens/s counts generated tokens over batch x time of the decode loop only (prefill timed
-separately); the hf step rate is (generate(N) - generate(1)) / (N - 1).  The recurrent and hf
+separately); for hf the loop is timed by a logits processor that notes each token's score call
+(B x (N - 1) tokens between the first and the last).  The recurrent and hf
 tokens are checked equal.  ``first_token_s`` is the very first ``generate`` call of the process
 (prompt of 16, one new token): what a fresh process waits for its first token.  Prompts longer
 than ``--prefill-chunk`` x batch tokens are prefilled in row groups (same states, bounded memory).
@@ -75,17 +76,34 @@ def recurrent(model, prompt, new, max_tokens):
 @torch.no_grad()
 def window(model, prompt, new, win):
     seq = prompt[:, -win:]
+    out = []
     t0 = time.perf_counter()
     for _ in range(new):
         nxt = model(seq[:, -win:])[:, -1].argmax(-1, keepdim=True)
         seq = torch.cat([seq[:, -win:], nxt], 1)
-    return time.perf_counter() - t0
+        out.append(nxt)
+    return torch.cat(out, 1), time.perf_counter() - t0
+
+
+class _StepClock:
+    """A logits processor that only records when generate() asks for each new token's scores."""
+
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
 
 
 def hf_generate(hf_model, prompt, new):
+    """-> (new tokens, total s, decode-loop s over new - 1 steps: first to last score call)."""
+    from transformers import LogitsProcessorList
+    clock = _StepClock()
     t0 = time.perf_counter()
-    out = hf_model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-    return out[:, prompt.shape[1]:], time.perf_counter() - t0
+    out = hf_model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                            logits_processor=LogitsProcessorList([clock]))
+    return out[:, prompt.shape[1]:], time.perf_counter() - t0, clock.times[-1] - clock.times[0]
 
 
 def run(args):
@@ -113,12 +131,13 @@ def run(args):
                    "recurrent_tokens_per_s": B * args.new / t_dec,
                    "prefill_tokens_per_s": B * T / t_pre}
             window(model, prompt, 1, args.window)                                 # warm-up
-            t_win = window(model, prompt, args.window_new, args.window)
+            win_toks, t_win = window(model, prompt, args.window_new, args.window)
             row.update(window_tokens_per_s=B * args.window_new / t_win, window_s=t_win, window_new=args.window_new)
+            if T + args.window_new <= args.window:                                # the window sees everything
+                row["window_equal_recurrent"] = bool(torch.equal(win_toks, toks[:, :args.window_new]))
             if hf_model is not None and B * T <= args.hf_max_prompt_tokens:
-                _, t1 = hf_generate(hf_model, prompt, 1)
-                hf_toks, tn = hf_generate(hf_model, prompt, args.new)
-                row.update(hf_tokens_per_s=B * (args.new - 1) / max(tn - t1, 1e-9), hf_generate_s=tn,
+                hf_toks, t_all, t_loop = hf_generate(hf_model, prompt, args.new)
+                row.update(hf_tokens_per_s=B * (args.new - 1) / t_loop, hf_generate_s=t_all,
                            hf_equal_recurrent=bool(torch.equal(hf_toks, toks)))
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -215,3 +215,17 @@ def test_slope_and_crossover():
     assert c["T"] == 1000
     assert harness.crossover(Ts, {t: 0.1 for t in Ts}, att)["T"] is None
     assert harness.scale_factor(2, 1, 2048, 4, 512) == pytest.approx(4.0)
+
+
+def test_bench_decode_small(tmp_path, capsys):
+    from benchmarks import bench_decode
+    assert bench_decode.main(["--contexts", "16,40", "--batches", "1,3", "--new", "4", "--window-new", "3",
+                              "--window", "48", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "decode.json").read_text())
+    assert (tmp_path / "decode.png").stat().st_size > 0
+    assert [(r["batch"], r["context"]) for r in res["rows"]] == [(1, 16), (1, 40), (3, 16), (3, 40)]
+    for r in res["rows"]:
+        assert r["hf_equal_recurrent"] is True                      # HF generate == the recurrent loop
+        assert r["window_equal_recurrent"] is True                  # re-running the window == the state
+        assert r["recurrent_tokens_per_s"] > 0 and r["window_tokens_per_s"] > 0 and r["hf_tokens_per_s"] > 0
+    assert res["first_token_s"] > 0 and "| batch | context |" in capsys.readouterr().out
