@@ -13,7 +13,9 @@ For each batch size and prompt length ("context"), greedy decoding, three ways:
              cache path, which calls ``KStackLM.step``.
 tokens/s counts generated tokens over batch x time of the decode loop only (prefill timed
 separately); for hf the loop is timed by a logits processor that notes each token's score call
-(B x (N - 1) tokens between the first and the last).  The recurrent and hf
+(B x (N - 1) tokens between the first and the last).  Each rate is also given per CPU-second of
+this process (``*_per_cpu_s``, ``time.process_time``, one thread): on a machine shared with other
+jobs that is close to what a dedicated core gives, while the wall-time rate is what this run saw.  The recurrent and hf
 tokens are checked equal.  ``first_token_s`` is the very first ``generate`` call of the process
 (prompt of 16, one new token): what a fresh process waits for its first token.  Prompts longer
 than ``--prefill-chunk`` x batch tokens are prefilled in row groups (same states, bounded memory).
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import sys
@@ -62,27 +65,27 @@ def prefill(model, prompt, max_tokens):
 def recurrent(model, prompt, new, max_tokens):
     t0 = time.perf_counter()
     logits, state = prefill(model, prompt, max_tokens)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     out = []
     nxt = logits.argmax(-1)
     for _ in range(new):
         out.append(nxt)
         logits, state = model.step(nxt, state)
         nxt = logits.argmax(-1)
-    t2 = time.perf_counter()
-    return torch.stack(out, 1), t1 - t0, t2 - t1
+    t2, c2 = time.perf_counter(), time.process_time()
+    return torch.stack(out, 1), t1 - t0, t2 - t1, c2 - c1
 
 
 @torch.no_grad()
 def window(model, prompt, new, win):
     seq = prompt[:, -win:]
     out = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(new):
         nxt = model(seq[:, -win:])[:, -1].argmax(-1, keepdim=True)
         seq = torch.cat([seq[:, -win:], nxt], 1)
         out.append(nxt)
-    return torch.cat(out, 1), time.perf_counter() - t0
+    return torch.cat(out, 1), time.perf_counter() - t0, time.process_time() - c0
 
 
 class _StepClock:
@@ -92,18 +95,19 @@ class _StepClock:
         self.times = []
 
     def __call__(self, input_ids, scores):
-        self.times.append(time.perf_counter())
+        self.times.append((time.perf_counter(), time.process_time()))
         return scores
 
 
 def hf_generate(hf_model, prompt, new):
-    """-> (new tokens, total s, decode-loop s over new - 1 steps: first to last score call)."""
+    """-> (new tokens, total s, decode-loop wall s and CPU s over new - 1 steps: first to last score call)."""
     from transformers import LogitsProcessorList
     clock = _StepClock()
     t0 = time.perf_counter()
     out = hf_model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                             logits_processor=LogitsProcessorList([clock]))
-    return out[:, prompt.shape[1]:], time.perf_counter() - t0, clock.times[-1] - clock.times[0]
+    (w0, c0), (w1, c1) = clock.times[0], clock.times[-1]
+    return out[:, prompt.shape[1]:], time.perf_counter() - t0, w1 - w0, c1 - c0
 
 
 def run(args):
@@ -126,22 +130,25 @@ def run(args):
                 continue
             prompt = torch.randint(0, V, (B, T), generator=gen)
             recurrent(model, prompt[:, -64:], 8, args.prefill_chunk)             # warm-up
-            toks, t_pre, t_dec = recurrent(model, prompt, args.new, args.prefill_chunk)
+            toks, t_pre, t_dec, c_dec = recurrent(model, prompt, args.new, args.prefill_chunk)
             row = {"batch": B, "context": T, "prefill_s": t_pre, "recurrent_decode_s": t_dec,
-                   "recurrent_tokens_per_s": B * args.new / t_dec,
+                   "recurrent_tokens_per_s": B * args.new / t_dec, "recurrent_tokens_per_cpu_s": B * args.new / c_dec,
                    "prefill_tokens_per_s": B * T / t_pre}
             window(model, prompt, 1, args.window)                                 # warm-up
-            win_toks, t_win = window(model, prompt, args.window_new, args.window)
-            row.update(window_tokens_per_s=B * args.window_new / t_win, window_s=t_win, window_new=args.window_new)
+            win_toks, t_win, c_win = window(model, prompt, args.window_new, args.window)
+            row.update(window_tokens_per_s=B * args.window_new / t_win, window_tokens_per_cpu_s=B * args.window_new / c_win,
+                       window_s=t_win, window_new=args.window_new)
             if T + args.window_new <= args.window:                                # the window sees everything
                 row["window_equal_recurrent"] = bool(torch.equal(win_toks, toks[:, :args.window_new]))
             if hf_model is not None and B * T <= args.hf_max_prompt_tokens:
-                hf_toks, t_all, t_loop = hf_generate(hf_model, prompt, args.new)
-                row.update(hf_tokens_per_s=B * (args.new - 1) / t_loop, hf_generate_s=t_all,
+                hf_toks, t_all, t_loop, c_loop = hf_generate(hf_model, prompt, args.new)
+                row.update(hf_tokens_per_s=B * (args.new - 1) / t_loop, hf_tokens_per_cpu_s=B * (args.new - 1) / c_loop,
+                           hf_generate_s=t_all,
                            hf_equal_recurrent=bool(torch.equal(hf_toks, toks)))
             rows.append(row)
             print(json.dumps(row), flush=True)
     return {"model": desc, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "load_average_at_end": list(os.getloadavg()), "cpus": os.cpu_count(),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "new_tokens": args.new,
             "window": args.window, "first_token_s": first_token_s,
             "command": "python -m benchmarks.bench_decode " + " ".join(shlex.quote(a) for a in args.argv),
@@ -149,12 +156,14 @@ def run(args):
 
 
 def table(res) -> str:
-    lines = ["| batch | context | recurrent (ours) tok/s | re-run window tok/s | HF generate tok/s | prefill s |",
+    lines = ["tokens/s of wall time (tokens per CPU-second of this process in brackets):", "",
+             "| batch | context | recurrent (ours) | re-run window | HF generate | prefill s |",
              "|---|---|---|---|---|---|"]
     for r in res["rows"]:
-        hf = f"{r['hf_tokens_per_s']:,.0f}" if "hf_tokens_per_s" in r else "-"
-        lines.append(f"| {r['batch']} | {r['context']:,} | {r['recurrent_tokens_per_s']:,.0f} | "
-                     f"{r['window_tokens_per_s']:,.1f} | {hf} | {r['prefill_s']:.2f} |")
+        hf = (f"{r['hf_tokens_per_s']:,.0f} ({r['hf_tokens_per_cpu_s']:,.0f})" if "hf_tokens_per_s" in r else "-")
+        lines.append(f"| {r['batch']} | {r['context']:,} | {r['recurrent_tokens_per_s']:,.0f} "
+                     f"({r['recurrent_tokens_per_cpu_s']:,.0f}) | {r['window_tokens_per_s']:,.1f} "
+                     f"({r['window_tokens_per_cpu_s']:,.1f}) | {hf} | {r['prefill_s']:.2f} |")
     return "\n".join(lines)
 
 

@@ -60,6 +60,15 @@ def test_config_and_weights_convert_losslessly(name):
         assert torch.equal(base(ids).last_hidden_state, lm.hidden(ids))
 
 
+def test_config_declares_every_kstack_field_with_its_default():
+    import dataclasses
+    cfg = hf.KStackHFConfig()
+    for f in dataclasses.fields(KStackConfig):
+        assert f.name in hf.KStackHFConfig.__annotations__, f"KStackHFConfig lacks KStackConfig.{f.name}"
+        if f.name != "vocab_size":
+            assert getattr(cfg, f.name) == f.default, f.name
+
+
 def test_config_checks_its_fields():
     with pytest.raises(ValueError, match="rank"):
         hf.KStackHFConfig(vocab_size=10, rank=0)

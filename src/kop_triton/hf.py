@@ -100,7 +100,7 @@ class KStackHFConfig(PreTrainedConfig):
         return self.n_k2 + 3
 
     def to_kstack_config(self) -> KStackConfig:
-        d = {name: getattr(self, name) for name in _FIELDS}
+        d = {name: getattr(self, name) for name in _FIELDS if hasattr(self, name)}
         for name in ("gamma_min", "gamma_max", "alpha_cap", "adaptive_div_value", "emb_dropout", "mlp_dropout",
                      "residual_dropout"):
             if isinstance(d[name], int) and not isinstance(d[name], bool):
