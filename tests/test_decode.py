@@ -56,6 +56,15 @@ def test_plan_step_equals_module_step(name, B):
         assert_close("logits from zero state", logits, _module_step(m, ids[:, 0], None)[0], 1e-12)
 
 
+def test_blocks_are_scripted():
+    """The fast path's block functions compile with TorchScript (a silent fallback would only be slower)."""
+    from kop_triton import decode
+    fns = decode._blocks(True)
+    assert all(isinstance(f, torch.jit.ScriptFunction) for f in fns), [type(f) for f in fns]
+    with torch.no_grad():
+        assert _model("default-linear")._step_plan().k2_fn is fns[0]
+
+
 def test_plan_follows_weight_changes():
     m = _model("default-linear")
     ids = torch.randint(0, 13, (2, 6))
@@ -96,3 +105,33 @@ def test_plan_step_bad_state():
             m.step(torch.tensor([1, 2, 3]), state)                # batch 3 against a batch-2 state
         with pytest.raises(ValueError, match="ids_t"):
             m.step(torch.tensor([[1, 2]]), state)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: host syncs and CUDA-graph capture of the step")
+def test_cuda_step_has_no_host_sync_and_replays_in_a_cuda_graph():
+    m = _model("default-linear", dtype=torch.float32).cuda()
+    ids = torch.randint(0, 13, (4, 9), device="cuda")
+    with torch.no_grad():
+        _, state = m.prefill(ids)
+        tok = ids[:, -1].clone()
+        for _ in range(3):                                        # plan build and TorchScript profiling runs
+            m.step(tok, state)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")                   # any host sync in the step raises
+        try:
+            logits, new = m.step(tok, state)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                m.step(tok, state)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            g_logits, g_new = m.step(tok, state)                 # static inputs: tok and state
+        graph.replay()
+        torch.cuda.synchronize()
+    assert_close("CUDA graph logits", g_logits, logits, 1e-6)
+    assert_close("CUDA graph scan state", g_new[0].scan, new[0].scan, 1e-6)

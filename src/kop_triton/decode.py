@@ -26,6 +26,7 @@ or float64 weights, autocast off); ``KStackLM.step`` uses the module path otherw
 """
 from __future__ import annotations
 
+import operator
 import warnings
 from typing import List, Tuple
 
@@ -83,6 +84,7 @@ class _Linear:
 
 
 _SQRT1_2 = 0.7071067811865476
+_VERSION = operator.attrgetter("_version")          # a parameter's in-place version counter
 
 
 class _Block:
@@ -125,7 +127,7 @@ def _k2_block(h: torch.Tensor, S: torch.Tensor, C: torch.Tensor, eps: torch.Tens
     t = torch.rsqrt(torch.addmm(eps, h * h, mean_w))                 # (B, 1): 1 / rms(h)
     x = h * n1 * t                                                    # (B, D), the mixer input
     qk = torch.mm(x, uv).view(B, 2, -1)                               # (B, 2, R): x @ [u | v]
-    qk = qk * (qk_scale / torch.linalg.vector_norm(qk, dim=-1, keepdim=True).clamp_min(NORM_EPS))
+    qk = qk * (qk_scale / torch.linalg.vector_norm(qk, dim=-1, keepdim=True).clamp_min(1e-8))   # NORM_EPS
     x3 = x.unsqueeze(1)                                               # (B, 1, D)
     S = torch.addcmul(S * gamma, qk[:, 1].unsqueeze(2), x3)           # gamma * S + k (outer) x
     win = torch.cat([C, x3], 1)                                       # (B, K, D), oldest first
@@ -158,6 +160,7 @@ def _k0_block(h: torch.Tensor, eps: torch.Tensor, mean_w: torch.Tensor, w: torch
 
 
 _SCRIPTED = {}
+assert NORM_EPS == 1e-8, "the scripted _k2_block writes NORM_EPS as a literal (TorchScript reads no float globals)"
 
 
 def _blocks(script: bool):
@@ -227,7 +230,7 @@ class StepPlan:
         self.k0_args = (n.eps, n.mean_w, self.k0_w, self.k0_b)
 
     def version_key(self):
-        return tuple(p._version for p in self.params)
+        return tuple(map(_VERSION, self.params))
 
     def _stack(self, h, states, out):
         i = 0
