@@ -285,7 +285,7 @@ def test_lm_eval_harness_rolling_loglikelihood(reference):
     text = tok.decode(val[:W * n].tolist())
     hf_tok = AutoTokenizer.from_pretrained(d)
     prefix = tok.encode("\n")[0]
-    harness = HFLM(pretrained=model, tokenizer=hf_tok, max_length=W, batch_size=1, device="cpu",
+    harness = HFLM(pretrained=model, backend="causal", tokenizer=hf_tok, max_length=W, batch_size=1, device="cpu",
                    prefix_token_id=prefix)
     (ll,) = harness.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
     ce_harness = -ll / (W * n)
