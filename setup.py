@@ -34,6 +34,8 @@ setup(
         "sentencepiece": ["sentencepiece"],
         "bench": ["matplotlib"],
         "test": ["pytest", "hypothesis", "pytest-xdist"],
+        # kop_triton.hf; tested with transformers 5.23 (lm-eval 0.4.13 HFLM in the tests)
+        "hf": ["transformers>=5.23,<5.24"],
     },
     entry_points={
         "console_scripts": [

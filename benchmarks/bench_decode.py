@@ -1,113 +1,230 @@
-"""Decode speed of KStackLM: recurrent state vs re-running the window for every token.
+"""Decode speed of KStackLM vs context length: the recurrent step, re-running the window, HF generate.
 
-    python benchmarks/bench_decode.py [--checkpoint DIR] [--prompt 1024] [--new 128] [--batch 1]
-                                      [--window 2048] [--device cpu] [--threads N]
+    python -m benchmarks.bench_decode [--checkpoint DIR] [--contexts 2048,16384,100000] [--batches 1,64]
+                                      [--new 256] [--window-new 4] [--window 2048] [--threads 1]
+                                      [--out benchmarks/results/decode] [--no-hf]
 
-Two ways to generate ``--new`` tokens greedily after a ``--prompt``-token prompt:
-  recurrent  ``model.generate``: the prompt is prefilled once (parallel form, returning every K2
-             mixer's state), then each token is one ``model.step`` -- O(1) per token;
-  window     the usual transformer-style loop without a cache: every token re-runs the model on
-             the last ``--window`` tokens and keeps the last logits -- O(window) per token.
-Both produce the same greedy tokens while the context fits the window (checked and reported).
-The model is the checkpoint given (e.g. the imported reference) or, without one, a randomly
-initialised model in the reference v2 configuration (speed does not depend on the weights).
-Prints one JSON line with tokens/s for both and the speed-up.
+For each batch size and prompt length ("context"), greedy decoding, three ways:
+  recurrent  ``KStackLM.prefill`` (parallel form, once) then one ``KStackLM.step`` per token: the
+             state is constant-size, so tokens/s should not depend on the context;
+  window     what the reference implementation does: every new token re-runs the model on the last
+             ``--window`` tokens of the sequence and keeps the last logits (no state);
+  hf         ``KStackForCausalLM.generate`` (transformers, ``do_sample=False``): its prefill, then its
+             cache path, which calls ``KStackLM.step``.
+tokens/s counts generated tokens over batch x time of the decode loop only (prefill timed
+separately); for hf the loop is timed by a logits processor that notes each token's score call
+(B x (N - 1) tokens between the first and the last).  Each rate is also given per CPU-second of
+this process (``*_per_cpu_s``, ``time.process_time``, one thread): on a machine shared with other
+jobs that is close to what a dedicated core gives, while the wall-time rate is what this run saw.  The recurrent and hf
+tokens are checked equal.  ``first_token_s`` is the very first ``generate`` call of the process
+(prompt of 16, one new token): what a fresh process waits for its first token.  Prompts longer
+than ``--prefill-chunk`` x batch tokens are prefilled in row groups (same states, bounded memory).
+The model is the checkpoint given or, without one, a randomly initialised model in the reference v2
+configuration (vocab 65, d 64, 6 K2, rank 4, kernel 8; speed does not depend on the weights).
+Writes ``decode.json`` and ``decode.png`` to ``--out`` and prints a table.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import shlex
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 
-def _model(checkpoint, device, backend):
+def _model(checkpoint):
     from kop_triton import KStackConfig, KStackLM
     if checkpoint:
         from kop_triton.checkpoint import load_checkpoint
-        model, _ = load_checkpoint(checkpoint, map_location=device)
-        desc = str(checkpoint)
-    else:
-        torch.manual_seed(0)
-        model = KStackLM(KStackConfig(vocab_size=65, d_model=64, n_k2=6, rank=4, kernel_size=8)).to(device)
-        desc = "random init, reference v2 config (vocab 65, d 64, 6 K2 layers, rank 4, kernel 8)"
-    if backend:
-        model.set_backend(backend)
-    return model.eval(), desc
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+        model, _ = load_checkpoint(checkpoint)
+        return model.eval(), str(checkpoint)
+    torch.manual_seed(0)
+    model = KStackLM(KStackConfig(vocab_size=65, d_model=64, n_k2=6, rank=4, kernel_size=8))
+    return model.eval(), "random init, reference v2 config (vocab 65, d 64, 6 K2 layers, rank 4, kernel 8)"
 
 
 @torch.no_grad()
-def window_decode(model, prompt, new_tokens, window):
-    seq = prompt
-    for _ in range(new_tokens):
-        logits = model(seq[:, -window:])[:, -1]
-        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
-    return seq
+def prefill(model, prompt, max_tokens):
+    """model.prefill of (B, T) in row groups of at most max_tokens tokens -> (last logits, state)."""
+    rows = max(1, max_tokens // prompt.shape[1])
+    parts = [model.prefill(prompt[i:i + rows]) for i in range(0, prompt.shape[0], rows)]
+    if len(parts) == 1:
+        return parts[0]
+    logits = torch.cat([p[0] for p in parts])
+    state = tuple(type(s)(*(torch.cat([p[1][j][f] for p in parts]) for f in range(len(s))))
+                  for j, s in enumerate(parts[0][1]))
+    return logits, state
 
 
-def run(checkpoint=None, prompt_len=1024, new_tokens=128, batch=1, window=2048, device="cpu", backend=None):
-    device = torch.device(device)
-    model, desc = _model(checkpoint, device, backend)
-    gen = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=gen).to(device)
-    model.generate(prompt[:, :16], 4, temperature=0)          # warm-up
-    window_decode(model, prompt[:, :16], 2, window)
-    _sync(device)
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        logits, state = model.prefill(prompt)
-        _sync(device)
-        t_prefill = time.perf_counter() - t0
-        out = [prompt]
-        for i in range(new_tokens):
-            nxt = logits.argmax(-1)
-            out.append(nxt[:, None])
-            if i + 1 < new_tokens:
-                logits, state = model.step(nxt, state)
-        _sync(device)
-        t_rec = time.perf_counter() - t0
-    rec = torch.cat(out, dim=1)
-    assert torch.equal(rec, model.generate(prompt, new_tokens, temperature=0))
+@torch.no_grad()
+def recurrent(model, prompt, new, max_tokens):
     t0 = time.perf_counter()
-    win = window_decode(model, prompt, new_tokens, window)
-    _sync(device)
-    t_win = time.perf_counter() - t0
-    n = batch * new_tokens
-    agree = float((rec[:, prompt_len:] == win[:, prompt_len:]).float().mean())
-    return {"model": desc, "device": str(device), "threads": torch.get_num_threads(), "batch": batch,
-            "prompt": prompt_len, "new_tokens": new_tokens, "window": window,
-            "backend": model.config.backend,
-            "recurrent_tokens_per_s": n / t_rec, "recurrent_s": t_rec, "prefill_s": t_prefill,
-            "step_tokens_per_s": batch * max(new_tokens - 1, 1) / max(t_rec - t_prefill, 1e-9),
-            "window_tokens_per_s": n / t_win, "window_s": t_win, "speedup": t_win / t_rec,
-            "greedy_agreement": agree,
-            "note": "recurrent time includes the prefill of the prompt; window = re-run the last "
-                    "`window` tokens per new token (no cache)"}
+    logits, state = prefill(model, prompt, max_tokens)
+    t1, c1 = time.perf_counter(), time.process_time()
+    out = []
+    nxt = logits.argmax(-1)
+    for _ in range(new):
+        out.append(nxt)
+        logits, state = model.step(nxt, state)
+        nxt = logits.argmax(-1)
+    t2, c2 = time.perf_counter(), time.process_time()
+    return torch.stack(out, 1), t1 - t0, t2 - t1, c2 - c1
+
+
+@torch.no_grad()
+def window(model, prompt, new, win):
+    seq = prompt[:, -win:]
+    out = []
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(new):
+        nxt = model(seq[:, -win:])[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq[:, -win:], nxt], 1)
+        out.append(nxt)
+    return torch.cat(out, 1), time.perf_counter() - t0, time.process_time() - c0
+
+
+class _StepClock:
+    """A logits processor that only records when generate() asks for each new token's scores."""
+
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append((time.perf_counter(), time.process_time()))
+        return scores
+
+
+def hf_generate(hf_model, prompt, new):
+    """-> (new tokens, total s, decode-loop wall s and CPU s over new - 1 steps: first to last score call)."""
+    from transformers import LogitsProcessorList
+    clock = _StepClock()
+    t0 = time.perf_counter()
+    out = hf_model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                            logits_processor=LogitsProcessorList([clock]))
+    (w0, c0), (w1, c1) = clock.times[0], clock.times[-1]
+    return out[:, prompt.shape[1]:], time.perf_counter() - t0, w1 - w0, c1 - c0
+
+
+def run(args):
+    model, desc = _model(args.checkpoint)
+    hf_model = None
+    if not args.no_hf:
+        from kop_triton.hf import KStackForCausalLM
+        hf_model = KStackForCausalLM.from_kstack(model).eval()
+    gen = torch.Generator().manual_seed(1)
+    V = model.config.vocab_size
+    # the first generate call of this process: plan building included, nothing warmed up
+    t0 = time.perf_counter()
+    model.generate(torch.randint(0, V, (1, 16), generator=gen), 1, temperature=0)
+    first_token_s = time.perf_counter() - t0
+    rows = []
+    for B in args.batches:
+        for T in args.contexts:
+            if B * T > args.max_prompt_tokens:
+                print(f"skip batch {B} x context {T}: over --max-prompt-tokens {args.max_prompt_tokens}", flush=True)
+                continue
+            prompt = torch.randint(0, V, (B, T), generator=gen)
+            recurrent(model, prompt[:, -64:], 8, args.prefill_chunk)             # warm-up
+            toks, t_pre, t_dec, c_dec = recurrent(model, prompt, args.new, args.prefill_chunk)
+            row = {"batch": B, "context": T, "prefill_s": t_pre, "recurrent_decode_s": t_dec,
+                   "recurrent_tokens_per_s": B * args.new / t_dec, "recurrent_tokens_per_cpu_s": B * args.new / c_dec,
+                   "prefill_tokens_per_s": B * T / t_pre}
+            window(model, prompt, 1, args.window)                                 # warm-up
+            win_toks, t_win, c_win = window(model, prompt, args.window_new, args.window)
+            row.update(window_tokens_per_s=B * args.window_new / t_win, window_tokens_per_cpu_s=B * args.window_new / c_win,
+                       window_s=t_win, window_new=args.window_new)
+            if T + args.window_new <= args.window:                                # the window sees everything
+                row["window_equal_recurrent"] = bool(torch.equal(win_toks, toks[:, :args.window_new]))
+            if hf_model is not None and B * T <= args.hf_max_prompt_tokens:
+                hf_toks, t_all, t_loop, c_loop = hf_generate(hf_model, prompt, args.new)
+                row.update(hf_tokens_per_s=B * (args.new - 1) / t_loop, hf_tokens_per_cpu_s=B * (args.new - 1) / c_loop,
+                           hf_generate_s=t_all,
+                           hf_equal_recurrent=bool(torch.equal(hf_toks, toks)))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return {"model": desc, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "load_average_at_end": list(os.getloadavg()), "cpus": os.cpu_count(),
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "new_tokens": args.new,
+            "window": args.window, "first_token_s": first_token_s,
+            "command": "python -m benchmarks.bench_decode " + " ".join(shlex.quote(a) for a in args.argv),
+            "rows": rows}
+
+
+def table(res) -> str:
+    lines = ["tokens/s of wall time (tokens per CPU-second of this process in brackets):", "",
+             "| batch | context | recurrent (ours) | re-run window | HF generate | prefill s |",
+             "|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        hf = (f"{r['hf_tokens_per_s']:,.0f} ({r['hf_tokens_per_cpu_s']:,.0f})" if "hf_tokens_per_s" in r else "-")
+        lines.append(f"| {r['batch']} | {r['context']:,} | {r['recurrent_tokens_per_s']:,.0f} "
+                     f"({r['recurrent_tokens_per_cpu_s']:,.0f}) | {r['window_tokens_per_s']:,.1f} "
+                     f"({r['window_tokens_per_cpu_s']:,.1f}) | {hf} | {r['prefill_s']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(res, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for B in sorted({r["batch"] for r in res["rows"]}):
+        rs = [r for r in res["rows"] if r["batch"] == B]
+        x = [r["context"] for r in rs]
+        ax.plot(x, [r["recurrent_tokens_per_s"] for r in rs], "o-", label=f"recurrent step (ours), B={B}")
+        ax.plot(x, [r["window_tokens_per_s"] for r in rs], "s--", label=f"re-run {res['window']}-token window, B={B}")
+        hx = [r["context"] for r in rs if "hf_tokens_per_s" in r]
+        if hx:
+            ax.plot(hx, [r["hf_tokens_per_s"] for r in rs if "hf_tokens_per_s" in r], "^:", label=f"HF generate, B={B}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("context (prompt tokens)")
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title(f"KStackLM greedy decode, {res['threads']} thread(s)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _ints(s):
+    return [int(v) for v in s.split(",") if v]
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default=None)
-    p.add_argument("--prompt", type=int, default=1024)
-    p.add_argument("--new", type=int, default=128)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--contexts", type=_ints, default=[2048, 16384, 100000])
+    p.add_argument("--batches", type=_ints, default=[1, 64])
+    p.add_argument("--new", type=int, default=256, help="tokens generated per measurement")
+    p.add_argument("--window-new", type=int, default=4, help="tokens generated by the (slow) window re-run")
     p.add_argument("--window", type=int, default=2048)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--backend", default=None)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--prefill-chunk", type=int, default=262144, help="max prompt tokens per prefill call")
+    p.add_argument("--max-prompt-tokens", type=int, default=2_000_000, help="skip batch x context above this")
+    p.add_argument("--hf-max-prompt-tokens", type=int, default=262144,
+                   help="run HF generate only up to this many prompt tokens (its prefill is one call)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers path")
+    p.add_argument("--out", default=None, help="directory for decode.json and decode.png")
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    if min(a.prompt, a.new, a.batch, a.window) < 1:
-        p.error("--prompt, --new, --batch and --window must be positive")
-    print(json.dumps(run(a.checkpoint, a.prompt, a.new, a.batch, a.window, a.device, a.backend)))
+    if min(a.new, a.window_new, a.window, a.threads) < 1 or a.new < 2:
+        p.error("--new must be >= 2; --window-new, --window and --threads positive")
+    torch.set_num_threads(a.threads)
+    a.argv = argv
+    res = run(a)
+    print(table(res))
+    print(f"first generate call of the process: {res['first_token_s']:.3f} s")
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "decode.json").write_text(json.dumps(res, indent=1) + "\n")
+        plot(res, out / "decode.png")
+        print(f"wrote {out / 'decode.json'} and {out / 'decode.png'}")
     return 0
 
 

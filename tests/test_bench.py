@@ -246,3 +246,17 @@ def test_bench_train_without_reference_skips_it_and_times_ours(tmp_path):
     bad = bench_train.main(["--batch", "1", "--window", "40", "--rounds", "1", "--reference-dir",
                             str(tmp_path), "--quiet"])
     assert bad["reference"]["status"] == "skipped" and "k_language_model" in bad["reference"]["reason"]
+
+
+def test_bench_decode_small(tmp_path, capsys):
+    from benchmarks import bench_decode
+    assert bench_decode.main(["--contexts", "16,40", "--batches", "1,3", "--new", "4", "--window-new", "3",
+                              "--window", "48", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "decode.json").read_text())
+    assert (tmp_path / "decode.png").stat().st_size > 0
+    assert [(r["batch"], r["context"]) for r in res["rows"]] == [(1, 16), (1, 40), (3, 16), (3, 40)]
+    for r in res["rows"]:
+        assert r["hf_equal_recurrent"] is True                      # HF generate == the recurrent loop
+        assert r["window_equal_recurrent"] is True                  # re-running the window == the state
+        assert r["recurrent_tokens_per_s"] > 0 and r["window_tokens_per_s"] > 0 and r["hf_tokens_per_s"] > 0
+    assert res["first_token_s"] > 0 and "| batch | context |" in capsys.readouterr().out

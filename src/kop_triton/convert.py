@@ -2,7 +2,7 @@
 
     python -m kop_triton.convert SRC.pt OUT_DIR --tokenizer char|byte [--text FILE]
                                  --gamma-min G --alpha-cap A [--gamma-max 1.0] [--window 2048]
-                                 [--rosa exact|reference|off]
+                                 [--rosa exact|reference|off] [--format kop|hf]
 
 The source is a torch zip whose ``model`` entry is the state dict (keys possibly prefixed
 ``_orig_mod.``); it stores neither the model config nor the tokenizer.  Everything the tensor
@@ -266,10 +266,15 @@ def resolve_rosa(state, rosa):
 
 
 def convert(src, out_dir, *, tokenizer: str, text=None, gamma_min, alpha_cap, gamma_max=1.0, window=2048,
-            overwrite=False, rosa=None):
+            overwrite=False, rosa=None, format="kop"):
     """Convert ``src`` into a checkpoint directory ``out_dir``; returns (model, tokenizer).
 
-    ``rosa``: None, "off", "exact" or "reference" (required when ROSA was trained; module docstring)."""
+    ``rosa``: None, "off", "exact" or "reference" (required when ROSA was trained; module docstring).
+    ``format``: "kop" (this package's checkpoint) or "hf" (a transformers directory: config,
+    weights and tokenizer, read by ``from_pretrained`` and ``pipeline`` after ``import kop_triton.hf``).
+    """
+    if format not in ("kop", "hf"):
+        raise ConvertError(f"--format must be 'kop' or 'hf', got {format!r}")
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists() and not overwrite:
         raise ConvertError(f"{str(out_dir)!r} already holds a checkpoint (pass --overwrite to replace it)")
@@ -296,6 +301,10 @@ def convert(src, out_dir, *, tokenizer: str, text=None, gamma_min, alpha_cap, ga
     except CheckpointError as e:
         raise ConvertError(str(e)) from None
     model.load_state_dict(ours, strict=True)
+    if format == "hf":
+        from .hf import save_hf
+        save_hf(out_dir, model, tok)
+        return model.eval(), tok
     meta = {"converted_from": Path(src).name, **{f"source_{k}": v for k, v in info.items()}}
     save_checkpoint(out_dir, model, tok, meta=meta)
     return model.eval(), tok
@@ -332,11 +341,13 @@ def main(argv=None) -> int:
                         "the reference implementation's automaton (its released checkpoints), exact = the "
                         "definition, off = drop the ROSA weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in OUT_DIR")
+    p.add_argument("--format", default="kop", choices=("kop", "hf"),
+                   help="kop: this package's checkpoint; hf: a transformers directory (needs the [hf] extra)")
     a = p.parse_args(argv)
     try:
         model, tok = convert(a.src, a.out_dir, tokenizer=a.tokenizer, text=a.text, gamma_min=a.gamma_min,
                              gamma_max=a.gamma_max, alpha_cap=a.alpha_cap, window=a.window, overwrite=a.overwrite,
-                             rosa=a.rosa)
+                             rosa=a.rosa, format=a.format)
     except (ConvertError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -422,6 +422,9 @@ class KStackLM(nn.Module):
         """One token per sequence: ids_t (B,) -> (logits (B, V), new state).  O(1) per token."""
         if not isinstance(ids_t, torch.Tensor) or ids_t.dim() != 1:
             raise ValueError(f"ids_t must have shape (B,), got {describe(ids_t)}")
+        plan = self._step_plan()
+        if plan is not None:
+            return plan.step(ids_t, state)
         h = self._embed(ids_t)                                        # (B, D)
         rosa_h, stream = self._rosa_step(ids_t, state)                # (B, D) or None
         n = len(self.stack.k2_blocks())
@@ -444,6 +447,32 @@ class KStackLM(nn.Module):
             stream = RosaStream(ids_t.shape[0], self.config.vocab_size, self.config.rosa)
         # the automaton is on the CPU: one host copy of the new ids per step
         return self._rosa_hidden(stream.push(ids_t), self.emb.weight.device), stream
+
+    def _step_plan(self):
+        """The prepared fast step (``decode.StepPlan``) when it applies, else None: inference only
+        (no autograd, eval mode, autocast off), float32/float64 weights.  The plan is rebuilt when a
+        parameter changes in place (its version counter) and dropped by ``to()`` / ``load_state_dict``."""
+        if torch.is_grad_enabled() or self.training or getattr(self.config, "rosa", "off") != "off":
+            return None                    # (the plan covers the K-Stack state only, not a ROSA state)
+        plan = self.__dict__.get("_plan")
+        if plan is None or plan.versions != plan.version_key():
+            params = list(self.parameters())
+            dt = params[0].dtype
+            if dt not in (torch.float32, torch.float64) or any(p.dtype != dt for p in params):
+                return None
+            from .decode import StepPlan
+            plan = self.__dict__["_plan"] = StepPlan(self)
+        if torch.is_autocast_enabled(plan.device.type):
+            return None
+        return plan
+
+    def _apply(self, fn, *args, **kwargs):          # .to(), .double(), .cuda(): parameters change
+        self.__dict__.pop("_plan", None)
+        return super()._apply(fn, *args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        self.__dict__.pop("_plan", None)
+        return super().load_state_dict(*args, **kwargs)
 
     @torch.no_grad()
     def generate(self, ids, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,

@@ -1,0 +1,137 @@
+"""The fast recurrent step (kop_triton.decode.StepPlan, used by KStackLM.step for inference) against the
+module step (KOperator.step through the blocks, the path autograd takes), in float64, for every
+model variant; plan invalidation when weights change; argument checks."""
+import pytest
+import torch
+
+from helpers import assert_close
+from kop_triton import KStackConfig, KStackLM
+
+CONFIGS = {
+    "default-linear": dict(vocab_size=13, d_model=12, n_k2=2, rank=3, kernel_size=4),
+    "emb-proj-per-layer-kernel": dict(vocab_size=13, d_model=10, emb_dim=6, n_k2=3, rank=2, kernel_size=5,
+                                      shared_kernel=False),
+    "gelu-head-refine": dict(vocab_size=13, d_model=8, n_k2=2, rank=2, kernel_size=3, head="gelu", head_mult=2,
+                             refine_steps=2),
+    "adaptive": dict(vocab_size=24, d_model=16, n_k2=1, rank=4, kernel_size=2, head="adaptive",
+                     adaptive_cutoffs=[6, 12], adaptive_div_value=2.0),
+    "kernel-1": dict(vocab_size=13, d_model=8, n_k2=1, rank=1, kernel_size=1),
+}
+
+
+def _model(name, dtype=torch.float64):
+    torch.manual_seed(0)
+    m = KStackLM(KStackConfig(**CONFIGS[name])).to(dtype).eval()
+    with torch.no_grad():
+        for p in m.parameters():          # every weight away from its init (gains, biases, gates, decays)
+            p.add_(torch.randn_like(p) * 0.3)
+    return m
+
+
+def _module_step(m, ids_t, state):
+    with torch.enable_grad():             # autograd on: KStackLM.step takes the module path
+        assert m._step_plan() is None
+        logits, new = m.step(ids_t, state)
+    return logits.detach(), tuple(type(s)(*(t.detach() for t in s)) for s in new)
+
+
+@pytest.mark.parametrize("B", [1, 17], ids=["B1", "B17"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_plan_step_equals_module_step(name, B):
+    m = _model(name)
+    ids = torch.randint(0, m.config.vocab_size, (B, 12))
+    with torch.no_grad():
+        _, state = m.prefill(ids[:, :5])
+        ref_state = state
+        assert m._step_plan() is not None
+        for t in range(5, 12):
+            logits, state = m.step(ids[:, t], state)
+            ref_logits, ref_state = _module_step(m, ids[:, t], ref_state)
+            assert_close(f"logits t={t}", logits, ref_logits, 1e-12)
+        for i, (a, b) in enumerate(zip(state, ref_state)):
+            assert_close(f"scan state {i}", a.scan, b.scan, 1e-12)
+            assert_close(f"conv state {i}", a.conv, b.conv, 1e-12)
+        # from no state at all (zeros), as the module step
+        logits, _ = m.step(ids[:, 0])
+        assert_close("logits from zero state", logits, _module_step(m, ids[:, 0], None)[0], 1e-12)
+
+
+def test_blocks_are_scripted():
+    """The fast path's block functions compile with TorchScript (a silent fallback would only be slower)."""
+    from kop_triton import decode
+    fns = decode._blocks(True)
+    assert all(isinstance(f, torch.jit.ScriptFunction) for f in fns), [type(f) for f in fns]
+    with torch.no_grad():
+        assert _model("default-linear")._step_plan().k2_fn is fns[0]
+
+
+def test_plan_follows_weight_changes():
+    m = _model("default-linear")
+    ids = torch.randint(0, 13, (2, 6))
+    with torch.no_grad():
+        _, state = m.prefill(ids)
+        before, _ = m.step(ids[:, -1], state)
+        m.mixers()[1].decay_logit.add_(1.0)                       # in place, as an optimiser step
+        m.stack.blocks[0].mlp.up.bias.add_(0.5)
+        after, _ = m.step(ids[:, -1], state)
+        assert (after - before).abs().max() > 1e-3
+        assert_close("after an in-place change", after, _module_step(m, ids[:, -1], state)[0], 1e-12)
+        fresh = _model("default-linear")
+        m.load_state_dict(fresh.state_dict())
+        assert_close("after load_state_dict", m.step(ids[:, -1], state)[0],
+                     _module_step(fresh, ids[:, -1], state)[0], 1e-12)
+        m32 = m.float()                                           # .to(): a new plan in float32
+        s32 = tuple(type(s)(*(t.float() for t in s)) for s in state)
+        logits32, new32 = m32.step(ids[:, -1], s32)
+        assert logits32.dtype == torch.float32 and new32[0].scan.dtype == torch.float32
+
+
+def test_step_with_autograd_uses_the_module_path_and_has_gradients():
+    m = _model("default-linear")
+    m.train()
+    assert m._step_plan() is None
+    logits, _ = m.step(torch.tensor([1, 2]))
+    logits.sum().backward()
+    assert all(p.grad is not None for p in m.mixers()[0].parameters() if p.requires_grad)
+
+
+def test_plan_step_bad_state():
+    m = _model("default-linear")
+    with torch.no_grad():
+        _, state = m.prefill(torch.randint(0, 13, (2, 4)))
+        with pytest.raises(ValueError, match="tuple of 2 KOperatorState"):
+            m.step(torch.tensor([1, 2]), state[:1])
+        with pytest.raises(ValueError, match=r"state\[0\] must be a KOperatorState with scan \(3, 3, 12\)"):
+            m.step(torch.tensor([1, 2, 3]), state)                # batch 3 against a batch-2 state
+        with pytest.raises(ValueError, match="ids_t"):
+            m.step(torch.tensor([[1, 2]]), state)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: host syncs and CUDA-graph capture of the step")
+def test_cuda_step_has_no_host_sync_and_replays_in_a_cuda_graph():
+    m = _model("default-linear", dtype=torch.float32).cuda()
+    ids = torch.randint(0, 13, (4, 9), device="cuda")
+    with torch.no_grad():
+        _, state = m.prefill(ids)
+        tok = ids[:, -1].clone()
+        for _ in range(3):                                        # plan build and TorchScript profiling runs
+            m.step(tok, state)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")                   # any host sync in the step raises
+        try:
+            logits, new = m.step(tok, state)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                m.step(tok, state)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            g_logits, g_new = m.step(tok, state)                 # static inputs: tok and state
+        graph.replay()
+        torch.cuda.synchronize()
+    assert_close("CUDA graph logits", g_logits, logits, 1e-6)
+    assert_close("CUDA graph scan state", g_new[0].scan, new[0].scan, 1e-6)
