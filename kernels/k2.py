@@ -107,7 +107,7 @@ def _k2_fwd_kernel(x, u, v, alpha, lg, gate, w, c0, s0, y, sT, states, cu, chunk
         b_q = b_pu / n_u[:, None] * b_alpha[None, :]                        # (BC, BR), 0 on pad rows
         b_k = b_pv / n_v[:, None]
         # decayed scan of the sub-chunk
-        b_A = diag_scores(b_q, b_k, b_lg, BC)                               # (BC, BC)
+        b_A = diag_scores(b_q, b_k, b_lg, BC, BR > 32)                      # (BC, BC)
         b_o = dot(b_A, b_x, DOT_MODE) + dot(b_q * b_gq, b_S, 0)
         # causal convolution tile
         b_c = conv_tile(x, w, c0, bos, L, i_n, t0, o_d, m_d, D, K, BC, BC, BD,
@@ -121,6 +121,11 @@ def _k2_fwd_kernel(x, u, v, alpha, lg, gate, w, c0, s0, y, sT, states, cu, chunk
         b_S = tl.exp2(Lc.to(tl.float32) * b_lg)[:, None] * b_S + dot(tl.trans(b_kd), b_x, 0)
     if STORE_FINAL:
         tl.store(sT + i_n.to(tl.int64) * R * D + p_S, b_S, mask=m_rd)
+
+
+# Launch settings of _k2_fwd_kernel (set in k2_fwd, checked by the offline compile gate): 8 warps
+# for fp32 inputs or R > 32, else 4; 2 pipeline stages (3 spilled 4 B on sm_80 for fp32 with
+# per-channel kernels and states; 4 warps spilled 12 B on sm_90 for fp32 with states).
 
 
 def block_d(D: int, N: int, device: torch.device) -> int:
@@ -195,6 +200,6 @@ def k2_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
                CONV_DOT=conv_dot, USE_C0=use_c0, USE_S0=s0 is not None, STORE_FINAL=output_final_state,
                STORE_STATES=store_chunk_states, IS_VARLEN=cu_seqlens is not None,
                DOT_MODE=dot_mode(x.dtype),
-               num_warps=4 if BR <= 32 and x.dtype != torch.float32 else 8)
+               num_warps=4 if BR <= 32 and x.dtype != torch.float32 else 8, num_stages=2)
     cT = lay.final_rows(x2, conv_state if K > 1 else None, K) if output_final_state else None
     return y.view(B, T, D), sT, cT, states

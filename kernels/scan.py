@@ -109,11 +109,27 @@ def _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT: tl.constexpr,
 
 
 @triton.jit
-def diag_scores(b_q, b_k, b_lg, BC: tl.constexpr):
+def _diag_decay(o_c, b_lg, DERIV: tl.constexpr):
+    """(BC, BC, BR) exact decay of a diagonal sub-block, c = i - j (chunk-local, same offset):
+    g^c where c >= 0 (DERIV=False), or c g^(c-1) where c > 0 (DERIV=True); 0 elsewhere."""
+    n = (o_c[:, None] - o_c[None, :])[:, :, None]
+    if DERIV:
+        pw = tl.exp2(tl.maximum(n - 1, 0).to(tl.float32) * b_lg[None, None, :])
+        return tl.where(n > 0, n.to(tl.float32) * pw, 0.)
+    else:
+        pw = tl.exp2(tl.maximum(n, 0).to(tl.float32) * b_lg[None, None, :])
+        return tl.where(n >= 0, pw, 0.)
+
+
+@triton.jit
+def diag_scores(b_q, b_k, b_lg, BC: tl.constexpr, LOOP: tl.constexpr):
     """(BC, BC) scores of a diagonal sub-block, A[i, j] = sum_r q_ir k_jr g_r^(i-j) for j <= i,
-    0 above the diagonal, with the exact masked decay.  One column j at a time, so only (BC, BR)
-    tensors are live (a (BC, BC, BR) broadcast spilled 1.1 KB per thread at BR = 128, sm_90)."""
+    0 above the diagonal, with the exact masked decay.  LOOP: one column j at a time, so only
+    (BC, BR) tensors are live (the (BC, BC, BR) broadcast spilled 1.1 KB per thread at BR = 128,
+    sm_90); otherwise that broadcast (BR <= 32: it fits, and is 4x cheaper in the interpreter)."""
     o_c = tl.arange(0, BC)
+    if not LOOP:
+        return tl.sum(b_q[:, None, :] * b_k[None, :, :] * _diag_decay(o_c, b_lg, False), axis=2)
     b_A = tl.zeros([BC, BC], dtype=tl.float32)
     for c in range(0, BC):
         k_c = tl.sum(tl.where((o_c == c)[:, None], b_k, 0.), axis=0)                # k[c, :]  (BR,)
@@ -127,7 +143,7 @@ def diag_scores(b_q, b_k, b_lg, BC: tl.constexpr):
 @triton.jit
 def _intra_A_kernel(q, k, lg, A, cu_seqlens, chunk_indices, T, R, NT,
                     BT: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr, BRS: tl.constexpr,
-                    IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr):
+                    DIAG_LOOP: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr):
     """A[t, j] = sum_r q_tr k_jr g_r^(i-j) for j <= i (i, j chunk-local), 0 for j > i.
 
     One program writes the (BC, BT) rows of sub-chunk I of one chunk (every column, zeros
@@ -161,7 +177,7 @@ def _intra_A_kernel(q, k, lg, A, cu_seqlens, chunk_indices, T, R, NT,
         b_kg = tl.where(m_off[:, None], b_k * tl.exp2(n_k[:, None] * b_lg[None, :]), 0.)
         b_A += dot(b_qg, tl.trans(b_kg), DOT_MODE)             # (BC, BT), 0 for j >= s_I
         # diagonal sub-block: exact masked decay
-        b_Ad += diag_scores(b_q, b_kI, b_lg, BC)
+        b_Ad += diag_scores(b_q, b_kI, b_lg, BC, DIAG_LOOP)
 
     # two disjoint stores: every column outside the diagonal block, then the block itself
     m_out = (o_j < s_I) | (o_j >= s_I + BC)
@@ -303,7 +319,8 @@ def _chunk_out_kernel(x, y, lg, A, s, out, cu_seqlens, chunk_indices, T, R, D, N
 @triton.jit
 def _bwd_dqk_kernel(q, k, v, do, lg, s, ds, dq, dk, dg, cu_seqlens, chunk_indices,
                     T, R, D, NT, BT: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr,
-                    BRS: tl.constexpr, BD: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr,
+                    BRS: tl.constexpr, BD: tl.constexpr, DIAG_LOOP: tl.constexpr, IS_VARLEN: tl.constexpr,
+                    DOT_MODE: tl.constexpr,
                     STATE_DOT_MODE: tl.constexpr):
     """dq, dk of the rows of sub-chunk I (BC, BR) and I's partial dgamma (BR,), terms (a)-(d).
 
@@ -394,9 +411,15 @@ def _bwd_dqk_kernel(q, k, v, do, lg, s, ds, dq, dk, dg, cu_seqlens, chunk_indice
         b_Z = dot(tl.trans(b_dAc), b_qg, DOT_MODE)                                # (BC, BR)
         b_dk = tl.exp2((e_I - o_i).to(tl.float32)[:, None] * b_lg[None, :]) * b_Z
 
-        # diagonal sub-block (i, j both in I): exact masked decays, one position c of I at a time
-        # ((BC, BR) registers per step; a (BC, BC, BR) broadcast does not fit at BR = 128)
-        for c in range(0, BC):
+        # diagonal sub-block (i, j both in I): exact masked decays, as (BC, BC, BRS) broadcasts, or
+        # with DIAG_LOOP one position c of I at a time ((BC, BRS) registers per step)
+        if not DIAG_LOOP:
+            b_dAd3 = b_dAd[:, :, None]
+            b_G3 = _diag_decay(o_c, b_lg, False)                                      # g^(i-j)
+            b_dq += tl.sum(b_dAd3 * b_k[None, :, :] * b_G3, axis=1)
+            b_dk += tl.sum(b_dAd3 * b_q[:, None, :] * b_G3, axis=0)
+            b_W += tl.sum(b_dAd3 * b_k[None, :, :] * _diag_decay(o_c, b_lg, True), axis=1)  # (i-j) g^(i-j-1)
+        for c in range(0, BC if DIAG_LOOP else 0):
             sel = o_c == c
             a_col = tl.sum(tl.where(sel[None, :], b_dAd, 0.), axis=1)                   # dA[i, c]   (BC,)
             a_row = tl.sum(tl.where(sel[:, None], b_dAd, 0.), axis=0)                   # dA[c, j]   (BC,)
@@ -482,6 +505,8 @@ class ScanConfig:
     BRS  key channels per step of the loops over R in _intra_A and _bwd_dqk (their (BT, R) fp32
          tiles spilled 0.8-1.8 KB per thread at R = 128 when held whole).
     BDQ  channels per step of _bwd_dqk's loops over D.
+    diag_loop  the exact diagonal sub-blocks one position at a time (R > 32), not as (BC, BC, R)
+         broadcasts (R <= 32: they fit in registers, and the interpreter runs them 4x faster).
     warps / warps_sub  num_warps of the tile kernels / of _intra_A and _bwd_dqk.  8 for the tile
          kernels (at 4, _chunk_out spilled 4 B on sm_80 at R <= 16, bf16, and up to 4 B at R = 64),
          8 for fp32 inputs or R > 32 in the others (at 4, _bwd_dqk spilled 64 B at R <= 16, fp32).
@@ -493,6 +518,7 @@ class ScanConfig:
     BK: int
     BRS: int
     BDQ: int
+    diag_loop: bool
     warps: int
     warps_sub: int
 
@@ -503,7 +529,7 @@ def scan_config(R: int, D: int, dtype: torch.dtype) -> ScanConfig:
     BR = max(16, triton.next_power_of_2(R))
     BD = min(64, max(16, triton.next_power_of_2(D)))
     return ScanConfig(BR=BR, BD=BD, BK=16, BRS=min(BR, 32),
-                      BDQ=min(BD, 32 if dtype == torch.bfloat16 else 16),
+                      BDQ=min(BD, 32 if dtype == torch.bfloat16 else 16), diag_loop=BR > 32,
                       warps=8,
                       warps_sub=4 if BR <= 32 and dtype != torch.float32 else 8)
 
@@ -519,7 +545,8 @@ def _intra_A(q, k, lg, cu_seqlens, chunk_indices, NC, B, T, NT, BT, cfg, is_varl
     grid = (NC if is_varlen else NT, BT // SUB_CHUNK, 1 if is_varlen else B)
     launch(_intra_A_kernel, grid,
            q=q, k=k, lg=lg, A=A, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, T=T, R=R, NT=NT,
-           BT=BT, BC=SUB_CHUNK, BR=cfg.BR, BRS=cfg.BRS, IS_VARLEN=is_varlen, DOT_MODE=dot_mode,
+           BT=BT, BC=SUB_CHUNK, BR=cfg.BR, BRS=cfg.BRS, DIAG_LOOP=cfg.diag_loop,
+           IS_VARLEN=is_varlen, DOT_MODE=dot_mode,
            num_warps=cfg.warps_sub)
     return A
 
@@ -645,7 +672,7 @@ def scan_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
     launch(_bwd_dqk_kernel, (G_t, n_sub, G_b),
            q=q, k=k, v=v, do=do, lg=lg, s=states, ds=dstates, dq=dq, dk=dk, dg=dg, cu_seqlens=cu,
            chunk_indices=chunk_indices, T=T, R=R, D=D, NT=NT, BT=BT, BC=SUB_CHUNK, BR=BR, BRS=cfg.BRS,
-           BD=cfg.BDQ,
+           BD=cfg.BDQ, DIAG_LOOP=cfg.diag_loop,
            IS_VARLEN=is_varlen, DOT_MODE=dot_mode, STATE_DOT_MODE=state_dot_mode, num_warps=cfg.warps_sub)
     # fixed-order reduction of the per-(chunk, sub-chunk) partials, in float64
     dgamma = dg.sum(dim=0, dtype=torch.float64).to(torch.float32)
