@@ -294,3 +294,23 @@ def test_lm_eval_harness_rolling_loglikelihood(reference):
     ce_ours = evaluate(lm, ids, window=W)["val_ce"]
     assert abs(ce_harness - ce_ours) < 1e-4, (ce_harness, ce_ours)
     assert math.isfinite(ce_ours) and 1.0 < ce_ours < 2.5
+
+
+def test_rosa_model_through_transformers():
+    """A ROSA model: the loss and logits through HF equal KStackLM's (ROSA from the ids); generate
+    without a cache re-runs the sequence and equals KStackLM.generate greedy (its streaming
+    automaton over the whole history); asking for the cache fails at once, naming ROSA."""
+    torch.manual_seed(0)
+    lm = KStackLM(KStackConfig(vocab_size=11, d_model=16, n_k2=2, rank=4, kernel_size=4, rosa="exact",
+                               rosa_layers=[1])).double().eval()
+    model = hf.KStackForCausalLM.from_kstack(lm)
+    assert model.config.rosa == "exact" and model.config.rosa_layers == [1]
+    ids = torch.tensor([[1, 2, 3, 1, 2, 3, 1, 2, 4, 5, 1, 2]])
+    out = model(ids, labels=ids)
+    assert_close("hf rosa logits", out.logits, lm(ids), 1e-12)
+    assert_close("hf rosa loss", out.loss, lm(ids[:, :-1], ids[:, 1:]), 1e-12)
+    got = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)
+    want = lm.generate(ids, max_new_tokens=8, temperature=0.0)
+    assert torch.equal(got, want)
+    with pytest.raises(NotImplementedError, match="ROSA"):
+        model.generate(ids, max_new_tokens=2, do_sample=False)

@@ -84,6 +84,8 @@ class KStackHFConfig(PreTrainedConfig):
     refine_steps: int = 0
     backend: str = "auto"
     window: int = 2048
+    rosa: str = "off"
+    rosa_layers: Optional[List[int]] = None
     use_cache: bool = True
     tie_word_embeddings: bool = False      # the linear head reads the embedding directly: nothing to tie
 
@@ -105,8 +107,9 @@ class KStackHFConfig(PreTrainedConfig):
                      "residual_dropout"):
             if isinstance(d[name], int) and not isinstance(d[name], bool):
                 d[name] = float(d[name])
-        if d["adaptive_cutoffs"] is not None:
-            d["adaptive_cutoffs"] = list(d["adaptive_cutoffs"])
+        for name in ("adaptive_cutoffs", "rosa_layers"):
+            if d[name] is not None:
+                d[name] = list(d[name])
         return KStackConfig(**d)
 
     @classmethod
@@ -306,8 +309,14 @@ class KStackPreTrainedModel(PreTrainedModel):
     def _run(self, input_ids, attention_mask, past_key_values, use_cache, inputs_embeds, want_hidden=False):
         """-> (hidden or None, last-position logits or None, cache or None)."""
         self._check_inputs(input_ids, inputs_embeds)
+        rosa = self.model.config.rosa != "off"
         if use_cache is None:
-            use_cache = self.config.use_cache
+            use_cache = self.config.use_cache and not rosa          # a ROSA model has no cache (below)
+        if use_cache and rosa:
+            raise NotImplementedError(
+                f"the transformers cache does not carry ROSA's automaton (rosa={self.model.config.rosa!r}): "
+                "call with use_cache=False (generate(..., use_cache=False) re-runs the sequence), or use "
+                "KStackLM.generate / kop-generate --rosa, which stream it")
         cache = past_key_values
         if cache is not None and not isinstance(cache, KStackCache):
             raise TypeError(f"past_key_values must be a KStackCache (the recurrent state), got {type(cache).__name__}")
