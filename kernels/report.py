@@ -44,14 +44,17 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List, Optional
 
-if os.environ.get("TRITON_INTERPRET") == "1":      # the gate compiles; it never interprets
-    raise RuntimeError("kop_triton.kernels.report must run without TRITON_INTERPRET=1 "
-                       "(run it as its own process: python -m kop_triton.kernels.report)")
+import torch
+import triton
 
-import torch  # noqa: E402
-import triton  # noqa: E402
+from .launch import Launch, recording
 
-from .launch import Launch, recording  # noqa: E402
+
+def _require_compiler() -> None:
+    """The gate compiles; under the interpreter the kernels are not compilable objects."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("the compile gate must run without TRITON_INTERPRET=1 "
+                           "(run it as its own process: python -m kop_triton.kernels.report)")
 
 TARGETS = {"sm_80": 80, "sm_90": 90, "sm_100": 100}
 # Largest dynamic shared memory per block (opt-in), CUDA C Programming Guide, "Technical
@@ -220,6 +223,7 @@ def specializations(cases: List[Case], arch: int, exact: bool = True) -> List[Sp
     tells them apart (integer arguments' divisibility by 16 included); otherwise one per kernel,
     constexpr values, launch options and pointer dtypes (the CI gate: integer divisibility
     changes vector widths, not which tiles live in registers)."""
+    _require_compiler()
     specs: Dict[str, Spec] = {}
     binders = {}
     for c in cases:
@@ -298,6 +302,7 @@ def compile_one(kernel_path: str, kwargs: Dict, arch: int, on_device: bool = Fal
     record the driver's own register and spill counts beside ptxas's."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    _require_compiler()
     fn = _kernel_fn(kernel_path)
     backend, binder = _binder(fn, arch)
     t0 = time.time()

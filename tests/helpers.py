@@ -88,3 +88,25 @@ def cotangent_grads(outputs, leaves, seed: int = 1):
     loss = sum((o * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o)).sum()
                for o in outputs if o is not None)
     return torch.autograd.grad(loss, [t for t in leaves if t is not None])
+
+
+def assert_triton_matches_chunked(checkpoint_dir, text: str, n_tokens: int) -> None:
+    """The first n_tokens of a checkpoint's validation split through the Triton path (the
+    interpreter on CPU) give the chunked path's logits (1e-5) and cross-entropy."""
+    import math
+
+    import torch.nn.functional as F
+    from kop_triton.checkpoint import load_checkpoint
+    from kop_triton.eval import validation_ids
+    m, tok = load_checkpoint(checkpoint_dir)
+    ids = validation_ids(tok, text, 0.1)[:n_tokens + 1]
+    x, y = ids[None, :-1], ids[None, 1:]
+    m.set_backend("chunked")
+    with torch.no_grad():
+        ref = m(x)
+        m.set_backend("triton")
+        m.to(DEVICE)
+        got = m(x.to(DEVICE))
+        ce = m(x.to(DEVICE), y.to(DEVICE))
+    assert_close("logits triton vs chunked", got, ref, 1e-5)
+    assert math.isclose(float(ce), float(F.cross_entropy(ref[0], y[0])), rel_tol=1e-5)

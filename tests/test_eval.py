@@ -122,16 +122,5 @@ def test_reference_checkpoint_score_chunked_cpu(reference_checkpoint):
 @pytest.mark.skipif(triton_k2_missing() is not None, reason=str(triton_k2_missing()))
 def test_reference_checkpoint_triton_matches_chunked(reference_checkpoint):
     """One short window through the fused Triton mixer (interpreter on CPU) vs the chunked path."""
-    from helpers import DEVICE
-    m, tok = load_checkpoint(reference_checkpoint)
-    ids = validation_ids(tok, SHAKESPEARE.read_text(encoding="utf-8"), 0.1)[:97]
-    x, y = ids[None, :-1], ids[None, 1:]
-    m.set_backend("chunked")
-    with torch.no_grad():
-        ref = m(x)
-        m.set_backend("triton")
-        m.to(DEVICE)
-        got = m(x.to(DEVICE))
-        ce = m(x.to(DEVICE), y.to(DEVICE))
-    assert_close("logits triton vs chunked", got, ref, 1e-5)
-    assert math.isclose(float(ce), float(F.cross_entropy(ref[0], y[0])), rel_tol=1e-5)
+    from helpers import assert_triton_matches_chunked
+    assert_triton_matches_chunked(reference_checkpoint, SHAKESPEARE.read_text(encoding="utf-8"), 96)

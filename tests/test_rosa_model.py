@@ -1,11 +1,9 @@
 """The K-Stack's ROSA branch: the model against a block-by-block composition from the spec
 (naive mixer), parallel vs streaming (unbounded and per-window), gradients, the converter's ROSA
 import, and the released ROSA checkpoints' scores (chunked CPU path; a prefix through Triton)."""
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from helpers import SHARED, assert_close
 from kop_triton import KStackConfig, KStackLM
@@ -232,16 +230,5 @@ def test_released_rosa_checkpoint_scores(released, name, mode, expected):
 @needs_release
 @pytest.mark.skipif(triton_k2_missing() is not None, reason=str(triton_k2_missing()))
 def test_released_rosa_checkpoint_triton_matches_chunked(released):
-    from helpers import DEVICE
-    m, tok = load_checkpoint(released["char_shakespeare_v2"])
-    ids = validation_ids(tok, SHAKESPEARE.read_text(encoding="utf-8"), 0.1)[:161]
-    x, y = ids[None, :-1], ids[None, 1:]
-    m.set_backend("chunked")
-    with torch.no_grad():
-        ref = m(x)
-        m.set_backend("triton")
-        m.to(DEVICE)
-        got = m(x.to(DEVICE))
-        ce = m(x.to(DEVICE), y.to(DEVICE))
-    assert_close("logits triton vs chunked", got, ref, 1e-5)
-    assert math.isclose(float(ce), float(F.cross_entropy(ref[0], y[0])), rel_tol=1e-5)
+    from helpers import assert_triton_matches_chunked
+    assert_triton_matches_chunked(released["char_shakespeare_v2"], SHAKESPEARE.read_text(encoding="utf-8"), 160)
