@@ -6,6 +6,7 @@ import torch
 
 from helpers import assert_close
 from kop_triton import KStackConfig, KStackLM
+from kop_triton.rosa import RosaStream
 
 CONFIGS = {
     "default-linear": dict(vocab_size=13, d_model=12, n_k2=2, rank=3, kernel_size=4),
@@ -32,7 +33,7 @@ def _module_step(m, ids_t, state):
     with torch.enable_grad():             # autograd on: KStackLM.step takes the module path
         assert m._step_plan() is None
         logits, new = m.step(ids_t, state)
-    return logits.detach(), tuple(type(s)(*(t.detach() for t in s)) for s in new)
+    return logits.detach(), tuple(s if isinstance(s, RosaStream) else type(s)(*(t.detach() for t in s)) for s in new)
 
 
 @pytest.mark.parametrize("B", [1, 17], ids=["B1", "B17"])
@@ -135,3 +136,28 @@ def test_cuda_step_has_no_host_sync_and_replays_in_a_cuda_graph():
         torch.cuda.synchronize()
     assert_close("CUDA graph logits", g_logits, logits, 1e-6)
     assert_close("CUDA graph scan state", g_new[0].scan, new[0].scan, 1e-6)
+
+
+@pytest.mark.parametrize("window", [None, 4], ids=["unbounded", "window-4"])
+def test_plan_step_with_rosa_equals_module_step(window):
+    """A ROSA model on the fast step: the automaton advanced once per token (the RosaStream at the
+    end of the state), the ROSA term added in the selected blocks only; == the module step."""
+    torch.manual_seed(0)
+    m = KStackLM(KStackConfig(vocab_size=7, d_model=12, n_k2=3, rank=3, kernel_size=4, rosa="exact",
+                              rosa_layers=[0, 2])).double().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    ids = torch.tensor([[1, 2, 3, 1, 2, 3, 1, 2, 4, 1, 2, 3, 1, 2],
+                        [5, 5, 5, 6, 5, 5, 6, 5, 5, 5, 6, 6, 5, 5]])
+    with torch.no_grad():
+        _, state = m.prefill(ids[:, :5], rosa_window=window)
+        ref = state[:-1] + (state[-1].clone(),)
+        assert m._step_plan() is not None
+        for t in range(5, ids.shape[1]):
+            logits, state = m.step(ids[:, t], state)
+            ref_logits, ref = _module_step(m, ids[:, t], ref)
+            assert_close(f"logits t={t}", logits, ref_logits, 1e-12)
+        full = m(ids)                                  # the parallel form over the whole sequence
+    if window is None:
+        assert_close("last step vs parallel form", logits, full[:, -1], 1e-10)

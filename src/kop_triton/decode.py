@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import operator
 import warnings
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from .modules import KOperatorState, RMS_EPS
 from .ops._checks import describe
 from .ops.k2 import NORM_EPS
+from .rosa import RosaStream
 
 
 def _t(w: torch.Tensor) -> torch.Tensor:
@@ -104,10 +105,11 @@ class _Block:
 
 
 class _K2:
-    __slots__ = ("uv", "qk_scale", "gamma", "wg", "proj", "R", "K")
+    __slots__ = ("uv", "qk_scale", "gamma", "wg", "proj", "R", "K", "rho")
 
-    def __init__(self, mixer, kernel, dt):
+    def __init__(self, mixer, kernel, dt, rho_logit=None):
         with torch.no_grad():
+            self.rho = None if rho_logit is None else torch.sigmoid(rho_logit.to(dt))   # ROSA blocks
             self.uv = torch.cat([mixer.u, mixer.v], 1).to(dt).contiguous()            # (D, 2R)
             alpha = mixer.alpha().to(dt)
             self.qk_scale = torch.stack([alpha, torch.ones_like(alpha)])              # (2, R)
@@ -121,8 +123,10 @@ class _K2:
 def _k2_block(h: torch.Tensor, S: torch.Tensor, C: torch.Tensor, eps: torch.Tensor, mean_w: torch.Tensor,
               n1: torch.Tensor, uv: torch.Tensor, qk_scale: torch.Tensor, gamma: torch.Tensor, wg: torch.Tensor,
               proj_wt: torch.Tensor, proj_b: torch.Tensor, up_wt: torch.Tensor, up_b: torch.Tensor,
-              down_wt: torch.Tensor, down_b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One K2 block: h (B, D), scan state S (B, R, D), conv state C (B, K-1, D) -> (h, S, C)."""
+              down_wt: torch.Tensor, down_b: torch.Tensor,
+              rosa: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One K2 block: h (B, D), scan state S (B, R, D), conv state C (B, K-1, D) -> (h, S, C);
+    ``rosa``: the block's ROSA term sigmoid(rho_logit) * rosa_h (B, D), added before the projection."""
     B = h.shape[0]
     t = torch.rsqrt(torch.addmm(eps, h * h, mean_w))                 # (B, 1): 1 / rms(h)
     x = h * n1 * t                                                    # (B, D), the mixer input
@@ -136,6 +140,8 @@ def _k2_block(h: torch.Tensor, S: torch.Tensor, C: torch.Tensor, eps: torch.Tens
         mix = torch.baddbmm(c, qk[:, 0:1], S).squeeze(1)              # (B = 64: 35 us vs 26 us on the dev CPU)
     else:
         mix = (qk[:, 0].unsqueeze(2) * S).sum(1) + c.squeeze(1)
+    if rosa is not None:
+        mix = mix + rosa
     h = h + torch.addmm(proj_b, mix, proj_wt)
     t = torch.rsqrt(torch.addmm(eps, h * h, mean_w))
     u = torch.addcmul(up_b, torch.mm(h, up_wt), t)                    # up(norm2(h)) / sqrt(2)
@@ -195,7 +201,7 @@ class StepPlan:
             if name == "K2Block":
                 kern = blk.mixer.get_kernel() if stack.shared_kernel is None else stack.shared_kernel
                 self.blocks.append(_Block(blk, True))
-                self.k2.append(_K2(blk.mixer, kern, dt))
+                self.k2.append(_K2(blk.mixer, kern, dt, getattr(blk, "rho_logit", None)))
             elif name == "K1Block":
                 self.blocks.append(_Block(blk, False))
             else:                                                     # K0: h + norm(h) * gain + bias
@@ -206,6 +212,8 @@ class StepPlan:
         self.norm = model.norm.scale.detach()
         self.eta = None if model.eta_logit is None else torch.sigmoid(model.eta_logit.detach())
         self.n_passes = model.n_passes
+        self.rosa = model.config.rosa != "off"
+        self.rosa_step = model._rosa_step            # (rosa_h, RosaStream) for the new tokens
         self.D = model.config.d_model
         self.head = model.logits_from_hidden
         self.nrm = _Norm(self.D, dt, self.device)
@@ -232,12 +240,13 @@ class StepPlan:
     def version_key(self):
         return tuple(map(_VERSION, self.params))
 
-    def _stack(self, h, states, out):
+    def _stack(self, h, states, out, rosa_h):
         i = 0
         for blk, args in zip(self.blocks, self.args):
             if blk.k2:
                 S, C = states[i]
-                h, S, C = self.k2_fn(h, S, C, *args)
+                rho = self.k2[i].rho
+                h, S, C = self.k2_fn(h, S, C, *args, None if rho is None else rho * rosa_h)
                 out.append(KOperatorState(S, C))
                 i += 1
             else:
@@ -245,7 +254,10 @@ class StepPlan:
         return self.k0_fn(h, *self.k0_args)
 
     def check(self, state, B):
-        """The model state (zeros when None), its length and shapes checked (a few tuple compares)."""
+        """The model state (zeros when None), its length and shapes checked (a few tuple compares);
+        a ROSA model's RosaStream (the last entry) is left to ``KStackLM._rosa_step``."""
+        if self.rosa and state is not None and len(state) and isinstance(state[-1], RosaStream):
+            state = state[:-1]
         if state is None:
             return tuple(KOperatorState(torch.zeros(B, m.R, self.D, dtype=self.dtype, device=self.device),
                                         torch.zeros(B, m.K - 1, self.D, dtype=self.dtype, device=self.device))
@@ -265,6 +277,9 @@ class StepPlan:
 
     def step(self, ids_t: torch.Tensor, state) -> Tuple[torch.Tensor, tuple]:
         """ids_t (B,) -> (logits (B, V), new state), as ``KStackLM.step``."""
+        rosa_h = stream = None
+        if self.rosa:
+            rosa_h, stream = self.rosa_step(ids_t, state)             # (B, D), the stream advanced
         state = self.check(state, ids_t.shape[0])
         h = F.embedding(ids_t, self.emb)                              # (B, E)
         if self.emb_proj is not None:
@@ -272,8 +287,10 @@ class StepPlan:
         n = len(self.k2)
         new: list = []
         for p in range(self.n_passes):
-            h_new = self._stack(h, state[p * n:(p + 1) * n], new)
+            h_new = self._stack(h, state[p * n:(p + 1) * n], new, rosa_h)
             h = h_new if self.eta is None else h + self.eta * (h_new - h)
+        if stream is not None:
+            new.append(stream)
         t = self.nrm.inv(h)
         if self.head_wt is not None:                                  # tied head, E = D: final norm folded in
             return torch.mm(h, self.head_wt) * t, tuple(new)

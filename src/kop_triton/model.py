@@ -452,8 +452,8 @@ class KStackLM(nn.Module):
         """The prepared fast step (``decode.StepPlan``) when it applies, else None: inference only
         (no autograd, eval mode, autocast off), float32/float64 weights.  The plan is rebuilt when a
         parameter changes in place (its version counter) and dropped by ``to()`` / ``load_state_dict``."""
-        if torch.is_grad_enabled() or self.training or getattr(self.config, "rosa", "off") != "off":
-            return None                    # (the plan covers the K-Stack state only, not a ROSA state)
+        if torch.is_grad_enabled() or self.training:
+            return None
         plan = self.__dict__.get("_plan")
         if plan is None or plan.versions != plan.version_key():
             params = list(self.parameters())
