@@ -41,7 +41,9 @@ NORM_EPS = tl.constexpr(1e-8)   # a constexpr: the compiler rejects a plain Pyth
 MAX_BLOCK_D = 64
 
 
-@triton.jit
+# D is not specialised on the value 1 (Triton's default for integer arguments): that variant spilled
+# 0.3-0.6 KB at R = 128 on every target while the generic one does not, and it gains nothing.
+@triton.jit(do_not_specialize=["D"])
 def _k2_fwd_kernel(x, u, v, alpha, lg, gate, w, c0, s0, y, sT, states, cu, chunk_offsets,
                    T, D, R, K, NT,
                    BC: tl.constexpr, CH: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
@@ -123,17 +125,21 @@ def _k2_fwd_kernel(x, u, v, alpha, lg, gate, w, c0, s0, y, sT, states, cu, chunk
         tl.store(sT + i_n.to(tl.int64) * R * D + p_S, b_S, mask=m_rd)
 
 
-# Launch settings of _k2_fwd_kernel (set in k2_fwd, checked by the offline compile gate): 8 warps
-# for fp32 inputs or R > 32, else 4; 2 pipeline stages (3 spilled 4 B on sm_80 for fp32 with
-# per-channel kernels and states; 4 warps spilled 12 B on sm_90 for fp32 with states).
+# Launch settings of _k2_fwd_kernel (set in k2_fwd, checked by the offline compile gate):
+#   8 warps: 4 spilled 4-12 B (sm_90 fp32 with states; sm_100 16-bit at BD = 32);
+#   2 pipeline stages: 3 spilled 4 B on sm_80 (fp32, per-channel kernel, states);
+#   R > 32: 16 channels per program and no single-tile projection (BD >= 32 and SINGLE_D spilled
+#   0.3-0.9 KB at R = 128).
 
 
-def block_d(D: int, N: int, device: torch.device) -> int:
+def block_d(D: int, N: int, device: torch.device, R: int = 1) -> int:
     """Channels per program.  The walk over a sequence is sequential, so the grid is only
     N * ceil(D / BD) programs: on a GPU, BD shrinks (64 -> 32 -> 16) until that fills every SM
     once, trading a repeated projection (each program projects all of D) for parallelism.
     Not yet tuned by measurement (no GPU in the session that wrote it); 64 off the GPU."""
     bd = min(MAX_BLOCK_D, max(16, triton.next_power_of_2(D)))
+    if R > 32:               # the (BC, R) x (R, BD) fp32 state product spilled 0.3-0.9 KB at BD >= 32
+        return 16
     sms = sm_count(device)
     if sms is None:
         return bd
@@ -184,7 +190,7 @@ def k2_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
     states = torch.empty(NC, R, D, **f32, device=x.device) if store_chunk_states else None
     sT = torch.empty(N, R, D, **f32, device=x.device) if output_final_state else None
     y = torch.empty(B * T, D, dtype=x.dtype, device=x.device)
-    BD = block_d(D, N, x.device)
+    BD = block_d(D, N, x.device, R)
     BR = max(16, triton.next_power_of_2(R))
     conv_dot = kernel.dim() == 1 and K > _conv.DOT_MIN_TAPS
     if B * T == 0:                          # no tokens: the scan state passes through unchanged
@@ -196,10 +202,10 @@ def k2_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
         launch(_k2_fwd_kernel, (triton.cdiv(D, BD), N),
                x=x2, u=uf, v=vf, alpha=af, lg=lg, gate=gate, w=w, c0=c0, s0=s0, y=y, sT=sT,
                states=states, cu=lay.cu, chunk_offsets=offs, T=T, D=D, R=R, K=K, NT=NT, BC=SUB_CHUNK,
-               CH=CHUNK, BD=BD, BR=BR, SINGLE_D=D <= BD, PER_CHANNEL=kernel.dim() == 2,
+               CH=CHUNK, BD=BD, BR=BR, SINGLE_D=D <= BD and R <= 32, PER_CHANNEL=kernel.dim() == 2,
                CONV_DOT=conv_dot, USE_C0=use_c0, USE_S0=s0 is not None, STORE_FINAL=output_final_state,
                STORE_STATES=store_chunk_states, IS_VARLEN=cu_seqlens is not None,
                DOT_MODE=dot_mode(x.dtype),
-               num_warps=4 if BR <= 32 and x.dtype != torch.float32 else 8, num_stages=2)
+               num_warps=8, num_stages=2)
     cT = lay.final_rows(x2, conv_state if K > 1 else None, K) if output_final_state else None
     return y.view(B, T, D), sT, cT, states

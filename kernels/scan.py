@@ -502,14 +502,17 @@ class ScanConfig:
          runs on CUDA cores, where each thread holds its rows and columns of both operands over
          the whole contraction: with K = 64 that spilled up to 15 KB per thread (compile report
          of 2026-12-02, sm_90); 16-wide slices keep every operand in registers.
-    BRS  key channels per step of the loops over R in _intra_A and _bwd_dqk (their (BT, R) fp32
-         tiles spilled 0.8-1.8 KB per thread at R = 128 when held whole).
+    BRS  key channels per step of the loops over R in _bwd_dqk (its (BT, R) fp32 tiles spilled
+         0.8 KB per thread at R = 128 when held whole); BRS_A the same in _intra_A (1.8 KB whole at
+         R = 128; slices of 32 still spilled 4 B at R = 64 on sm_90 / sm_100, 16-bit).
     BDQ  channels per step of _bwd_dqk's loops over D.
     diag_loop  the exact diagonal sub-blocks one position at a time (R > 32), not as (BC, BC, R)
          broadcasts (R <= 32: they fit in registers, and the interpreter runs them 4x faster).
     warps / warps_sub  num_warps of the tile kernels / of _intra_A and _bwd_dqk.  8 for the tile
          kernels (at 4, _chunk_out spilled 4 B on sm_80 at R <= 16, bf16, and up to 4 B at R = 64),
          8 for fp32 inputs or R > 32 in the others (at 4, _bwd_dqk spilled 64 B at R <= 16, fp32).
+         _bwd_dqk runs with 1 pipeline stage (its loads are consumed at once; at the default 3 it
+         spilled 4-20 B on sm_80 at R = 1, fp32).
     Every value is checked by the offline compile gate (``kop_triton.kernels.report``: zero
     spills for every dtype and R up to 128); none is tuned by GPU timing yet.
     """
@@ -517,6 +520,7 @@ class ScanConfig:
     BD: int
     BK: int
     BRS: int
+    BRS_A: int
     BDQ: int
     diag_loop: bool
     warps: int
@@ -528,7 +532,7 @@ def scan_config(R: int, D: int, dtype: torch.dtype) -> ScanConfig:
         raise ValueError(f"the triton scan supports R <= 128, got R = {R}")
     BR = max(16, triton.next_power_of_2(R))
     BD = min(64, max(16, triton.next_power_of_2(D)))
-    return ScanConfig(BR=BR, BD=BD, BK=16, BRS=min(BR, 32),
+    return ScanConfig(BR=BR, BD=BD, BK=16, BRS=min(BR, 32), BRS_A=16,
                       BDQ=min(BD, 32 if dtype == torch.bfloat16 else 16), diag_loop=BR > 32,
                       warps=8,
                       warps_sub=4 if BR <= 32 and dtype != torch.float32 else 8)
@@ -545,7 +549,7 @@ def _intra_A(q, k, lg, cu_seqlens, chunk_indices, NC, B, T, NT, BT, cfg, is_varl
     grid = (NC if is_varlen else NT, BT // SUB_CHUNK, 1 if is_varlen else B)
     launch(_intra_A_kernel, grid,
            q=q, k=k, lg=lg, A=A, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, T=T, R=R, NT=NT,
-           BT=BT, BC=SUB_CHUNK, BR=cfg.BR, BRS=cfg.BRS, DIAG_LOOP=cfg.diag_loop,
+           BT=BT, BC=SUB_CHUNK, BR=cfg.BR, BRS=cfg.BRS_A, DIAG_LOOP=cfg.diag_loop,
            IS_VARLEN=is_varlen, DOT_MODE=dot_mode,
            num_warps=cfg.warps_sub)
     return A
@@ -673,7 +677,8 @@ def scan_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
            q=q, k=k, v=v, do=do, lg=lg, s=states, ds=dstates, dq=dq, dk=dk, dg=dg, cu_seqlens=cu,
            chunk_indices=chunk_indices, T=T, R=R, D=D, NT=NT, BT=BT, BC=SUB_CHUNK, BR=BR, BRS=cfg.BRS,
            BD=cfg.BDQ, DIAG_LOOP=cfg.diag_loop,
-           IS_VARLEN=is_varlen, DOT_MODE=dot_mode, STATE_DOT_MODE=state_dot_mode, num_warps=cfg.warps_sub)
+           IS_VARLEN=is_varlen, DOT_MODE=dot_mode, STATE_DOT_MODE=state_dot_mode, num_warps=cfg.warps_sub,
+           num_stages=1)
     # fixed-order reduction of the per-(chunk, sub-chunk) partials, in float64
     dgamma = dg.sum(dim=0, dtype=torch.float64).to(torch.float32)
     return dq, dk, dv, dgamma, dh0

@@ -144,6 +144,7 @@ CASES = {
     "T<K-shared-dot": (2, 12, 9, 4, 65, False),
     "T<K-per-channel": (1, 20, 5, 3, 30, True),
     "R17-per-channel": (1, 100, 8, 17, 7, True),
+    "R40-diag-loop-BD16": (1, 70, 20, 40, 5, False),      # R > 32: the launcher's other tile choices
     "T200-four-chunks": (1, 200, 12, 4, 8, False),
     "T0": (2, 0, 6, 3, 4, False),
 }
@@ -179,7 +180,7 @@ def test_fused_rank_one():
 def test_fused_narrow_channel_blocks(monkeypatch, nan_empty):
     """BD = 16 (what a GPU picks for small grids): D = 40 in three blocks, each projecting all of D."""
     from kop_triton.kernels import k2 as k2k
-    monkeypatch.setattr(k2k, "block_d", lambda D, N, device: 16)
+    monkeypatch.setattr(k2k, "block_d", lambda D, N, device, R=1: 16)
     args = k2_inputs(1, 40, 40, 3, 5, True, dtype=torch.float32, device=DEVICE)
     check_all(run("triton", args), run("naive", f64(args)), TOL[("triton", torch.float32)])
 
