@@ -31,7 +31,7 @@ import triton.language as tl
 
 from . import conv as _conv
 from ._common import dot, dot_mode
-from .launch import launch, sm_count
+from .launch import launch, sm_count, target_arch
 from .conv import _Layout, conv_tile
 from .scan import diag_scores
 
@@ -125,11 +125,22 @@ def _k2_fwd_kernel(x, u, v, alpha, lg, gate, w, c0, s0, y, sT, states, cu, chunk
         tl.store(sT + i_n.to(tl.int64) * R * D + p_S, b_S, mask=m_rd)
 
 
-# Launch settings of _k2_fwd_kernel (set in k2_fwd, checked by the offline compile gate):
-#   8 warps: 4 spilled 4-12 B (sm_90 fp32 with states; sm_100 16-bit at BD = 32);
-#   2 pipeline stages: 3 spilled 4 B on sm_80 (fp32, per-channel kernel, states);
+# Launch settings of _k2_fwd_kernel (``launch_settings``, checked by the offline compile gate; the
+# few-byte spills below are ptxas's choices for this sequential walk, different on each target):
+#   sm_90 / sm_100: 8 warps, 1 stage (4 warps spilled 4-12 B: fp32 with states on sm_90, 16-bit at
+#   BD = 32 on sm_100);
+#   sm_80: 4 warps, 1 stage for R <= 64 (8 warps spilled 4-68 B: 16-bit with states, per-channel
+#   kernels), 8 warps, 2 stages at R = 128 (4 warps spilled 0.5-1.3 KB there);
 #   R > 32: 16 channels per program and no single-tile projection (BD >= 32 and SINGLE_D spilled
 #   0.3-0.9 KB at R = 128).
+
+
+def launch_settings(BR: int, device: torch.device):
+    """(num_warps, num_stages) of _k2_fwd_kernel for the target (comment above)."""
+    arch = target_arch(device)
+    if arch is not None and arch < 90:
+        return (4, 1) if BR <= 64 else (8, 2)
+    return 8, 1
 
 
 def block_d(D: int, N: int, device: torch.device, R: int = 1) -> int:
@@ -192,6 +203,7 @@ def k2_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
     y = torch.empty(B * T, D, dtype=x.dtype, device=x.device)
     BD = block_d(D, N, x.device, R)
     BR = max(16, triton.next_power_of_2(R))
+    warps, stages = launch_settings(BR, x.device)
     conv_dot = kernel.dim() == 1 and K > _conv.DOT_MIN_TAPS
     if B * T == 0:                          # no tokens: the scan state passes through unchanged
         if sT is not None and s0 is not None:
@@ -206,6 +218,6 @@ def k2_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
                CONV_DOT=conv_dot, USE_C0=use_c0, USE_S0=s0 is not None, STORE_FINAL=output_final_state,
                STORE_STATES=store_chunk_states, IS_VARLEN=cu_seqlens is not None,
                DOT_MODE=dot_mode(x.dtype),
-               num_warps=8, num_stages=2)
+               num_warps=warps, num_stages=stages)
     cT = lay.final_rows(x2, conv_state if K > 1 else None, K) if output_final_state else None
     return y.view(B, T, D), sT, cT, states

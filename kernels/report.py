@@ -136,13 +136,13 @@ def _inputs(c: Case):
     return dev, dt, N, mk, cu
 
 
-def run_case(c: Case) -> List[Launch]:
+def run_case(c: Case, arch: Optional[int] = None) -> List[Launch]:
     """Forward and backward of one case through the ops' Triton paths, launches recorded."""
     from kop_triton.ops.conv import triton_causal_conv
     from kop_triton.ops.k2 import triton_k2_mixer
     from kop_triton.ops.scan import triton_decayed_scan
     dev, dt, N, mk, cu = _inputs(c)
-    with recording() as rec:
+    with recording(arch=arch) as rec:
         if c.op == "scan":
             q, k, v = mk(c.B, c.T, c.R, dtype=dt), mk(c.B, c.T, c.R, dtype=dt), mk(c.B, c.T, c.D, dtype=dt)
             gamma = mk(c.R)
@@ -227,7 +227,7 @@ def specializations(cases: List[Case], arch: int, exact: bool = True) -> List[Sp
     specs: Dict[str, Spec] = {}
     binders = {}
     for c in cases:
-        for ln in run_case(c):
+        for ln in run_case(c, arch):
             fn = ln.kernel
             path = f"{fn.fn.__module__}:{fn.fn.__qualname__}"
             if path not in binders:
