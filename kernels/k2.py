@@ -4,12 +4,12 @@
     S_t = g * S_{t-1} + k_t (outer) x_t,   y_t = sigmoid(gate_logit) * conv(x)_t + q_t @ S_t
 
 One program per (sequence, D-block of BD channels) walks its sequence in sub-chunks of BC = 16
-tokens.  Per sub-chunk it loads the x rows once per D-slice (once in all when D <= BD = 64;
-otherwise its own slice is read a second time, from cache), and in registers:
+tokens.  Per sub-chunk it loads the x rows once per D-slice (once in all when D <= BD = 64 and
+R <= 32; otherwise its own slice is read a second time, from cache), and in registers:
   * projects them onto u and v (over all of D, in BD-wide slices) and normalises -> q, k (BC, BR);
-  * scores A[i, j] = sum_r q_ir k_jr g_r^(i-j), j <= i, one column at a time with the exact
-    masked decay (``kop_triton.kernels.scan.diag_scores``) (every exponent >= 0; g^n = exp2(n * log2 g), log2 g computed on
-    the host in float64);
+  * scores A[i, j] = sum_r q_ir k_jr g_r^(i-j), j <= i, with the exact masked decay
+    (``kop_triton.kernels.scan.diag_scores``; every exponent >= 0; g^n = exp2(n * log2 g), log2 g
+    computed on the host in float64);
   * o = A @ x + (q * g^(i+1)) @ S, S the (BR, BD) float32 state entering the sub-chunk;
   * c = the causal convolution tile (``kop_triton.kernels.conv.conv_tile``: taps, or the
     Toeplitz product for long shared kernels), reading the previous K-1 rows / the conv state;

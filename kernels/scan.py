@@ -339,10 +339,18 @@ def _bwd_dqk_kernel(q, k, v, do, lg, s, ds, dq, dk, dg, cu_seqlens, chunk_indice
     m_i = o_i < L
     m_j = o_j < L
 
-    # pass 1 over D: the blocks of dA = do @ v^T this sub-chunk needs
+    # pass 1 over D: the blocks of dA = do @ v^T this sub-chunk needs, and, when all key channels
+    # are one slice (BR == BRS), their products with the states too (one read of do_I, v_I)
+    p_s0 = s + i_s * R * D
+    p_ds0 = ds + i_s * R * D
+    o_r1 = tl.arange(0, BRS)
+    m_r1 = o_r1 < R
     b_dAr = tl.zeros([BC, BT], dtype=tl.float32)    # dA[i, j], i in I
     b_dAc = tl.zeros([BT, BC], dtype=tl.float32)    # dA[i, j], j in I
     b_dAd = tl.zeros([BC, BC], dtype=tl.float32)    # dA[i, j], i and j in I
+    b_P1 = tl.zeros([BC, BRS], dtype=tl.float32)    # do_I . S_prev_r
+    b_Qv1 = tl.zeros([BC, BRS], dtype=tl.float32)   # v_I . G_r
+    b_dd1 = tl.zeros([BRS], dtype=tl.float32)       # sum_d S_prev * G
     for i_d in range(0, tl.cdiv(D, BD)):
         o_d = i_d * BD + tl.arange(0, BD)
         m_d = o_d < D
@@ -355,30 +363,39 @@ def _bwd_dqk_kernel(q, k, v, do, lg, s, ds, dq, dk, dg, cu_seqlens, chunk_indice
         b_dAr += dot(b_doI, tl.trans(b_vC), DOT_MODE)
         b_dAc += dot(b_doC, tl.trans(b_vI), DOT_MODE)
         b_dAd += dot(b_doI, tl.trans(b_vI), DOT_MODE)
+        if BR == BRS:
+            m_Rd = m_r1[:, None] & m_d[None, :]
+            b_h = tl.load(p_s0 + o_r1[:, None] * D + o_d[None, :], mask=m_Rd, other=0.)
+            b_g = tl.load(p_ds0 + o_r1[:, None] * D + o_d[None, :], mask=m_Rd, other=0.)
+            b_P1 += dot(b_doI, tl.trans(b_h), STATE_DOT_MODE)
+            b_Qv1 += dot(b_vI, tl.trans(b_g), STATE_DOT_MODE)
+            b_dd1 += tl.sum(b_h * b_g, axis=1)
 
     # pass 2, per slice of BRS key channels (everything below is elementwise in r): at BR = 128
     # the (BT, BR) fp32 tiles of one pass spilled ~800 B per thread (sm_90)
-    p_s0 = s + i_s * R * D
-    p_ds0 = ds + i_s * R * D
     for r0 in range(0, BR, BRS):
         o_r = r0 + tl.arange(0, BRS)
         m_r = o_r < R
         b_lg = tl.load(lg + o_r, mask=m_r, other=0.)
-        b_P = tl.zeros([BC, BRS], dtype=tl.float32)     # do_I . S_prev_r
-        b_Qv = tl.zeros([BC, BRS], dtype=tl.float32)    # v_I . G_r
-        b_dd = tl.zeros([BRS], dtype=tl.float32)        # sum_d S_prev * G
-        for i_d in range(0, tl.cdiv(D, BD)):
-            o_d = i_d * BD + tl.arange(0, BD)
-            m_d = o_d < D
-            m_Id = m_i[:, None] & m_d[None, :]
-            m_Rd = m_r[:, None] & m_d[None, :]
-            b_doI = tl.load(do + (t0 + o_i)[:, None] * D + o_d[None, :], mask=m_Id, other=0.)
-            b_vI = tl.load(v + (t0 + o_i)[:, None] * D + o_d[None, :], mask=m_Id, other=0.)
-            b_h = tl.load(p_s0 + o_r[:, None] * D + o_d[None, :], mask=m_Rd, other=0.)
-            b_g = tl.load(p_ds0 + o_r[:, None] * D + o_d[None, :], mask=m_Rd, other=0.)
-            b_P += dot(b_doI, tl.trans(b_h), STATE_DOT_MODE)
-            b_Qv += dot(b_vI, tl.trans(b_g), STATE_DOT_MODE)
-            b_dd += tl.sum(b_h * b_g, axis=1)
+        if BR == BRS:                                   # formed in pass 1
+            b_P, b_Qv, b_dd = b_P1, b_Qv1, b_dd1
+        else:                                           # a pass over D per slice (a runtime choice
+            # of reusing pass 1's first slice spilled 8-24 B at R >= 64, sm_90 / sm_100)
+            b_P = tl.zeros([BC, BRS], dtype=tl.float32)
+            b_Qv = tl.zeros([BC, BRS], dtype=tl.float32)
+            b_dd = tl.zeros([BRS], dtype=tl.float32)
+            for i_d in range(0, tl.cdiv(D, BD)):
+                o_d = i_d * BD + tl.arange(0, BD)
+                m_d = o_d < D
+                m_Id = m_i[:, None] & m_d[None, :]
+                m_Rd = m_r[:, None] & m_d[None, :]
+                b_doI = tl.load(do + (t0 + o_i)[:, None] * D + o_d[None, :], mask=m_Id, other=0.)
+                b_vI = tl.load(v + (t0 + o_i)[:, None] * D + o_d[None, :], mask=m_Id, other=0.)
+                b_h = tl.load(p_s0 + o_r[:, None] * D + o_d[None, :], mask=m_Rd, other=0.)
+                b_g = tl.load(p_ds0 + o_r[:, None] * D + o_d[None, :], mask=m_Rd, other=0.)
+                b_P += dot(b_doI, tl.trans(b_h), STATE_DOT_MODE)
+                b_Qv += dot(b_vI, tl.trans(b_g), STATE_DOT_MODE)
+                b_dd += tl.sum(b_h * b_g, axis=1)
 
         m_Ir = m_i[:, None] & m_r[None, :]
         m_Cr = m_j[:, None] & m_r[None, :]
