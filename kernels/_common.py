@@ -1,4 +1,4 @@
-"""Pieces shared by the Triton kernels: the matrix-product helper and its operand mode."""
+"""Pieces shared by the Triton kernels: the matrix-product helper, its operand mode, log2(gamma)."""
 from __future__ import annotations
 
 import os
@@ -59,3 +59,10 @@ def dot_mode(dtype: torch.dtype) -> int:
     if dtype == torch.float16:
         return 2
     return 0
+
+
+def log2_gamma(gamma: torch.Tensor) -> torch.Tensor:
+    """log2(gamma) as the kernels take it, (R,) float32: every decay power is
+    g^n = exp2(n * log2 g) with n >= 0.  Computed in float64 on the host side, so the
+    exponents n * log2(g) lose no accuracy to it."""
+    return torch.log2(gamma.detach().to(torch.float64)).to(torch.float32).contiguous()

@@ -31,6 +31,7 @@ import triton.language as tl
 
 from ._common import dot, dot_mode
 from .launch import launch
+from .varlen import Layout, seq_block
 
 # Tile sizes.  BT = BS = 64 feeds the tensor cores with 64 x 64 x BD products; BD <= 64
 # keeps a fp32 (BT, BD) accumulator at 32 registers per thread with 4 warps.
@@ -112,22 +113,6 @@ def _tap(w, l, o_d, m_d, K, PER_CHANNEL: tl.constexpr):
         return tl.load(w + l)
 
 
-@triton.jit
-def _seq_block(cu, table, i_t, i_b, T, IS_VARLEN: tl.constexpr):
-    """(sequence id, first row, length, block index within the sequence) of a program."""
-    if IS_VARLEN:
-        n = tl.load(table + 2 * i_t).to(tl.int64)
-        blk = tl.load(table + 2 * i_t + 1)
-        bos = tl.load(cu + n).to(tl.int64)
-        L = (tl.load(cu + n + 1) - bos).to(tl.int32)
-    else:
-        n = i_b.to(tl.int64)
-        blk = i_t
-        bos = n * T
-        L = T
-    return n, bos, L, blk
-
-
 # --------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------
@@ -139,7 +124,7 @@ def _conv_fwd_kernel(x, w, h0, y, cu, table, T, D, K,
                      PER_CHANNEL: tl.constexpr, USE_H0: tl.constexpr, USE_DOT: tl.constexpr,
                      IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr):
     i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n, bos, L, blk = _seq_block(cu, table, i_t, i_b, T, IS_VARLEN)
+    n, bos, L, blk = seq_block(cu, table, i_t, i_b, T, IS_VARLEN)
     t0 = blk * BT
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
@@ -151,22 +136,14 @@ def _conv_fwd_kernel(x, w, h0, y, cu, table, T, D, K,
 
 
 @triton.jit
-def _conv_bwd_dx_kernel(dy, w, dfin, dx, dh0, cu, table, T, D, K,
-                        BT: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
-                        PER_CHANNEL: tl.constexpr, USE_DFIN: tl.constexpr, NEED_DH0: tl.constexpr,
-                        USE_DOT: tl.constexpr, IS_VARLEN: tl.constexpr,
-                        DOT_MODE: tl.constexpr):
-    """dxe_s = sum_l w[l] dy_{s+l} + dfinal_{s-L+K-1}, s from -(K-1) (NEED_DH0) or 0 to L-1."""
-    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n, bos, L, blk = _seq_block(cu, table, i_t, i_b, T, IS_VARLEN)
-    if NEED_DH0:
-        s0 = blk * BT - (K - 1)
-    else:
-        s0 = blk * BT
+def conv_t_tile(dy, w, dfin, bos, L, n, s0, o_d, m_d, D, K, scale,
+                BT: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
+                PER_CHANNEL: tl.constexpr, USE_DFIN: tl.constexpr, USE_DOT: tl.constexpr,
+                DOT_MODE: tl.constexpr):
+    """fp32 (BT, BD) tile of the transposed operator at extended positions s0 .. s0+BT-1 of
+    sequence n (negative: initial-state rows):  scale * sum_l w[l] dy_{s+l}  +  dfinal_{s-L+K-1}."""
     o_s = s0 + tl.arange(0, BT)
     m_s = o_s < L
-    o_d = i_d * BD + tl.arange(0, BD)
-    m_d = o_d < D
     acc = tl.zeros([BT, BD], dtype=tl.float32)
     if USE_DOT:
         o_j = tl.arange(0, BS)
@@ -186,12 +163,38 @@ def _conv_bwd_dx_kernel(dy, w, dfin, dx, dh0, cu, table, T, D, K,
             m = ((o_p >= 0) & (o_p < L))[:, None] & m_d[None, :]
             b_g = tl.load(p_g + l * D, mask=m, other=0.).to(tl.float32)
             acc += _tap(w, l, o_d, m_d, K, PER_CHANNEL) * b_g
+    acc = acc * scale
     if USE_DFIN:
         o_f = o_s - L + K - 1                                        # row of final_state
         p_f = dfin + (n * (K - 1) + o_f)[:, None] * D + o_d[None, :]
         acc += tl.load(p_f, mask=(m_s & (o_f >= 0))[:, None] & m_d[None, :], other=0.)
-    p_dx = dx + (bos + o_s).to(tl.int64)[:, None] * D + o_d[None, :]
-    tl.store(p_dx, acc.to(dx.dtype.element_ty), mask=(m_s & (o_s >= 0))[:, None] & m_d[None, :])
+    return acc
+
+
+@triton.jit
+def _conv_bwd_dx_kernel(dy, w, dfin, dx, dh0, cu, table, scale, T, D, K,
+                        BT: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
+                        PER_CHANNEL: tl.constexpr, USE_DFIN: tl.constexpr, NEED_DH0: tl.constexpr,
+                        STORE_DX: tl.constexpr, USE_DOT: tl.constexpr, IS_VARLEN: tl.constexpr,
+                        DOT_MODE: tl.constexpr):
+    """dxe_s = scale * sum_l w[l] dy_{s+l} + dfinal_{s-L+K-1}, s from -(K-1) (NEED_DH0) or 0 to
+    L-1; rows s >= 0 to dx (unless STORE_DX is off: the fused K2 backward writes those), s < 0
+    to dh0.  scale: (1,) float32."""
+    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n, bos, L, blk = seq_block(cu, table, i_t, i_b, T, IS_VARLEN)
+    if NEED_DH0:
+        s0 = blk * BT - (K - 1)
+    else:
+        s0 = blk * BT
+    o_s = s0 + tl.arange(0, BT)
+    m_s = o_s < L
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    acc = conv_t_tile(dy, w, dfin, bos, L, n, s0, o_d, m_d, D, K, tl.load(scale), BT, BS, BD,
+                      PER_CHANNEL, USE_DFIN, USE_DOT, DOT_MODE)
+    if STORE_DX:
+        p_dx = dx + (bos + o_s).to(tl.int64)[:, None] * D + o_d[None, :]
+        tl.store(p_dx, acc.to(dx.dtype.element_ty), mask=(m_s & (o_s >= 0))[:, None] & m_d[None, :])
     if NEED_DH0:
         p_h = dh0 + (n * (K - 1) + (K - 1 + o_s))[:, None] * D + o_d[None, :]
         tl.store(p_h, acc.to(dh0.dtype.element_ty), mask=(o_s < 0)[:, None] & m_d[None, :])
@@ -211,9 +214,9 @@ def _conv_bwd_dw_kernel(x, h0, dy, dw_part, cu, table, n_blocks, NT, T, D, K,
     acc = tl.zeros([BL, BD], dtype=tl.float32)
     for i_blk in range(i_s, n_blocks, NS):
         if IS_VARLEN:
-            n, bos, L, blk = _seq_block(cu, table, i_blk, 0, T, True)
+            n, bos, L, blk = seq_block(cu, table, i_blk, 0, T, True)
         else:
-            n, bos, L, blk = _seq_block(cu, table, i_blk % NT, i_blk // NT, T, False)
+            n, bos, L, blk = seq_block(cu, table, i_blk % NT, i_blk // NT, T, False)
         o_t = blk * BT + tl.arange(0, BT)
         m_t = o_t < L
         p_g = dy + (bos + o_t).to(tl.int64)[:, None] * D + o_d[None, :]
@@ -238,70 +241,8 @@ def _conv_bwd_dw_kernel(x, h0, dy, dw_part, cu, table, n_blocks, NT, T, D, K,
 # --------------------------------------------------------------------------------------
 
 
-def block_table(cu_host, n_rows_of, BT: int, device) -> torch.Tensor:
-    """(n_blocks, 2) int32 rows (sequence, block index) covering n_rows_of(length) rows each."""
-    lens = torch.tensor([n_rows_of(b - a) for a, b in zip(cu_host[:-1], cu_host[1:])], dtype=torch.int64)
-    nblk = (lens + BT - 1) // BT
-    seq = torch.repeat_interleave(torch.arange(len(lens)), nblk)
-    first = torch.repeat_interleave(torch.cumsum(nblk, 0) - nblk, nblk)
-    idx = torch.arange(int(nblk.sum())) - first
-    return torch.stack([seq, idx], 1).to(torch.int32).contiguous().to(device)
-
-
 def block_d(D: int) -> int:
     return min(MAX_BLOCK_D, max(16, triton.next_power_of_2(D)))
-
-
-class _Layout:
-    """Flat (rows, D) view of a plain batch or of packed sequences."""
-
-    def __init__(self, x: torch.Tensor, cu_seqlens):
-        B, T, D = x.shape
-        self.B, self.T, self.D = B, T, D
-        self.varlen = cu_seqlens is not None
-        if self.varlen:
-            self.cu_host = [int(c) for c in cu_seqlens.tolist()]
-            self.cu = cu_seqlens.to(device=x.device, dtype=torch.int64).contiguous()
-            self.N = len(self.cu_host) - 1
-        else:
-            self.cu_host = None
-            self.cu = torch.arange(B + 1, device=x.device, dtype=torch.int64) * T
-            self.N = B
-        self._tables = {}
-
-    def grid_t(self, BT: int, extra: int = 0):
-        """(grid size over time, grid size over batch, table) for blocks of BT rows of each
-        sequence extended by ``extra`` rows on the left."""
-        if not self.varlen:
-            return triton.cdiv(self.T + extra, BT), self.B, self.cu
-        key = (BT, extra)
-        if key not in self._tables:
-            self._tables[key] = block_table(self.cu_host, lambda L: L + extra, BT, self.cu.device)
-        tab = self._tables[key]
-        return tab.shape[0], 1, tab
-
-    def final_rows(self, x2, h0, K):
-        """(N, K-1, D) last K-1 rows of each extended sequence, in the states' float dtype."""
-        dt = torch.float64 if x2.dtype == torch.float64 or (h0 is not None and h0.dtype == torch.float64) \
-            else torch.float32
-        N, D = self.N, self.D
-        if K == 1:
-            return x2.new_zeros(N, 0, D, dtype=dt)
-        j = torch.arange(K - 1, device=x2.device)
-        eos = self.cu[1:, None]
-        bos = self.cu[:-1, None]
-        pos = eos - (K - 1) + j[None, :]                             # (N, K-1) absolute rows
-        from_x = pos >= bos
-        if x2.shape[0] == 0:                                           # T = 0: all from the state
-            rows = x2.new_zeros(N, K - 1, D, dtype=dt)
-        else:
-            rows = x2[pos.clamp(min=0).reshape(-1)].reshape(N, K - 1, D).to(dt)
-        if h0 is None:
-            hv = torch.zeros_like(rows)
-        else:
-            hidx = (K - 1 + pos - bos).clamp(0, K - 2)
-            hv = torch.gather(h0.to(dt), 1, hidx[:, :, None].expand(N, K - 1, D))
-        return torch.where(from_x[:, :, None], rows, hv)
 
 
 def _use_dot(weight: torch.Tensor, K: int, force=None) -> bool:
@@ -315,7 +256,7 @@ def conv_fwd(x, weight, initial_state, output_final_state, cu_seqlens, use_dot=N
     (tests); None picks by DOT_MIN_TAPS.  Inputs may be non-contiguous."""
     B, T, D = x.shape
     K = weight.shape[-1]
-    lay = _Layout(x, cu_seqlens)
+    lay = Layout(x, cu_seqlens)
     x2 = x.contiguous().view(B * T, D)
     w = weight.detach().to(torch.float32).contiguous()
     use_h0 = initial_state is not None and K > 1
@@ -333,38 +274,48 @@ def conv_fwd(x, weight, initial_state, output_final_state, cu_seqlens, use_dot=N
     return y.view(B, T, D), final
 
 
-def conv_bwd_dx(dy, weight, dfinal, need_dh0, cu_seqlens, dx_dtype, dh0_dtype, use_dot=None):
-    """dx (B, T, D) and dh0 (N, K-1, D) (None unless need_dh0) for cotangents dy, dfinal."""
+def conv_bwd_dx(dy, weight, dfinal, need_dh0, cu_seqlens, dx_dtype, dh0_dtype, use_dot=None,
+                scale=None, dh0_only=False):
+    """dx (B, T, D) and dh0 (N, K-1, D) (None unless need_dh0) for cotangents dy (times
+    ``scale``, a one-element tensor, when given), dfinal.  ``dh0_only``: compute only dh0 (the
+    first K-1 extended rows of each
+    sequence; dx is None) -- the fused K2 backward forms dx itself."""
     B, T, D = dy.shape
     K = weight.shape[-1]
-    lay = _Layout(dy, cu_seqlens)
+    lay = Layout(dy, cu_seqlens)
     g2 = dy.contiguous().view(B * T, D)
     w = weight.detach().to(torch.float32).contiguous()
     use_dfin = dfinal is not None and K > 1
     need_dh0 = need_dh0 and K > 1
     dfin = dfinal.to(torch.float32).contiguous() if use_dfin else g2
-    dx = torch.empty(B * T, D, dtype=dx_dtype, device=dy.device)
+    sc = (torch.ones(1, dtype=torch.float32, device=dy.device) if scale is None
+          else scale.detach().to(torch.float32).reshape(1).contiguous())
+    dx = g2 if dh0_only else torch.empty(B * T, D, dtype=dx_dtype, device=dy.device)
     dh0 = (torch.empty(lay.N, K - 1, D, dtype=dh0_dtype, device=dy.device) if need_dh0 else dx)
     BD = block_d(D)
     extra = K - 1 if need_dh0 else 0
-    gt, gb, tab = lay.grid_t(BLOCK_T, extra)
+    if dh0_only:
+        gt, gb, tab = (lay.grid_t(BLOCK_T, rows_of=lambda L, k=K - 1: k) if need_dh0 else (0, 0, None))
+    else:
+        gt, gb, tab = lay.grid_t(BLOCK_T, extra)
     if gt * gb > 0:
         launch(_conv_bwd_dx_kernel, (gt, triton.cdiv(D, BD), gb),
-               dy=g2, w=w, dfin=dfin, dx=dx, dh0=dh0, cu=lay.cu, table=tab, T=T, D=D, K=K, BT=BLOCK_T,
-               BS=BLOCK_S, BD=BD, PER_CHANNEL=weight.dim() == 2, USE_DFIN=use_dfin, NEED_DH0=need_dh0,
-               USE_DOT=_use_dot(weight, K, use_dot), IS_VARLEN=lay.varlen, DOT_MODE=dot_mode(dy.dtype),
-               num_warps=CONV_WARPS)
+               dy=g2, w=w, dfin=dfin, dx=dx, dh0=dh0, cu=lay.cu, table=tab, scale=sc, T=T, D=D, K=K,
+               BT=BLOCK_T, BS=BLOCK_S, BD=BD, PER_CHANNEL=weight.dim() == 2, USE_DFIN=use_dfin,
+               NEED_DH0=need_dh0, STORE_DX=not dh0_only, USE_DOT=_use_dot(weight, K, use_dot),
+               IS_VARLEN=lay.varlen, DOT_MODE=dot_mode(dy.dtype), num_warps=CONV_WARPS)
+    dx = None if dh0_only else dx.view(B, T, D)
     if need_dh0:
-        return dx.view(B, T, D), dh0
+        return dx, dh0
     if K == 1 and dh0_dtype is not None:
-        return dx.view(B, T, D), torch.zeros(lay.N, 0, D, dtype=dh0_dtype, device=dy.device)
-    return dx.view(B, T, D), None
+        return dx, torch.zeros(lay.N, 0, D, dtype=dh0_dtype, device=dy.device)
+    return dx, None
 
 
 def conv_bwd_dw(x, initial_state, dy, K, shared, cu_seqlens):
     """float32 dw: (K,) when ``shared`` (summed over channels) else (D, K); fixed-order sums."""
     B, T, D = x.shape
-    lay = _Layout(x, cu_seqlens)
+    lay = Layout(x, cu_seqlens)
     x2 = x.contiguous().view(B * T, D)
     g2 = dy.contiguous().view(B * T, D)
     use_h0 = initial_state is not None and K > 1

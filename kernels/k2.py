@@ -1,27 +1,50 @@
-"""Fused Triton forward of the K2 mixing term (ops: ``kop_triton.ops.k2``), SPEC section 1:
+"""Fused Triton K2 mixer, forward and backward, parallel over chunks (ops: ``kop_triton.ops.k2``).
+SPEC section 1, up to the output projection:
 
-    q_t = alpha * normalize(x_t @ u),  k_t = normalize(x_t @ v)         (L2 over R, eps 1e-8)
+    q_t = alpha * normalize(x_t @ u),  k_t = normalize(x_t @ v)          (L2 over R, eps 1e-8)
     S_t = g * S_{t-1} + k_t (outer) x_t,   y_t = sigmoid(gate_logit) * conv(x)_t + q_t @ S_t
 
-One program per (sequence, D-block of BD channels) walks its sequence in sub-chunks of BC = 16
-tokens.  Per sub-chunk it loads the x rows once per D-slice (once in all when D <= BD = 64 and
-R <= 32; otherwise its own slice is read a second time, from cache), and in registers:
-  * projects them onto u and v (over all of D, in BD-wide slices) and normalises -> q, k (BC, BR);
-  * scores A[i, j] = sum_r q_ir k_jr g_r^(i-j), j <= i, with the exact masked decay
-    (``kop_triton.kernels.scan.diag_scores``; every exponent >= 0; g^n = exp2(n * log2 g), log2 g
-    computed on the host in float64);
-  * o = A @ x + (q * g^(i+1)) @ S, S the (BR, BD) float32 state entering the sub-chunk;
-  * c = the causal convolution tile (``kop_triton.kernels.conv.conv_tile``: taps, or the
-    Toeplitz product for long shared kernels), reading the previous K-1 rows / the conv state;
-  * writes y = gate * c + o once, then S <- g^Lc * S + (k * g^(Lc-1-j))^T @ x.
-Neither q, k (B, T, R) nor the conv output touch memory.  Every CHUNK = 64 tokens the state
-entering the chunk is stored to ``chunk_states`` in the layout of
-``kop_triton.kernels.scan`` (the input of its ``scan_bwd``): (NC, R, D) float32, entry
-``b * ceil(T/64) + c`` (or ``chunk_offsets[n] + c`` for packed sequences).
+The work is split the way chunked linear attention is (the scan's algebra and its kernels,
+``kop_triton.kernels.scan``): chunk-local work in parallel, one cheap pass that carries the
+state across chunks, outputs in parallel.  Chunks of CHUNK = 64 tokens, cut into sub-chunks of
+SUB_CHUNK = 16 (``kop_triton.kernels.config``); NC chunks in all (``kop_triton.kernels.varlen``).
 
-Cost: the projection is recomputed by every D-block of a sequence (D/BD times), the price of
-keeping the walk parallel over channels; everything else is done once.  The walk over a
-sequence is sequential (T/16 steps), parallel over sequences and channel blocks.
+Forward, four launches (x is read three times, y written once):
+  1. ``_k2_qk_kernel``       grid (rows / BM,): q_hat = normalize(x @ u), k = normalize(x @ v) and
+                             the two norms, once per token -> qkn (rows, 2R + 2) float32 (reads x);
+                             q = alpha * q_hat is one (rows, R) product on the host side;
+  2. ``_chunk_state_kernel`` (scan) grid (NC, D / BD): chunk-local states (k g^(L-1-j))^T @ x
+                             (reads x);
+  3. ``_state_pass_kernel``  (scan) grid (N, R*D / 512): the only walk over a sequence, elementwise
+                             on the (R, D) chunk states -> S_prev[c] (the chunk states the
+                             backward reads) and the final state;
+  4. ``_k2_out_kernel``      grid (NC, D / BD): per chunk and channel block, the scores A of the
+                             chunk (recomputed from q, k: O(R) per token read), o = A @ x +
+                             (q g^(i+1)) @ S_prev, the conv tile, y = gate * conv + o (reads x, its
+                             chunk and K - 1 rows before it; writes y).
+
+Backward, from x, qkn and the chunk states (no forward recomputed; dy read three times, x twice
+plus the weight-gradient pass, dx written once):
+  1. ``_chunk_state_kernel`` (scan, reversed) chunk-local (q g^(i+1))^T @ dy (reads dy);
+  2. ``_state_pass_kernel``  (scan, reversed) -> G[c] (the gradient entering each chunk from the
+                             right) and d scan_state;
+  3. ``_bwd_dqk_kernel``     (scan) grid (NC, CHUNK / SUB_CHUNK): dq, dk, dgamma partials (reads x,
+                             dy);
+  4. ``_k2_dp_kernel``       grid (rows / BM,): dq, dk through the normalisation -> dp (rows, 2R),
+                             dalpha partials (O(R) per token);
+  5. ``_k2_dx_kernel``       grid (NC, D / BD): dx = A^T dy + (k g^(L-1-j)) @ G + gate * conv^T(dy)
+                             + dconv_final + dp @ [u | v]^T, written once (reads dy, its chunk
+                             and K - 1 rows after it);
+  6. [du | dv] = x^T dp      one matrix product (reads x);
+  7. ``conv_bwd_dw``         (conv) W = sum_t dy_t xe_{t-l} (reads x, dy), giving dkernel = gate W
+                             and dgate_logit = gate (1 - gate) <W, kernel>; and d conv_state, the
+                             first K - 1 extended rows of conv^T (``conv_bwd_dx``, dh0 only).
+The traffic of every launch is modelled in ``benchmarks/traffic.py``.
+
+Deterministic: no atomics; dgamma, dalpha and dkernel are per-block partials summed in a fixed
+order.  Numerics as the scan's: float32 accumulation, every decay power g^n = exp2(n log2 g)
+with n >= 0, nothing divides by gamma; tensor-core dots for bf16 / fp16 inputs, state products
+in fp32 for fp16.
 """
 from __future__ import annotations
 
@@ -30,194 +53,352 @@ import triton
 import triton.language as tl
 
 from . import conv as _conv
-from ._common import dot, dot_mode
-from .launch import launch, sm_count, target_arch
-from .conv import _Layout, conv_tile
-from .scan import diag_scores
+from ._common import dot, dot_mode, log2_gamma
+from .config import CHUNK, SUB_CHUNK
+from .conv import conv_bwd_dw, conv_bwd_dx, conv_t_tile, conv_tile
+from .launch import launch
+from .scan import (PASS_BLOCK, _bwd_dqk_kernel, _chunk_state_kernel, _dot_modes, _state_pass_kernel,
+                   scan_config, score_cols, score_rows)
+from .varlen import Layout, chunk_bounds, chunk_tables, seq_length
 
-SUB_CHUNK = 16          # tokens per step: the smallest tl.dot tile
-CHUNK = 64              # chunk_states granularity = the scan's DEFAULT_CHUNK (scan_bwd's chunk_size)
 NORM_EPS = tl.constexpr(1e-8)   # a constexpr: the compiler rejects a plain Python float global
-MAX_BLOCK_D = 64
+# rows per program of the O(R)-per-token kernels: (BM, BR) float32 tiles of <= 2048 elements
+QK_TILE = 2048
 
 
-# D is not specialised on the value 1 (Triton's default for integer arguments): that variant spilled
-# 0.3-0.6 KB at R = 128 on every target while the generic one does not, and it gains nothing.
-@triton.jit(do_not_specialize=["D"])
-def _k2_fwd_kernel(x, u, v, alpha, lg, gate, w, c0, s0, y, sT, states, cu, chunk_offsets,
-                   T, D, R, K, NT,
-                   BC: tl.constexpr, CH: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
-                   SINGLE_D: tl.constexpr, PER_CHANNEL: tl.constexpr, CONV_DOT: tl.constexpr,
-                   USE_C0: tl.constexpr, USE_S0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_STATES: tl.constexpr,
-                   IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr):
-    """x, y: (rows, D); u, v: (D, R) fp32; alpha, lg: (R,) fp32; gate: (1,) fp32 sigmoid(gate_logit);
-    w: (K,) or (D, K) fp32; c0: (N, K-1, D), s0 / sT: (N, R, D), states: (NC, R, D) fp32."""
-    i_d, i_n = tl.program_id(0), tl.program_id(1)
-    if IS_VARLEN:
-        bos = tl.load(cu + i_n).to(tl.int64)
-        L = (tl.load(cu + i_n + 1) - bos).to(tl.int32)
-        c_base = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        L = T
-        c_base = i_n.to(tl.int64) * NT
-    o_d = i_d * BD + tl.arange(0, BD)
-    m_d = o_d < D
+def _block_m(BR: int) -> int:
+    return max(16, min(64, QK_TILE // BR))
+
+
+# --------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _k2_qk_kernel(x, u, v, qkn, M, D, R, BM: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
+                  DOT_MODE: tl.constexpr):
+    """qkn[t] = [normalize(x_t @ u) | normalize(x_t @ v) | ||x_t @ u|| | ||x_t @ v||] for BM rows.
+    x: (M, D); u, v: (D, R) float32; qkn: (M, 2R + 2) float32."""
+    i_m = tl.program_id(0)
+    o_m = i_m.to(tl.int64) * BM + tl.arange(0, BM)
+    m_m = o_m < M
     o_r = tl.arange(0, BR)
     m_r = o_r < R
+    b_pu = tl.zeros([BM, BR], dtype=tl.float32)
+    b_pv = tl.zeros([BM, BR], dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        o_d = d0 + tl.arange(0, BD)
+        m_d = o_d < D
+        b_x = tl.load(x + o_m[:, None] * D + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.)
+        m_dr = m_d[:, None] & m_r[None, :]
+        b_pu += dot(b_x, tl.load(u + o_d[:, None] * R + o_r[None, :], mask=m_dr, other=0.), DOT_MODE)
+        b_pv += dot(b_x, tl.load(v + o_d[:, None] * R + o_r[None, :], mask=m_dr, other=0.), DOT_MODE)
+    n_u = tl.sqrt(tl.sum(b_pu * b_pu, axis=1))
+    n_v = tl.sqrt(tl.sum(b_pv * b_pv, axis=1))
+    W = 2 * R + 2
+    p = qkn + o_m[:, None] * W + o_r[None, :]
+    m_mr = m_m[:, None] & m_r[None, :]
+    tl.store(p, b_pu / tl.maximum(n_u, NORM_EPS)[:, None], mask=m_mr)
+    tl.store(p + R, b_pv / tl.maximum(n_v, NORM_EPS)[:, None], mask=m_mr)
+    tl.store(qkn + o_m * W + 2 * R, n_u, mask=m_m)
+    tl.store(qkn + o_m * W + 2 * R + 1, n_v, mask=m_m)
+
+
+@triton.jit
+def _k2_out_kernel(x, q, k, lg, gate, w, c0, s, y, cu_seqlens, chunk_indices, T, D, R, K, NT,
+                   BT: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr, BRS: tl.constexpr,
+                   BD: tl.constexpr, BK: tl.constexpr, DIAG_LOOP: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                   CONV_DOT: tl.constexpr, USE_C0: tl.constexpr, IS_VARLEN: tl.constexpr,
+                   DOT_MODE: tl.constexpr, STATE_DOT_MODE: tl.constexpr):
+    """y of one chunk and BD channels, sub-chunk by sub-chunk I:
+    y_I = gate * conv_I + A[I, :] @ x_chunk + (q_I g^(i+1)) @ S_prev[c].
+    x, y: (rows, D); q, k: (rows, R) float32; s: S_prev (NC, R, D) float32; w: (K,) or (D, K);
+    c0: (N, K-1, D) float32; gate: (1,) sigmoid(gate_logit)."""
+    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n, bos, i_tc, i_s, L = chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
+    L_seq = seq_length(cu_seqlens, n, bos, T, IS_VARLEN)
+    t0 = bos + i_tc * BT
+    o_t = tl.arange(0, BT)
     o_c = tl.arange(0, BC)
-    b_lg = tl.load(lg + o_r, mask=m_r, other=0.)
-    b_alpha = tl.load(alpha + o_r, mask=m_r, other=0.)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
     b_gate = tl.load(gate)
-    m_rd = m_r[:, None] & m_d[None, :]
-    p_S = o_r[:, None] * D + o_d[None, :]                                   # (BR, BD) in an (R, D) state
-    b_S = tl.zeros([BR, BD], dtype=tl.float32)
-    if USE_S0:
-        b_S = tl.load(s0 + i_n.to(tl.int64) * R * D + p_S, mask=m_rd, other=0.)
-    b_gq = tl.exp2((o_c + 1).to(tl.float32)[:, None] * b_lg[None, :])      # g^(i+1)  (BC, BR)
-
-    for t0 in range(0, L, BC):
-        if STORE_STATES:
-            if t0 % CH == 0:
-                p_st = states + (c_base + t0 // CH) * R * D + p_S
-                tl.store(p_st, b_S, mask=m_rd)
-        Lc = tl.minimum(L - t0, BC)
-        m_t = o_c < Lc
-        rows = (bos + t0 + o_c).to(tl.int64)
-        # this program's x tile (BC, BD)
-        b_x = tl.load(x + rows[:, None] * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :],
-                      other=0.).to(tl.float32)
-        # q, k: projection over all of D, normalisation over R
-        if SINGLE_D:                                                        # D <= BD: the same tile
-            m_dr = m_d[:, None] & m_r[None, :]
-            b_pu = dot(b_x, tl.load(u + o_d[:, None] * R + o_r[None, :], mask=m_dr, other=0.), DOT_MODE)
-            b_pv = dot(b_x, tl.load(v + o_d[:, None] * R + o_r[None, :], mask=m_dr, other=0.), DOT_MODE)
-        else:
-            b_pu = tl.zeros([BC, BR], dtype=tl.float32)
-            b_pv = tl.zeros([BC, BR], dtype=tl.float32)
-            for d0 in range(0, D, BD):
-                o_p = d0 + tl.arange(0, BD)
-                m_p = o_p < D
-                b_xp = tl.load(x + rows[:, None] * D + o_p[None, :], mask=m_t[:, None] & m_p[None, :], other=0.)
-                m_pr = m_p[:, None] & m_r[None, :]
-                b_u = tl.load(u + o_p[:, None] * R + o_r[None, :], mask=m_pr, other=0.)
-                b_v = tl.load(v + o_p[:, None] * R + o_r[None, :], mask=m_pr, other=0.)
-                b_pu += dot(b_xp, b_u, DOT_MODE)
-                b_pv += dot(b_xp, b_v, DOT_MODE)
-        n_u = tl.maximum(tl.sqrt(tl.sum(b_pu * b_pu, axis=1)), NORM_EPS)
-        n_v = tl.maximum(tl.sqrt(tl.sum(b_pv * b_pv, axis=1)), NORM_EPS)
-        b_q = b_pu / n_u[:, None] * b_alpha[None, :]                        # (BC, BR), 0 on pad rows
-        b_k = b_pv / n_v[:, None]
-        # decayed scan of the sub-chunk
-        b_A = diag_scores(b_q, b_k, b_lg, BC, BR > 32)                      # (BC, BC)
-        b_o = dot(b_A, b_x, DOT_MODE) + dot(b_q * b_gq, b_S, 0)
-        # causal convolution tile
-        b_c = conv_tile(x, w, c0, bos, L, i_n, t0, o_d, m_d, D, K, BC, BC, BD,
+    b_xC = tl.load(x + (t0 + o_t)[:, None] * D + o_d[None, :], mask=(o_t < L)[:, None] & m_d[None, :],
+                   other=0.)                                                        # (BT, BD)
+    p_S = s + i_s * R * D
+    for i_i in range(0, tl.cdiv(L, BC)):
+        s_I = i_i * BC
+        o_i = s_I + o_c
+        m_Id = (o_i < L)[:, None] & m_d[None, :]
+        b_A, b_Ad = score_rows(q, k, lg, t0, s_I, L, R, BT, BC, BR, BRS, DIAG_LOOP, DOT_MODE)
+        b_xI = tl.load(x + (t0 + o_i)[:, None] * D + o_d[None, :], mask=m_Id, other=0.)
+        b_o = dot(b_A, b_xC, DOT_MODE) + dot(b_Ad, b_xI, DOT_MODE)
+        for r0 in range(0, BR, BK):                                                 # (q g^(i+1)) @ S_prev
+            o_r = r0 + tl.arange(0, BK)
+            m_r = o_r < R
+            b_lg = tl.load(lg + o_r, mask=m_r, other=0.)
+            b_q = tl.load(q + (t0 + o_i)[:, None] * R + o_r[None, :], mask=(o_i < L)[:, None] & m_r[None, :],
+                          other=0.)
+            b_q = b_q * tl.exp2((o_i + 1).to(tl.float32)[:, None] * b_lg[None, :])
+            b_S = tl.load(p_S + o_r[:, None] * D + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.)
+            b_o += dot(b_q, b_S, STATE_DOT_MODE)
+        b_c = conv_tile(x, w, c0, bos, L_seq, n, i_tc * BT + s_I, o_d, m_d, D, K, BC, BC, BD,
                         PER_CHANNEL, USE_C0, CONV_DOT, DOT_MODE)
-        b_y = b_gate * b_c + b_o
-        tl.store(y + rows[:, None] * D + o_d[None, :], b_y.to(y.dtype.element_ty),
-                 mask=m_t[:, None] & m_d[None, :])
-        # state passing: S <- g^Lc S + (k * g^(Lc-1-j))^T @ x
-        n_k = tl.where(m_t, Lc - 1 - o_c, 0).to(tl.float32)
-        b_kd = b_k * tl.exp2(n_k[:, None] * b_lg[None, :])
-        b_S = tl.exp2(Lc.to(tl.float32) * b_lg)[:, None] * b_S + dot(tl.trans(b_kd), b_x, 0)
-    if STORE_FINAL:
-        tl.store(sT + i_n.to(tl.int64) * R * D + p_S, b_S, mask=m_rd)
+        tl.store(y + (t0 + o_i)[:, None] * D + o_d[None, :], (b_gate * b_c + b_o).to(y.dtype.element_ty),
+                 mask=m_Id)
 
 
-# Launch settings of _k2_fwd_kernel (``launch_settings``, checked by the offline compile gate; the
-# few-byte spills below are ptxas's choices for this sequential walk, different on each target):
-#   sm_90 / sm_100: 8 warps, 1 stage (4 warps spilled 4-12 B: fp32 with states on sm_90, 16-bit at
-#   BD = 32 on sm_100);
-#   sm_80: 4 warps, 1 stage for R <= 64 (8 warps spilled 4-68 B: 16-bit with states, per-channel
-#   kernels), 8 warps, 2 stages at R = 128 (4 warps spilled 0.5-1.3 KB there);
-#   R > 32: 16 channels per program and no single-tile projection (BD >= 32 and SINGLE_D spilled
-#   0.3-0.9 KB at R = 128).
+@triton.jit
+def _k2_dp_kernel(qkn, alpha, dq, dk, dp, dalpha, M, R, BM: tl.constexpr, BR: tl.constexpr):
+    """Backward of q = alpha * normalize(p_u), k = normalize(p_v) for BM rows:
+        dp_u = (alpha dq - m_u q_hat <q_hat, alpha dq>) / max(||p_u||, eps)   (m: ||p|| >= eps)
+        dp_v = (dk - m_v k <k, dk>) / max(||p_v||, eps),   dalpha partial = sum_rows dq * q_hat.
+    qkn: (M, 2R + 2) from _k2_qk_kernel; dq, dk: (M, R); dp: (M, 2R); dalpha: (M / BM, R)."""
+    i_m = tl.program_id(0)
+    o_m = i_m.to(tl.int64) * BM + tl.arange(0, BM)
+    m_m = o_m < M
+    o_r = tl.arange(0, BR)
+    m_r = o_r < R
+    m_mr = m_m[:, None] & m_r[None, :]
+    W = 2 * R + 2
+    p = qkn + o_m[:, None] * W + o_r[None, :]
+    b_qh = tl.load(p, mask=m_mr, other=0.)
+    b_k = tl.load(p + R, mask=m_mr, other=0.)
+    n_u = tl.load(qkn + o_m * W + 2 * R, mask=m_m, other=1.)
+    n_v = tl.load(qkn + o_m * W + 2 * R + 1, mask=m_m, other=1.)
+    b_alpha = tl.load(alpha + o_r, mask=m_r, other=0.)
+    b_dq = tl.load(dq + o_m[:, None] * R + o_r[None, :], mask=m_mr, other=0.).to(tl.float32)
+    b_dk = tl.load(dk + o_m[:, None] * R + o_r[None, :], mask=m_mr, other=0.).to(tl.float32)
+    b_dqh = b_dq * b_alpha[None, :]
+    a_u = tl.where(n_u >= NORM_EPS, tl.sum(b_qh * b_dqh, axis=1), 0.)
+    a_v = tl.where(n_v >= NORM_EPS, tl.sum(b_k * b_dk, axis=1), 0.)
+    b_dpu = (b_dqh - b_qh * a_u[:, None]) / tl.maximum(n_u, NORM_EPS)[:, None]
+    b_dpv = (b_dk - b_k * a_v[:, None]) / tl.maximum(n_v, NORM_EPS)[:, None]
+    tl.store(dp + o_m[:, None] * (2 * R) + o_r[None, :], b_dpu, mask=m_mr)
+    tl.store(dp + o_m[:, None] * (2 * R) + R + o_r[None, :], b_dpv, mask=m_mr)
+    tl.store(dalpha + i_m * R + o_r, tl.sum(b_dq * b_qh, axis=0), mask=m_r)
 
 
-def launch_settings(BR: int, device: torch.device):
-    """(num_warps, num_stages) of _k2_fwd_kernel for the target (comment above)."""
-    arch = target_arch(device)
-    if arch is not None and arch < 90:
-        return (4, 1) if BR <= 64 else (8, 2)
-    return 8, 1
+@triton.jit
+def _k2_dx_kernel(dy, q, k, lg, ds, dp, u, v, gate, w, dfin, dx, cu_seqlens, chunk_indices, T, D, R, K, NT,
+                  BT: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr, BRS: tl.constexpr,
+                  BD: tl.constexpr, BK: tl.constexpr, DIAG_LOOP: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                  CONV_DOT: tl.constexpr, USE_DFIN: tl.constexpr, IS_VARLEN: tl.constexpr,
+                  DOT_MODE: tl.constexpr, STATE_DOT_MODE: tl.constexpr):
+    """dx of one chunk and BD channels, sub-chunk by sub-chunk J:
+    dx_J = A[:, J]^T @ dy_chunk + (k_J g^(L-1-j)) @ G[c] + gate * conv^T(dy)_J + dfinal_J
+           + dp_J @ [u | v]^T.
+    dy, dx: (rows, D); q, k: (rows, R) float32; ds: G (NC, R, D) float32; dp: (rows, 2R) float32;
+    u, v: (D, R) float32; dfin: (N, K-1, D) float32 (d conv_final)."""
+    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n, bos, i_tc, i_s, L = chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
+    L_seq = seq_length(cu_seqlens, n, bos, T, IS_VARLEN)
+    t0 = bos + i_tc * BT
+    o_t = tl.arange(0, BT)
+    o_c = tl.arange(0, BC)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    b_gate = tl.load(gate)
+    b_dyC = tl.load(dy + (t0 + o_t)[:, None] * D + o_d[None, :], mask=(o_t < L)[:, None] & m_d[None, :],
+                    other=0.)                                                       # (BT, BD)
+    p_G = ds + i_s * R * D
+    for i_j in range(0, tl.cdiv(L, BC)):
+        s_J = i_j * BC
+        o_j = s_J + o_c
+        m_j = o_j < L
+        m_Jd = m_j[:, None] & m_d[None, :]
+        b_At, b_Atd = score_cols(q, k, lg, t0, s_J, L, R, BT, BC, BR, BRS, DIAG_LOOP, DOT_MODE)
+        b_dyJ = tl.load(dy + (t0 + o_j)[:, None] * D + o_d[None, :], mask=m_Jd, other=0.)
+        b_dx = dot(b_At, b_dyC, DOT_MODE) + dot(b_Atd, b_dyJ, DOT_MODE)
+        n_k = tl.where(m_j, L - 1 - o_j, 0).to(tl.float32)
+        for r0 in range(0, BR, BK):
+            o_r = r0 + tl.arange(0, BK)
+            m_r = o_r < R
+            m_Jr = m_j[:, None] & m_r[None, :]
+            b_lg = tl.load(lg + o_r, mask=m_r, other=0.)
+            b_k = tl.load(k + (t0 + o_j)[:, None] * R + o_r[None, :], mask=m_Jr, other=0.)
+            b_k = b_k * tl.exp2(n_k[:, None] * b_lg[None, :])
+            m_rd = m_r[:, None] & m_d[None, :]
+            b_G = tl.load(p_G + o_r[:, None] * D + o_d[None, :], mask=m_rd, other=0.)
+            b_dx += dot(b_k, b_G, STATE_DOT_MODE)                                  # (k g^(L-1-j)) @ G
+            p_dp = dp + (t0 + o_j)[:, None] * (2 * R) + o_r[None, :]
+            b_u = tl.load(u + o_d[None, :] * R + o_r[:, None], mask=m_rd, other=0.)  # u^T (BK, BD)
+            b_v = tl.load(v + o_d[None, :] * R + o_r[:, None], mask=m_rd, other=0.)
+            b_dx += dot(tl.load(p_dp, mask=m_Jr, other=0.), b_u, 0)                  # dp @ [u | v]^T
+            b_dx += dot(tl.load(p_dp + R, mask=m_Jr, other=0.), b_v, 0)
+        b_dx += conv_t_tile(dy, w, dfin, bos, L_seq, n, i_tc * BT + s_J, o_d, m_d, D, K, b_gate, BC, BC, BD,
+                            PER_CHANNEL, USE_DFIN, CONV_DOT, DOT_MODE)
+        tl.store(dx + (t0 + o_j)[:, None] * D + o_d[None, :], b_dx.to(dx.dtype.element_ty), mask=m_Jd)
 
 
-def block_d(D: int, N: int, device: torch.device, R: int = 1) -> int:
-    """Channels per program.  The walk over a sequence is sequential, so the grid is only
-    N * ceil(D / BD) programs: on a GPU, BD shrinks (64 -> 32 -> 16) until that fills every SM
-    once, trading a repeated projection (each program projects all of D) for parallelism.
-    Not yet tuned by measurement (no GPU in the session that wrote it); 64 off the GPU."""
-    bd = min(MAX_BLOCK_D, max(16, triton.next_power_of_2(D)))
-    if R > 32:               # the (BC, R) x (R, BD) fp32 state product spilled 0.3-0.9 KB at BD >= 32
-        return 16
-    sms = sm_count(device)
-    if sms is None:
-        return bd
-    while bd > 16 and N * triton.cdiv(D, bd) < sms:
-        bd //= 2
-    return bd
+# --------------------------------------------------------------------------------------
+# launchers (no autograd)
+# --------------------------------------------------------------------------------------
 
 
-def chunk_offsets_of(cu_seqlens: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
-    """(N+1,) int64 exclusive cumulative sum of ceil(len_n / chunk): the first chunk_states
-    row of every packed sequence (the layout of ``kop_triton.kernels.scan``)."""
-    cu = cu_seqlens.to(torch.int64)
-    n_chunks = (cu[1:] - cu[:-1] + chunk - 1) // chunk
-    return torch.cat([cu.new_zeros(1), n_chunks.cumsum(0)])
+class _Plan:
+    """Shapes, chunk tables and launch settings shared by the forward and backward launchers."""
+
+    def __init__(self, x, R, kernel, cu_seqlens):
+        B, T, D = x.shape
+        self.B, self.T, self.D, self.R, self.K = B, T, D, R, kernel.shape[-1]
+        self.lay = Layout(x, cu_seqlens)
+        self.N = self.lay.N
+        self.varlen = cu_seqlens is not None
+        self.cu = self.lay.cu
+        self.NT = triton.cdiv(T, CHUNK)
+        self.NC, self.chunk_indices, self.chunk_offsets = chunk_tables(
+            self.lay.cu if self.varlen else None, B, T, CHUNK)
+        self.cfg = scan_config(R, D, x.dtype)
+        self.dot_mode, self.state_dot_mode = _dot_modes(x.dtype)
+        self.grid_c = (self.NC if self.varlen else self.NT, triton.cdiv(D, self.cfg.BD), 1 if self.varlen else B)
+        self.BM = _block_m(self.cfg.BR)
+        self.per_channel = kernel.dim() == 2
+        self.conv_dot = kernel.dim() == 1 and self.K > _conv.DOT_MIN_TAPS
+
+    def chunk_args(self):
+        return dict(cu_seqlens=self.cu, chunk_indices=self.chunk_indices, T=self.T, NT=self.NT)
+
+    def pass_args(self):
+        return dict(cu_seqlens=self.cu, chunk_offsets=self.chunk_offsets, T=self.T, R=self.R, D=self.D,
+                    NT=self.NT, BT=CHUNK, BLOCK=PASS_BLOCK, IS_VARLEN=self.varlen)
+
+
+def _f32(t):
+    return None if t is None else t.detach().to(torch.float32).contiguous()
 
 
 def k2_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
            output_final_state, cu_seqlens, store_chunk_states=True):
-    """Fused forward launcher (no autograd).  -> (y, scan_final, conv_final, chunk_states).
+    """Forward launcher (no autograd).  -> (y, scan_final, conv_final, chunk_states, qkn).
 
     x (B, T, D) float32/bfloat16/float16 (float64 is the caller's to convert); u, v (D, R);
     alpha, gamma (R,); kernel (K,) or (D, K); gate_logit one element; scan_state (N, R, D) or
     None; conv_state (N, K-1, D) or None.  y in x's dtype; final states float32 (None unless
-    asked); chunk_states (NC, R, D) float32 in the scan kernels' layout (None unless asked).
-    With no tokens (B * T = 0) nothing is launched and the initial states pass through.
+    asked); chunk_states (NC, R, D) float32, the scan state entering every chunk in the layout
+    of ``kop_triton.kernels.scan``, and qkn (B*T, 2R + 2) float32 (q_hat, k and the two norms
+    per token): what ``k2_bwd`` needs, both None unless ``store_chunk_states``.  With no
+    tokens nothing is launched and the initial states pass through.
     """
     B, T, D = x.shape
     R = u.shape[1]
-    K = kernel.shape[-1]
-    lay = _Layout(x, cu_seqlens)
-    N = lay.N
+    P = _Plan(x, R, kernel, cu_seqlens)
+    cfg, f32 = P.cfg, dict(dtype=torch.float32, device=x.device)
     x2 = x.contiguous().view(B * T, D)
-    f32 = dict(dtype=torch.float32)
-    uf, vf = u.detach().to(**f32).contiguous(), v.detach().to(**f32).contiguous()
-    af = alpha.detach().to(**f32).contiguous()
-    lg = torch.log2(gamma.detach().to(torch.float64)).to(torch.float32).contiguous()
-    gate = torch.sigmoid(gate_logit.detach().to(**f32).reshape(1)).contiguous()
-    w = kernel.detach().to(**f32).contiguous()
-    use_c0 = conv_state is not None and K > 1
-    c0 = conv_state.detach().to(**f32).contiguous() if use_c0 else x2
-    s0 = scan_state.detach().to(**f32).contiguous() if scan_state is not None else None
-    NT = triton.cdiv(T, CHUNK)
-    if cu_seqlens is None:
-        NC, offs = B * NT, None
-    else:
-        offs = chunk_offsets_of(lay.cu)
-        NC = sum(triton.cdiv(b - a, CHUNK) for a, b in zip(lay.cu_host[:-1], lay.cu_host[1:]))
-    states = torch.empty(NC, R, D, **f32, device=x.device) if store_chunk_states else None
-    sT = torch.empty(N, R, D, **f32, device=x.device) if output_final_state else None
+    lg = log2_gamma(gamma)
+    s0 = _f32(scan_state)
+    use_c0 = conv_state is not None and P.K > 1
+    sT = torch.empty(P.N, R, D, **f32) if output_final_state else None
     y = torch.empty(B * T, D, dtype=x.dtype, device=x.device)
-    BD = block_d(D, N, x.device, R)
-    BR = max(16, triton.next_power_of_2(R))
-    warps, stages = launch_settings(BR, x.device)
-    conv_dot = kernel.dim() == 1 and K > _conv.DOT_MIN_TAPS
     if B * T == 0:                          # no tokens: the scan state passes through unchanged
-        if sT is not None and s0 is not None:
-            sT.copy_(s0)
-        elif sT is not None:
-            sT.zero_()
+        if sT is not None:
+            sT.copy_(s0) if s0 is not None else sT.zero_()
+        states = torch.zeros(0, R, D, **f32) if store_chunk_states else None
+        qkn = torch.zeros(0, 2 * R + 2, **f32) if store_chunk_states else None
     else:
-        launch(_k2_fwd_kernel, (triton.cdiv(D, BD), N),
-               x=x2, u=uf, v=vf, alpha=af, lg=lg, gate=gate, w=w, c0=c0, s0=s0, y=y, sT=sT,
-               states=states, cu=lay.cu, chunk_offsets=offs, T=T, D=D, R=R, K=K, NT=NT, BC=SUB_CHUNK,
-               CH=CHUNK, BD=BD, BR=BR, SINGLE_D=D <= BD and R <= 32, PER_CHANNEL=kernel.dim() == 2,
-               CONV_DOT=conv_dot, USE_C0=use_c0, USE_S0=s0 is not None, STORE_FINAL=output_final_state,
-               STORE_STATES=store_chunk_states, IS_VARLEN=cu_seqlens is not None,
-               DOT_MODE=dot_mode(x.dtype),
-               num_warps=warps, num_stages=stages)
-    cT = lay.final_rows(x2, conv_state if K > 1 else None, K) if output_final_state else None
-    return y.view(B, T, D), sT, cT, states
+        qkn = torch.empty(B * T, 2 * R + 2, **f32)
+        launch(_k2_qk_kernel, (triton.cdiv(B * T, P.BM),),
+               x=x2, u=_f32(u), v=_f32(v), qkn=qkn, M=B * T, D=D, R=R, BM=P.BM, BD=cfg.BD, BR=cfg.BR,
+               DOT_MODE=P.dot_mode, num_warps=cfg.warps)
+        q = (qkn[:, :R] * _f32(alpha)).contiguous()
+        k = qkn[:, R:2 * R].contiguous()
+        states = torch.empty(P.NC, R, D, **f32)
+        launch(_chunk_state_kernel, P.grid_c, **P.chunk_args(),
+               x=k, y=x2, lg=lg, s=states, R=R, D=D, BT=CHUNK, BR=cfg.BR, BD=cfg.BD, BK=cfg.BK,
+               REVERSE=False, IS_VARLEN=P.varlen, DOT_MODE=P.dot_mode, num_warps=cfg.warps)
+        launch(_state_pass_kernel, (P.N, triton.cdiv(R * D, PASS_BLOCK)), **P.pass_args(),
+               s=states, lg=lg, h0=s0, ht=sT, USE_INITIAL_STATE=s0 is not None,
+               STORE_FINAL_STATE=output_final_state, REVERSE=False)
+        gate = torch.sigmoid(_f32(gate_logit).reshape(1))
+        launch(_k2_out_kernel, P.grid_c, **P.chunk_args(),
+               x=x2, q=q, k=k, lg=lg, gate=gate, w=_f32(kernel), c0=_f32(conv_state) if use_c0 else x2,
+               s=states, y=y, D=D, R=R, K=P.K, BT=CHUNK, BC=SUB_CHUNK, BR=cfg.BR, BRS=cfg.BRS_A, BD=cfg.BD,
+               BK=cfg.BK, DIAG_LOOP=cfg.diag_loop, PER_CHANNEL=P.per_channel, CONV_DOT=P.conv_dot,
+               USE_C0=use_c0, IS_VARLEN=P.varlen, DOT_MODE=P.dot_mode, STATE_DOT_MODE=P.state_dot_mode,
+               num_warps=cfg.warps)
+        if not store_chunk_states:
+            states = qkn = None
+    cT = P.lay.final_rows(x2, conv_state if P.K > 1 else None, P.K) if output_final_state else None
+    return y.view(B, T, D), sT, cT, states, qkn
+
+
+def k2_bwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu_seqlens,
+           chunk_states, qkn, dy, dscan, dconv):
+    """Backward launcher of ``k2_fwd`` (no autograd) from x and the forward's chunk_states, qkn.
+    -> (dx, du, dv, dalpha, dgamma, dkernel, dgate_logit, dscan_state, dconv_state): dx in x's
+    dtype, the others float32 in their input's shape; an initial-state gradient is None where
+    that state is None.  dy (B, T, D), dscan (N, R, D), dconv (N, K-1, D): cotangents, each may
+    be None (zero).
+    """
+    B, T, D = x.shape
+    R = u.shape[1]
+    P = _Plan(x, R, kernel, cu_seqlens)
+    cfg, K, f32 = P.cfg, P.K, dict(dtype=torch.float32, device=x.device)
+    x2 = x.contiguous().view(B * T, D)
+    dy2 = (torch.zeros_like(x2) if dy is None else dy.to(x.dtype)).contiguous().view(B * T, D)
+    g = torch.sigmoid(_f32(gate_logit).reshape(1))
+    dht = _f32(dscan)
+    use_dfin = dconv is not None and K > 1
+    dfin = _f32(dconv) if use_dfin else dy2
+    need_dc0 = conv_state is not None
+    if B * T == 0:                          # nothing ran: the initial states were the final ones
+        z = lambda t: torch.zeros(t.shape, **f32)
+        ds0 = None if scan_state is None else (z(scan_state) if dht is None else dht.clone())
+        dc0 = None if conv_state is None else (z(conv_state) if dconv is None else _f32(dconv).clone())
+        return (torch.zeros_like(x), z(u), z(v), z(alpha), z(gamma), z(kernel), z(gate_logit), ds0, dc0)
+    if tuple(chunk_states.shape) != (P.NC, R, D):
+        raise ValueError(f"chunk_states must have shape (NC, R, D) = {(P.NC, R, D)}, got {tuple(chunk_states.shape)}")
+    lg = log2_gamma(gamma)
+    af = _f32(alpha)
+    q = (qkn[:, :R] * af).contiguous()
+    k = qkn[:, R:2 * R].contiguous()
+    # G[c], d scan_state: the scan's reversed chunk-state kernel and state pass
+    dstates = torch.empty(P.NC, R, D, **f32)
+    launch(_chunk_state_kernel, P.grid_c, **P.chunk_args(),
+           x=q, y=dy2, lg=lg, s=dstates, R=R, D=D, BT=CHUNK, BR=cfg.BR, BD=cfg.BD, BK=cfg.BK,
+           REVERSE=True, IS_VARLEN=P.varlen, DOT_MODE=P.dot_mode, num_warps=cfg.warps)
+    ds0 = torch.empty(P.N, R, D, **f32) if scan_state is not None else None
+    launch(_state_pass_kernel, (P.N, triton.cdiv(R * D, PASS_BLOCK)), **P.pass_args(),
+           s=dstates, lg=lg, h0=dht, ht=ds0, USE_INITIAL_STATE=dht is not None,
+           STORE_FINAL_STATE=ds0 is not None, REVERSE=True)
+    # dq, dk, dgamma partials
+    dq = torch.empty(B * T, R, **f32)
+    dk = torch.empty(B * T, R, **f32)
+    n_sub = CHUNK // SUB_CHUNK
+    dg = torch.empty(P.NC * n_sub, R, **f32)
+    launch(_bwd_dqk_kernel, (P.grid_c[0], n_sub, P.grid_c[2]), **P.chunk_args(),
+           q=q, k=k, v=x2, do=dy2, lg=lg, s=chunk_states, ds=dstates, dq=dq, dk=dk, dg=dg, R=R, D=D,
+           BT=CHUNK, BC=SUB_CHUNK, BR=cfg.BR, BRS=cfg.BRS, BD=cfg.BDQ, DIAG_LOOP=cfg.diag_loop,
+           IS_VARLEN=P.varlen, DOT_MODE=P.dot_mode, STATE_DOT_MODE=P.state_dot_mode,
+           num_warps=cfg.warps_sub, num_stages=1)
+    # through the normalisation
+    n_m = triton.cdiv(B * T, P.BM)
+    dp = torch.empty(B * T, 2 * R, **f32)
+    da = torch.empty(n_m, R, **f32)
+    launch(_k2_dp_kernel, (n_m,), qkn=qkn, alpha=af, dq=dq, dk=dk, dp=dp, dalpha=da, M=B * T, R=R,
+           BM=P.BM, BR=cfg.BR, num_warps=4)
+    # dx, written once
+    uf, vf = _f32(u), _f32(v)
+    dx = torch.empty(B * T, D, dtype=x.dtype, device=x.device)
+    launch(_k2_dx_kernel, P.grid_c, **P.chunk_args(),
+           dy=dy2, q=q, k=k, lg=lg, ds=dstates, dp=dp, u=uf, v=vf, gate=g, w=_f32(kernel), dfin=dfin, dx=dx,
+           D=D, R=R, K=K, BT=CHUNK, BC=SUB_CHUNK, BR=cfg.BR, BRS=cfg.BRS_A, BD=cfg.BD, BK=cfg.BK,
+           DIAG_LOOP=cfg.diag_loop, PER_CHANNEL=P.per_channel, CONV_DOT=P.conv_dot, USE_DFIN=use_dfin,
+           IS_VARLEN=P.varlen, DOT_MODE=P.dot_mode, STATE_DOT_MODE=P.state_dot_mode, num_warps=cfg.warps)
+    # [du | dv] = x^T dp (one product; 16-bit x with dp rounded to it, float32 accumulation)
+    duv = (x2.t() @ dp.to(x2.dtype)).float() if x2.dtype != torch.float32 else x2.t() @ dp
+    # the conv: W = sum_t dy_t xe_{t-l} (dkernel = gate W, dgate = gate (1 - gate) <W, kernel>), and
+    # d conv_state from the transposed operator's first K - 1 extended rows
+    c0 = _f32(conv_state)
+    W = conv_bwd_dw(x, c0, dy2.view(B, T, D), K, kernel.dim() == 1, cu_seqlens)
+    dkernel = g * W
+    dgate = (g * (1 - g) * (W * _f32(kernel)).sum()).reshape(gate_logit.shape)
+    dc0 = None
+    if need_dc0:
+        _, dc0 = conv_bwd_dx(dy2.view(B, T, D), kernel, dfin if use_dfin else None, True, cu_seqlens,
+                             torch.float32, torch.float32, scale=g, dh0_only=True)
+    dgamma = dg.sum(dim=0, dtype=torch.float64).to(torch.float32)       # fixed-order reductions
+    dalpha = da.sum(dim=0, dtype=torch.float64).to(torch.float32)
+    return (dx.view(B, T, D), duv[:, :R].contiguous(), duv[:, R:].contiguous(), dalpha, dgamma, dkernel,
+            dgate, ds0, dc0)

@@ -67,12 +67,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot, dot_mode
+from ._common import dot, dot_mode, log2_gamma
+from .config import CHUNK, SUB_CHUNK
 from .launch import launch
+from .varlen import chunk_bounds, chunk_tables
 
-# Sub-chunk of the intra-chunk decomposition: the smallest tl.dot tile (M, N, K >= 16), which
-# also keeps the exact diagonal sub-blocks small (BC steps of (BC, BR) work each).
-SUB_CHUNK = 16
 # Flat (R*D) elements per program of the sequential state pass (latency-bound: a small block
 # gives more programs at B = 1; not yet tuned on a GPU).
 PASS_BLOCK = 512
@@ -81,26 +80,6 @@ PASS_BLOCK = 512
 # --------------------------------------------------------------------------------------
 # jit helpers
 # --------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT: tl.constexpr,
-                  IS_VARLEN: tl.constexpr):
-    """-> (bos, i_tc, i_s, L): first token of the sequence (int64), chunk index inside the
-    sequence, global chunk index (int64, row of chunk_states) and chunk length."""
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
-        i_tc = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        i_s = i_t.to(tl.int64)
-    else:
-        i_tc = i_t.to(tl.int64)
-        bos = i_b.to(tl.int64) * T
-        eos = bos + T
-        i_s = i_b.to(tl.int64) * NT + i_tc
-    L = tl.minimum(eos - bos - i_tc * BT, BT)
-    return bos, i_tc, i_s, L
 
 
 # --------------------------------------------------------------------------------------
@@ -141,18 +120,11 @@ def diag_scores(b_q, b_k, b_lg, BC: tl.constexpr, LOOP: tl.constexpr):
 
 
 @triton.jit
-def _intra_A_kernel(q, k, lg, A, cu_seqlens, chunk_indices, T, R, NT,
-                    BT: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr, BRS: tl.constexpr,
-                    DIAG_LOOP: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr):
-    """A[t, j] = sum_r q_tr k_jr g_r^(i-j) for j <= i (i, j chunk-local), 0 for j > i.
-
-    One program writes the (BC, BT) rows of sub-chunk I of one chunk (every column, zeros
-    included).  q, k: (B*T, R); A: (B*T, BT) float32.
-    """
-    i_t, i_i, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos, i_tc, i_s, L = _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
-    t0 = bos + i_tc * BT                      # first token of the chunk (int64)
-    s_I = i_i * BC
+def score_rows(q, k, lg, t0, s_I, L, R, BT: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr,
+               BRS: tl.constexpr, DIAG_LOOP: tl.constexpr, DOT_MODE: tl.constexpr):
+    """Rows i of sub-chunk I (first chunk-local index s_I) of A[i, j] = sum_r q_ir k_jr g_r^(i-j):
+    -> (b_A (BC, BT): the columns j < s_I, 0 elsewhere;  b_Ad (BC, BC): the diagonal block j in I,
+    0 above its diagonal).  q, k: (rows, R); t0: first row of the chunk; L: its length."""
     o_c = tl.arange(0, BC)
     o_i = s_I + o_c                           # chunk-local rows of the sub-chunk   (BC,)
     o_j = tl.arange(0, BT)                    # chunk-local columns                  (BT,)
@@ -178,7 +150,60 @@ def _intra_A_kernel(q, k, lg, A, cu_seqlens, chunk_indices, T, R, NT,
         b_A += dot(b_qg, tl.trans(b_kg), DOT_MODE)             # (BC, BT), 0 for j >= s_I
         # diagonal sub-block: exact masked decay
         b_Ad += diag_scores(b_q, b_kI, b_lg, BC, DIAG_LOOP)
+    return b_A, b_Ad
 
+
+@triton.jit
+def score_cols(q, k, lg, t0, s_J, L, R, BT: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr,
+               BRS: tl.constexpr, DIAG_LOOP: tl.constexpr, DOT_MODE: tl.constexpr):
+    """Columns j of sub-chunk J (first chunk-local index s_J), transposed: At[j, i] = A[i, j]
+    -> (b_At (BC, BT): the rows i > e_J = s_J + BC - 1, 0 elsewhere;  b_Atd (BC, BC): the
+    diagonal block, transposed (0 below its diagonal)).  For i > e_J >= j the decay splits as
+    g^(i-j) = g^(i-e_J) * g^(e_J-j), both exponents >= 0."""
+    o_c = tl.arange(0, BC)
+    o_j = s_J + o_c
+    o_i = tl.arange(0, BT)
+    e_J = s_J + BC - 1
+    m_j = o_j < L
+    m_i = o_i < L
+    m_aft = (o_i > e_J) & m_i
+    n_q = tl.where(m_aft, o_i - e_J, 0).to(tl.float32)
+    n_k = (e_J - o_j).to(tl.float32)
+    b_At = tl.zeros([BC, BT], dtype=tl.float32)
+    b_Ad = tl.zeros([BC, BC], dtype=tl.float32)
+    for r0 in range(0, BR, BRS):
+        o_r = r0 + tl.arange(0, BRS)
+        m_r = o_r < R
+        b_lg = tl.load(lg + o_r, mask=m_r, other=0.)
+        m_Jr = m_j[:, None] & m_r[None, :]
+        b_kJ = tl.load(k + (t0 + o_j)[:, None] * R + o_r[None, :], mask=m_Jr, other=0.).to(tl.float32)
+        b_qJ = tl.load(q + (t0 + o_j)[:, None] * R + o_r[None, :], mask=m_Jr, other=0.).to(tl.float32)
+        b_q = tl.load(q + (t0 + o_i)[:, None] * R + o_r[None, :],
+                      mask=m_aft[:, None] & m_r[None, :], other=0.).to(tl.float32)  # (BT, BRS)
+        b_kg = b_kJ * tl.exp2(n_k[:, None] * b_lg[None, :])
+        b_qg = b_q * tl.exp2(n_q[:, None] * b_lg[None, :])
+        b_At += dot(b_kg, tl.trans(b_qg), DOT_MODE)
+        b_Ad += diag_scores(b_qJ, b_kJ, b_lg, BC, DIAG_LOOP)
+    return b_At, tl.trans(b_Ad)
+
+
+@triton.jit
+def _intra_A_kernel(q, k, lg, A, cu_seqlens, chunk_indices, T, R, NT,
+                    BT: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr, BRS: tl.constexpr,
+                    DIAG_LOOP: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr):
+    """A[t, j] = sum_r q_tr k_jr g_r^(i-j) for j <= i (i, j chunk-local), 0 for j > i.
+
+    One program writes the (BC, BT) rows of sub-chunk I of one chunk (every column, zeros
+    included).  q, k: (B*T, R); A: (B*T, BT) float32.
+    """
+    i_t, i_i, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    _, bos, i_tc, i_s, L = chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
+    t0 = bos + i_tc * BT                      # first token of the chunk (int64)
+    s_I = i_i * BC
+    o_i = s_I + tl.arange(0, BC)
+    o_j = tl.arange(0, BT)
+    m_i = o_i < L
+    b_A, b_Ad = score_rows(q, k, lg, t0, s_I, L, R, BT, BC, BR, BRS, DIAG_LOOP, DOT_MODE)
     # two disjoint stores: every column outside the diagonal block, then the block itself
     m_out = (o_j < s_I) | (o_j >= s_I + BC)
     tl.store(A + (t0 + o_i)[:, None] * BT + o_j[None, :], b_A, mask=m_i[:, None] & m_out[None, :])
@@ -198,7 +223,7 @@ def _chunk_state_kernel(x, y, lg, s, cu_seqlens, chunk_indices, T, R, D, NT,
     cores does not fit in registers).
     """
     i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos, i_tc, i_s, L = _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
+    _, bos, i_tc, i_s, L = chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
     t0 = bos + i_tc * BT
     o_r = tl.arange(0, BR)
     o_d = i_d * BD + tl.arange(0, BD)
@@ -280,7 +305,7 @@ def _chunk_out_kernel(x, y, lg, A, s, out, cu_seqlens, chunk_indices, T, R, D, N
     Both contractions (over the chunk's tokens, over R) run in BK-wide slices.
     """
     i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos, i_tc, i_s, L = _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
+    _, bos, i_tc, i_s, L = chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
     t0 = bos + i_tc * BT
     o_t = tl.arange(0, BT)
     o_d = i_d * BD + tl.arange(0, BD)
@@ -329,7 +354,7 @@ def _bwd_dqk_kernel(q, k, v, do, lg, s, ds, dq, dk, dg, cu_seqlens, chunk_indice
     of BRS key channels for P = do_I @ S_prev^T and Qv = v_I @ G^T (BC, BRS) and the rest.
     """
     i_t, i_i, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos, i_tc, i_s, L = _chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
+    _, bos, i_tc, i_s, L = chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
     t0 = bos + i_tc * BT
     s_I = i_i * BC
     e_I = s_I + BC - 1
@@ -492,23 +517,6 @@ def _check_chunk_size(chunk_size: int) -> int:
     return bt
 
 
-def _chunk_tables(cu_seqlens: Optional[torch.Tensor], B: int, T: int, BT: int):
-    """-> (NC, chunk_indices, chunk_offsets).  Varlen: chunk_indices (NC, 2) int32 holds
-    (sequence, chunk within the sequence) per global chunk, chunk_offsets (N+1,) int64 the
-    first global chunk of every sequence.  Without cu_seqlens both are None, NC = B*ceil(T/BT)."""
-    if cu_seqlens is None:
-        return B * triton.cdiv(T, BT), None, None
-    cu = cu_seqlens.to(torch.int64)
-    n_chunks = (cu[1:] - cu[:-1] + BT - 1) // BT
-    chunk_offsets = torch.cat([cu.new_zeros(1), n_chunks.cumsum(0)])
-    NC = int(chunk_offsets[-1])
-    seq = torch.repeat_interleave(torch.arange(n_chunks.numel(), device=cu.device), n_chunks,
-                                  output_size=NC)
-    within = torch.arange(NC, device=cu.device) - chunk_offsets[seq]
-    chunk_indices = torch.stack([seq, within], dim=1).to(torch.int32).contiguous()
-    return NC, chunk_indices, chunk_offsets
-
-
 @dataclasses.dataclass(frozen=True)
 class ScanConfig:
     """Launch settings of the scan kernels for one (R, D, dtype) -- the one place they are chosen.
@@ -555,11 +563,6 @@ def scan_config(R: int, D: int, dtype: torch.dtype) -> ScanConfig:
                       warps_sub=4 if BR <= 32 and dtype != torch.float32 else 8)
 
 
-def _log2_gamma(gamma: torch.Tensor) -> torch.Tensor:
-    # float64 log2 on the host side of the kernels: exponents n * log2(g) lose no accuracy here
-    return torch.log2(gamma.detach().to(torch.float64)).to(torch.float32).contiguous()
-
-
 def _intra_A(q, k, lg, cu_seqlens, chunk_indices, NC, B, T, NT, BT, cfg, is_varlen, dot_mode):
     R = q.shape[-1]
     A = torch.empty(B * T, BT, dtype=torch.float32, device=q.device)
@@ -574,7 +577,7 @@ def _intra_A(q, k, lg, cu_seqlens, chunk_indices, NC, B, T, NT, BT, cfg, is_varl
 
 def scan_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,
              initial_state: Optional[torch.Tensor], output_final_state: bool,
-             cu_seqlens: Optional[torch.Tensor], chunk_size: int = 64):
+             cu_seqlens: Optional[torch.Tensor], chunk_size: int = CHUNK):
     """Forward launcher (no autograd). -> (o, final_state or None, chunk_states).
 
     q, k: (B, T, R) and v: (B, T, D) of one dtype (float32/bfloat16/float16); gamma (R,);
@@ -596,11 +599,11 @@ def scan_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
                      else initial_state.to(torch.float32).clone())
         return torch.empty_like(v), final, torch.zeros(0, R, D, dtype=torch.float32, device=q.device)
     NT = triton.cdiv(T, BT)
-    NC, chunk_indices, chunk_offsets = _chunk_tables(cu_seqlens, B, T, BT)
+    NC, chunk_indices, chunk_offsets = chunk_tables(cu_seqlens, B, T, BT)
     cfg = scan_config(R, D, v.dtype)
     BR, BD, BK = cfg.BR, cfg.BD, cfg.BK
     dot_mode, state_dot_mode = _dot_modes(v.dtype)
-    lg = _log2_gamma(gamma)
+    lg = log2_gamma(gamma)
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
     cu = None if cu_seqlens is None else cu_seqlens.contiguous()
     G_t = NC if is_varlen else NT
@@ -629,7 +632,7 @@ def scan_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
 def scan_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,
              initial_state: Optional[torch.Tensor], chunk_states: torch.Tensor, do: torch.Tensor,
              dfinal_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-             chunk_size: int = 64):
+             chunk_size: int = CHUNK):
     """Backward launcher (no autograd). -> (dq, dk, dv, dgamma, dinitial_state or None).
 
     chunk_states: from scan_fwd (same chunk_size and cu_seqlens); it is only read.
@@ -651,14 +654,14 @@ def scan_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
         return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
                 torch.zeros(R, dtype=torch.float32, device=q.device), dh0)
     NT = triton.cdiv(T, BT)
-    NC, chunk_indices, chunk_offsets = _chunk_tables(cu_seqlens, B, T, BT)
+    NC, chunk_indices, chunk_offsets = chunk_tables(cu_seqlens, B, T, BT)
     if tuple(chunk_states.shape) != (NC, R, D):
         raise ValueError(f"chunk_states must have shape (NC, R, D) = {(NC, R, D)} for chunk_size "
                          f"{BT}, got {tuple(chunk_states.shape)}")
     cfg = scan_config(R, D, v.dtype)
     BR, BD, BK = cfg.BR, cfg.BD, cfg.BK
     dot_mode, state_dot_mode = _dot_modes(v.dtype)
-    lg = _log2_gamma(gamma)
+    lg = log2_gamma(gamma)
     cu = None if cu_seqlens is None else cu_seqlens.contiguous()
     states = chunk_states.to(torch.float32).contiguous()
     dht = None if dfinal_state is None else dfinal_state.to(torch.float32).contiguous()

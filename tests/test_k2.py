@@ -138,7 +138,9 @@ CASES = {
     # name: (B, T, D, R, K, per_channel)
     "small-shared": (2, 70, 19, 3, 5, False),
     "T1": (3, 1, 6, 4, 8, False),
-    "chunk-edges-T65-K1": (1, 65, 10, 2, 1, False),
+    "chunk-edges-T63": (1, 63, 10, 2, 3, False),           # chunk - 1
+    "chunk-edges-T64": (2, 64, 10, 3, 3, True),            # chunk (R = 2 here made dgamma[1] a 1e-2 remainder of cancelling terms)
+    "chunk-edges-T65-K1": (1, 65, 10, 2, 1, False),        # chunk + 1
     "T128-R2": (1, 128, 7, 2, 3, True),
     "2Dblocks-longK-dot": (2, 33, 70, 5, 40, False),
     "T<K-shared-dot": (2, 12, 9, 4, 65, False),
@@ -178,9 +180,12 @@ def test_fused_rank_one():
 
 @needs_triton
 def test_fused_narrow_channel_blocks(monkeypatch, nan_empty):
-    """BD = 16 (what a GPU picks for small grids): D = 40 in three blocks, each projecting all of D."""
+    """BD = 16: D = 40 in three channel blocks (the last one partial), by every kernel of the
+    fused forward and backward, and the q, k projection over D in three slices."""
+    import dataclasses
     from kop_triton.kernels import k2 as k2k
-    monkeypatch.setattr(k2k, "block_d", lambda D, N, device, R=1: 16)
+    cfg = k2k.scan_config
+    monkeypatch.setattr(k2k, "scan_config", lambda R, D, dt: dataclasses.replace(cfg(R, D, dt), BD=16, BDQ=16))
     args = k2_inputs(1, 40, 40, 3, 5, True, dtype=torch.float32, device=DEVICE)
     check_all(run("triton", args), run("naive", f64(args)), TOL[("triton", torch.float32)])
 
@@ -308,7 +313,7 @@ def test_chunk_states_match_the_scan_kernels_layout(varlen):
             k2_inputs(B, sum(lens), 9, 3, 4, dtype=torch.float32, N=len(lens) if varlen else None, device=DEVICE)]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=DEVICE) if varlen else None
     x, u, v, alpha, gamma, w, gl, s0, c0 = args
-    _, sT, _, states = k2_fwd(x, u, v, alpha, gamma, w, gl, s0, c0, True, cu)
+    _, sT, _, states, _ = k2_fwd(x, u, v, alpha, gamma, w, gl, s0, c0, True, cu)
     q, k = k2_qk(x, u, v, alpha)
     _, sT_ref, states_ref = scan_fwd(q, k, x, gamma, s0, True, cu, CHUNK)
     assert_close("chunk_states", states, states_ref, 1e-5)

@@ -409,15 +409,16 @@ def test_triton_custom_op_opcheck(case):
         args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
     torch.library.opcheck(k2_mixer_fwd, (*args, store))
     with torch.no_grad():
-        y, s1, c1, chunk_states = k2_mixer_fwd(*args, store)
+        y, s1, c1, chunk_states, qkn = k2_mixer_fwd(*args, store)
     rows = {"state": 2, "no-state": 1, "varlen": 4, "no-chunk-states": 0}[case]
     assert chunk_states.shape == (rows, 2, 6)
+    assert qkn.shape == ((y.shape[0] * y.shape[1] if store else 0), 2 * 2 + 2)
     if not store:
         return
     g = torch.Generator().manual_seed(1)
     cot = [torch.randn(o.shape, generator=g).to(o) for o in (y, s1, c1)]
     plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-    torch.library.opcheck(k2_mixer_bwd, (*plain, chunk_states, *cot))
+    torch.library.opcheck(k2_mixer_bwd, (*plain, chunk_states, qkn, *cot))
 
 
 @needs_triton_k2

@@ -10,17 +10,15 @@ State layout: ``(scan_state, conv_state)`` with scan_state (N, R, D) and conv_st
 be None (zeros).  ``k2_mixer`` returns ``(y, final_state)``, final_state such a tuple or None.
 
 Backends:
-  triton          the fused kernel, ``kop_triton.kernels.k2``.  Forward: one kernel reads x per
-                  16-token sub-chunk and computes the projection, normalisation, conv and scan
-                  in registers, writing only y (plus chunk-boundary scan states every 64 tokens
-                  for the backward): no (B, T, R) q/k and no conv output in memory.  Backward
-                  (not one kernel): q, k recomputed by PyTorch from x; the scan backward kernels
-                  of ``kop_triton.kernels.scan`` on the saved chunk states; the conv backward
-                  kernels of ``kop_triton.kernels.conv``; the projection/normalisation backward
-                  written out (``k2_qk_backward``).  Deterministic (no atomics).  Two launchers
-                  without autograd, ``k2_triton_forward`` / ``k2_triton_backward``, serve both
-                  the eager autograd Function and, under ``torch.compile``, the torch.library
-                  ops of ``kop_triton.ops.library`` (one opaque graph node, no graph break).
+  triton          the fused kernel, ``kop_triton.kernels.k2`` (its docstring lists the launches),
+                  parallel over chunks in the forward and the backward: q, k computed once per
+                  token, chunk-local states, one pass carrying the state across chunks, then
+                  the outputs (scan, conv and gate in one kernel; dx in one kernel).  x read
+                  three times and y written once in the forward; deterministic (no atomics).
+                  Two launchers without autograd, ``k2_triton_forward`` / ``k2_triton_backward``
+                  (``kop_triton.ops.k2_triton``), serve both the eager autograd Function and,
+                  under ``torch.compile``, the torch.library ops of ``kop_triton.ops.library``
+                  (one opaque graph node, no graph break).
   triton_unfused  PyTorch q, k + Triton scan + Triton conv + PyTorch gate-and-add: the
                   unfused comparison for the benchmarks.
   chunked         one fused PyTorch autograd Function (``kop_triton.ops.k2_chunked``): the
@@ -38,10 +36,11 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._checks import BACKENDS, check_same_device, check_tensor, describe, resolve_backend, state_dtype
+from ._checks import BACKENDS, resolve_backend
 from .chunked import CPU_CHUNK
-from .conv import _check_conv_args, naive_causal_conv
-from .scan import _check_scan_args, chunked_decayed_scan, naive_decayed_scan, recurrent_decayed_scan
+from .conv import naive_causal_conv
+from .k2_triton import _check_k2_args, _split_state, k2_triton_backward, k2_triton_forward
+from .scan import chunked_decayed_scan, naive_decayed_scan, recurrent_decayed_scan
 
 NORM_EPS = 1e-8
 K2_BACKENDS = BACKENDS + ("triton_unfused",)
@@ -54,14 +53,6 @@ def k2_qk(x, u, v, alpha):
     q = F.normalize(x @ u.to(x.dtype), dim=-1, eps=NORM_EPS) * alpha.to(x.dtype)
     k = F.normalize(x @ v.to(x.dtype), dim=-1, eps=NORM_EPS)
     return q, k
-
-
-def _split_state(state):
-    if state is None:
-        return None, None
-    if not isinstance(state, (tuple, list)) or len(state) != 2:
-        raise TypeError(f"initial_state must be a (scan_state, conv_state) tuple, got {describe(state)}")
-    return state[0], state[1]
 
 
 def reference_k2_mixer(x, u, v, alpha, gamma, kernel, gate_logit, *, initial_state=None,
@@ -78,7 +69,8 @@ def reference_k2_mixer(x, u, v, alpha, gamma, kernel, gate_logit, *, initial_sta
 
 
 # --------------------------------------------------------------------------------------
-# q, k and their analytic backward (PyTorch; the fused kernel never materialises q, k)
+# q, k and their analytic backward (PyTorch: the chunked path's; the Triton path has
+# kop_triton.kernels.k2._k2_dp_kernel)
 # --------------------------------------------------------------------------------------
 
 
@@ -141,90 +133,17 @@ def k2_qk_backward(x, u, v, alpha, dq, dk):
 # --------------------------------------------------------------------------------------
 
 
-def k2_triton_forward(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
-                      output_final_state, cu_seqlens, store_chunk_states=True):
-    """Fused forward (``kop_triton.kernels.k2.k2_fwd``), no autograd.
-    -> (y, scan_final, conv_final, chunk_states).
-
-    Arguments as ``k2_mixer`` (validated by the caller; initial states may be None).  Computes
-    in float32 (float64 inputs in float32, cast back).  y (B, T, D) in x's dtype; the final
-    states (N, R, D) and (N, K-1, D) in ``state_dtype(x)``, None unless ``output_final_state``;
-    chunk_states: the scan state entering every 64-token chunk, (NC, R, D) float32 in the
-    layout of ``kop_triton.kernels.scan`` (what ``k2_triton_backward`` needs), None unless
-    ``store_chunk_states``.
-    """
-    from kop_triton.kernels.k2 import k2_fwd
-    xc = x.float() if x.dtype == torch.float64 else x
-    y, sT, cT, states = k2_fwd(xc, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
-                               output_final_state, cu_seqlens, store_chunk_states=store_chunk_states)
-    if output_final_state:
-        sdt = state_dtype(x)
-        sT, cT = sT.to(sdt), cT.to(sdt)
-    return y.to(x.dtype), sT, cT, states
-
-
-def k2_triton_backward(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
-                       cu_seqlens, chunk_states, dy, dscan, dconv):
-    """Backward of ``k2_triton_forward`` from x and its chunk states, no autograd.
-    -> (dx, du, dv, dalpha, dgamma, dkernel, dgate_logit, dscan_state, dconv_state), each in
-    its input's dtype and shape; an initial-state gradient is None where that state is None.
-    dy (B, T, D), dscan (N, R, D), dconv (N, K-1, D): cotangents, each may be None (zero).
-
-      * q, k recomputed from x (one projection onto [u | v], float32) -- the only (B, T, R)
-        tensors of the whole op, and only here;
-      * the scan part by ``kop_triton.kernels.scan.scan_bwd`` on the saved chunk states (dq,
-        dk, its share of dx, dgamma, d scan_state);
-      * the conv part by ``kop_triton.kernels.conv``: dx and d conv_state for the cotangent
-        gate * dy; one weight-gradient pass W = conv_bwd_dw(x, dy) gives both
-        dkernel = gate * W and dgate_logit = gate (1 - gate) <W, kernel> (the conv is linear in
-        its kernel, so <dy, conv(x)> = <W, kernel>: the conv output is never recomputed);
-      * dq, dk chained analytically through the normalisation and the projections
-        (``k2_qk_backward``): dx += dp @ [u | v]^T, [du | dv] = x^T dp, dalpha.
-    Deterministic: no atomics anywhere; every reduction runs in a fixed order.
-    """
-    from kop_triton.kernels.conv import conv_bwd_dw, conv_bwd_dx
-    from kop_triton.kernels.k2 import CHUNK
-    from kop_triton.kernels.scan import scan_bwd
-    f32 = torch.float32
-    xc = x.float() if x.dtype == torch.float64 else x               # the forward's compute dtype
-    B, T, D = x.shape
-    R, K = u.shape[1], kernel.shape[-1]
-    dyc = torch.zeros_like(xc) if dy is None else dy.to(xc.dtype)
-    xf = xc.float()
-    uv = torch.cat([u.detach(), v.detach()], 1).float()               # (D, 2R)
-    af = alpha.detach().float()
-    q, k, saved = _qk_fwd(xf, uv, af)                                 # (B, T, R) each, float32
-    dq, dk, dxs, dgamma, ds0 = scan_bwd(q.to(xc.dtype), k.to(xc.dtype), xc, gamma,
-                                        None if scan_state is None else scan_state.float(), chunk_states,
-                                        dyc, None if dscan is None else dscan.float(), cu_seqlens, CHUNK)
-    dp, duv, dalpha = _qk_bwd(xf, uv, af, saved, dq.float(), dk.float())
-    g = torch.sigmoid(gate_logit.detach().float())
-    dxc, dc0 = conv_bwd_dx(dyc.float() * g, kernel, None if dconv is None else dconv.float(),
-                           conv_state is not None, cu_seqlens, f32, f32)
-    W = conv_bwd_dw(xc, None if conv_state is None else conv_state.float(), dyc, K, kernel.dim() == 1,
-                    cu_seqlens)
-    dkernel = g * W
-    dgate = (g * (1 - g) * (W * kernel.detach().float()).sum()).reshape(gate_logit.shape)
-    dx = (dxs.float() + dxc).view(B * T, D).addmm_(dp.view(B * T, 2 * R), uv.t()).view(B, T, D)
-    du, dv = (duv[:, sl].to(t.dtype, memory_format=torch.contiguous_format, copy=True)   # own storage
-              for sl, t in ((slice(0, R), u), (slice(R, 2 * R), v)))
-    return (dx.to(x.dtype), du, dv, dalpha.to(alpha.dtype),
-            dgamma.to(gamma.dtype), dkernel.to(kernel.dtype), dgate.to(gate_logit.dtype),
-            None if scan_state is None else ds0.to(scan_state.dtype),
-            None if conv_state is None else dc0.to(conv_state.dtype))
-
-
 class _TritonK2Mixer(torch.autograd.Function):
     """Autograd wrapper of ``k2_triton_forward`` / ``k2_triton_backward`` (no math here)."""
 
     @staticmethod
     def forward(ctx, x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
                 output_final_state, cu_seqlens):
-        y, sT, cT, states = k2_triton_forward(x, u, v, alpha, gamma, kernel, gate_logit, scan_state,
-                                              conv_state, output_final_state, cu_seqlens,
-                                              store_chunk_states=any(ctx.needs_input_grad[:9]))
+        y, sT, cT, states, qkn = k2_triton_forward(x, u, v, alpha, gamma, kernel, gate_logit, scan_state,
+                                                   conv_state, output_final_state, cu_seqlens,
+                                                   store_chunk_states=any(ctx.needs_input_grad[:9]))
         ctx.save_for_backward(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
-                              cu_seqlens, states)
+                              cu_seqlens, states, qkn)
         ctx.set_materialize_grads(False)
         return y, sT, cT
 
@@ -264,27 +183,6 @@ def triton_unfused_k2_mixer(x, u, v, alpha, gamma, kernel, gate_logit, *, initia
                                cu_seqlens=cu_seqlens)
     out = torch.sigmoid(gate_logit.to(x.dtype)) * c + y
     return out, ((s1, c1) if output_final_state else None)
-
-
-def _check_k2_args(x, u, v, alpha, gamma, kernel, gate_logit, initial_state, cu_seqlens, backend):
-    check_tensor("x", x, 3, "(B, T, D)")
-    check_tensor("u", u, 2, "(D, R)")
-    check_tensor("v", v, 2, "(D, R)")
-    check_tensor("alpha", alpha, 1, "(R,)")
-    if not isinstance(gate_logit, torch.Tensor) or gate_logit.numel() != 1:
-        raise TypeError(f"gate_logit must be a one-element tensor, got {describe(gate_logit)}")
-    check_same_device(x=x, u=u, v=v, alpha=alpha, gamma=gamma, kernel=kernel, gate_logit=gate_logit)
-    D = x.shape[-1]
-    if u.shape[0] != D or v.shape != u.shape:
-        raise ValueError(f"u and v must both have shape (D, R) with D = {D}, got u {describe(u)}, v {describe(v)}")
-    R = u.shape[1]
-    if alpha.shape != (R,):
-        raise ValueError(f"alpha must have shape (R,) = ({R},), got {describe(alpha)}")
-    s0, c0 = _split_state(initial_state)
-    B, T, _ = x.shape
-    qk_stub = x.new_empty(B, T, R)
-    _check_scan_args(qk_stub, qk_stub, x, gamma, s0, cu_seqlens, backend)
-    _check_conv_args(x, kernel, c0, cu_seqlens)
 
 
 def k2_mixer(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,

@@ -7,15 +7,17 @@ eager code calls the autograd Function of ``ops/k2.py`` directly (no dispatcher 
 Ops (namespace ``kop_triton``), thin wrappers of the launchers of ``kop_triton.ops.k2``:
   k2_mixer_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state?, conv_state?, cu_seqlens?,
                store_chunk_states)
-      -> (y (B, T, D), scan_final (N, R, D), conv_final (N, K-1, D), chunk_states (NCP, R, D))
+      -> (y (B, T, D), scan_final (N, R, D), conv_final (N, K-1, D), chunk_states (NCP, R, D),
+          qkn (B*T or 0, 2R+2))
       ``k2_triton_forward``.  chunk_states: the float32 scan state entering every 64-token
       chunk, in the layout of ``kop_triton.kernels.scan``, followed by zero rows up to a count
       that depends on shapes only (the fake implementation must know it without reading
       cu_seqlens): NCP = B * ceil(T / 64) (exact), or with N packed sequences
       ceil(T / 64) + N - 1 >= sum_n ceil(len_n / 64); NCP = 0 unless ``store_chunk_states``.
-      Not differentiable; saved for the backward.
+      qkn: q_hat, k and their norms per token (float32; 0 rows unless ``store_chunk_states``).
+      Neither is differentiable; both are saved for the backward.
   k2_mixer_bwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state?, conv_state?, cu_seqlens?,
-               chunk_states, dy, dscan, dconv)
+               chunk_states, qkn, dy, dscan, dconv)
       -> [dx, du, dv, dalpha, dgamma, dkernel, dgate_logit, dscan_state, dconv_state]
       ``k2_triton_backward`` on the forward's chunk states (no forward is recomputed); an
       empty tensor stands for the gradient of an absent initial state.
@@ -27,11 +29,11 @@ import torch
 from torch import Tensor
 
 from ._checks import state_dtype
-from .k2 import _check_k2_args, _split_state, k2_triton_backward, k2_triton_forward
+from kop_triton.kernels.config import CHUNK
+
+from .k2_triton import _check_k2_args, _split_state, k2_triton_backward, k2_triton_forward
 
 __all__ = ["k2_mixer_triton_op"]
-
-CHUNK = 64      # = kop_triton.kernels.k2.CHUNK (not imported: the fake path must not need Triton)
 
 
 def _n_seqs(x: Tensor, cu_seqlens: Optional[Tensor]):
@@ -57,17 +59,18 @@ def _chunk_rows(x: Tensor, cu_seqlens: Optional[Tensor]) -> int:
 def k2_mixer_fwd(x: Tensor, u: Tensor, v: Tensor, alpha: Tensor, gamma: Tensor, kernel: Tensor,
                  gate_logit: Tensor, scan_state: Optional[Tensor], conv_state: Optional[Tensor],
                  cu_seqlens: Optional[Tensor], store_chunk_states: bool
-                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _check_k2_args(x, u, v, alpha, gamma, kernel, gate_logit, (scan_state, conv_state), cu_seqlens, "triton")
-    y, s1, c1, states = k2_triton_forward(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
+    y, s1, c1, states, qkn = k2_triton_forward(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
                                           True, cu_seqlens, store_chunk_states)
     R, D = u.shape[1], x.shape[-1]
     if states is None:
         states = x.new_empty((0, R, D), dtype=torch.float32)
+        qkn = x.new_empty((0, 2 * R + 2), dtype=torch.float32)
     pad = _padded_chunk_rows(x, cu_seqlens) - states.shape[0]
     if store_chunk_states and pad > 0:
         states = torch.cat([states, states.new_zeros(pad, R, D)])
-    return y, s1, c1, states
+    return y, s1, c1, states, qkn
 
 
 @k2_mixer_fwd.register_fake
@@ -75,25 +78,26 @@ def _(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu_seql
     N, D, R, K = _n_seqs(x, cu_seqlens), x.shape[-1], u.shape[-1], kernel.shape[-1]
     dt = state_dtype(x)
     rows = _padded_chunk_rows(x, cu_seqlens) if store_chunk_states else 0
+    tokens = x.shape[0] * x.shape[1] if store_chunk_states else 0
     return (x.new_empty(x.shape), x.new_empty((N, R, D), dtype=dt), x.new_empty((N, K - 1, D), dtype=dt),
-            x.new_empty((rows, R, D), dtype=torch.float32))
+            x.new_empty((rows, R, D), dtype=torch.float32), x.new_empty((tokens, 2 * R + 2), dtype=torch.float32))
 
 
 @torch.library.custom_op("kop_triton::k2_mixer_bwd", mutates_args=())
 def k2_mixer_bwd(x: Tensor, u: Tensor, v: Tensor, alpha: Tensor, gamma: Tensor, kernel: Tensor,
                  gate_logit: Tensor, scan_state: Optional[Tensor], conv_state: Optional[Tensor],
-                 cu_seqlens: Optional[Tensor], chunk_states: Tensor, dy: Tensor, dscan: Tensor,
+                 cu_seqlens: Optional[Tensor], chunk_states: Tensor, qkn: Tensor, dy: Tensor, dscan: Tensor,
                  dconv: Tensor) -> List[Tensor]:
     states = chunk_states[:_chunk_rows(x, cu_seqlens)]
     grads = k2_triton_backward(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
-                               cu_seqlens, states, dy, dscan, dconv)
+                               cu_seqlens, states, qkn, dy, dscan, dconv)
     empty = x.new_empty((0,), dtype=torch.float32)        # the gradient of an absent initial state
     return [empty.clone() if g is None else g.contiguous() for g in grads]
 
 
 @k2_mixer_bwd.register_fake
 def _(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu_seqlens, chunk_states,
-      dy, dscan, dconv):
+      qkn, dy, dscan, dconv):
     grads = [t.new_empty(t.shape) for t in (x, u, v, alpha, gamma, kernel, gate_logit)]
     for s in (scan_state, conv_state):
         grads.append(x.new_empty((0,), dtype=torch.float32) if s is None else s.new_empty(s.shape))
@@ -102,19 +106,19 @@ def _(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu_seql
 
 def _setup_context(ctx, inputs, output):
     x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu_seqlens, store = inputs
-    chunk_states = output[3]
-    ctx.mark_non_differentiable(chunk_states)
+    chunk_states, qkn = output[3], output[4]
+    ctx.mark_non_differentiable(chunk_states, qkn)
     ctx.stored = store
     ctx.save_for_backward(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu_seqlens,
-                          chunk_states)
+                          chunk_states, qkn)
 
 
-def _backward(ctx, dy, dscan, dconv, _dchunk_states):
+def _backward(ctx, dy, dscan, dconv, _dchunk_states, _dqkn):
     if not ctx.stored:
         raise RuntimeError("kop_triton::k2_mixer_fwd ran with store_chunk_states=False, so it cannot "
                            "be differentiated (k2_mixer_triton_op sets it when a gradient is needed)")
-    *inputs, chunk_states = ctx.saved_tensors
-    g = k2_mixer_bwd(*inputs, chunk_states, dy, dscan, dconv)
+    *inputs, chunk_states, qkn = ctx.saved_tensors
+    g = k2_mixer_bwd(*inputs, chunk_states, qkn, dy, dscan, dconv)
     ds = g[7] if inputs[7] is not None else None
     dc = g[8] if inputs[8] is not None else None
     return (*g[:7], ds, dc, None, None)
@@ -136,5 +140,5 @@ def k2_mixer_triton_op(x, u, v, alpha, gamma, kernel, gate_logit, *, initial_sta
     gate = gate_logit.reshape(()) if isinstance(gate_logit, Tensor) else gate_logit
     tensors = (x, u, v, alpha, gamma, kernel, gate, s0, c0)
     need = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
-    y, s1, c1, _ = k2_mixer_fwd(x, u, v, alpha, gamma, kernel, gate, s0, c0, cu_seqlens, need)
+    y, s1, c1, _, _ = k2_mixer_fwd(x, u, v, alpha, gamma, kernel, gate, s0, c0, cu_seqlens, need)
     return y, s1, c1

@@ -20,12 +20,13 @@ from typing import Optional, Tuple
 
 import torch
 
+from kop_triton.kernels.config import CHUNK
+
 from .chunked import CPU_CHUNK, chunked_scan
 from ._checks import (check_cu_seqlens, check_gamma_range, check_same_device, check_same_dtype, check_tensor,
                       describe, resolve_backend, state_dtype)
 
 MAX_TRITON_RANK = 128
-DEFAULT_CHUNK = 64
 
 # --------------------------------------------------------------------------------------
 # PyTorch references
@@ -145,7 +146,7 @@ class _TritonDecayedScan(torch.autograd.Function):
     def forward(ctx, q, k, v, gamma, initial_state, output_final_state, cu_seqlens):
         from kop_triton.kernels.scan import scan_fwd
         o, final, chunk_states = scan_fwd(q, k, v, gamma, initial_state, output_final_state,
-                                          cu_seqlens, DEFAULT_CHUNK)
+                                          cu_seqlens, CHUNK)
         ctx.save_for_backward(q, k, v, gamma, initial_state, chunk_states, cu_seqlens)
         ctx.set_materialize_grads(False)
         return o, final
@@ -157,7 +158,7 @@ class _TritonDecayedScan(torch.autograd.Function):
         if do is None:
             do = torch.zeros_like(v)
         dq, dk, dv, dgamma, dh0 = scan_bwd(q, k, v, gamma, initial_state, chunk_states, do,
-                                           dfinal, cu_seqlens, DEFAULT_CHUNK)
+                                           dfinal, cu_seqlens, CHUNK)
         return dq, dk, dv, dgamma.to(gamma.dtype), dh0, None, None
 
 

@@ -1,0 +1,168 @@
+"""Where each program's tokens are: the one home of the sequence and chunk bookkeeping of every
+kernel (plain batches and packed sequences, ``cu_seqlens``).
+
+All sequences live in one flat (rows, D) buffer: row ``bos + t`` of sequence ``n``, with
+``bos = cu[n]`` (``n * T`` for a plain batch).  Two ways to cut them into blocks:
+
+* chunks of ``BT`` tokens, counted over the whole batch (the scan and K2 kernels; the chunk
+  states live on this axis): without cu_seqlens chunk ``c`` of row ``b`` is global chunk
+  ``b * ceil(T / BT) + c``; with cu_seqlens global chunk ``chunk_offsets[n] + c``, and
+  ``chunk_indices`` (NC, 2) maps a global chunk back to (sequence, chunk within it);
+* blocks of ``BT`` rows of each sequence extended by ``extra`` rows on the left (the conv
+  kernels: the extension covers the initial-state rows), ``Layout.grid_t``.
+
+Offsets are int64 on the device side: a batch may hold more than 2^31 elements.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+
+# --------------------------------------------------------------------------------------
+# device side
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT: tl.constexpr,
+                 IS_VARLEN: tl.constexpr):
+    """-> (n, bos, i_tc, i_s, L) of chunk program (i_t, i_b): sequence, its first token, the
+    chunk index inside the sequence, the global chunk index (row of chunk_states) and the chunk
+    length, all int64 but L."""
+    if IS_VARLEN:
+        n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+        i_tc = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + n).to(tl.int64)
+        eos = tl.load(cu_seqlens + n + 1).to(tl.int64)
+        i_s = i_t.to(tl.int64)
+    else:
+        n = i_b.to(tl.int64)
+        i_tc = i_t.to(tl.int64)
+        bos = i_b.to(tl.int64) * T
+        eos = bos + T
+        i_s = i_b.to(tl.int64) * NT + i_tc
+    L = tl.minimum(eos - bos - i_tc * BT, BT)
+    return n, bos, i_tc, i_s, L
+
+
+@triton.jit
+def seq_length(cu_seqlens, n, bos, T, IS_VARLEN: tl.constexpr):
+    """Length of sequence n (first row bos)."""
+    if IS_VARLEN:
+        return tl.load(cu_seqlens + n + 1).to(tl.int64) - bos
+    else:
+        return T
+
+
+@triton.jit
+def seq_block(cu, table, i_t, i_b, T, IS_VARLEN: tl.constexpr):
+    """(sequence id, first row, length, block index within the sequence) of a block program."""
+    if IS_VARLEN:
+        n = tl.load(table + 2 * i_t).to(tl.int64)
+        blk = tl.load(table + 2 * i_t + 1)
+        bos = tl.load(cu + n).to(tl.int64)
+        L = (tl.load(cu + n + 1) - bos).to(tl.int32)
+    else:
+        n = i_b.to(tl.int64)
+        blk = i_t
+        bos = n * T
+        L = T
+    return n, bos, L, blk
+
+
+# --------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------
+
+
+def chunk_tables(cu_seqlens: Optional[torch.Tensor], B: int, T: int, BT: int):
+    """-> (NC, chunk_indices, chunk_offsets).  Varlen: chunk_indices (NC, 2) int32 holds
+    (sequence, chunk within the sequence) per global chunk, chunk_offsets (N+1,) int64 the
+    first global chunk of every sequence.  Without cu_seqlens both are None, NC = B*ceil(T/BT)."""
+    if cu_seqlens is None:
+        return B * triton.cdiv(T, BT), None, None
+    chunk_offsets = chunk_offsets_of(cu_seqlens, BT)
+    n_chunks = chunk_offsets[1:] - chunk_offsets[:-1]
+    NC = int(chunk_offsets[-1])
+    seq = torch.repeat_interleave(torch.arange(n_chunks.numel(), device=cu_seqlens.device), n_chunks,
+                                  output_size=NC)
+    within = torch.arange(NC, device=cu_seqlens.device) - chunk_offsets[seq]
+    chunk_indices = torch.stack([seq, within], dim=1).to(torch.int32).contiguous()
+    return NC, chunk_indices, chunk_offsets
+
+
+def chunk_offsets_of(cu_seqlens: torch.Tensor, BT: int) -> torch.Tensor:
+    """(N+1,) int64 exclusive cumulative sum of ceil(len_n / BT): the first chunk_states row of
+    every packed sequence."""
+    cu = cu_seqlens.to(torch.int64)
+    n_chunks = (cu[1:] - cu[:-1] + BT - 1) // BT
+    return torch.cat([cu.new_zeros(1), n_chunks.cumsum(0)])
+
+
+def block_table(cu_host, n_rows_of, BT: int, device) -> torch.Tensor:
+    """(n_blocks, 2) int32 rows (sequence, block index) covering n_rows_of(length) rows each."""
+    lens = torch.tensor([n_rows_of(b - a) for a, b in zip(cu_host[:-1], cu_host[1:])], dtype=torch.int64)
+    nblk = (lens + BT - 1) // BT
+    seq = torch.repeat_interleave(torch.arange(len(lens)), nblk)
+    first = torch.repeat_interleave(torch.cumsum(nblk, 0) - nblk, nblk)
+    idx = torch.arange(int(nblk.sum())) - first
+    return torch.stack([seq, idx], 1).to(torch.int32).contiguous().to(device)
+
+
+class Layout:
+    """Flat (rows, D) view of a plain batch or of packed sequences."""
+
+    def __init__(self, x: torch.Tensor, cu_seqlens):
+        B, T, D = x.shape
+        self.B, self.T, self.D = B, T, D
+        self.varlen = cu_seqlens is not None
+        if self.varlen:
+            self.cu_host = [int(c) for c in cu_seqlens.tolist()]
+            self.cu = cu_seqlens.to(device=x.device, dtype=torch.int64).contiguous()
+            self.N = len(self.cu_host) - 1
+        else:
+            self.cu_host = None
+            self.cu = torch.arange(B + 1, device=x.device, dtype=torch.int64) * T
+            self.N = B
+        self._tables = {}
+
+    def grid_t(self, BT: int, extra: int = 0, rows_of=None):
+        """(grid size over time, grid size over batch, table) for blocks of BT rows of each
+        sequence extended by ``extra`` rows on the left (``rows_of(length)`` rows instead,
+        when given: a fixed count per sequence)."""
+        if not self.varlen:
+            n = self.T + extra if rows_of is None else rows_of(self.T)
+            return triton.cdiv(n, BT), self.B, self.cu
+        key = (BT, extra, rows_of)
+        if key not in self._tables:
+            fn = (lambda L: L + extra) if rows_of is None else rows_of
+            self._tables[key] = block_table(self.cu_host, fn, BT, self.cu.device)
+        tab = self._tables[key]
+        return tab.shape[0], 1, tab
+
+    def final_rows(self, x2, h0, K):
+        """(N, K-1, D) last K-1 rows of each extended sequence, in the states' float dtype."""
+        dt = torch.float64 if x2.dtype == torch.float64 or (h0 is not None and h0.dtype == torch.float64) \
+            else torch.float32
+        N, D = self.N, self.D
+        if K == 1:
+            return x2.new_zeros(N, 0, D, dtype=dt)
+        j = torch.arange(K - 1, device=x2.device)
+        eos = self.cu[1:, None]
+        bos = self.cu[:-1, None]
+        pos = eos - (K - 1) + j[None, :]                             # (N, K-1) absolute rows
+        from_x = pos >= bos
+        if x2.shape[0] == 0:                                           # T = 0: all from the state
+            rows = x2.new_zeros(N, K - 1, D, dtype=dt)
+        else:
+            rows = x2[pos.clamp(min=0).reshape(-1)].reshape(N, K - 1, D).to(dt)
+        if h0 is None:
+            hv = torch.zeros_like(rows)
+        else:
+            hidx = (K - 1 + pos - bos).clamp(0, K - 2)
+            hv = torch.gather(h0.to(dt), 1, hidx[:, :, None].expand(N, K - 1, D))
+        return torch.where(from_x[:, :, None], rows, hv)
