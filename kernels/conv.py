@@ -294,14 +294,18 @@ def conv_bwd_dx(dy, weight, dfinal, need_dh0, cu_seqlens, dx_dtype, dh0_dtype, u
     dh0 = (torch.empty(lay.N, K - 1, D, dtype=dh0_dtype, device=dy.device) if need_dh0 else dx)
     BD = block_d(D)
     extra = K - 1 if need_dh0 else 0
+    BT = BLOCK_T
     if dh0_only:
-        gt, gb, tab = (lay.grid_t(BLOCK_T, rows_of=lambda L, k=K - 1: k) if need_dh0 else (0, 0, None))
+        # K - 1 rows per sequence: a tile of their size (the (64, BD) one of this variant spilled
+        # 16 B on sm_80, fp32, offline compile report 2026-12-02); 64 rows for the Toeplitz product
+        BT = BLOCK_T if _use_dot(weight, K, use_dot) else max(16, min(BLOCK_T, triton.next_power_of_2(K - 1)))
+        gt, gb, tab = (lay.grid_t(BT, rows_of=lambda L, k=K - 1: k) if need_dh0 else (0, 0, None))
     else:
         gt, gb, tab = lay.grid_t(BLOCK_T, extra)
     if gt * gb > 0:
         launch(_conv_bwd_dx_kernel, (gt, triton.cdiv(D, BD), gb),
                dy=g2, w=w, dfin=dfin, dx=dx, dh0=dh0, cu=lay.cu, table=tab, scale=sc, T=T, D=D, K=K,
-               BT=BLOCK_T, BS=BLOCK_S, BD=BD, PER_CHANNEL=weight.dim() == 2, USE_DFIN=use_dfin,
+               BT=BT, BS=BLOCK_S, BD=BD, PER_CHANNEL=weight.dim() == 2, USE_DFIN=use_dfin,
                NEED_DH0=need_dh0, STORE_DX=not dh0_only, USE_DOT=_use_dot(weight, K, use_dot),
                IS_VARLEN=lay.varlen, DOT_MODE=dot_mode(dy.dtype), num_warps=CONV_WARPS)
     dx = None if dh0_only else dx.view(B, T, D)

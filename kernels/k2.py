@@ -55,19 +55,42 @@ import triton.language as tl
 from . import conv as _conv
 from ._common import dot, dot_mode, log2_gamma
 from .config import CHUNK, SUB_CHUNK
-from .conv import conv_bwd_dw, conv_bwd_dx, conv_t_tile, conv_tile
+from .conv import _load_xe, conv_bwd_dw, conv_bwd_dx, conv_t_tile, conv_tile
 from .launch import launch
-from .scan import (PASS_BLOCK, _bwd_dqk_kernel, _chunk_state_kernel, _dot_modes, _state_pass_kernel,
+from .scan import (PASS_BLOCK, PASS_CHUNKS, _bwd_dqk_kernel, _chunk_state_kernel, _dot_modes, _state_pass_kernel,
                    scan_config, score_cols, score_rows)
 from .varlen import Layout, chunk_bounds, chunk_tables, seq_length
 
 NORM_EPS = tl.constexpr(1e-8)   # a constexpr: the compiler rejects a plain Python float global
 # rows per program of the O(R)-per-token kernels: (BM, BR) float32 tiles of <= 2048 elements
 QK_TILE = 2048
+# _k2_dx_kernel forms [du | dv] = x^T dp (its two (BD, R) float32 accumulators) for R <= 32, and
+# the conv's weight gradient for kernels of up to 64 taps (one pass over the taps per sub-chunk);
+# beyond, a matrix product and conv_bwd_dw (one more pass over x; over x and dy)
+MAX_FUSED_R = 32
+MAX_FUSED_TAPS = 64
+# chunks per _k2_dx_kernel program: enough programs to fill a GPU several times over (the
+# partial sums it writes shrink with the group); a function of shapes only, so the order of
+# every reduction is fixed.  Tests set DX_GROUP to force groups on tiny inputs.
+DX_TARGET_PROGRAMS = 1024
+MAX_DX_GROUP = 32
+DX_GROUP = None
+
+
+def dx_group(NC: int, nd: int) -> int:
+    if DX_GROUP is not None:
+        return DX_GROUP
+    return max(1, min(MAX_DX_GROUP, (NC * nd) // DX_TARGET_PROGRAMS))
 
 
 def _block_m(BR: int) -> int:
     return max(16, min(64, QK_TILE // BR))
+
+
+def _block_dq(BR: int, BD: int) -> int:
+    """Channels per step of _k2_qk_kernel's loop over D: its (BD, BR) u and v tiles stay <= 2048
+    elements (64 x 128 fp32 tiles spilled ~1.1 KB per thread on sm_80 / sm_90 / sm_100)."""
+    return min(BD, max(16, QK_TILE // BR))
 
 
 # --------------------------------------------------------------------------------------
@@ -114,8 +137,9 @@ def _k2_out_kernel(x, q, k, lg, gate, w, c0, s, y, cu_seqlens, chunk_indices, T,
     """y of one chunk and BD channels, sub-chunk by sub-chunk I:
     y_I = gate * conv_I + A[I, :] @ x_chunk + (q_I g^(i+1)) @ S_prev[c].
     x, y: (rows, D); q, k: (rows, R) float32; s: S_prev (NC, R, D) float32; w: (K,) or (D, K);
-    c0: (N, K-1, D) float32; gate: (1,) sigmoid(gate_logit)."""
-    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c0: (N, K-1, D) float32; gate: (1,) sigmoid(gate_logit).  Grid (D / BD, chunks, B): the
+    channel blocks of one chunk run back to back and share its q, k and state rows in cache."""
+    i_d, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, bos, i_tc, i_s, L = chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
     L_seq = seq_length(cu_seqlens, n, bos, T, IS_VARLEN)
     t0 = bos + i_tc * BT
@@ -181,55 +205,105 @@ def _k2_dp_kernel(qkn, alpha, dq, dk, dp, dalpha, M, R, BM: tl.constexpr, BR: tl
 
 
 @triton.jit
-def _k2_dx_kernel(dy, q, k, lg, ds, dp, u, v, gate, w, dfin, dx, cu_seqlens, chunk_indices, T, D, R, K, NT,
+def _k2_dx_kernel(x, dy, q, k, lg, ds, dp, u, v, gate, w, c0, dfin, dx, duv_part, dw_part,
+                  cu_seqlens, chunk_indices, T, D, R, K, NT, NC, G,
                   BT: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr, BRS: tl.constexpr,
-                  BD: tl.constexpr, BK: tl.constexpr, DIAG_LOOP: tl.constexpr, PER_CHANNEL: tl.constexpr,
-                  CONV_DOT: tl.constexpr, USE_DFIN: tl.constexpr, IS_VARLEN: tl.constexpr,
-                  DOT_MODE: tl.constexpr, STATE_DOT_MODE: tl.constexpr):
-    """dx of one chunk and BD channels, sub-chunk by sub-chunk J:
-    dx_J = A[:, J]^T @ dy_chunk + (k_J g^(L-1-j)) @ G[c] + gate * conv^T(dy)_J + dfinal_J
-           + dp_J @ [u | v]^T.
-    dy, dx: (rows, D); q, k: (rows, R) float32; ds: G (NC, R, D) float32; dp: (rows, 2R) float32;
-    u, v: (D, R) float32; dfin: (N, K-1, D) float32 (d conv_final)."""
-    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n, bos, i_tc, i_s, L = chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
-    L_seq = seq_length(cu_seqlens, n, bos, T, IS_VARLEN)
-    t0 = bos + i_tc * BT
+                  BD: tl.constexpr, BK: tl.constexpr, BW: tl.constexpr, DIAG_LOOP: tl.constexpr,
+                  PER_CHANNEL: tl.constexpr, CONV_DOT: tl.constexpr, USE_C0: tl.constexpr,
+                  USE_DFIN: tl.constexpr, FUSE_DUV: tl.constexpr, FUSE_DW: tl.constexpr,
+                  IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr, STATE_DOT_MODE: tl.constexpr):
+    """dx of BD channels of a group of G consecutive chunks, sub-chunk by sub-chunk J:
+
+        dx_J = A[:, J]^T @ dy_chunk + (k_J g^(L-1-j)) @ G[c] + gate * conv^T(dy)_J + dfinal_J
+               + dp_J @ [u | v]^T
+
+    and, from the x rows of the same sub-chunks, the group's partial sums of the weight
+    gradients: FUSE_DUV  [du | dv] = x^T dp  -> duv_part (NG, D, 2R);
+               FUSE_DW   W[l] = sum_t dy_t . xe_{t-l}  -> dw_part (NG * ceil(D/BD), BW) shared,
+                         (NG, D, BW) per channel (K <= BW taps, one at a time).
+    x, dy, dx: (rows, D); q, k: (rows, R) float32; ds: G (NC, R, D) float32; dp: (rows, 2R)
+    float32; u, v: (D, R) float32; c0: (N, K-1, D) and dfin (d conv_final): float32."""
+    i_d, i_g = tl.program_id(0), tl.program_id(1)
     o_t = tl.arange(0, BT)
     o_c = tl.arange(0, BC)
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
+    o_rr = tl.arange(0, BR)
+    m_rr = o_rr < R
+    o_l = tl.arange(0, BW)
     b_gate = tl.load(gate)
-    b_dyC = tl.load(dy + (t0 + o_t)[:, None] * D + o_d[None, :], mask=(o_t < L)[:, None] & m_d[None, :],
-                    other=0.)                                                       # (BT, BD)
-    p_G = ds + i_s * R * D
-    for i_j in range(0, tl.cdiv(L, BC)):
-        s_J = i_j * BC
-        o_j = s_J + o_c
-        m_j = o_j < L
-        m_Jd = m_j[:, None] & m_d[None, :]
-        b_At, b_Atd = score_cols(q, k, lg, t0, s_J, L, R, BT, BC, BR, BRS, DIAG_LOOP, DOT_MODE)
-        b_dyJ = tl.load(dy + (t0 + o_j)[:, None] * D + o_d[None, :], mask=m_Jd, other=0.)
-        b_dx = dot(b_At, b_dyC, DOT_MODE) + dot(b_Atd, b_dyJ, DOT_MODE)
-        n_k = tl.where(m_j, L - 1 - o_j, 0).to(tl.float32)
-        for r0 in range(0, BR, BK):
-            o_r = r0 + tl.arange(0, BK)
-            m_r = o_r < R
-            m_Jr = m_j[:, None] & m_r[None, :]
-            b_lg = tl.load(lg + o_r, mask=m_r, other=0.)
-            b_k = tl.load(k + (t0 + o_j)[:, None] * R + o_r[None, :], mask=m_Jr, other=0.)
-            b_k = b_k * tl.exp2(n_k[:, None] * b_lg[None, :])
-            m_rd = m_r[:, None] & m_d[None, :]
-            b_G = tl.load(p_G + o_r[:, None] * D + o_d[None, :], mask=m_rd, other=0.)
-            b_dx += dot(b_k, b_G, STATE_DOT_MODE)                                  # (k g^(L-1-j)) @ G
-            p_dp = dp + (t0 + o_j)[:, None] * (2 * R) + o_r[None, :]
-            b_u = tl.load(u + o_d[None, :] * R + o_r[:, None], mask=m_rd, other=0.)  # u^T (BK, BD)
-            b_v = tl.load(v + o_d[None, :] * R + o_r[:, None], mask=m_rd, other=0.)
-            b_dx += dot(tl.load(p_dp, mask=m_Jr, other=0.), b_u, 0)                  # dp @ [u | v]^T
-            b_dx += dot(tl.load(p_dp + R, mask=m_Jr, other=0.), b_v, 0)
-        b_dx += conv_t_tile(dy, w, dfin, bos, L_seq, n, i_tc * BT + s_J, o_d, m_d, D, K, b_gate, BC, BC, BD,
-                            PER_CHANNEL, USE_DFIN, CONV_DOT, DOT_MODE)
-        tl.store(dx + (t0 + o_j)[:, None] * D + o_d[None, :], b_dx.to(dx.dtype.element_ty), mask=m_Jd)
+    b_du = tl.zeros([BD, BR], dtype=tl.float32)
+    b_dv = tl.zeros([BD, BR], dtype=tl.float32)
+    if PER_CHANNEL:
+        b_w = tl.zeros([BD, BW], dtype=tl.float32)
+    else:
+        b_w = tl.zeros([BW], dtype=tl.float32)
+    for c in range(i_g * G, tl.minimum(i_g * G + G, NC)):
+        c_t = c + 0 * i_g                       # a tensor in the interpreter too (c may be a Python int)
+        if IS_VARLEN:
+            i_t, i_b = c_t, 0
+        else:
+            i_t, i_b = c_t % NT, c_t // NT
+        n, bos, i_tc, i_s, L = chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
+        L_seq = seq_length(cu_seqlens, n, bos, T, IS_VARLEN)
+        t0 = bos + i_tc * BT
+        b_dyC = tl.load(dy + (t0 + o_t)[:, None] * D + o_d[None, :], mask=(o_t < L)[:, None] & m_d[None, :],
+                        other=0.)                                                   # (BT, BD)
+        p_G = ds + i_s * R * D
+        for i_j in range(0, tl.cdiv(L, BC)):
+            s_J = i_j * BC
+            o_j = s_J + o_c
+            m_j = o_j < L
+            m_Jd = m_j[:, None] & m_d[None, :]
+            b_At, b_Atd = score_cols(q, k, lg, t0, s_J, L, R, BT, BC, BR, BRS, DIAG_LOOP, DOT_MODE)
+            b_dyJ = tl.load(dy + (t0 + o_j)[:, None] * D + o_d[None, :], mask=m_Jd, other=0.)
+            b_dx = dot(b_At, b_dyC, DOT_MODE) + dot(b_Atd, b_dyJ, DOT_MODE)
+            n_k = tl.where(m_j, L - 1 - o_j, 0).to(tl.float32)
+            for r0 in range(0, BR, BK):
+                o_r = r0 + tl.arange(0, BK)
+                m_r = o_r < R
+                m_Jr = m_j[:, None] & m_r[None, :]
+                b_lg = tl.load(lg + o_r, mask=m_r, other=0.)
+                b_k = tl.load(k + (t0 + o_j)[:, None] * R + o_r[None, :], mask=m_Jr, other=0.)
+                b_k = b_k * tl.exp2(n_k[:, None] * b_lg[None, :])
+                m_rd = m_r[:, None] & m_d[None, :]
+                b_G = tl.load(p_G + o_r[:, None] * D + o_d[None, :], mask=m_rd, other=0.)
+                b_dx += dot(b_k, b_G, STATE_DOT_MODE)                              # (k g^(L-1-j)) @ G
+                p_dp = dp + (t0 + o_j)[:, None] * (2 * R) + o_r[None, :]
+                b_u = tl.load(u + o_d[None, :] * R + o_r[:, None], mask=m_rd, other=0.)  # u^T (BK, BD)
+                b_v = tl.load(v + o_d[None, :] * R + o_r[:, None], mask=m_rd, other=0.)
+                b_dx += dot(tl.load(p_dp, mask=m_Jr, other=0.), b_u, 0)              # dp @ [u | v]^T
+                b_dx += dot(tl.load(p_dp + R, mask=m_Jr, other=0.), b_v, 0)
+            b_dx += conv_t_tile(dy, w, dfin, bos, L_seq, n, i_tc * BT + s_J, o_d, m_d, D, K, b_gate, BC, BC, BD,
+                                PER_CHANNEL, USE_DFIN, CONV_DOT, DOT_MODE)
+            tl.store(dx + (t0 + o_j)[:, None] * D + o_d[None, :], b_dx.to(dx.dtype.element_ty), mask=m_Jd)
+            if FUSE_DUV:                                                            # x_J^T dp_J
+                b_xJ = tl.load(x + (t0 + o_j)[:, None] * D + o_d[None, :], mask=m_Jd, other=0.).to(tl.float32)
+                m_Jrr = m_j[:, None] & m_rr[None, :]
+                p_dpJ = dp + (t0 + o_j)[:, None] * (2 * R) + o_rr[None, :]
+                b_du += dot(tl.trans(b_xJ), tl.load(p_dpJ, mask=m_Jrr, other=0.), 0)
+                b_dv += dot(tl.trans(b_xJ), tl.load(p_dpJ + R, mask=m_Jrr, other=0.), 0)
+            if FUSE_DW:                                                             # sum_j dy_j xe_{j-l}
+                o_s = i_tc * BT + o_j                                               # positions in the sequence
+                b_g = b_dyJ.to(tl.float32)
+                for l in range(0, K):
+                    b_xl = _load_xe(x, c0, bos, L_seq, n, o_s - l, o_d, m_j, m_d, D, K, USE_C0)
+                    part = tl.sum(b_g * b_xl, axis=0)                                   # (BD,)
+                    if PER_CHANNEL:
+                        b_w = tl.where(o_l[None, :] == l, b_w + part[:, None], b_w)
+                    else:
+                        b_w = tl.where(o_l == l, b_w + tl.sum(part, axis=0), b_w)
+    if FUSE_DUV:
+        p_duv = duv_part + i_g.to(tl.int64) * D * 2 * R + o_d[:, None] * (2 * R) + o_rr[None, :]
+        m_dr = m_d[:, None] & m_rr[None, :]
+        tl.store(p_duv, b_du, mask=m_dr)
+        tl.store(p_duv + R, b_dv, mask=m_dr)
+    if FUSE_DW:
+        if PER_CHANNEL:
+            p_w = dw_part + i_g.to(tl.int64) * D * BW + o_d[:, None] * BW + o_l[None, :]
+            tl.store(p_w, b_w, mask=m_d[:, None])
+        else:
+            tl.store(dw_part + (i_g.to(tl.int64) * tl.num_programs(0) + i_d) * BW + o_l, b_w)
 
 
 # --------------------------------------------------------------------------------------
@@ -253,6 +327,11 @@ class _Plan:
         self.cfg = scan_config(R, D, x.dtype)
         self.dot_mode, self.state_dot_mode = _dot_modes(x.dtype)
         self.grid_c = (self.NC if self.varlen else self.NT, triton.cdiv(D, self.cfg.BD), 1 if self.varlen else B)
+        # channels per program of the K2 tile kernels (offline compile gate, 2026-12-02: at R > 32
+        # 32 channels spilled 8 B in both on sm_80 / sm_90, fp32; _k2_dx_kernel at 64 channels
+        # spilled 8-100 B on sm_90 / sm_100, at 32 none)
+        self.BD_out = 16 if self.cfg.BR > 32 else self.cfg.BD
+        self.BD_dx = 16 if self.cfg.BR > 32 else min(self.cfg.BD, 32)
         self.BM = _block_m(self.cfg.BR)
         self.per_channel = kernel.dim() == 2
         self.conv_dot = kernel.dim() == 1 and self.K > _conv.DOT_MIN_TAPS
@@ -262,7 +341,7 @@ class _Plan:
 
     def pass_args(self):
         return dict(cu_seqlens=self.cu, chunk_offsets=self.chunk_offsets, T=self.T, R=self.R, D=self.D,
-                    NT=self.NT, BT=CHUNK, BLOCK=PASS_BLOCK, IS_VARLEN=self.varlen)
+                    NT=self.NT, BT=CHUNK, BLOCK=PASS_BLOCK, CB=PASS_CHUNKS, IS_VARLEN=self.varlen)
 
 
 def _f32(t):
@@ -299,7 +378,7 @@ def k2_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
     else:
         qkn = torch.empty(B * T, 2 * R + 2, **f32)
         launch(_k2_qk_kernel, (triton.cdiv(B * T, P.BM),),
-               x=x2, u=_f32(u), v=_f32(v), qkn=qkn, M=B * T, D=D, R=R, BM=P.BM, BD=cfg.BD, BR=cfg.BR,
+               x=x2, u=_f32(u), v=_f32(v), qkn=qkn, M=B * T, D=D, R=R, BM=P.BM, BD=_block_dq(cfg.BR, cfg.BD), BR=cfg.BR,
                DOT_MODE=P.dot_mode, num_warps=cfg.warps)
         q = (qkn[:, :R] * _f32(alpha)).contiguous()
         k = qkn[:, R:2 * R].contiguous()
@@ -311,9 +390,9 @@ def k2_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
                s=states, lg=lg, h0=s0, ht=sT, USE_INITIAL_STATE=s0 is not None,
                STORE_FINAL_STATE=output_final_state, REVERSE=False)
         gate = torch.sigmoid(_f32(gate_logit).reshape(1))
-        launch(_k2_out_kernel, P.grid_c, **P.chunk_args(),
+        launch(_k2_out_kernel, (triton.cdiv(D, P.BD_out), P.grid_c[0], P.grid_c[2]), **P.chunk_args(),
                x=x2, q=q, k=k, lg=lg, gate=gate, w=_f32(kernel), c0=_f32(conv_state) if use_c0 else x2,
-               s=states, y=y, D=D, R=R, K=P.K, BT=CHUNK, BC=SUB_CHUNK, BR=cfg.BR, BRS=cfg.BRS_A, BD=cfg.BD,
+               s=states, y=y, D=D, R=R, K=P.K, BT=CHUNK, BC=SUB_CHUNK, BR=cfg.BR, BRS=cfg.BRS_A, BD=P.BD_out,
                BK=cfg.BK, DIAG_LOOP=cfg.diag_loop, PER_CHANNEL=P.per_channel, CONV_DOT=P.conv_dot,
                USE_C0=use_c0, IS_VARLEN=P.varlen, DOT_MODE=P.dot_mode, STATE_DOT_MODE=P.state_dot_mode,
                num_warps=cfg.warps)
@@ -367,7 +446,7 @@ def k2_bwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu
     dk = torch.empty(B * T, R, **f32)
     n_sub = CHUNK // SUB_CHUNK
     dg = torch.empty(P.NC * n_sub, R, **f32)
-    launch(_bwd_dqk_kernel, (P.grid_c[0], n_sub, P.grid_c[2]), **P.chunk_args(),
+    launch(_bwd_dqk_kernel, (n_sub, P.grid_c[0], P.grid_c[2]), **P.chunk_args(),
            q=q, k=k, v=x2, do=dy2, lg=lg, s=chunk_states, ds=dstates, dq=dq, dk=dk, dg=dg, R=R, D=D,
            BT=CHUNK, BC=SUB_CHUNK, BR=cfg.BR, BRS=cfg.BRS, BD=cfg.BDQ, DIAG_LOOP=cfg.diag_loop,
            IS_VARLEN=P.varlen, DOT_MODE=P.dot_mode, STATE_DOT_MODE=P.state_dot_mode,
@@ -378,20 +457,37 @@ def k2_bwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu
     da = torch.empty(n_m, R, **f32)
     launch(_k2_dp_kernel, (n_m,), qkn=qkn, alpha=af, dq=dq, dk=dk, dp=dp, dalpha=da, M=B * T, R=R,
            BM=P.BM, BR=cfg.BR, num_warps=4)
-    # dx, written once
+    # dx, written once; with it, per group of chunks, [du | dv] = x^T dp and the conv's weight
+    # gradient W = sum_t dy_t xe_{t-l} (when fused: R <= 32 and K <= 64, else separate passes)
     uf, vf = _f32(u), _f32(v)
+    c0 = _f32(conv_state) if conv_state is not None and K > 1 else None
     dx = torch.empty(B * T, D, dtype=x.dtype, device=x.device)
-    launch(_k2_dx_kernel, P.grid_c, **P.chunk_args(),
-           dy=dy2, q=q, k=k, lg=lg, ds=dstates, dp=dp, u=uf, v=vf, gate=g, w=_f32(kernel), dfin=dfin, dx=dx,
-           D=D, R=R, K=K, BT=CHUNK, BC=SUB_CHUNK, BR=cfg.BR, BRS=cfg.BRS_A, BD=cfg.BD, BK=cfg.BK,
-           DIAG_LOOP=cfg.diag_loop, PER_CHANNEL=P.per_channel, CONV_DOT=P.conv_dot, USE_DFIN=use_dfin,
-           IS_VARLEN=P.varlen, DOT_MODE=P.dot_mode, STATE_DOT_MODE=P.state_dot_mode, num_warps=cfg.warps)
-    # [du | dv] = x^T dp (one product; 16-bit x with dp rounded to it, float32 accumulation)
-    duv = (x2.t() @ dp.to(x2.dtype)).float() if x2.dtype != torch.float32 else x2.t() @ dp
-    # the conv: W = sum_t dy_t xe_{t-l} (dkernel = gate W, dgate = gate (1 - gate) <W, kernel>), and
-    # d conv_state from the transposed operator's first K - 1 extended rows
-    c0 = _f32(conv_state)
-    W = conv_bwd_dw(x, c0, dy2.view(B, T, D), K, kernel.dim() == 1, cu_seqlens)
+    fuse_duv = cfg.BR <= MAX_FUSED_R
+    fuse_dw = K <= MAX_FUSED_TAPS
+    nd = triton.cdiv(D, P.BD_dx)
+    G = dx_group(P.NC, nd)
+    NG = triton.cdiv(P.NC, G)
+    BW = max(16, triton.next_power_of_2(K)) if fuse_dw else 16
+    duv_part = torch.empty(NG, D, 2 * R, **f32) if fuse_duv else dp
+    dw_part = (torch.empty(NG, D, BW, **f32) if P.per_channel else torch.empty(NG * nd, BW, **f32)) \
+        if fuse_dw else dp
+    launch(_k2_dx_kernel, (nd, NG),
+           x=x2, dy=dy2, q=q, k=k, lg=lg, ds=dstates, dp=dp, u=uf, v=vf, gate=g, w=_f32(kernel),
+           c0=c0 if c0 is not None else x2, dfin=dfin, dx=dx, duv_part=duv_part, dw_part=dw_part,
+           cu_seqlens=P.cu, chunk_indices=P.chunk_indices, T=T, D=D, R=R, K=K, NT=P.NT, NC=P.NC, G=G,
+           BT=CHUNK, BC=SUB_CHUNK, BR=cfg.BR, BRS=cfg.BRS_A, BD=P.BD_dx, BK=cfg.BK, BW=BW,
+           DIAG_LOOP=cfg.diag_loop, PER_CHANNEL=P.per_channel, CONV_DOT=P.conv_dot, USE_C0=c0 is not None,
+           USE_DFIN=use_dfin, FUSE_DUV=fuse_duv, FUSE_DW=fuse_dw, IS_VARLEN=P.varlen,
+           DOT_MODE=P.dot_mode, STATE_DOT_MODE=P.state_dot_mode, num_warps=cfg.warps)
+    if fuse_duv:
+        duv = duv_part.sum(0)                                               # fixed order
+    else:
+        # one matrix product (16-bit x with dp rounded to it, float32 accumulation)
+        duv = (x2.t() @ dp.to(x2.dtype)).float() if x2.dtype != torch.float32 else x2.t() @ dp
+    if fuse_dw:
+        W = dw_part.sum(0)[..., :K] if P.per_channel else dw_part.sum(0)[:K]
+    else:
+        W = conv_bwd_dw(x, c0, dy2.view(B, T, D), K, kernel.dim() == 1, cu_seqlens)
     dkernel = g * W
     dgate = (g * (1 - g) * (W * _f32(kernel)).sum()).reshape(gate_logit.shape)
     dc0 = None

@@ -43,7 +43,7 @@ with cu_seqlens the chunk axis runs over all NC chunks of the packed batch and B
     _state_pass_kernel    sequential pass over the chunks of a sequence, elementwise in (R, D),
                           grid (N, R*D / BLOCK); forward in time, or reversed for the backward
     _chunk_out_kernel     o (forward) / dv (backward), grid (NT, D/BD, B)
-    _bwd_dqk_kernel       dq, dk and per-(chunk, sub-chunk) partial dgamma, grid (NT, BT // BC, B)
+    _bwd_dqk_kernel       dq, dk and per-(chunk, sub-chunk) partial dgamma, grid (BT // BC, NT, B)
 
 No atomics anywhere: dgamma partials are written to a (chunks * sub-chunks, R) buffer and
 summed by torch in a fixed order, so two runs give bitwise-identical gradients.
@@ -72,9 +72,11 @@ from .config import CHUNK, SUB_CHUNK
 from .launch import launch
 from .varlen import chunk_bounds, chunk_tables
 
-# Flat (R*D) elements per program of the sequential state pass (latency-bound: a small block
-# gives more programs at B = 1; not yet tuned on a GPU).
-PASS_BLOCK = 512
+# The state pass: flat (R*D) elements per program (a small block gives more programs at B = 1)
+# and chunks composed per step (the dependent steps are ceil(NT / PASS_CHUNKS)); not yet tuned
+# on a GPU.
+PASS_BLOCK = 128
+PASS_CHUNKS = 16
 
 
 # --------------------------------------------------------------------------------------
@@ -249,17 +251,27 @@ def _chunk_state_kernel(x, y, lg, s, cu_seqlens, chunk_indices, T, R, D, NT,
 
 
 @triton.jit
+def _compose(a1, b1, a2, b2):
+    """(h -> a2 (a1 h + b1) + b2) as one affine map: the combine of the state pass's scan."""
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
 def _state_pass_kernel(s, lg, h0, ht, cu_seqlens, chunk_offsets, T, R, D, NT,
-                       BT: tl.constexpr, BLOCK: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
+                       BT: tl.constexpr, BLOCK: tl.constexpr, CB: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
                        STORE_FINAL_STATE: tl.constexpr, REVERSE: tl.constexpr,
                        IS_VARLEN: tl.constexpr):
-    """Sequential pass over the chunks of sequence i_n, elementwise on BLOCK flat (r, d) entries.
+    """The pass over the chunks of sequence i_n, elementwise on BLOCK flat (r, d) entries.
 
-    In place on s (NC, R, D): each step reads the chunk-local term s[c], writes the running
-    value h there, then h <- g^L(c) * h + s[c].  Forward, h starts at the initial state and
-    s[c] becomes S_prev[c]; REVERSE walks from the last chunk, h starts at dfinal and s[c]
-    becomes G[c].  The value after the walk (final state / dh0) goes to ht.
+    In place on s (NC, R, D): chunk c holds its chunk-local term s[c] and receives the running
+    value h entering it, where h <- g^L(c) * h + s[c] chunk after chunk.  Forward, h starts at
+    the initial state and s[c] becomes S_prev[c]; REVERSE walks from the last chunk, h starts at
+    dfinal and s[c] becomes G[c].  The value after the walk (final state / dh0) goes to ht.
     h0, ht: (N, R, D) float32.
+
+    CB chunks per step: the affine maps h -> a h + b of chunks c-1, c-2, ... are composed by
+    ``tl.associative_scan`` (products of decays, exponents >= 0: nothing divides), so the
+    dependent steps are ceil(NT / CB), not NT, and every step's loads are independent of h.
     """
     i_n, i_e = tl.program_id(0), tl.program_id(1)
     if IS_VARLEN:
@@ -274,20 +286,43 @@ def _state_pass_kernel(s, lg, h0, ht, cu_seqlens, chunk_offsets, T, R, D, NT,
         NT_n = NT
     o_e = i_e * BLOCK + tl.arange(0, BLOCK)
     m_e = o_e < R * D
+    o_b = tl.arange(0, CB)
     b_lg = tl.load(lg + o_e // D, mask=m_e, other=0.)
     b_h = tl.zeros([BLOCK], dtype=tl.float32)
     if USE_INITIAL_STATE:
         b_h = tl.load(h0 + i_n.to(tl.int64) * R * D + o_e, mask=m_e, other=0.).to(tl.float32)
-    for i in range(0, NT_n):
+    for i0 in range(0, NT_n, CB):
+        # row j of the step: the chunk at walk position i0 + j (walk order: reversed for REVERSE)
+        i_w = i0 + o_b
+        m_w = i_w < NT_n
         if REVERSE:
-            i_c = NT_n - 1 - i
+            i_c = NT_n - 1 - i_w
         else:
-            i_c = i
-        L = tl.minimum(T_n - i_c * BT, BT)
-        p_s = s + (c0 + i_c) * R * D + o_e
-        b_s = tl.load(p_s, mask=m_e, other=0.)
-        tl.store(p_s, b_h, mask=m_e)
-        b_h = tl.exp2(L.to(tl.float32) * b_lg) * b_h + b_s
+            i_c = i_w
+        # the map of the chunk before row j in walk order (identity for row 0: h enters there)
+        m_p = m_w & (o_b > 0)
+        if REVERSE:
+            i_p = i_c + 1
+        else:
+            i_p = i_c - 1
+        L_p = tl.maximum(tl.minimum(T_n - i_p * BT, BT), 0)               # 0 on the masked rows
+        m_pe = m_p[:, None] & m_e[None, :]
+        b_b = tl.load(s + (c0 + i_p)[:, None] * R * D + o_e[None, :], mask=m_pe, other=0.)
+        b_a = tl.where(m_pe, tl.exp2(L_p.to(tl.float32)[:, None] * b_lg[None, :]), 1.)
+        # the step's last chunk, for the value after it (loaded before the stores below overwrite it)
+        n_w = tl.minimum(NT_n - i0, CB)
+        i_l = i0 + n_w - 1
+        if REVERSE:
+            i_lc = NT_n - 1 - i_l
+        else:
+            i_lc = i_l
+        L_l = tl.minimum(T_n - i_lc * BT, BT)
+        b_sl = tl.load(s + (c0 + i_lc) * R * D + o_e, mask=m_e, other=0.)
+        b_A, b_B = tl.associative_scan((b_a, b_b), 0, _compose)
+        b_in = b_A * b_h[None, :] + b_B                                 # the value entering each chunk
+        tl.store(s + (c0 + i_c)[:, None] * R * D + o_e[None, :], b_in, mask=m_w[:, None] & m_e[None, :])
+        b_last = tl.sum(tl.where((o_b == n_w - 1)[:, None], b_in, 0.), axis=0)
+        b_h = tl.exp2(L_l.to(tl.float32) * b_lg) * b_last + b_sl
     if STORE_FINAL_STATE:
         tl.store(ht + i_n.to(tl.int64) * R * D + o_e, b_h, mask=m_e)
 
@@ -352,8 +387,10 @@ def _bwd_dqk_kernel(q, k, v, do, lg, s, ds, dq, dk, dg, cu_seqlens, chunk_indice
     s: S_prev (NC, R, D), ds: G (NC, R, D); dg: (NC * BT/BC, R) float32 partials.
     Loops over D in BD blocks for dA (rows I: (BC, BT); columns I: (BT, BC)), then per slice
     of BRS key channels for P = do_I @ S_prev^T and Qv = v_I @ G^T (BC, BRS) and the rest.
+    Grid (BT / BC, chunks, B): the sub-chunk programs of one chunk, which all load its whole
+    do and v tiles and its two states, run back to back (and share them in cache).
     """
-    i_t, i_i, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_i, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _, bos, i_tc, i_s, L = chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
     t0 = bos + i_tc * BT
     s_I = i_i * BC
@@ -618,7 +655,7 @@ def scan_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
     final = torch.empty(N, R, D, dtype=torch.float32, device=q.device) if output_final_state else None
     launch(_state_pass_kernel, (N, triton.cdiv(R * D, PASS_BLOCK)),
            s=states, lg=lg, h0=h0, ht=final, cu_seqlens=cu, chunk_offsets=chunk_offsets, T=T, R=R, D=D,
-           NT=NT, BT=BT, BLOCK=PASS_BLOCK, USE_INITIAL_STATE=h0 is not None,
+           NT=NT, BT=BT, BLOCK=PASS_BLOCK, CB=PASS_CHUNKS, USE_INITIAL_STATE=h0 is not None,
            STORE_FINAL_STATE=output_final_state, REVERSE=False, IS_VARLEN=is_varlen)
     o = torch.empty_like(v)
     launch(_chunk_out_kernel, (G_t, triton.cdiv(D, BD), G_b),
@@ -678,7 +715,7 @@ def scan_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
            if initial_state is not None else None)
     launch(_state_pass_kernel, (N, triton.cdiv(R * D, PASS_BLOCK)),
            s=dstates, lg=lg, h0=dht, ht=dh0, cu_seqlens=cu, chunk_offsets=chunk_offsets, T=T, R=R, D=D,
-           NT=NT, BT=BT, BLOCK=PASS_BLOCK, USE_INITIAL_STATE=dht is not None,
+           NT=NT, BT=BT, BLOCK=PASS_BLOCK, CB=PASS_CHUNKS, USE_INITIAL_STATE=dht is not None,
            STORE_FINAL_STATE=dh0 is not None, REVERSE=True, IS_VARLEN=is_varlen)
 
     A = _intra_A(q, k, lg, cu, chunk_indices, NC, B, T, NT, BT, cfg, is_varlen, dot_mode)
@@ -693,7 +730,7 @@ def scan_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
     dk = torch.empty_like(k)
     n_sub = BT // SUB_CHUNK
     dg = torch.empty(NC * n_sub, R, dtype=torch.float32, device=q.device)
-    launch(_bwd_dqk_kernel, (G_t, n_sub, G_b),
+    launch(_bwd_dqk_kernel, (n_sub, G_t, G_b),
            q=q, k=k, v=v, do=do, lg=lg, s=states, ds=dstates, dq=dq, dk=dk, dg=dg, cu_seqlens=cu,
            chunk_indices=chunk_indices, T=T, R=R, D=D, NT=NT, BT=BT, BC=SUB_CHUNK, BR=BR, BRS=cfg.BRS,
            BD=cfg.BDQ, DIAG_LOOP=cfg.diag_loop,

@@ -148,6 +148,7 @@ CASES = {
     "R17-per-channel": (1, 100, 8, 17, 7, True),
     "R40-diag-loop-BD16": (1, 70, 20, 40, 5, False),      # R > 32: the launcher's other tile choices
     "T200-four-chunks": (1, 200, 12, 4, 8, False),
+    "T1100-two-state-pass-steps": (1, 1100, 4, 2, 3, False),   # 18 chunks: the pass composes 16 per step
     "T0": (2, 0, 6, 3, 4, False),
 }
 
@@ -188,6 +189,42 @@ def test_fused_narrow_channel_blocks(monkeypatch, nan_empty):
     monkeypatch.setattr(k2k, "scan_config", lambda R, D, dt: dataclasses.replace(cfg(R, D, dt), BD=16, BDQ=16))
     args = k2_inputs(1, 40, 40, 3, 5, True, dtype=torch.float32, device=DEVICE)
     check_all(run("triton", args), run("naive", f64(args)), TOL[("triton", torch.float32)])
+
+
+@needs_triton
+@pytest.mark.parametrize("varlen", [False, True], ids=["batch", "varlen"])
+def test_fused_state_pass_steps(monkeypatch, varlen, nan_empty):
+    """The state pass composing 2 chunks per step (16 by default): several steps per sequence,
+    a partial last step, forward and reversed (backward), packed sequences of 1 to 4 chunks."""
+    from kop_triton.kernels import k2 as k2k
+    monkeypatch.setattr(k2k, "PASS_CHUNKS", 2)
+    if varlen:
+        lens = [200, 1, 130, 64]
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+        args = k2_inputs(1, sum(lens), 5, 3, 4, False, dtype=torch.float32, N=len(lens), device=DEVICE)
+        got, ref = run("triton", args, cu_seqlens=cu), run("naive", f64(args), cu_seqlens=cu.cpu())
+    else:
+        args = k2_inputs(2, 320, 5, 3, 4, False, dtype=torch.float32, device=DEVICE)
+        got, ref = run("triton", args), run("naive", f64(args))
+    check_all(got, ref, TOL[("triton", torch.float32)])
+
+
+@needs_triton
+@pytest.mark.parametrize("varlen", [False, True], ids=["batch", "varlen"])
+def test_fused_backward_chunk_groups(monkeypatch, varlen, nan_empty):
+    """The dx kernel walks groups of 3 chunks (what long inputs get), crossing batch rows and
+    packed sequences inside a group, with the weight gradients summed per group."""
+    from kop_triton.kernels import k2 as k2k
+    monkeypatch.setattr(k2k, "DX_GROUP", 3)
+    if varlen:
+        lens = [70, 1, 130, 64]
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+        args = k2_inputs(1, sum(lens), 9, 3, 6, True, dtype=torch.float32, N=len(lens), device=DEVICE)
+        got, ref = run("triton", args, cu_seqlens=cu), run("naive", f64(args), cu_seqlens=cu.cpu())
+    else:
+        args = k2_inputs(2, 150, 9, 3, 6, False, dtype=torch.float32, device=DEVICE)
+        got, ref = run("triton", args), run("naive", f64(args))
+    check_all(got, ref, TOL[("triton", torch.float32)])
 
 
 @needs_triton
