@@ -15,8 +15,15 @@ VARIANTS = ["k2/triton_fused", "k2/triton_unfused", "k2/chunked", "k2/recurrent"
 def main(argv=None) -> dict:
     return cli.op_sweep_main(
         "k2", __doc__, VARIANTS, argv, with_K=True,
-        meta={"bytes_per_token_model": "each kernel reads its inputs and writes its outputs once: fused "
-                                       "2D (fwd) / 5D (fwd+bwd) elements per token, unfused 8D+4R / 23D+10R"})
+        meta={"bytes_per_token_model": "benchmarks/traffic.py: per launch, from the kernels' loads and stores "
+                                       "(a model, not a measurement); the per-launch table is in traffic_model",
+              "traffic_model": _traffic()})
+
+
+def _traffic():
+    from .traffic import Shape, model
+    return [model(p, Shape(1, T, D, 16, 8, 2)) for D in (64, 256, 1024) for T in (2048, 65536, 1 << 20)
+            for p in ("fused", "old_fused", "unfused", "chunked")]
 
 
 if __name__ == "__main__":

@@ -224,17 +224,18 @@ def _sdpa(i):
     return F.scaled_dot_product_attention(i["q"], i["k"], i["v"], is_causal=True)
 
 
-# Modelled memory traffic per token (bytes), each kernel reading its inputs and writing its
-# outputs once (s = element size).  Fused K2: read x, write y (forward); read x, dy, write dx
-# (backward).  Unfused K2 (projection -> scan -> conv -> gate-and-add): forward
-# (D + 2R) + (2R + 2D) + 2D + 3D = 8D + 4R; backward 15D + 6R (each piece reads its inputs and
-# output grads, writes input grads; the three dx contributions are summed).
-def _bytes_k2_fused(D, R, s, mode):
-    return (2 * D if mode == "fwd" else 5 * D) * s
+# Modelled memory traffic per token (bytes): benchmarks/traffic.py, launch by launch (a model,
+# not a measurement; K = 8 taps, the per-token figures barely depend on T).
+def _bytes_model(path):
+    def fn(D, R, s, mode):
+        from .traffic import Shape, model
+        m = model(path, Shape(1, 65536, D, R, 8, s))
+        return m["fwd"]["bytes_per_token"] + (m["bwd"]["bytes_per_token"] if mode != "fwd" else 0)
+    return fn
 
 
-def _bytes_k2_unfused(D, R, s, mode):
-    return ((8 * D + 4 * R) if mode == "fwd" else (23 * D + 10 * R)) * s
+_bytes_k2_fused = _bytes_model("fused")
+_bytes_k2_unfused = _bytes_model("unfused")
 
 
 def op_min_bytes(op: str, D: int, R: int, s: int, mode: str) -> int:
@@ -291,8 +292,8 @@ METHODS = [
            long_ok=True, bytes_model=_bytes_k2_fused),
     Method("k2/triton_unfused", "k2", "ours", "K2 mixer, Triton scan + Triton conv + elementwise",
            _k2_unfused_triton, triton=True, bytes_model=_bytes_k2_unfused),
-    Method("k2/chunked", "k2", "ours", "K2 mixer, unfused chunked PyTorch", _k2("chunked"),
-           bytes_model=_bytes_k2_unfused),
+    Method("k2/chunked", "k2", "ours", "K2 mixer, fused chunked PyTorch", _k2("chunked"),
+           bytes_model=_bytes_model("chunked")),
     Method("conv/triton", "conv", "ours", "causal conv, Triton", _conv("triton"), triton=True, long_ok=True),
     # alternatives
     Method("scan/naive", "scan", "alternative", "decayed scan, naive quadratic (B,T,T,R)", _scan("naive"),

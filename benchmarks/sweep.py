@@ -140,6 +140,21 @@ def _tolerance_failure(err: dict, dtype: torch.dtype) -> Optional[str]:
     return None
 
 
+# the benchmarks/traffic.py path of each K2 method
+_TRAFFIC_PATHS = {"k2/triton_fused": "fused", "k2/triton_unfused": "unfused", "k2/chunked": "chunked"}
+
+
+def _traffic_at(m: Method, B, T, D, R, K, s, mode):
+    """The traffic model's summary at this point (bytes per token, D-wide passes, grids): a model."""
+    path = _TRAFFIC_PATHS.get(m.name)
+    if path is None:
+        return None
+    from .traffic import Shape, model
+    doc = model(path, Shape(B, T, D, R, K or 8, s))
+    keep = ("bytes_per_token", "passes", "smallest_parallel_grid", "longest_walk")
+    return {md: {k: doc[md][k] for k in keep} for md in (("fwd",) if mode == "fwd" else ("fwd", "bwd"))}
+
+
 def run_point(m: Method, prob: Problem, mode: str, tracker: H.Tracker, budget: H.Budget,
               device: torch.device, copy: dict, grad_check: bool, log) -> dict:
     B, T, D, R, dtype = prob.B, prob.T, prob.D, prob.R, prob.dtype
@@ -147,7 +162,8 @@ def run_point(m: Method, prob: Problem, mode: str, tracker: H.Tracker, budget: H
     rec = {"method": m.name, "op": m.op, "group": m.group, "label": m.label, "mode": mode,
            "dtype": DTYPE_NAMES[dtype], "B": B, "T": T, "D": D, "R": R, "K": prob.K, "tokens": B * T,
            "op_min_bytes_per_token": op_min_bytes(m.op, D, R, s, mode),
-           "bytes_per_token_model": m.bytes_model(D, R, s, mode) if m.bytes_model else None}
+           "bytes_per_token_model": m.bytes_model(D, R, s, mode) if m.bytes_model else None,
+           "traffic_model": _traffic_at(m, B, T, D, R, prob.K, s, mode)}
     key = (m.name, mode)
 
     def done(status, reason=None, **kw):

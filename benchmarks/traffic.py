@@ -72,6 +72,22 @@ class Shape:
         return math.ceil(self.D / self.BD)
 
     @property
+    def nd_out(self) -> int:         # channel blocks of _k2_out_kernel / _k2_dx_kernel (kernels/k2.py)
+        return math.ceil(self.D / (16 if self.BR > 32 else self.BD))
+
+    @property
+    def nd_dx(self) -> int:
+        return math.ceil(self.D / (16 if self.BR > 32 else min(self.BD, 32)))
+
+    @property
+    def pass_grid(self) -> int:      # the state pass: 128 flat (r, d) entries a program
+        return self.B * math.ceil(self.R * self.D / 128)
+
+    @property
+    def pass_steps(self) -> int:     # its dependent steps: 16 chunks composed per step
+        return math.ceil(math.ceil(self.T / CHUNK) / 16)
+
+    @property
     def st(self) -> float:           # one (R, D) float32 state per chunk, per token
         return self.R * self.D * F32 / CHUNK
 
@@ -89,6 +105,7 @@ class Launch:
     grid: int = 0
     cached: float = 0.0
     note: str = ""
+    steps: int = 1                   # dependent steps of one program (the sequential walks)
 
 
 def _bm(S: Shape) -> int:
@@ -106,10 +123,12 @@ def fused_fwd(S: Shape) -> List[Launch]:
         Launch("_k2_qk_kernel", D * s, (2 * R + 2) * F32, grid=math.ceil(S.tokens / _bm(S)),
                cached=2 * D * R * F32 / _bm(S), note="reads x; writes q_hat, k, norms; u, v per program (cached)"),
         Launch("q = alpha q_hat, k contiguous (PyTorch)", 0, 4 * R * F32),
-        Launch("_chunk_state_kernel", D * s, R * F32 * S.nd, S.st, S.NC * S.nd, note="reads x, k"),
-        Launch("_state_pass_kernel", 0, 0, 2 * S.st, S.B * math.ceil(R * D / 512), note="the sequential walk"),
-        Launch("_k2_out_kernel", D * s * (2 + S.halo), 2 * R * F32, S.st, S.nd * S.NC,
-               cached=D * s + 2 * R * F32 * (S.nd - 1), note="reads x (+ halo), q, k, S_prev; writes y"),
+        Launch("_chunk_state_kernel", D * s, R * F32, S.st, S.NC * S.nd, cached=R * F32 * (S.nd - 1),
+               note="reads x, k"),
+        Launch("_state_pass_kernel", 0, 0, 2 * S.st, S.pass_grid, steps=S.pass_steps,
+               note="the walk over chunks, 16 composed per step"),
+        Launch("_k2_out_kernel", D * s * (2 + S.halo), 2 * R * F32, S.st, S.nd_out * S.NC,
+               cached=D * s + 2 * R * F32 * (S.nd_out - 1), note="reads x (+ halo), q, k, S_prev; writes y"),
     ]
 
 
@@ -117,19 +136,20 @@ def fused_bwd(S: Shape) -> List[Launch]:
     R, D, s = S.R, S.D, S.s
     n_sub = CHUNK // SUB
     fuse_duv, fuse_dw = S.BR <= MAX_FUSED_R, S.K <= MAX_FUSED_TAPS
-    G = max(1, min(MAX_GROUP, S.NC * S.nd // DX_TARGET))
+    G = max(1, min(MAX_GROUP, S.NC * S.nd_dx // DX_TARGET))
     NG = math.ceil(S.NC / G)
     part = NG * (D * 2 * R * F32 * fuse_duv + (D * S.K * F32 if fuse_dw else 0)) / S.tokens
     out = [
         Launch("q = alpha q_hat, k contiguous (PyTorch)", 0, 4 * R * F32),
-        Launch("_chunk_state_kernel (reverse)", D * s, R * F32 * S.nd, S.st, S.NC * S.nd, note="reads dy, q"),
-        Launch("_state_pass_kernel (reverse)", 0, 0, 2 * S.st, S.B * math.ceil(R * D / 512)),
+        Launch("_chunk_state_kernel (reverse)", D * s, R * F32, S.st, S.NC * S.nd, cached=R * F32 * (S.nd - 1),
+               note="reads dy, q"),
+        Launch("_state_pass_kernel (reverse)", 0, 0, 2 * S.st, S.pass_grid, steps=S.pass_steps),
         Launch("_bwd_dqk_kernel", 2 * D * s, 4 * R * F32, 2 * S.st, n_sub * S.NC,
                cached=2 * D * s * (n_sub - 1) + 2 * S.st * (n_sub - 1),
                note="reads x, dy (whole chunk per sub-chunk program), S_prev, G"),
         Launch("_k2_dp_kernel", 0, (6 * R + 2) * F32, grid=math.ceil(S.tokens / _bm(S))),
         Launch("_k2_dx_kernel", D * s * (2 + S.halo + (1 if fuse_duv or fuse_dw else 0)), 4 * R * F32 + part,
-               S.st, S.nd * NG, cached=D * s * (S.K if fuse_dw else 0),
+               S.st, S.nd_dx * NG, cached=D * s * (S.K if fuse_dw else 0), steps=G,
                note=f"reads dy (+ halo), x, q, k, dp, G; writes dx and per-group partials; {G} chunks a program"),
     ]
     if not fuse_duv:
@@ -152,19 +172,23 @@ def old_fused_fwd(S: Shape) -> List[Launch]:
     nd = math.ceil(D / bd)
     single = D <= bd and S.R <= 32
     return [Launch("_k2_fwd_kernel (old)", D * s * ((1 if single else nd) + 1), 0, S.st, S.B * nd,
-                   cached=0 if single else D * s,
+                   cached=0 if single else D * s, steps=math.ceil(S.T / SUB),
                    note=f"{S.B * nd} programs of {math.ceil(S.T / SUB)} dependent 16-token steps; "
                         "every channel block projects all of D")]
 
 
-def _scan_bwd(S: Shape, q_s: int) -> List[Launch]:
+def _scan_bwd(S: Shape, q_s: int, old: bool = False) -> List[Launch]:
     R, D, s = S.R, S.D, S.s
     n_sub = CHUNK // SUB
+    walk = ((S.B * math.ceil(R * D / 512), math.ceil(S.T / CHUNK)) if old   # the pass of e1fc1ef
+            else (S.pass_grid, S.pass_steps))
+    per_block = S.nd if old else 1        # e1fc1ef's grids ran the chunks of one channel block first
     return [
-        Launch("_chunk_state_kernel (reverse)", D * s, R * q_s * S.nd, S.st, S.NC * S.nd),
-        Launch("_state_pass_kernel (reverse)", 0, 0, 2 * S.st, S.B * math.ceil(R * D / 512)),
+        Launch("_chunk_state_kernel (reverse)", D * s, R * q_s * per_block, S.st, S.NC * S.nd),
+        Launch("_state_pass_kernel (reverse)", 0, 0, 2 * S.st, walk[0], steps=walk[1]),
         Launch("_intra_A_kernel", 0, 2 * R * q_s + CHUNK * F32, grid=S.NC * n_sub, note="writes A (rows, 64)"),
-        Launch("_chunk_out_kernel (reverse: dv)", 2 * D * s, (CHUNK * F32 + R * q_s) * S.nd, S.st, S.NC * S.nd),
+        Launch("_chunk_out_kernel (reverse: dv)", 2 * D * s, (CHUNK * F32 + R * q_s) * per_block, S.st,
+               S.NC * S.nd),
         Launch("_bwd_dqk_kernel", 2 * D * s, 4 * R * q_s, 2 * S.st * n_sub, S.NC * n_sub,
                cached=2 * D * s * (n_sub - 1)),
     ]
@@ -175,7 +199,7 @@ def old_fused_bwd(S: Shape) -> List[Launch]:
     up = 0 if s == F32 else D * (s + F32)                     # x.float() / dy.float() copies
     return [
         Launch("x.float(); q, k = x @ [u|v], normalise (PyTorch)", up + D * F32, 12 * R * F32),
-        *_scan_bwd(S, s),
+        *_scan_bwd(S, s, old=True),
         Launch("dp chain, [du|dv] = x^T dp (PyTorch)", D * F32, 16 * R * F32),
         Launch("gate * dy.float() (PyTorch)", D * s + 2 * D * F32 + up),
         Launch("_conv_bwd_dx_kernel", D * F32 * (2 + S.halo), grid=math.ceil(S.T / 64) * S.B * S.nd),
@@ -190,9 +214,9 @@ def unfused_fwd(S: Shape) -> List[Launch]:
     return [
         Launch("x @ u, x @ v, normalise (PyTorch)", 2 * D * s, 12 * R * s),
         Launch("_intra_A_kernel", 0, 2 * R * s + CHUNK * F32, grid=S.NC * n_sub),
-        Launch("_chunk_state_kernel", D * s, R * s * S.nd, S.st, S.NC * S.nd),
-        Launch("_state_pass_kernel", 0, 0, 2 * S.st, S.B * math.ceil(R * D / 512)),
-        Launch("_chunk_out_kernel", 2 * D * s, (CHUNK * F32 + R * s) * S.nd, S.st, S.NC * S.nd),
+        Launch("_chunk_state_kernel", D * s, R * s, S.st, S.NC * S.nd),
+        Launch("_state_pass_kernel", 0, 0, 2 * S.st, S.pass_grid, steps=S.pass_steps),
+        Launch("_chunk_out_kernel", 2 * D * s, CHUNK * F32 + R * s, S.st, S.NC * S.nd),
         Launch("_conv_fwd_kernel", D * s * (2 + S.halo), grid=math.ceil(S.T / 64) * S.B * S.nd),
         Launch("sigmoid(g) * c + y (PyTorch)", 5 * D * s, note="two elementwise ops"),
     ]
@@ -249,30 +273,34 @@ def model(path: str, S: Shape) -> dict:
         act = sum(r.act for r in rows)
         small = sum(r.small for r in rows)
         states = sum(r.states for r in rows)
-        grids = [r.grid for r in rows if r.grid]
+        grids = [r.grid for r in rows if r.grid and r.steps == 1]
+        walks = [r for r in rows if r.steps > 1]
         out[mode] = {
             "launches": [dataclasses.asdict(r) for r in rows],
             "bytes_per_token": act + small + states, "act_bytes_per_token": act,
             "small_bytes_per_token": small, "state_bytes_per_token": states,
             "passes": act / (S.D * S.s), "copy_bound_passes": 2 if mode == "fwd" else 3,
             "fraction_of_copy_bound": (2 if mode == "fwd" else 3) * S.D * S.s / (act + small + states),
-            "smallest_grid": min(grids) if grids else None,
+            "smallest_parallel_grid": min(grids) if grids else None,
+            "longest_walk": max(((r.steps, r.grid) for r in walks), default=None),
         }
     return out
 
 
 def table(shapes: List[Shape], paths=("old_fused", "fused", "unfused", "chunked")) -> str:
     lines = ["| D | T | path | fwd bytes/token | fwd D-wide passes | bwd bytes/token | bwd D-wide passes | "
-             "fwd+bwd vs copy bound | smallest grid (fwd / bwd) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "fwd+bwd vs copy bound | smallest parallel grid (fwd / bwd) | longest walk: steps x programs |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for S in shapes:
         for p in paths:
             m = model(p, S)
             f, b = m["fwd"], m["bwd"]
             frac = 5 * S.D * S.s / (f["bytes_per_token"] + b["bytes_per_token"])
+            walk = max([w for w in (f["longest_walk"], b["longest_walk"]) if w], default=None)
             lines.append(f"| {S.D} | {S.T} | {p} | {f['bytes_per_token']:.0f} | {f['passes']:.2f} | "
                          f"{b['bytes_per_token']:.0f} | {b['passes']:.2f} | {frac:.0%} | "
-                         f"{f['smallest_grid'] or '-'} / {b['smallest_grid'] or '-'} |")
+                         f"{f['smallest_parallel_grid'] or '-'} / {b['smallest_parallel_grid'] or '-'} | "
+                         f"{f'{walk[0]} x {walk[1]}' if walk else '-'} |")
     return "\n".join(lines)
 
 

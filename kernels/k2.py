@@ -13,38 +13,40 @@ Forward, four launches (x is read three times, y written once):
   1. ``_k2_qk_kernel``       grid (rows / BM,): q_hat = normalize(x @ u), k = normalize(x @ v) and
                              the two norms, once per token -> qkn (rows, 2R + 2) float32 (reads x);
                              q = alpha * q_hat is one (rows, R) product on the host side;
-  2. ``_chunk_state_kernel`` (scan) grid (NC, D / BD): chunk-local states (k g^(L-1-j))^T @ x
+  2. ``_chunk_state_kernel`` (scan) grid (NC, D / 64): chunk-local states (k g^(L-1-j))^T @ x
                              (reads x);
-  3. ``_state_pass_kernel``  (scan) grid (N, R*D / 512): the only walk over a sequence, elementwise
-                             on the (R, D) chunk states -> S_prev[c] (the chunk states the
-                             backward reads) and the final state;
-  4. ``_k2_out_kernel``      grid (NC, D / BD): per chunk and channel block, the scores A of the
+  3. ``_state_pass_kernel``  (scan) grid (N, R*D / 128): the only walk over a sequence, elementwise
+                             on the (R, D) chunk states, 16 chunks composed per step ->
+                             S_prev[c] (the chunk states the backward reads) and the final state;
+  4. ``_k2_out_kernel``      grid (D / BD, NC): per chunk and channel block, the scores A of the
                              chunk (recomputed from q, k: O(R) per token read), o = A @ x +
                              (q g^(i+1)) @ S_prev, the conv tile, y = gate * conv + o (reads x, its
                              chunk and K - 1 rows before it; writes y).
 
-Backward, from x, qkn and the chunk states (no forward recomputed; dy read three times, x twice
-plus the weight-gradient pass, dx written once):
+Backward, from x, qkn and the chunk states (no forward recomputed; dy read three times, x
+twice, dx written once: about six D-wide passes per token):
   1. ``_chunk_state_kernel`` (scan, reversed) chunk-local (q g^(i+1))^T @ dy (reads dy);
-  2. ``_state_pass_kernel``  (scan, reversed) -> G[c] (the gradient entering each chunk from the
-                             right) and d scan_state;
-  3. ``_bwd_dqk_kernel``     (scan) grid (NC, CHUNK / SUB_CHUNK): dq, dk, dgamma partials (reads x,
-                             dy);
+  2. ``_state_pass_kernel``  (scan, reversed) -> G[c] (the gradient of the state after chunk c)
+                             and d scan_state;
+  3. ``_bwd_dqk_kernel``     (scan) grid (CHUNK / SUB_CHUNK, NC): dq, dk and dgamma partials (reads
+                             x, dy);
   4. ``_k2_dp_kernel``       grid (rows / BM,): dq, dk through the normalisation -> dp (rows, 2R),
                              dalpha partials (O(R) per token);
-  5. ``_k2_dx_kernel``       grid (NC, D / BD): dx = A^T dy + (k g^(L-1-j)) @ G + gate * conv^T(dy)
-                             + dconv_final + dp @ [u | v]^T, written once (reads dy, its chunk
-                             and K - 1 rows after it);
-  6. [du | dv] = x^T dp      one matrix product (reads x);
-  7. ``conv_bwd_dw``         (conv) W = sum_t dy_t xe_{t-l} (reads x, dy), giving dkernel = gate W
-                             and dgate_logit = gate (1 - gate) <W, kernel>; and d conv_state, the
-                             first K - 1 extended rows of conv^T (``conv_bwd_dx``, dh0 only).
+  5. ``_k2_dx_kernel``       grid (D / BD, NC / G): per group of G chunks, dx = A^T dy +
+                             (k g^(L-1-j)) @ G + gate * conv^T(dy) + dconv_final + dp @ [u | v]^T,
+                             written once (reads dy, its chunk and K - 1 rows after it); from the
+                             same sub-chunks' x rows, the group's partial sums of [du | dv] = x^T dp
+                             (R <= 32) and of the conv's weight gradient W[l] = sum_t dy_t xe_{t-l}
+                             (K <= 64), giving dkernel = gate W and dgate_logit = gate (1 - gate)
+                             <W, kernel>;
+     beyond those sizes one matrix product x^T dp and ``conv_bwd_dw`` (one or two more passes);
+     d conv_state from the first K - 1 extended rows of conv^T (``conv_bwd_dx``, dh0 only).
 The traffic of every launch is modelled in ``benchmarks/traffic.py``.
 
-Deterministic: no atomics; dgamma, dalpha and dkernel are per-block partials summed in a fixed
-order.  Numerics as the scan's: float32 accumulation, every decay power g^n = exp2(n log2 g)
-with n >= 0, nothing divides by gamma; tensor-core dots for bf16 / fp16 inputs, state products
-in fp32 for fp16.
+Deterministic: no atomics; dgamma, dalpha, du, dv and dkernel are per-block partials summed in a
+fixed order (the chunk groups depend on shapes only).  Numerics as the scan's: float32
+accumulation, every decay power g^n = exp2(n log2 g) with n >= 0, nothing divides by gamma;
+tensor-core dots for bf16 / fp16 inputs, state products in fp32 for fp16.
 """
 from __future__ import annotations
 
@@ -326,12 +328,21 @@ class _Plan:
             self.lay.cu if self.varlen else None, B, T, CHUNK)
         self.cfg = scan_config(R, D, x.dtype)
         self.dot_mode, self.state_dot_mode = _dot_modes(x.dtype)
-        self.grid_c = (self.NC if self.varlen else self.NT, triton.cdiv(D, self.cfg.BD), 1 if self.varlen else B)
-        # channels per program of the K2 tile kernels (offline compile gate, 2026-12-02: at R > 32
-        # 32 channels spilled 8 B in both on sm_80 / sm_90, fp32; _k2_dx_kernel at 64 channels
-        # spilled 8-100 B on sm_90 / sm_100, at 32 none)
-        self.BD_out = 16 if self.cfg.BR > 32 else self.cfg.BD
-        self.BD_dx = 16 if self.cfg.BR > 32 else min(self.cfg.BD, 32)
+        # (chunks, batch rows): NC and 1 with packed sequences; the grids put the blocks that share
+        # a chunk's rows (channel blocks, sub-chunks) first, so they run back to back
+        self.grid_t = (self.NC, 1) if self.varlen else (self.NT, B)
+        # launch settings of the K2 tile kernels, from the offline compile gate (2026-12-02; every
+        # alternative named spilled on sm_80, sm_90 or sm_100):
+        #   _k2_out_kernel  R > 32: 16 channels, 4 warps (32 channels: 8 B; 8 warps: 12-16 B, bf16);
+        #                   else 64 channels, 8 warps;
+        #   _k2_dx_kernel   R > 32: 16 channels, 32-wide R slices, 8 warps (16-wide: 8 B; 2 or 4
+        #                   warps: 56 B, fp32); fp32: 16 channels, 2 warps (32 channels with 8 warps:
+        #                   36-40 B; 4 warps: 8-32 B); 16-bit: 32 channels, 8 warps (64: 8-100 B)
+        big_r = self.cfg.BR > 32
+        fp32 = self.dot_mode == 0
+        self.out_cfg = (16, 4) if big_r else (self.cfg.BD, self.cfg.warps)             # (BD, warps)
+        self.dx_cfg = ((16, 32, 8) if big_r else (16, self.cfg.BK, 2) if fp32          # (BD, BK, warps)
+                       else (min(self.cfg.BD, 32), self.cfg.BK, 8))
         self.BM = _block_m(self.cfg.BR)
         self.per_channel = kernel.dim() == 2
         self.conv_dot = kernel.dim() == 1 and self.K > _conv.DOT_MIN_TAPS
@@ -383,23 +394,39 @@ def k2_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
         q = (qkn[:, :R] * _f32(alpha)).contiguous()
         k = qkn[:, R:2 * R].contiguous()
         states = torch.empty(P.NC, R, D, **f32)
-        launch(_chunk_state_kernel, P.grid_c, **P.chunk_args(),
+        launch(_chunk_state_kernel, (triton.cdiv(D, cfg.BD), *P.grid_t), **P.chunk_args(),
                x=k, y=x2, lg=lg, s=states, R=R, D=D, BT=CHUNK, BR=cfg.BR, BD=cfg.BD, BK=cfg.BK,
                REVERSE=False, IS_VARLEN=P.varlen, DOT_MODE=P.dot_mode, num_warps=cfg.warps)
         launch(_state_pass_kernel, (P.N, triton.cdiv(R * D, PASS_BLOCK)), **P.pass_args(),
                s=states, lg=lg, h0=s0, ht=sT, USE_INITIAL_STATE=s0 is not None,
                STORE_FINAL_STATE=output_final_state, REVERSE=False)
         gate = torch.sigmoid(_f32(gate_logit).reshape(1))
-        launch(_k2_out_kernel, (triton.cdiv(D, P.BD_out), P.grid_c[0], P.grid_c[2]), **P.chunk_args(),
+        BD_out, warps_out = P.out_cfg
+        launch(_k2_out_kernel, (triton.cdiv(D, BD_out), *P.grid_t), **P.chunk_args(),
                x=x2, q=q, k=k, lg=lg, gate=gate, w=_f32(kernel), c0=_f32(conv_state) if use_c0 else x2,
-               s=states, y=y, D=D, R=R, K=P.K, BT=CHUNK, BC=SUB_CHUNK, BR=cfg.BR, BRS=cfg.BRS_A, BD=P.BD_out,
+               s=states, y=y, D=D, R=R, K=P.K, BT=CHUNK, BC=SUB_CHUNK, BR=cfg.BR, BRS=cfg.BRS_A, BD=BD_out,
                BK=cfg.BK, DIAG_LOOP=cfg.diag_loop, PER_CHANNEL=P.per_channel, CONV_DOT=P.conv_dot,
                USE_C0=use_c0, IS_VARLEN=P.varlen, DOT_MODE=P.dot_mode, STATE_DOT_MODE=P.state_dot_mode,
-               num_warps=cfg.warps)
+               num_warps=warps_out)
         if not store_chunk_states:
             states = qkn = None
     cT = P.lay.final_rows(x2, conv_state if P.K > 1 else None, P.K) if output_final_state else None
     return y.view(B, T, D), sT, cT, states, qkn
+
+
+def k2_dp(qkn, alpha, dq, dk):
+    """Backward of q = alpha * normalize(p_u), k = normalize(p_v) from the forward's qkn (M, 2R+2)
+    -> (dp (M, 2R) = [dp_u | dp_v], dalpha (R,)), float32; dq, dk (M, R)."""
+    M, R = dq.shape
+    BR = max(16, triton.next_power_of_2(R))
+    BM = _block_m(BR)
+    n_m = triton.cdiv(M, BM)
+    dp = torch.empty(M, 2 * R, dtype=torch.float32, device=dq.device)
+    da = torch.empty(n_m, R, dtype=torch.float32, device=dq.device)
+    if M:
+        launch(_k2_dp_kernel, (n_m,), qkn=qkn, alpha=alpha.detach().float().contiguous(), dq=dq.contiguous(),
+               dk=dk.contiguous(), dp=dp, dalpha=da, M=M, R=R, BM=BM, BR=BR, num_warps=4)
+    return dp, da.sum(dim=0, dtype=torch.float64).to(torch.float32)                # fixed order
 
 
 def k2_bwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu_seqlens,
@@ -434,7 +461,7 @@ def k2_bwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu
     k = qkn[:, R:2 * R].contiguous()
     # G[c], d scan_state: the scan's reversed chunk-state kernel and state pass
     dstates = torch.empty(P.NC, R, D, **f32)
-    launch(_chunk_state_kernel, P.grid_c, **P.chunk_args(),
+    launch(_chunk_state_kernel, (triton.cdiv(D, cfg.BD), *P.grid_t), **P.chunk_args(),
            x=q, y=dy2, lg=lg, s=dstates, R=R, D=D, BT=CHUNK, BR=cfg.BR, BD=cfg.BD, BK=cfg.BK,
            REVERSE=True, IS_VARLEN=P.varlen, DOT_MODE=P.dot_mode, num_warps=cfg.warps)
     ds0 = torch.empty(P.N, R, D, **f32) if scan_state is not None else None
@@ -446,17 +473,12 @@ def k2_bwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu
     dk = torch.empty(B * T, R, **f32)
     n_sub = CHUNK // SUB_CHUNK
     dg = torch.empty(P.NC * n_sub, R, **f32)
-    launch(_bwd_dqk_kernel, (n_sub, P.grid_c[0], P.grid_c[2]), **P.chunk_args(),
+    launch(_bwd_dqk_kernel, (n_sub, *P.grid_t), **P.chunk_args(),
            q=q, k=k, v=x2, do=dy2, lg=lg, s=chunk_states, ds=dstates, dq=dq, dk=dk, dg=dg, R=R, D=D,
            BT=CHUNK, BC=SUB_CHUNK, BR=cfg.BR, BRS=cfg.BRS, BD=cfg.BDQ, DIAG_LOOP=cfg.diag_loop,
            IS_VARLEN=P.varlen, DOT_MODE=P.dot_mode, STATE_DOT_MODE=P.state_dot_mode,
            num_warps=cfg.warps_sub, num_stages=1)
-    # through the normalisation
-    n_m = triton.cdiv(B * T, P.BM)
-    dp = torch.empty(B * T, 2 * R, **f32)
-    da = torch.empty(n_m, R, **f32)
-    launch(_k2_dp_kernel, (n_m,), qkn=qkn, alpha=af, dq=dq, dk=dk, dp=dp, dalpha=da, M=B * T, R=R,
-           BM=P.BM, BR=cfg.BR, num_warps=4)
+    dp, dalpha = k2_dp(qkn, af, dq, dk)                                  # through the normalisation
     # dx, written once; with it, per group of chunks, [du | dv] = x^T dp and the conv's weight
     # gradient W = sum_t dy_t xe_{t-l} (when fused: R <= 32 and K <= 64, else separate passes)
     uf, vf = _f32(u), _f32(v)
@@ -464,7 +486,8 @@ def k2_bwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu
     dx = torch.empty(B * T, D, dtype=x.dtype, device=x.device)
     fuse_duv = cfg.BR <= MAX_FUSED_R
     fuse_dw = K <= MAX_FUSED_TAPS
-    nd = triton.cdiv(D, P.BD_dx)
+    BD_dx, BK_dx, warps_dx = P.dx_cfg
+    nd = triton.cdiv(D, BD_dx)
     G = dx_group(P.NC, nd)
     NG = triton.cdiv(P.NC, G)
     BW = max(16, triton.next_power_of_2(K)) if fuse_dw else 16
@@ -475,10 +498,10 @@ def k2_bwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu
            x=x2, dy=dy2, q=q, k=k, lg=lg, ds=dstates, dp=dp, u=uf, v=vf, gate=g, w=_f32(kernel),
            c0=c0 if c0 is not None else x2, dfin=dfin, dx=dx, duv_part=duv_part, dw_part=dw_part,
            cu_seqlens=P.cu, chunk_indices=P.chunk_indices, T=T, D=D, R=R, K=K, NT=P.NT, NC=P.NC, G=G,
-           BT=CHUNK, BC=SUB_CHUNK, BR=cfg.BR, BRS=cfg.BRS_A, BD=P.BD_dx, BK=cfg.BK, BW=BW,
+           BT=CHUNK, BC=SUB_CHUNK, BR=cfg.BR, BRS=cfg.BRS_A, BD=BD_dx, BK=BK_dx, BW=BW,
            DIAG_LOOP=cfg.diag_loop, PER_CHANNEL=P.per_channel, CONV_DOT=P.conv_dot, USE_C0=c0 is not None,
            USE_DFIN=use_dfin, FUSE_DUV=fuse_duv, FUSE_DW=fuse_dw, IS_VARLEN=P.varlen,
-           DOT_MODE=P.dot_mode, STATE_DOT_MODE=P.state_dot_mode, num_warps=cfg.warps)
+           DOT_MODE=P.dot_mode, STATE_DOT_MODE=P.state_dot_mode, num_warps=warps_dx)
     if fuse_duv:
         duv = duv_part.sum(0)                                               # fixed order
     else:
@@ -495,6 +518,5 @@ def k2_bwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu
         _, dc0 = conv_bwd_dx(dy2.view(B, T, D), kernel, dfin if use_dfin else None, True, cu_seqlens,
                              torch.float32, torch.float32, scale=g, dh0_only=True)
     dgamma = dg.sum(dim=0, dtype=torch.float64).to(torch.float32)       # fixed-order reductions
-    dalpha = da.sum(dim=0, dtype=torch.float64).to(torch.float32)
     return (dx.view(B, T, D), duv[:, :R].contiguous(), duv[:, R:].contiguous(), dalpha, dgamma, dkernel,
             dgate, ds0, dc0)

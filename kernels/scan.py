@@ -39,11 +39,15 @@ can exceed).  Measured vs the float64 naive reference (interpreter, T <= 4096): 
 Kernels (every grid is parallel over chunks; only the state passing walks the chunks;
 with cu_seqlens the chunk axis runs over all NC chunks of the packed batch and B is 1):
     _intra_A_kernel       A (rows of every chunk), grid (NT, BT // BC, B)
-    _chunk_state_kernel   chunk-local states dS[c] (forward) / dH[c] (backward), grid (NT, D/BD, B)
+    _chunk_state_kernel   chunk-local states dS[c] (forward) / dH[c] (backward), grid (D/BD, NT, B)
     _state_pass_kernel    sequential pass over the chunks of a sequence, elementwise in (R, D),
                           grid (N, R*D / BLOCK); forward in time, or reversed for the backward
-    _chunk_out_kernel     o (forward) / dv (backward), grid (NT, D/BD, B)
+    _chunk_out_kernel     o (forward) / dv (backward), grid (D/BD, NT, B)
     _bwd_dqk_kernel       dq, dk and per-(chunk, sub-chunk) partial dgamma, grid (BT // BC, NT, B)
+
+The tile kernels' grids run the channel blocks of one chunk back to back (D/BD first), so the
+chunk's q, k, A rows they all read are shared in cache; _bwd_dqk runs the sub-chunks of one chunk
+back to back for the same reason.
 
 No atomics anywhere: dgamma partials are written to a (chunks * sub-chunks, R) buffer and
 summed by torch in a fixed order, so two runs give bitwise-identical gradients.
@@ -224,7 +228,7 @@ def _chunk_state_kernel(x, y, lg, s, cu_seqlens, chunk_indices, T, R, D, NT,
     runs in BK-token slices (see ``ScanConfig``: one (BT, BD) operand of an fp32 dot on CUDA
     cores does not fit in registers).
     """
-    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_d, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _, bos, i_tc, i_s, L = chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
     t0 = bos + i_tc * BT
     o_r = tl.arange(0, BR)
@@ -339,7 +343,7 @@ def _chunk_out_kernel(x, y, lg, A, s, out, cu_seqlens, chunk_indices, T, R, D, N
     A: (B*T, BT) float32 from _intra_A_kernel; s: (NC, R, D) float32; out like y.
     Both contractions (over the chunk's tokens, over R) run in BK-wide slices.
     """
-    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_d, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _, bos, i_tc, i_s, L = chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
     t0 = bos + i_tc * BT
     o_t = tl.arange(0, BT)
@@ -594,8 +598,9 @@ def scan_config(R: int, D: int, dtype: torch.dtype) -> ScanConfig:
         raise ValueError(f"the triton scan supports R <= 128, got R = {R}")
     BR = max(16, triton.next_power_of_2(R))
     BD = min(64, max(16, triton.next_power_of_2(D)))
-    return ScanConfig(BR=BR, BD=BD, BK=16, BRS=min(BR, 32), BRS_A=16,
-                      BDQ=min(BD, 32 if dtype == torch.bfloat16 else 16), diag_loop=BR > 32,
+    # BRS 16 for fp32 at R > 32: 32-wide slices spilled 20 B on sm_90 / sm_100 (compile gate, 2026-12-02)
+    return ScanConfig(BR=BR, BD=BD, BK=16, BRS=16 if BR > 32 and dtype == torch.float32 else min(BR, 32),
+                      BRS_A=16, BDQ=min(BD, 32 if dtype == torch.bfloat16 else 16), diag_loop=BR > 32,
                       warps=8,
                       warps_sub=4 if BR <= 32 and dtype != torch.float32 else 8)
 
@@ -648,7 +653,7 @@ def scan_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
 
     A = _intra_A(q, k, lg, cu, chunk_indices, NC, B, T, NT, BT, cfg, is_varlen, dot_mode)
     states = torch.empty(NC, R, D, dtype=torch.float32, device=q.device)
-    launch(_chunk_state_kernel, (G_t, triton.cdiv(D, BD), G_b),
+    launch(_chunk_state_kernel, (triton.cdiv(D, BD), G_t, G_b),
            x=k, y=v, lg=lg, s=states, cu_seqlens=cu, chunk_indices=chunk_indices, T=T, R=R, D=D, NT=NT,
            BT=BT, BR=BR, BD=BD, BK=BK, num_warps=cfg.warps,
            REVERSE=False, IS_VARLEN=is_varlen, DOT_MODE=dot_mode)
@@ -658,7 +663,7 @@ def scan_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
            NT=NT, BT=BT, BLOCK=PASS_BLOCK, CB=PASS_CHUNKS, USE_INITIAL_STATE=h0 is not None,
            STORE_FINAL_STATE=output_final_state, REVERSE=False, IS_VARLEN=is_varlen)
     o = torch.empty_like(v)
-    launch(_chunk_out_kernel, (G_t, triton.cdiv(D, BD), G_b),
+    launch(_chunk_out_kernel, (triton.cdiv(D, BD), G_t, G_b),
            x=q, y=v, lg=lg, A=A, s=states, out=o, cu_seqlens=cu, chunk_indices=chunk_indices, T=T, R=R,
            D=D, NT=NT, BT=BT, BR=BR, BD=BD, BK=BK, num_warps=cfg.warps,
            REVERSE=False, IS_VARLEN=is_varlen, DOT_MODE=dot_mode,
@@ -707,7 +712,7 @@ def scan_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
 
     # G[c]: gradient w.r.t. the state after chunk c (reverse pass, in place on dstates)
     dstates = torch.empty(NC, R, D, dtype=torch.float32, device=q.device)
-    launch(_chunk_state_kernel, (G_t, triton.cdiv(D, BD), G_b),
+    launch(_chunk_state_kernel, (triton.cdiv(D, BD), G_t, G_b),
            x=q, y=do, lg=lg, s=dstates, cu_seqlens=cu, chunk_indices=chunk_indices, T=T, R=R, D=D,
            NT=NT, BT=BT, BR=BR, BD=BD, BK=BK, num_warps=cfg.warps,
            REVERSE=True, IS_VARLEN=is_varlen, DOT_MODE=dot_mode)
@@ -720,7 +725,7 @@ def scan_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
 
     A = _intra_A(q, k, lg, cu, chunk_indices, NC, B, T, NT, BT, cfg, is_varlen, dot_mode)
     dv = torch.empty_like(v)
-    launch(_chunk_out_kernel, (G_t, triton.cdiv(D, BD), G_b),
+    launch(_chunk_out_kernel, (triton.cdiv(D, BD), G_t, G_b),
            x=k, y=do, lg=lg, A=A, s=dstates, out=dv, cu_seqlens=cu, chunk_indices=chunk_indices, T=T,
            R=R, D=D, NT=NT, BT=BT, BR=BR, BD=BD, BK=BK, num_warps=cfg.warps,
            REVERSE=True, IS_VARLEN=is_varlen, DOT_MODE=dot_mode,

@@ -130,6 +130,38 @@ def test_qk_analytic_backward_matches_autograd(R):
     assert_close("dx of the below-eps rows", got[0][[0, 1, 1], [1, 4, 7]], ref[0][[0, 1, 1], [1, 4, 7]], 1e-12)
 
 
+@needs_triton
+def test_triton_normalisation_backward_matches_autograd():
+    """The Triton path's chain through the normalisation (kernels.k2.k2_dp, from the forward's
+    q_hat, k and norms) == autograd through F.normalize in float64, including norms below eps
+    (0 exactly, tiny, only one projection zero) where eps, not the norm, divides."""
+    import torch.nn.functional as F
+    from kop_triton.kernels.k2 import k2_dp
+    from kop_triton.ops.k2 import NORM_EPS
+    g = torch.Generator().manual_seed(3)
+    M, R = 40, 5
+    f = torch.float64
+    pu, pv = torch.randn(M, R, generator=g, dtype=f), torch.randn(M, R, generator=g, dtype=f)
+    pu[3], pv[3] = 0.0, 0.0
+    pu[7] *= 1e-10
+    pv[7] *= 1e-10
+    pu[11] = 0.0
+    pu[13] *= 1.5e-8 / float(pu[13].norm())                               # just above eps
+    alpha = torch.rand(R, generator=g, dtype=f) + 0.2
+    leaves = [t.clone().requires_grad_() for t in (pu, pv, alpha)]
+    q = F.normalize(leaves[0], dim=-1, eps=NORM_EPS) * leaves[2]
+    k = F.normalize(leaves[1], dim=-1, eps=NORM_EPS)
+    dq, dk = torch.randn(M, R, generator=g, dtype=f), torch.randn(M, R, generator=g, dtype=f)
+    ref = torch.autograd.grad((q, k), leaves, (dq, dk))
+    nu, nv = pu.norm(dim=-1, keepdim=True), pv.norm(dim=-1, keepdim=True)
+    qkn = torch.cat([pu / nu.clamp_min(NORM_EPS), pv / nv.clamp_min(NORM_EPS), nu, nv], 1).float()
+    dp, dalpha = k2_dp(qkn.to(DEVICE), alpha.float().to(DEVICE), dq.float().to(DEVICE), dk.float().to(DEVICE))
+    assert_close("dp_u", dp[:, :R], ref[0], 1e-6)
+    assert_close("dp_v", dp[:, R:], ref[1], 1e-6)
+    assert_close("dalpha", dalpha, ref[2], 1e-6)
+    assert_close("dp of the below-eps rows", dp[[3, 7, 11], :R], ref[0][[3, 7, 11]], 1e-6)
+
+
 # --------------------------------------------------------------------------------------
 # fused Triton kernel vs the float64 reference
 # --------------------------------------------------------------------------------------
@@ -355,6 +387,37 @@ def test_chunk_states_match_the_scan_kernels_layout(varlen):
     _, sT_ref, states_ref = scan_fwd(q, k, x, gamma, s0, True, cu, CHUNK)
     assert_close("chunk_states", states, states_ref, 1e-5)
     assert_close("scan_final", sT, sT_ref, 1e-5)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="a million tokens is out of the interpreter's reach")
+def test_fused_long_sequence_cuda():
+    """T = 1,000,003, decays from 0.01 to 1: y, final states and all 9 gradients vs the float64
+    chunked reference (itself checked against naive above)."""
+    args = k2_inputs(1, 1_000_003, 24, 4, 8, False, dtype=torch.float32, gamma_lo=0.01, device="cuda")
+    ref_args = [t.detach().double().requires_grad_() for t in args]
+    check_all(run("triton", args), run("chunked", ref_args), TOL[("triton", torch.float32)])
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs > 8 GiB of device memory; the interpreter cannot run it")
+def test_fused_int64_offsets_cuda():
+    """B*T*D past 2^31 (bf16): the output's tail and the final states match a float64 run of the
+    tail from the state the kernel chained up to it."""
+    B, D, R, K = 2, 64, 4, 8
+    T = 2 ** 31 // (B * D) + 300
+    x, u, v, alpha, gamma, w, gl, _, _ = [t.detach() for t in k2_inputs(
+        1, 64, D, R, K, False, dtype=torch.bfloat16, init=False, device="cuda")]
+    x = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16)
+    p = (u, v, alpha, gamma, w, gl)
+    y, (s1, c1) = k2_mixer(x, *p, output_final_state=True, backend="triton")
+    cut = T - 200
+    _, st = k2_mixer(x[:, :cut], *p, output_final_state=True, backend="triton")
+    y_ref, (s_ref, c_ref) = reference_k2_mixer(x[:, cut:].double(), *[t.double() for t in p],
+                                               initial_state=tuple(t.double() for t in st),
+                                               output_final_state=True, scan_backend="naive")
+    tol = TOL[("triton", torch.bfloat16)]
+    assert_close("y tail", y[:, cut:], y_ref, tol)
+    assert_close("scan_final", s1, s_ref, tol)
+    assert_close("conv_final", c1, c_ref, tol)
 
 
 # --------------------------------------------------------------------------------------
