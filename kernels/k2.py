@@ -67,10 +67,12 @@ NORM_EPS = tl.constexpr(1e-8)   # a constexpr: the compiler rejects a plain Pyth
 # rows per program of the O(R)-per-token kernels: (BM, BR) float32 tiles of <= 2048 elements
 QK_TILE = 2048
 # _k2_dx_kernel forms [du | dv] = x^T dp (its two (BD, R) float32 accumulators) for R <= 32, and
-# the conv's weight gradient for kernels of up to 64 taps (one pass over the taps per sub-chunk);
-# beyond, a matrix product and conv_bwd_dw (one more pass over x; over x and dy)
+# the conv's weight gradient for kernels of up to 64 taps (one pass over the taps per sub-chunk),
+# for 16-bit inputs; beyond, and for fp32 (whose CUDA-core products leave no registers for them),
+# a matrix product and conv_bwd_dw (one more pass over x; over x and dy)
 MAX_FUSED_R = 32
 MAX_FUSED_TAPS = 64
+FUSE_WEIGHT_GRADS = None        # None: 16-bit inputs only; tests set True to check the fused sums in fp32
 # chunks per _k2_dx_kernel program: enough programs to fill a GPU several times over (the
 # partial sums it writes shrink with the group); a function of shapes only, so the order of
 # every reduction is fixed.  Tests set DX_GROUP to force groups on tiny inputs.
@@ -333,16 +335,17 @@ class _Plan:
         self.grid_t = (self.NC, 1) if self.varlen else (self.NT, B)
         # launch settings of the K2 tile kernels, from the offline compile gate (2026-12-02; every
         # alternative named spilled on sm_80, sm_90 or sm_100):
-        #   _k2_out_kernel  R > 32: 16 channels, 4 warps (32 channels: 8 B; 8 warps: 12-16 B, bf16);
-        #                   else 64 channels, 8 warps;
-        #   _k2_dx_kernel   R > 32: 16 channels, 32-wide R slices, 8 warps (16-wide: 8 B; 2 or 4
-        #                   warps: 56 B, fp32); fp32: 16 channels, 2 warps (32 channels with 8 warps:
-        #                   36-40 B; 4 warps: 8-32 B); 16-bit: 32 channels, 8 warps (64: 8-100 B)
+        #   _k2_out_kernel  R > 32: 16 channels, 8 warps for fp32, 4 for 16-bit (32 channels: 8 B;
+        #                   the other warp count: 12-16 B); else 64 channels, 8 warps;
+        #   _k2_dx_kernel   16-bit: 32 channels (64: 8-100 B), 8 warps; R > 32: 16 channels and
+        #                   32-wide R slices (16-wide: 8 B; 2 or 4 warps: 56 B); fp32 on CUDA cores:
+        #                   16 channels and the weight gradients left to their own passes (fused,
+        #                   every warp count and channel block tried spilled 8-68 B)
         big_r = self.cfg.BR > 32
-        fp32 = self.dot_mode == 0
-        self.out_cfg = (16, 4) if big_r else (self.cfg.BD, self.cfg.warps)             # (BD, warps)
-        self.dx_cfg = ((16, 32, 8) if big_r else (16, self.cfg.BK, 2) if fp32          # (BD, BK, warps)
-                       else (min(self.cfg.BD, 32), self.cfg.BK, 8))
+        self.fp32 = fp32 = self.dot_mode == 0
+        self.out_cfg = (16, 8 if fp32 else 4) if big_r else (self.cfg.BD, self.cfg.warps)   # (BD, warps)
+        self.dx_cfg = ((16, 16, 8 if big_r else 4) if fp32                                  # (BD, BK, warps)
+                       else (16, 32, 8) if big_r else (min(self.cfg.BD, 32), self.cfg.BK, 8))
         self.BM = _block_m(self.cfg.BR)
         self.per_channel = kernel.dim() == 2
         self.conv_dot = kernel.dim() == 1 and self.K > _conv.DOT_MIN_TAPS
@@ -484,8 +487,9 @@ def k2_bwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu
     uf, vf = _f32(u), _f32(v)
     c0 = _f32(conv_state) if conv_state is not None and K > 1 else None
     dx = torch.empty(B * T, D, dtype=x.dtype, device=x.device)
-    fuse_duv = cfg.BR <= MAX_FUSED_R
-    fuse_dw = K <= MAX_FUSED_TAPS
+    fuse = (not P.fp32) if FUSE_WEIGHT_GRADS is None else FUSE_WEIGHT_GRADS
+    fuse_duv = cfg.BR <= MAX_FUSED_R and fuse
+    fuse_dw = K <= MAX_FUSED_TAPS and fuse
     BD_dx, BK_dx, warps_dx = P.dx_cfg
     nd = triton.cdiv(D, BD_dx)
     G = dx_group(P.NC, nd)

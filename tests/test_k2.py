@@ -242,19 +242,21 @@ def test_fused_state_pass_steps(monkeypatch, varlen, nan_empty):
 
 
 @needs_triton
-@pytest.mark.parametrize("varlen", [False, True], ids=["batch", "varlen"])
-def test_fused_backward_chunk_groups(monkeypatch, varlen, nan_empty):
+@pytest.mark.parametrize("varlen,K", [(False, 6), (True, 6), (False, 40)], ids=["batch", "varlen", "K40-toeplitz"])
+def test_fused_backward_chunk_groups(monkeypatch, varlen, K, nan_empty):
     """The dx kernel walks groups of 3 chunks (what long inputs get), crossing batch rows and
-    packed sequences inside a group, with the weight gradients summed per group."""
+    packed sequences inside a group, with [du | dv] and the conv's weight gradient summed per
+    group in the kernel (what 16-bit inputs get; forced here to check them at fp32 precision)."""
     from kop_triton.kernels import k2 as k2k
     monkeypatch.setattr(k2k, "DX_GROUP", 3)
+    monkeypatch.setattr(k2k, "FUSE_WEIGHT_GRADS", True)
     if varlen:
         lens = [70, 1, 130, 64]
         cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
-        args = k2_inputs(1, sum(lens), 9, 3, 6, True, dtype=torch.float32, N=len(lens), device=DEVICE)
+        args = k2_inputs(1, sum(lens), 9, 3, K, True, dtype=torch.float32, N=len(lens), device=DEVICE)
         got, ref = run("triton", args, cu_seqlens=cu), run("naive", f64(args), cu_seqlens=cu.cpu())
     else:
-        args = k2_inputs(2, 150, 9, 3, 6, False, dtype=torch.float32, device=DEVICE)
+        args = k2_inputs(2, 150, 9, 3, K, False, dtype=torch.float32, device=DEVICE)
         got, ref = run("triton", args), run("naive", f64(args))
     check_all(got, ref, TOL[("triton", torch.float32)])
 
