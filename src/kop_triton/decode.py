@@ -186,6 +186,97 @@ def _blocks(script: bool):
     return _SCRIPTED["fns"]
 
 
+_K2_NAMES = ("eps", "mean_w", "n1", "uv", "qk_scale", "gamma", "wg", "proj_wt", "proj_b", "up_wt", "up_b",
+             "down_wt", "down_b")
+_K1_NAMES = ("eps", "mean_w", "mix_wt", "mix_b", "up_wt", "up_b", "down_wt", "down_b")
+_K0_NAMES = ("eps", "mean_w", "w", "b")
+
+
+def _holder(cls, names, tensors):
+    m = cls()
+    for name, t in zip(names, tensors):
+        m.register_buffer(name, t, persistent=False)
+    return m
+
+
+class _K2Mod(torch.nn.Module):
+    """A K2 block's prepared tensors as buffers, for the scripted whole step (``_StepMod``)."""
+
+    def forward(self, h: torch.Tensor, S: torch.Tensor, C: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _k2_block(h, S, C, self.eps, self.mean_w, self.n1, self.uv, self.qk_scale, self.gamma, self.wg,
+                         self.proj_wt, self.proj_b, self.up_wt, self.up_b, self.down_wt, self.down_b, None)
+
+
+class _K1Mod(torch.nn.Module):
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return _k1_block(h, self.eps, self.mean_w, self.mix_wt, self.mix_b, self.up_wt, self.up_b, self.down_wt,
+                         self.down_b)
+
+
+class _K0Mod(torch.nn.Module):
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return _k0_block(h, self.eps, self.mean_w, self.w, self.b)
+
+
+class _StepMod(torch.nn.Module):
+    """The whole step of a [K1, K2 x n, K1, K0] stack without ROSA, scripted as one TorchScript module:
+    embedding (and projection), every pass of the stack, the final norm and (tied linear head) the
+    logits, with no Python between the blocks.  ``forward(ids (B,), scan states, conv states)`` ->
+    (logits (B, V), or the final-normed hidden state (B, D) for the other heads; new scan states;
+    new conv states), the states as lists in the model's order (layer within pass)."""
+
+    __constants__ = ["n_passes", "n_k2", "has_proj", "has_eta", "linear_head"]
+
+    def __init__(self, plan: "StepPlan"):
+        super().__init__()
+        self.first = _holder(_K1Mod, _K1_NAMES, plan.args[0])
+        self.k2 = torch.nn.ModuleList([_holder(_K2Mod, _K2_NAMES, a) for a in plan.args[1:-1]])
+        self.last = _holder(_K1Mod, _K1_NAMES, plan.args[-1])
+        self.k0 = _holder(_K0Mod, _K0_NAMES, plan.k0_args)
+        self.n_passes, self.n_k2 = plan.n_passes, len(plan.k2)
+        self.has_proj, self.has_eta = plan.emb_proj is not None, plan.eta is not None
+        self.linear_head = plan.head_wt is not None
+        empty = plan.emb.new_zeros(0)
+        for name, t in (("emb", plan.emb), ("emb_proj", plan.emb_proj), ("eta", plan.eta), ("norm", plan.norm),
+                        ("head_wt", plan.head_wt), ("eps", plan.nrm.eps), ("mean_w", plan.nrm.mean_w)):
+            self.register_buffer(name, empty if t is None else t, persistent=False)
+
+    def forward(self, ids: torch.Tensor, S: List[torch.Tensor],
+                C: List[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+        h = torch.embedding(self.emb, ids)
+        if self.has_proj:
+            h = torch.mm(h, self.emb_proj)
+        S2: List[torch.Tensor] = []
+        C2: List[torch.Tensor] = []
+        for p in range(self.n_passes):
+            g = self.first(h)
+            i = p * self.n_k2
+            for m in self.k2:
+                g, s, c = m(g, S[i], C[i])
+                S2.append(s)
+                C2.append(c)
+                i += 1
+            g = self.k0(self.last(g))
+            if self.has_eta:
+                h = h + self.eta * (g - h)
+            else:
+                h = g
+        t = torch.rsqrt(torch.addmm(self.eps, h * h, self.mean_w))
+        if self.linear_head:
+            return torch.mm(h, self.head_wt) * t, S2, C2
+        return h * t * self.norm, S2, C2
+
+
+def _script_step(plan: "StepPlan"):
+    """``_StepMod`` of the plan, scripted (~0.04 s; None if TorchScript refuses: the block path then)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.script(_StepMod(plan))
+    except Exception:  # pragma: no cover - TorchScript missing or refusing
+        return None
+
+
 class StepPlan:
     """One token through a KStackLM with prepared parameters: ``plan.step(ids_t, state)``."""
 
@@ -236,6 +327,9 @@ class StepPlan:
                 self.args.append((n.eps, n.mean_w, blk.mix.wt, blk.mix.b, blk.up.wt, blk.up.b, blk.down.wt,
                                   blk.down.b))
         self.k0_args = (n.eps, n.mean_w, self.k0_w, self.k0_b)
+        self.fused = None             # the whole step as one scripted module (no ROSA, the usual stack)
+        if script and not self.rosa and [b.k2 for b in self.blocks] == [False] + [True] * len(self.k2) + [False]:
+            self.fused = _script_step(self)
 
     def version_key(self):
         return tuple(map(_VERSION, self.params))
@@ -275,8 +369,21 @@ class StepPlan:
                                  f"{(B, m.K - 1, self.D)}, got {got}")
         return state
 
+    def step_lists(self, ids_t: torch.Tensor, scan: List[torch.Tensor],
+                   conv: List[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+        """The step on states held as two lists (scan states, conv states; one per K2 layer and pass),
+        nothing checked: ids_t (B,) -> (logits (B, V), new scan states, new conv states).  For
+        callers that keep the state themselves between tokens (the transformers cache); needs
+        ``fused`` (no ROSA)."""
+        out, scan, conv = self.fused(ids_t, scan, conv)
+        return (out if self.head_wt is not None else self.head(out)), scan, conv
+
     def step(self, ids_t: torch.Tensor, state) -> Tuple[torch.Tensor, tuple]:
         """ids_t (B,) -> (logits (B, V), new state), as ``KStackLM.step``."""
+        if self.fused is not None:
+            state = self.check(state, ids_t.shape[0])
+            logits, scan, conv = self.step_lists(ids_t, [s[0] for s in state], [s[1] for s in state])
+            return logits, tuple(map(KOperatorState, scan, conv))
         rosa_h = stream = None
         if self.rosa:
             rosa_h, stream = self.rosa_step(ids_t, state)             # (B, D), the stream advanced
