@@ -127,43 +127,44 @@ def _k2_block(h: torch.Tensor, S: torch.Tensor, C: torch.Tensor, eps: torch.Tens
               rosa: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One K2 block: h (B, D), scan state S (B, R, D), conv state C (B, K-1, D) -> (h, S, C);
     ``rosa``: the block's ROSA term sigmoid(rho_logit) * rosa_h (B, D), added before the projection."""
+    # in-place ops on the temporaries made here (never on h, S or C): no allocation for those
     B = h.shape[0]
-    t = torch.rsqrt(torch.addmm(eps, h * h, mean_w))                 # (B, 1): 1 / rms(h)
-    x = h * n1 * t                                                    # (B, D), the mixer input
+    t = torch.addmm(eps, h * h, mean_w).rsqrt_()                     # (B, 1): 1 / rms(h)
+    x = (h * n1).mul_(t)                                              # (B, D), the mixer input
     qk = torch.mm(x, uv).view(B, 2, -1)                               # (B, 2, R): x @ [u | v]
-    qk = qk * (qk_scale / torch.linalg.vector_norm(qk, dim=-1, keepdim=True).clamp_min(1e-8))   # NORM_EPS
+    qk = qk.mul_(qk_scale / torch.linalg.vector_norm(qk, dim=-1, keepdim=True).clamp_min_(1e-8))   # NORM_EPS
     x3 = x.unsqueeze(1)                                               # (B, 1, D)
     # select / narrow: one view op each where indexing makes two (a full slice of dim 0 first)
-    S = torch.addcmul(S * gamma, qk.select(1, 1).unsqueeze(2), x3)    # gamma * S + k (outer) x
+    S = (S * gamma).addcmul_(qk.select(1, 1).unsqueeze(2), x3)       # gamma * S + k (outer) x
     win = torch.cat([C, x3], 1)                                       # (B, K, D), oldest first
     c = torch.bmm(wg if B == 1 else wg.expand(B, 1, wg.shape[2]), win)   # (B, 1, D): g * Kbase conv
     if B < 16:                        # + q @ S: bmm for few rows, product and sum over R for many
-        mix = torch.baddbmm(c, qk.narrow(1, 0, 1), S).squeeze(1)      # (B = 64: 35 us vs 26 us on the dev CPU)
+        mix = c.baddbmm_(qk.narrow(1, 0, 1), S).squeeze(1)           # (B = 64: 35 us vs 26 us on the dev CPU)
     else:
-        mix = (qk.select(1, 0).unsqueeze(2) * S).sum(1) + c.squeeze(1)
+        mix = (qk.select(1, 0).unsqueeze(2) * S).sum(1).add_(c.squeeze(1))
     if rosa is not None:
         mix = mix + rosa
-    h = h + torch.addmm(proj_b, mix, proj_wt)
-    t = torch.rsqrt(torch.addmm(eps, h * h, mean_w))
+    h = torch.addmm(proj_b, mix, proj_wt).add_(h)
+    t = torch.addmm(eps, h * h, mean_w).rsqrt_()
     u = torch.addcmul(up_b, torch.mm(h, up_wt), t)                    # up(norm2(h)) / sqrt(2)
-    h = h + torch.addmm(down_b, torch.addcmul(u, u, torch.erf(u)), down_wt)
+    h = torch.addmm(down_b, u.addcmul_(u, torch.erf(u)), down_wt).add_(h)
     return h, S, win.narrow(1, 1, win.shape[1] - 1)
 
 
 def _k1_block(h: torch.Tensor, eps: torch.Tensor, mean_w: torch.Tensor, mix_wt: torch.Tensor, mix_b: torch.Tensor,
               up_wt: torch.Tensor, up_b: torch.Tensor, down_wt: torch.Tensor, down_b: torch.Tensor) -> torch.Tensor:
     """One K1 block (token-wise): h + mix(norm1(h)), then h + MLP(norm2(h))."""
-    t = torch.rsqrt(torch.addmm(eps, h * h, mean_w))
-    h = h + torch.addcmul(mix_b, torch.mm(h, mix_wt), t)
-    t = torch.rsqrt(torch.addmm(eps, h * h, mean_w))
+    t = torch.addmm(eps, h * h, mean_w).rsqrt_()
+    h = torch.addcmul(mix_b, torch.mm(h, mix_wt), t).add_(h)
+    t = torch.addmm(eps, h * h, mean_w).rsqrt_()
     u = torch.addcmul(up_b, torch.mm(h, up_wt), t)
-    return h + torch.addmm(down_b, torch.addcmul(u, u, torch.erf(u)), down_wt)
+    return torch.addmm(down_b, u.addcmul_(u, torch.erf(u)), down_wt).add_(h)
 
 
 def _k0_block(h: torch.Tensor, eps: torch.Tensor, mean_w: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """K0: h + norm(h) * gain + bias (the norm scale and the gain folded into w)."""
-    t = torch.rsqrt(torch.addmm(eps, h * h, mean_w))
-    return torch.addcmul(h + b, h, t * w)
+    t = torch.addmm(eps, h * h, mean_w).rsqrt_()
+    return (h + b).addcmul_(h, t * w)
 
 
 _SCRIPTED = {}
@@ -262,9 +263,9 @@ class _StepMod(torch.nn.Module):
                 h = h + self.eta * (g - h)
             else:
                 h = g
-        t = torch.rsqrt(torch.addmm(self.eps, h * h, self.mean_w))
+        t = torch.addmm(self.eps, h * h, self.mean_w).rsqrt_()
         if self.linear_head:
-            return torch.mm(h, self.head_wt) * t, S2, C2
+            return torch.mm(h, self.head_wt).mul_(t), S2, C2
         return h * t * self.norm, S2, C2
 
 
