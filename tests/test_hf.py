@@ -105,6 +105,8 @@ def test_greedy_generate_equals_kstacklm_and_steps_the_state():
     res = model.generate(prompt, max_new_tokens=20, do_sample=False, return_dict_in_generate=True)
     cache = res.past_key_values
     assert isinstance(cache, hf.KStackCache) and cache.get_seq_length() == 28
+    # the token steps ran under inference mode; the state handed out is made of ordinary tensors
+    assert not any(t.is_inference() for s in cache.state for t in s)
     with torch.no_grad():
         _, state = lm.prefill(out[:, :-1])
     for a, b in zip(cache.state, state):

@@ -14,6 +14,11 @@ with about 20 ops per K2 layer, each block one TorchScript function (no Python b
     mix = q @ S' + (g * flip(kernel)) @ win     # one baddbmm
     h   = h + proj(mix);  h = h + MLP(rms_norm(h))
 
+Without ROSA, and for the usual stack [K1, K2 x n, K1, K0], the whole step (embedding, every
+pass, the final norm and a tied linear head) is one scripted module (``StepPlan.fused``, ~0.05 s
+to script): no Python between the blocks.  ``StepPlan.step_lists`` runs it on states held as two
+lists with nothing checked (the transformers cache's entry); ``step`` checks and wraps them.
+
 It computes the same function as the module step (``KOperator.step``), with the same state
 (``KOperatorState(scan (B, R, D), conv (B, K-1, D))`` per K2 layer and pass), so the two paths
 can be mixed token by token.  There are no host synchronisations (no ``.item()``, no data-
