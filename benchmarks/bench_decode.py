@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_decode [--checkpoint DIR] [--contexts 2048,16384,100000] [--batches 1,64]
                                       [--new 256] [--window-new 4] [--window 2048] [--threads 1]
-                                      [--out benchmarks/results/decode] [--no-hf]
+                                      [--repeats 3] [--out benchmarks/results/decode] [--no-hf]
 
 For each batch size and prompt length ("context"), greedy decoding, three ways:
   recurrent  ``KStackLM.prefill`` (parallel form, once) then one ``KStackLM.step`` per token: the
@@ -10,14 +10,19 @@ For each batch size and prompt length ("context"), greedy decoding, three ways:
   window     what the reference implementation does: every new token re-runs the model on the last
              ``--window`` tokens of the sequence and keeps the last logits (no state);
   hf         ``KStackForCausalLM.generate`` (transformers, ``do_sample=False``): its prefill, then its
-             cache path, which calls ``KStackLM.step``.
+             cache path, whose token steps run the model's prepared step (``StepPlan.step_lists``).
 tokens/s counts generated tokens over batch x time of the decode loop only (prefill timed
 separately); for hf the loop is timed by a logits processor that notes each token's score call
 (B x (N - 1) tokens between the first and the last).  Each rate is also given per CPU-second of
 this process (``*_per_cpu_s``, ``time.process_time``, one thread): on a machine shared with other
 jobs that is close to what a dedicated core gives, while the wall-time rate is what this run saw.  The recurrent and hf
-tokens are checked equal.  ``first_token_s`` is the very first ``generate`` call of the process
-(prompt of 16, one new token): what a fresh process waits for its first token.  Prompts longer
+tokens are checked equal.  Each path is measured ``--repeats`` times (the recurrent loop from the
+same prefilled state, the others whole) and the best rate is reported beside the list of all
+(``*_tokens_per_s_all``): on a shared machine the best is the least disturbed run.  The load
+average is recorded at the start, per row and at the end.  ``first_token_s`` /
+``hf_first_token_s``: the first ``KStackLM.generate`` / ``KStackForCausalLM.generate`` call of a
+fresh Python process (a subprocess; prompt of 16, two new tokens, so the step plan is built and
+scripted in it): what a fresh process waits for its first tokens.  Prompts longer
 than ``--prefill-chunk`` x batch tokens are prefilled in row groups (same states, bounded memory).
 The model is the checkpoint given or, without one, a randomly initialised model in the reference v2
 configuration (vocab 65, d 64, 6 K2, rank 4, kernel 8; speed does not depend on the weights).
@@ -62,18 +67,23 @@ def prefill(model, prompt, max_tokens):
 
 
 @torch.no_grad()
-def recurrent(model, prompt, new, max_tokens):
+def recurrent(model, prompt, new, max_tokens, repeats=1):
+    """-> (new tokens, prefill s, [(decode wall s, decode CPU s)] for each repeat from the same state)."""
     t0 = time.perf_counter()
-    logits, state = prefill(model, prompt, max_tokens)
-    t1, c1 = time.perf_counter(), time.process_time()
-    out = []
-    nxt = logits.argmax(-1)
-    for _ in range(new):
-        out.append(nxt)
-        logits, state = model.step(nxt, state)
+    logits0, state0 = prefill(model, prompt, max_tokens)
+    t_pre = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t1, c1 = time.perf_counter(), time.process_time()
+        out = []
+        logits, state = logits0, state0
         nxt = logits.argmax(-1)
-    t2, c2 = time.perf_counter(), time.process_time()
-    return torch.stack(out, 1), t1 - t0, t2 - t1, c2 - c1
+        for _ in range(new):
+            out.append(nxt)
+            logits, state = model.step(nxt, state)
+            nxt = logits.argmax(-1)
+        times.append((time.perf_counter() - t1, time.process_time() - c1))
+    return torch.stack(out, 1), t_pre, times
 
 
 @torch.no_grad()
@@ -110,7 +120,42 @@ def hf_generate(hf_model, prompt, new):
     return out[:, prompt.shape[1]:], time.perf_counter() - t0, w1 - w0, c1 - c0
 
 
+_FIRST = """
+import sys, time, torch
+torch.set_num_threads({threads})
+sys.argv = ["bench_decode"]
+from benchmarks.bench_decode import _model
+model, _ = _model({checkpoint!r})
+prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
+if {hf}:
+    from kop_triton.hf import KStackForCausalLM
+    model = KStackForCausalLM.from_kstack(model).eval()
+    t0 = time.perf_counter()
+    model.generate(prompt, max_new_tokens=2, do_sample=False)
+else:
+    t0 = time.perf_counter()
+    model.generate(prompt, 2, temperature=0)
+print("FIRST", time.perf_counter() - t0)
+"""
+
+
+def first_tokens_s(args, hf: bool) -> float:
+    """The first generate call (prompt 16, 2 new tokens) of a fresh Python process, in seconds."""
+    import subprocess
+    code = _FIRST.format(threads=args.threads, checkpoint=args.checkpoint, hf=hf)
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env, check=True)
+    return float(res.stdout.split("FIRST")[-1])
+
+
+def _best(times, n):
+    """[(wall s, CPU s)] of repeats -> (best wall rate, best CPU rate, all wall rates) for n tokens."""
+    return max(n / w for w, _ in times), max(n / c for _, c in times), [n / w for w, _ in times]
+
+
 def run(args):
+    load_start = list(os.getloadavg())
     model, desc = _model(args.checkpoint)
     hf_model = None
     if not args.no_hf:
@@ -118,10 +163,8 @@ def run(args):
         hf_model = KStackForCausalLM.from_kstack(model).eval()
     gen = torch.Generator().manual_seed(1)
     V = model.config.vocab_size
-    # the first generate call of this process: plan building included, nothing warmed up
-    t0 = time.perf_counter()
-    model.generate(torch.randint(0, V, (1, 16), generator=gen), 1, temperature=0)
-    first_token_s = time.perf_counter() - t0
+    first_token_s = first_tokens_s(args, hf=False)
+    hf_first_token_s = None if hf_model is None else first_tokens_s(args, hf=True)
     rows = []
     for B in args.batches:
         for T in args.contexts:
@@ -130,40 +173,58 @@ def run(args):
                 continue
             prompt = torch.randint(0, V, (B, T), generator=gen)
             recurrent(model, prompt[:, -64:], 8, args.prefill_chunk)             # warm-up
-            toks, t_pre, t_dec, c_dec = recurrent(model, prompt, args.new, args.prefill_chunk)
-            row = {"batch": B, "context": T, "prefill_s": t_pre, "recurrent_decode_s": t_dec,
-                   "recurrent_tokens_per_s": B * args.new / t_dec, "recurrent_tokens_per_cpu_s": B * args.new / c_dec,
-                   "prefill_tokens_per_s": B * T / t_pre}
+            toks, t_pre, times = recurrent(model, prompt, args.new, args.prefill_chunk, args.repeats)
+            rate, cpu_rate, rates = _best(times, B * args.new)
+            row = {"batch": B, "context": T, "prefill_s": t_pre, "recurrent_decode_s": B * args.new / rate,
+                   "recurrent_tokens_per_s": rate, "recurrent_tokens_per_cpu_s": cpu_rate,
+                   "recurrent_tokens_per_s_all": rates, "prefill_tokens_per_s": B * T / t_pre}
             window(model, prompt, 1, args.window)                                 # warm-up
-            win_toks, t_win, c_win = window(model, prompt, args.window_new, args.window)
-            row.update(window_tokens_per_s=B * args.window_new / t_win, window_tokens_per_cpu_s=B * args.window_new / c_win,
-                       window_s=t_win, window_new=args.window_new)
+            times = []
+            for _ in range(args.repeats):
+                win_toks, t_win, c_win = window(model, prompt, args.window_new, args.window)
+                times.append((t_win, c_win))
+            rate, cpu_rate, rates = _best(times, B * args.window_new)
+            row.update(window_tokens_per_s=rate, window_tokens_per_cpu_s=cpu_rate, window_tokens_per_s_all=rates,
+                       window_s=B * args.window_new / rate, window_new=args.window_new)
             if T + args.window_new <= args.window:                                # the window sees everything
                 row["window_equal_recurrent"] = bool(torch.equal(win_toks, toks[:, :args.window_new]))
             if hf_model is not None and B * T <= args.hf_max_prompt_tokens:
-                hf_toks, t_all, t_loop, c_loop = hf_generate(hf_model, prompt, args.new)
-                row.update(hf_tokens_per_s=B * (args.new - 1) / t_loop, hf_tokens_per_cpu_s=B * (args.new - 1) / c_loop,
-                           hf_generate_s=t_all,
-                           hf_equal_recurrent=bool(torch.equal(hf_toks, toks)))
+                times, equal = [], True
+                for _ in range(args.repeats):
+                    hf_toks, t_all, t_loop, c_loop = hf_generate(hf_model, prompt, args.new)
+                    times.append((t_loop, c_loop))
+                    equal = equal and bool(torch.equal(hf_toks, toks))
+                rate, cpu_rate, rates = _best(times, B * (args.new - 1))
+                row.update(hf_tokens_per_s=rate, hf_tokens_per_cpu_s=cpu_rate, hf_tokens_per_s_all=rates,
+                           hf_generate_s=t_all, hf_equal_recurrent=equal)
+            row["load_average"] = list(os.getloadavg())
             rows.append(row)
             print(json.dumps(row), flush=True)
-    return {"model": desc, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "load_average_at_end": list(os.getloadavg()), "cpus": os.cpu_count(),
+    try:
+        import transformers
+        hf_version = transformers.__version__
+    except ImportError:
+        hf_version = None
+    return {"model": desc, "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": hf_version,
+            "load_average_at_start": load_start, "load_average_at_end": list(os.getloadavg()), "cpus": os.cpu_count(),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "new_tokens": args.new,
-            "window": args.window, "first_token_s": first_token_s,
+            "window": args.window, "repeats": args.repeats, "first_token_s": first_token_s,
+            "hf_first_token_s": hf_first_token_s, "note": args.note,
             "command": "python -m benchmarks.bench_decode " + " ".join(shlex.quote(a) for a in args.argv),
             "rows": rows}
 
 
 def table(res) -> str:
-    lines = ["tokens/s of wall time (tokens per CPU-second of this process in brackets):", "",
-             "| batch | context | recurrent (ours) | re-run window | HF generate | prefill s |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"tokens/s of wall time, best of {res['repeats']} (tokens per CPU-second of this process in brackets):",
+             "",
+             "| batch | context | recurrent (ours) | re-run window | HF generate | prefill s | load (1 min) |",
+             "|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         hf = (f"{r['hf_tokens_per_s']:,.0f} ({r['hf_tokens_per_cpu_s']:,.0f})" if "hf_tokens_per_s" in r else "-")
         lines.append(f"| {r['batch']} | {r['context']:,} | {r['recurrent_tokens_per_s']:,.0f} "
                      f"({r['recurrent_tokens_per_cpu_s']:,.0f}) | {r['window_tokens_per_s']:,.1f} "
-                     f"({r['window_tokens_per_cpu_s']:,.1f}) | {hf} | {r['prefill_s']:.2f} |")
+                     f"({r['window_tokens_per_cpu_s']:,.1f}) | {hf} | {r['prefill_s']:.2f} | "
+                     f"{r['load_average'][0]:.2f} |")
     return "\n".join(lines)
 
 
@@ -184,7 +245,7 @@ def plot(res, path):
     ax.set_yscale("log")
     ax.set_xlabel("context (prompt tokens)")
     ax.set_ylabel("generated tokens / s")
-    ax.set_title(f"KStackLM greedy decode, {res['threads']} thread(s)")
+    ax.set_title(f"KStackLM greedy decode, {res['threads']} thread(s), best of {res.get('repeats', 1)} runs")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -209,16 +270,19 @@ def main(argv=None):
     p.add_argument("--hf-max-prompt-tokens", type=int, default=262144,
                    help="run HF generate only up to this many prompt tokens (its prefill is one call)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="measurements per path and row; the best is reported")
+    p.add_argument("--note", default=None, help="a remark stored in the JSON (e.g. what else ran on the machine)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers path")
     p.add_argument("--out", default=None, help="directory for decode.json and decode.png")
     a = p.parse_args(argv)
-    if min(a.new, a.window_new, a.window, a.threads) < 1 or a.new < 2:
-        p.error("--new must be >= 2; --window-new, --window and --threads positive")
+    if min(a.new, a.window_new, a.window, a.threads, a.repeats) < 1 or a.new < 2:
+        p.error("--new must be >= 2; --window-new, --window, --threads and --repeats positive")
     torch.set_num_threads(a.threads)
     a.argv = argv
     res = run(a)
     print(table(res))
-    print(f"first generate call of the process: {res['first_token_s']:.3f} s")
+    print(f"first generate call of a fresh process (2 tokens): KStackLM {res['first_token_s']:.3f} s"
+          + ("" if res["hf_first_token_s"] is None else f", HF {res['hf_first_token_s']:.3f} s"))
     if a.out:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)

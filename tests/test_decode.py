@@ -161,3 +161,26 @@ def test_plan_step_with_rosa_equals_module_step(window):
         full = m(ids)                                  # the parallel form over the whole sequence
     if window is None:
         assert_close("last step vs parallel form", logits, full[:, -1], 1e-10)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fused_step_is_one_script_module_and_step_lists_equals_step(name):
+    """Without ROSA the whole step is one scripted module (``plan.fused``); ``step_lists`` (the
+    transformers cache's entry, states as two lists, nothing checked) gives what ``step`` gives."""
+    m = _model(name)
+    ids = torch.randint(0, m.config.vocab_size, (3, 6))
+    with torch.no_grad():
+        _, state = m.prefill(ids)
+        plan = m._step_plan()
+        assert isinstance(plan.fused, torch.jit.ScriptModule)
+        logits, new = m.step(ids[:, -1], state)
+        l2, scan, conv = plan.step_lists(ids[:, -1], [s.scan for s in state], [s.conv for s in state])
+    assert torch.equal(logits, l2)
+    assert all(torch.equal(a.scan, s) and torch.equal(a.conv, c) for a, s, c in zip(new, scan, conv))
+
+
+def test_rosa_plan_has_no_fused_step():
+    m = KStackLM(KStackConfig(vocab_size=7, d_model=8, n_k2=1, rank=2, kernel_size=3, rosa="exact")).eval()
+    with torch.no_grad():
+        m.step(torch.tensor([1]))
+        assert m._step_plan().fused is None

@@ -5,6 +5,7 @@ pipeline, and the released checkpoint through the HF model and lm-evaluation-har
 
 `make test` installs transformers and lm-eval, so these tests do not skip for a missing package (they fail);
 the released-checkpoint tests skip only when ../shared is absent."""
+import functools
 import math
 
 import pytest
@@ -104,6 +105,8 @@ def test_greedy_generate_equals_kstacklm_and_steps_the_state():
     res = model.generate(prompt, max_new_tokens=20, do_sample=False, return_dict_in_generate=True)
     cache = res.past_key_values
     assert isinstance(cache, hf.KStackCache) and cache.get_seq_length() == 28
+    # the token steps ran under inference mode; the state handed out is made of ordinary tensors
+    assert not any(t.is_inference() for s in cache.state for t in s)
     with torch.no_grad():
         _, state = lm.prefill(out[:, :-1])
     for a, b in zip(cache.state, state):
@@ -314,3 +317,57 @@ def test_rosa_model_through_transformers():
     assert torch.equal(got, want)
     with pytest.raises(NotImplementedError, match="ROSA"):
         model.generate(ids, max_new_tokens=2, do_sample=False)
+
+
+def test_fast_output_equals_the_constructed_one():
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    logits, cache = torch.randn(2, 1, 5), hf.KStackCache()
+    a, b = CausalLMOutputWithPast(logits=logits, past_key_values=cache), hf._lm_output(logits, cache)
+    assert type(a) is type(b) and list(a.keys()) == list(b.keys()) and a.__dict__ == b.__dict__
+    assert b.logits is logits and b["past_key_values"] is cache and b.to_tuple() == a.to_tuple() and b.loss is None
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no-mask", "left-padded-mask"])
+def test_generate_fast_step_equals_plain_forward_loop(padded, monkeypatch):
+    """generate()'s token steps go through the prepared step (``_fast_step``) and the attention mask
+    stops growing after the prefill; the tokens equal a greedy loop over the plain forward with
+    the same cache (the checked path through ``KStackLM.step``), with and without padding."""
+    lm = _lm()
+    model = hf.KStackForCausalLM.from_kstack(lm)
+    ids = torch.randint(0, 29, (3, 8))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :3] = 0
+        mask[2, :7] = 0
+    calls, mask_lengths = [], []
+    fast, prep = hf.KStackForCausalLM._fast_step, hf.KStackForCausalLM.prepare_inputs_for_generation
+    monkeypatch.setattr(hf.KStackForCausalLM, "_fast_step", lambda self, *a: calls.append(1) or fast(self, *a))
+
+    @functools.wraps(prep)                               # generate reads its signature
+    def spy(self, input_ids, **kw):
+        if kw.get("attention_mask") is not None:
+            mask_lengths.append(kw["attention_mask"].shape[1])
+        return prep(self, input_ids, **kw)
+    monkeypatch.setattr(hf.KStackForCausalLM, "prepare_inputs_for_generation", spy)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    assert len(calls) == 9                               # every token after the prefill's
+    if padded:
+        assert mask_lengths and set(mask_lengths) == {8}  # never grown
+    with torch.no_grad():
+        res = model(ids, attention_mask=mask, use_cache=True)
+        cache, seq = res.past_key_values, [res.logits[:, -1].argmax(-1)]
+        for _ in range(9):
+            res = model(seq[-1][:, None], past_key_values=cache, use_cache=True)
+            cache = res.past_key_values
+            seq.append(res.logits[:, -1].argmax(-1))
+    assert len(calls) == 9                               # outside generate: the checked path
+    assert torch.equal(out[:, 8:], torch.stack(seq, 1))
+
+
+def test_generate_refuses_a_cache_of_another_shape():
+    model = hf.KStackForCausalLM.from_kstack(_lm())
+    other = hf.KStackForCausalLM.from_kstack(_lm("adaptive"))
+    with torch.no_grad():
+        cache = other(torch.randint(0, 29, (1, 4)), use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="state"):
+        model.generate(torch.randint(0, 29, (1, 5)), past_key_values=cache, max_new_tokens=3, do_sample=False)

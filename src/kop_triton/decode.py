@@ -14,6 +14,11 @@ with about 20 ops per K2 layer, each block one TorchScript function (no Python b
     mix = q @ S' + (g * flip(kernel)) @ win     # one baddbmm
     h   = h + proj(mix);  h = h + MLP(rms_norm(h))
 
+Without ROSA, and for the usual stack [K1, K2 x n, K1, K0], the whole step (embedding, every
+pass, the final norm and a tied linear head) is one scripted module (``StepPlan.fused``, ~0.05 s
+to script): no Python between the blocks.  ``StepPlan.step_lists`` runs it on states held as two
+lists with nothing checked (the transformers cache's entry); ``step`` checks and wraps them.
+
 It computes the same function as the module step (``KOperator.step``), with the same state
 (``KOperatorState(scan (B, R, D), conv (B, K-1, D))`` per K2 layer and pass), so the two paths
 can be mixed token by token.  There are no host synchronisations (no ``.item()``, no data-
@@ -127,42 +132,44 @@ def _k2_block(h: torch.Tensor, S: torch.Tensor, C: torch.Tensor, eps: torch.Tens
               rosa: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One K2 block: h (B, D), scan state S (B, R, D), conv state C (B, K-1, D) -> (h, S, C);
     ``rosa``: the block's ROSA term sigmoid(rho_logit) * rosa_h (B, D), added before the projection."""
+    # in-place ops on the temporaries made here (never on h, S or C): no allocation for those
     B = h.shape[0]
-    t = torch.rsqrt(torch.addmm(eps, h * h, mean_w))                 # (B, 1): 1 / rms(h)
-    x = h * n1 * t                                                    # (B, D), the mixer input
+    t = torch.addmm(eps, h * h, mean_w).rsqrt_()                     # (B, 1): 1 / rms(h)
+    x = (h * n1).mul_(t)                                              # (B, D), the mixer input
     qk = torch.mm(x, uv).view(B, 2, -1)                               # (B, 2, R): x @ [u | v]
-    qk = qk * (qk_scale / torch.linalg.vector_norm(qk, dim=-1, keepdim=True).clamp_min(1e-8))   # NORM_EPS
+    qk = qk.mul_(qk_scale / torch.linalg.vector_norm(qk, dim=-1, keepdim=True).clamp_min_(1e-8))   # NORM_EPS
     x3 = x.unsqueeze(1)                                               # (B, 1, D)
-    S = torch.addcmul(S * gamma, qk[:, 1].unsqueeze(2), x3)           # gamma * S + k (outer) x
+    # select / narrow: one view op each where indexing makes two (a full slice of dim 0 first)
+    S = (S * gamma).addcmul_(qk.select(1, 1).unsqueeze(2), x3)       # gamma * S + k (outer) x
     win = torch.cat([C, x3], 1)                                       # (B, K, D), oldest first
-    c = torch.bmm(wg.expand(B, 1, wg.shape[2]), win)                  # (B, 1, D): g * Kbase conv
+    c = torch.bmm(wg if B == 1 else wg.expand(B, 1, wg.shape[2]), win)   # (B, 1, D): g * Kbase conv
     if B < 16:                        # + q @ S: bmm for few rows, product and sum over R for many
-        mix = torch.baddbmm(c, qk[:, 0:1], S).squeeze(1)              # (B = 64: 35 us vs 26 us on the dev CPU)
+        mix = c.baddbmm_(qk.narrow(1, 0, 1), S).squeeze(1)           # (B = 64: 35 us vs 26 us on the dev CPU)
     else:
-        mix = (qk[:, 0].unsqueeze(2) * S).sum(1) + c.squeeze(1)
+        mix = (qk.select(1, 0).unsqueeze(2) * S).sum(1).add_(c.squeeze(1))
     if rosa is not None:
         mix = mix + rosa
-    h = h + torch.addmm(proj_b, mix, proj_wt)
-    t = torch.rsqrt(torch.addmm(eps, h * h, mean_w))
+    h = torch.addmm(proj_b, mix, proj_wt).add_(h)
+    t = torch.addmm(eps, h * h, mean_w).rsqrt_()
     u = torch.addcmul(up_b, torch.mm(h, up_wt), t)                    # up(norm2(h)) / sqrt(2)
-    h = h + torch.addmm(down_b, torch.addcmul(u, u, torch.erf(u)), down_wt)
-    return h, S, win[:, 1:]
+    h = torch.addmm(down_b, u.addcmul_(u, torch.erf(u)), down_wt).add_(h)
+    return h, S, win.narrow(1, 1, win.shape[1] - 1)
 
 
 def _k1_block(h: torch.Tensor, eps: torch.Tensor, mean_w: torch.Tensor, mix_wt: torch.Tensor, mix_b: torch.Tensor,
               up_wt: torch.Tensor, up_b: torch.Tensor, down_wt: torch.Tensor, down_b: torch.Tensor) -> torch.Tensor:
     """One K1 block (token-wise): h + mix(norm1(h)), then h + MLP(norm2(h))."""
-    t = torch.rsqrt(torch.addmm(eps, h * h, mean_w))
-    h = h + torch.addcmul(mix_b, torch.mm(h, mix_wt), t)
-    t = torch.rsqrt(torch.addmm(eps, h * h, mean_w))
+    t = torch.addmm(eps, h * h, mean_w).rsqrt_()
+    h = torch.addcmul(mix_b, torch.mm(h, mix_wt), t).add_(h)
+    t = torch.addmm(eps, h * h, mean_w).rsqrt_()
     u = torch.addcmul(up_b, torch.mm(h, up_wt), t)
-    return h + torch.addmm(down_b, torch.addcmul(u, u, torch.erf(u)), down_wt)
+    return torch.addmm(down_b, u.addcmul_(u, torch.erf(u)), down_wt).add_(h)
 
 
 def _k0_block(h: torch.Tensor, eps: torch.Tensor, mean_w: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """K0: h + norm(h) * gain + bias (the norm scale and the gain folded into w)."""
-    t = torch.rsqrt(torch.addmm(eps, h * h, mean_w))
-    return torch.addcmul(h + b, h, t * w)
+    t = torch.addmm(eps, h * h, mean_w).rsqrt_()
+    return (h + b).addcmul_(h, t * w)
 
 
 _SCRIPTED = {}
@@ -184,6 +191,97 @@ def _blocks(script: bool):
         except Exception:  # pragma: no cover - TorchScript missing or refusing: same ops from Python
             _SCRIPTED["fns"] = fns
     return _SCRIPTED["fns"]
+
+
+_K2_NAMES = ("eps", "mean_w", "n1", "uv", "qk_scale", "gamma", "wg", "proj_wt", "proj_b", "up_wt", "up_b",
+             "down_wt", "down_b")
+_K1_NAMES = ("eps", "mean_w", "mix_wt", "mix_b", "up_wt", "up_b", "down_wt", "down_b")
+_K0_NAMES = ("eps", "mean_w", "w", "b")
+
+
+def _holder(cls, names, tensors):
+    m = cls()
+    for name, t in zip(names, tensors):
+        m.register_buffer(name, t, persistent=False)
+    return m
+
+
+class _K2Mod(torch.nn.Module):
+    """A K2 block's prepared tensors as buffers, for the scripted whole step (``_StepMod``)."""
+
+    def forward(self, h: torch.Tensor, S: torch.Tensor, C: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _k2_block(h, S, C, self.eps, self.mean_w, self.n1, self.uv, self.qk_scale, self.gamma, self.wg,
+                         self.proj_wt, self.proj_b, self.up_wt, self.up_b, self.down_wt, self.down_b, None)
+
+
+class _K1Mod(torch.nn.Module):
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return _k1_block(h, self.eps, self.mean_w, self.mix_wt, self.mix_b, self.up_wt, self.up_b, self.down_wt,
+                         self.down_b)
+
+
+class _K0Mod(torch.nn.Module):
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return _k0_block(h, self.eps, self.mean_w, self.w, self.b)
+
+
+class _StepMod(torch.nn.Module):
+    """The whole step of a [K1, K2 x n, K1, K0] stack without ROSA, scripted as one TorchScript module:
+    embedding (and projection), every pass of the stack, the final norm and (tied linear head) the
+    logits, with no Python between the blocks.  ``forward(ids (B,), scan states, conv states)`` ->
+    (logits (B, V), or the final-normed hidden state (B, D) for the other heads; new scan states;
+    new conv states), the states as lists in the model's order (layer within pass)."""
+
+    __constants__ = ["n_passes", "n_k2", "has_proj", "has_eta", "linear_head"]
+
+    def __init__(self, plan: "StepPlan"):
+        super().__init__()
+        self.first = _holder(_K1Mod, _K1_NAMES, plan.args[0])
+        self.k2 = torch.nn.ModuleList([_holder(_K2Mod, _K2_NAMES, a) for a in plan.args[1:-1]])
+        self.last = _holder(_K1Mod, _K1_NAMES, plan.args[-1])
+        self.k0 = _holder(_K0Mod, _K0_NAMES, plan.k0_args)
+        self.n_passes, self.n_k2 = plan.n_passes, len(plan.k2)
+        self.has_proj, self.has_eta = plan.emb_proj is not None, plan.eta is not None
+        self.linear_head = plan.head_wt is not None
+        empty = plan.emb.new_zeros(0)
+        for name, t in (("emb", plan.emb), ("emb_proj", plan.emb_proj), ("eta", plan.eta), ("norm", plan.norm),
+                        ("head_wt", plan.head_wt), ("eps", plan.nrm.eps), ("mean_w", plan.nrm.mean_w)):
+            self.register_buffer(name, empty if t is None else t, persistent=False)
+
+    def forward(self, ids: torch.Tensor, S: List[torch.Tensor],
+                C: List[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+        h = torch.embedding(self.emb, ids)
+        if self.has_proj:
+            h = torch.mm(h, self.emb_proj)
+        S2: List[torch.Tensor] = []
+        C2: List[torch.Tensor] = []
+        for p in range(self.n_passes):
+            g = self.first(h)
+            i = p * self.n_k2
+            for m in self.k2:
+                g, s, c = m(g, S[i], C[i])
+                S2.append(s)
+                C2.append(c)
+                i += 1
+            g = self.k0(self.last(g))
+            if self.has_eta:
+                h = h + self.eta * (g - h)
+            else:
+                h = g
+        t = torch.addmm(self.eps, h * h, self.mean_w).rsqrt_()
+        if self.linear_head:
+            return torch.mm(h, self.head_wt).mul_(t), S2, C2
+        return h * t * self.norm, S2, C2
+
+
+def _script_step(plan: "StepPlan"):
+    """``_StepMod`` of the plan, scripted (~0.04 s; None if TorchScript refuses: the block path then)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.script(_StepMod(plan))
+    except Exception:  # pragma: no cover - TorchScript missing or refusing
+        return None
 
 
 class StepPlan:
@@ -236,6 +334,10 @@ class StepPlan:
                 self.args.append((n.eps, n.mean_w, blk.mix.wt, blk.mix.b, blk.up.wt, blk.up.b, blk.down.wt,
                                   blk.down.b))
         self.k0_args = (n.eps, n.mean_w, self.k0_w, self.k0_b)
+        self.fused = None             # the whole step as one scripted module (no ROSA, the usual stack)
+        if script and not self.rosa and [b.k2 for b in self.blocks] == [False] + [True] * len(self.k2) + [False]:
+            self.fused = _script_step(self)
+        self.fused_forward = None if self.fused is None else self.fused.forward   # skips nn.Module.__call__
 
     def version_key(self):
         return tuple(map(_VERSION, self.params))
@@ -275,8 +377,21 @@ class StepPlan:
                                  f"{(B, m.K - 1, self.D)}, got {got}")
         return state
 
+    def step_lists(self, ids_t: torch.Tensor, scan: List[torch.Tensor],
+                   conv: List[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+        """The step on states held as two lists (scan states, conv states; one per K2 layer and pass),
+        nothing checked: ids_t (B,) -> (logits (B, V), new scan states, new conv states).  For
+        callers that keep the state themselves between tokens (the transformers cache); needs
+        ``fused`` (no ROSA)."""
+        out, scan, conv = self.fused_forward(ids_t, scan, conv)
+        return (out if self.head_wt is not None else self.head(out)), scan, conv
+
     def step(self, ids_t: torch.Tensor, state) -> Tuple[torch.Tensor, tuple]:
         """ids_t (B,) -> (logits (B, V), new state), as ``KStackLM.step``."""
+        if self.fused is not None:
+            state = self.check(state, ids_t.shape[0])
+            logits, scan, conv = self.step_lists(ids_t, [s[0] for s in state], [s[1] for s in state])
+            return logits, tuple(map(KOperatorState, scan, conv))
         rosa_h = stream = None
         if self.rosa:
             rosa_h, stream = self.rosa_step(ids_t, state)             # (B, D), the stream advanced
