@@ -77,7 +77,7 @@ class Shape:
 
     @property
     def nd_dx(self) -> int:
-        return math.ceil(self.D / (16 if self.BR > 32 else min(self.BD, 32)))
+        return math.ceil(self.D / (16 if self.BR > 32 or self.s == F32 else min(self.BD, 32)))
 
     @property
     def pass_grid(self) -> int:      # the state pass: 128 flat (r, d) entries a program
@@ -135,7 +135,8 @@ def fused_fwd(S: Shape) -> List[Launch]:
 def fused_bwd(S: Shape) -> List[Launch]:
     R, D, s = S.R, S.D, S.s
     n_sub = CHUNK // SUB
-    fuse_duv, fuse_dw = S.BR <= MAX_FUSED_R, S.K <= MAX_FUSED_TAPS
+    fused = S.s != F32                    # the in-kernel weight-gradient sums: 16-bit inputs only
+    fuse_duv, fuse_dw = S.BR <= MAX_FUSED_R and fused, S.K <= MAX_FUSED_TAPS and fused
     G = max(1, min(MAX_GROUP, S.NC * S.nd_dx // DX_TARGET))
     NG = math.ceil(S.NC / G)
     part = NG * (D * 2 * R * F32 * fuse_duv + (D * S.K * F32 if fuse_dw else 0)) / S.tokens

@@ -58,7 +58,7 @@ from . import conv as _conv
 from ._common import dot, dot_mode, log2_gamma
 from .config import CHUNK, SUB_CHUNK
 from .conv import _load_xe, conv_bwd_dw, conv_bwd_dx, conv_t_tile, conv_tile
-from .launch import launch
+from .launch import launch, target_arch
 from .scan import (PASS_BLOCK, PASS_CHUNKS, _bwd_dqk_kernel, _chunk_state_kernel, _dot_modes, _state_pass_kernel,
                    scan_config, score_cols, score_rows)
 from .varlen import Layout, chunk_bounds, chunk_tables, seq_length
@@ -339,12 +339,14 @@ class _Plan:
         #                   the other warp count: 12-16 B); else 64 channels, 8 warps;
         #   _k2_dx_kernel   16-bit: 32 channels (64: 8-100 B), 8 warps; R > 32: 16 channels and
         #                   32-wide R slices (16-wide: 8 B; 2 or 4 warps: 56 B); fp32 on CUDA cores:
-        #                   16 channels and the weight gradients left to their own passes (fused,
+        #                   4 warps, 16 channels (32 on sm_80: 16 spilled 8 B there, 32 spilled on
+        #                   sm_90; 8 warps 4-12 B) and the weight gradients left to their own passes (fused,
         #                   every warp count and channel block tried spilled 8-68 B)
         big_r = self.cfg.BR > 32
         self.fp32 = fp32 = self.dot_mode == 0
         self.out_cfg = (16, 8 if fp32 else 4) if big_r else (self.cfg.BD, self.cfg.warps)   # (BD, warps)
-        self.dx_cfg = ((16, 16, 8 if big_r else 4) if fp32                                  # (BD, BK, warps)
+        sm80 = (target_arch(x.device) or 90) < 90
+        self.dx_cfg = (((16, 16, 8) if big_r else (32, 16, 4) if sm80 else (16, 16, 4)) if fp32   # (BD, BK, warps)
                        else (16, 32, 8) if big_r else (min(self.cfg.BD, 32), self.cfg.BK, 8))
         self.BM = _block_m(self.cfg.BR)
         self.per_channel = kernel.dim() == 2
