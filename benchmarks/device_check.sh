@@ -4,13 +4,14 @@
 # tests, the benchmark harness.
 # Everything lands in $OUT (at most 8 files: the device tool returns no more):
 #   machine.txt (+ compile gate summary)  kernels.md  tests.log  bench.log  bench/results.json
-#   bench/results.md  bench_plots.tgz
+#   bench/results.md  bench_extra.tgz (the plots and the two K2 runs below: k2_1m_tokens.json,
+#   fused vs unfused at 1M tokens per batch, and k2_b1.json, the fused mixer at B = 1, T 1K..1M)
 #
 # The flash-linear-attention peer travels as wheels in the git-ignored .whl/ (carry it):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform any -d .whl flash-linear-attention==0.6.0 fla-core==0.6.0
-# Budget (seconds) by environment: GATE_S (default 120), TEST_S (default 200), BENCH_MIN (default 3
-# minutes of new points).
+# Budget (seconds) by environment: GATE_S (default 120), TEST_S (default 200), BENCH_MIN (default 2
+# minutes of new points), K2_MIN (default 1.5 minutes for each K2 run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/_scratch/device}
@@ -43,9 +44,19 @@ timeout "${TEST_S:-200}" python3 -m pytest -q -x -p no:cacheprovider -n 4 \
     tests/test_rosa_model.py tests/test_decode.py >"$OUT/tests.log" 2>&1
 echo "tests exit code $?" >>"$OUT/tests.log"
 
-timeout $(( ${BENCH_MIN:-3} * 60 + 120 )) python3 -m benchmarks.run --max-minutes "${BENCH_MIN:-3}" \
+timeout $(( ${BENCH_MIN:-2} * 60 + 120 )) python3 -m benchmarks.run --max-minutes "${BENCH_MIN:-2}" \
     --out "$OUT/bench" --note "device_check.sh on a lent GPU" >"$OUT/bench.log" 2>&1
 echo "bench exit code $?" >>"$OUT/bench.log"
-(cd "$OUT/bench" && ls ./*.png >/dev/null 2>&1 && tar czf ../bench_plots.tgz ./*.png && rm -f ./*.png)
+
+# issue 10's GPU checks: fused vs unfused K2 forward + backward at 1M tokens per batch (D = 1024,
+# R = 16, bf16; ratio and fraction of the copy bound), and the fused mixer's time vs T at B = 1
+K2="python3 -m benchmarks.bench_k2 --D 1024 --R 16 --K 8 --dtypes bf16 --quiet --max-minutes ${K2_MIN:-1.5}"
+timeout 200 $K2 --T 1k,4k,16k,64k,256k,1m --tokens 1048576 --methods k2/triton_fused,k2/triton_unfused \
+    --json "$OUT/bench/k2_1m_tokens.json" >>"$OUT/bench.log" 2>&1
+echo "k2 1M-token run exit code $?" >>"$OUT/bench.log"
+timeout 200 $K2 --T 1k,4k,16k,64k,256k,1m --tokens 1 --methods k2/triton_fused \
+    --json "$OUT/bench/k2_b1.json" >>"$OUT/bench.log" 2>&1
+echo "k2 B = 1 run exit code $?" >>"$OUT/bench.log"
+(cd "$OUT/bench" && tar czf ../bench_extra.tgz $(ls ./*.png ./k2_*.json 2>/dev/null) && rm -f ./*.png ./k2_*.json)
 
 tail -n 3 "$OUT/tests.log" "$OUT/bench.log"
