@@ -16,8 +16,10 @@ the directory as it was.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Dict, Optional
@@ -31,6 +33,11 @@ FORMAT = "kop-triton-checkpoint"
 VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# a training checkpoint (kop-train's last/ and best/) is a model checkpoint plus these extra files
+TRAINER_FORMAT = "kop-train/1"
+TRAINER_FILE = "trainer.json"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng.pt"
 
 
 class CheckpointError(Exception):
@@ -208,3 +215,76 @@ def check_state_dict(model: torch.nn.Module, state: Dict[str, torch.Tensor], sou
             problems.append(f"{k}: expected a floating tensor, got {t.dtype}")
     if problems:
         raise CheckpointError(f"{source} does not match the model config: " + "; ".join(problems))
+
+
+# ------------------------------------------------------------------------------- training checkpoints
+
+def _torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _torch_load_bytes(b: bytes, what: str, directory: Path):
+    try:
+        return torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to read is a corrupt checkpoint
+        raise CheckpointError(f"{directory}: {what} cannot be read ({type(exc).__name__}: {exc})") from None
+
+
+def save_training_checkpoint(directory, model: KStackLM, tokenizer, optimizer_state: dict, rng_state: dict,
+                             trainer_state: dict) -> None:
+    """Write a model checkpoint plus optimiser state, RNG states and ``trainer_state`` (JSON) into
+    ``directory``, replacing any previous one atomically: everything goes to ``<dir>.tmp`` first,
+    which is then swapped in by renames (``find_resume_dir`` recovers from a kill between them)."""
+    directory = Path(directory)
+    opt_b, rng_b = _torch_bytes(optimizer_state), _torch_bytes(rng_state)
+    state = dict(trainer_state, format=TRAINER_FORMAT,
+                 sha256={OPTIMIZER_FILE: _sha256(opt_b), RNG_FILE: _sha256(rng_b)})
+    state_b = json.dumps(state, indent=1).encode("utf-8")
+    tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint(tmp, model, tokenizer, extra={OPTIMIZER_FILE: opt_b, RNG_FILE: rng_b},
+                    meta={"step": trainer_state.get("step"), "best_val_ce": trainer_state.get("best_val_ce")})
+    atomic_write_files(tmp, {TRAINER_FILE: state_b})  # written last: its presence marks a complete checkpoint
+    if directory.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_resume_dir(out) -> Path:
+    """``out/last``; if a save was interrupted between its renames, the complete one of last.tmp/last.old."""
+    out = Path(out)
+    last = out / "last"
+    if last.exists():
+        return last
+    for cand in (out / "last.tmp", out / "last.old"):
+        if (cand / TRAINER_FILE).is_file():
+            return cand
+    raise CheckpointError(f"--resume: no checkpoint in {out} (expected {last})")
+
+
+def load_training_state(directory) -> tuple:
+    """(trainer_state, optimizer_state, rng_state) of a training checkpoint, every file verified."""
+    directory = Path(directory)
+    try:
+        state = json.loads((directory / TRAINER_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory}: {TRAINER_FILE} is missing (not a training checkpoint, or an "
+                              f"interrupted save)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{directory}: {TRAINER_FILE} is corrupt ({exc})") from None
+    if not isinstance(state, dict) or state.get("format") != TRAINER_FORMAT:
+        raise CheckpointError(f"{directory}: {TRAINER_FILE} is not a {TRAINER_FORMAT} trainer state")
+    out = []
+    for name in (OPTIMIZER_FILE, RNG_FILE):
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{directory}: {name} is missing")
+        b = path.read_bytes()
+        if _sha256(b) != state.get("sha256", {}).get(name):
+            raise CheckpointError(f"{directory}: {name} does not match its checksum (corrupt checkpoint)")
+        out.append(_torch_load_bytes(b, name, directory))
+    return state, out[0], out[1]

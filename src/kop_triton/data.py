@@ -94,13 +94,16 @@ def download(url: str, dest: Path, timeout: float = 30.0) -> Path:
     return dest
 
 
-def _read_text(path: Path, what: str) -> str:
+def read_text(path, what: str, error: type = DataError) -> str:
+    """The UTF-8 text of the file ``path``; ``error`` naming ``what`` (a flag or a dataset) when it is
+    missing or not UTF-8 (every tool reads its text files through here)."""
+    path = Path(path)
     if not path.is_file():
-        raise DataError(f"{what} file not found: {path}")
+        raise error(f"{what} file not found: {path}")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{what} file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise error(f"{what} file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def split_text(text: str, val_frac: float) -> tuple[str, str]:
@@ -131,7 +134,7 @@ def load_text_splits(dataset: Optional[str] = None, *, text_file: Optional[str] 
     """Read train/valid(/test) text for a named dataset or a plain text file (see module doc)."""
     if text_file is not None:
         path = Path(text_file).expanduser()
-        train, valid = split_text(_read_text(path, "--text"), val_frac)
+        train, valid = split_text(read_text(path, "--text"), val_frac)
         return TextSplits(train, valid, None, f"{path} (last {val_frac:g} is validation)", path)
     if dataset is None:
         raise DataError("give a dataset (--dataset tinyshakespeare|wikitext2) or a text file (--text FILE)")
@@ -142,7 +145,7 @@ def load_text_splits(dataset: Optional[str] = None, *, text_file: Optional[str] 
             raise DataError(f"--data-path {base} does not exist")
         if spec.name == "tinyshakespeare":
             path = base / spec.files["all"] if base.is_dir() else base
-            train, valid = split_text(_read_text(path, "Tiny Shakespeare"), val_frac)
+            train, valid = split_text(read_text(path, "Tiny Shakespeare"), val_frac)
             return TextSplits(train, valid, None, f"{path} (last {val_frac:g} is validation)", path)
         if not base.is_dir():
             raise DataError(f"--data-path for wikitext2 must be a directory with train.txt, valid.txt, test.txt; "
@@ -161,10 +164,10 @@ def load_text_splits(dataset: Optional[str] = None, *, text_file: Optional[str] 
             download(spec.urls[fname], path)
         paths[split] = path
     if spec.name == "tinyshakespeare":
-        train, valid = split_text(_read_text(paths["all"], "Tiny Shakespeare"), val_frac)
+        train, valid = split_text(read_text(paths["all"], "Tiny Shakespeare"), val_frac)
         return TextSplits(train, valid, None, f"{paths['all']} (last {val_frac:g} is validation)", paths["all"])
-    return TextSplits(_read_text(paths["train"], "WikiText-2 train"), _read_text(paths["valid"], "WikiText-2 valid"),
-                      _read_text(paths["test"], "WikiText-2 test"), f"{root}/{{train,valid,test}}.txt",
+    return TextSplits(read_text(paths["train"], "WikiText-2 train"), read_text(paths["valid"], "WikiText-2 valid"),
+                      read_text(paths["test"], "WikiText-2 test"), f"{root}/{{train,valid,test}}.txt",
                       paths["train"])
 
 
