@@ -19,6 +19,7 @@ global batch does not depend on the number of processes (rank r trains on its sl
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -79,7 +80,9 @@ def resolve_dataset(name: str) -> DatasetSpec:
 
 
 def download(url: str, dest: Path, timeout: float = 30.0) -> Path:
-    """Fetch ``url`` into ``dest`` atomically; a clear DataError when there is no network."""
+    """Fetch ``url`` into ``dest`` atomically; a clear DataError when there is no network.  A failed
+    download leaves nothing behind: no partial file, and no folder it created."""
+    created = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]   # deepest first
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
     try:
@@ -88,6 +91,9 @@ def download(url: str, dest: Path, timeout: float = 30.0) -> Path:
         os.replace(tmp, dest)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         Path(tmp).unlink(missing_ok=True)
+        for d in created:
+            with contextlib.suppress(OSError):   # only while empty: another process may be filling it
+                d.rmdir()
         reason = getattr(exc, "reason", exc)
         raise DataError(f"{dest.name} is not in {dest.parent} and downloading it from {url} failed ({reason}); "
                         f"put the file there, or point --data-dir / KOP_DATA_DIR at a directory that has it") from None
@@ -268,10 +274,11 @@ class BatchSampler:
         if ids.numel() < window + 2:
             raise DataError(f"the training split has {ids.numel()} tokens; a window of {window} needs at least "
                             f"{window + 2} (use a smaller --window or more text)")
+        from .ops._checks import check_int
         from .rosa import check_mode
         self.rosa = check_mode(rosa, allow_off=True)
-        if self.rosa != "off" and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1):
-            raise ValueError(f"vocab_size must be a positive int with rosa {rosa!r}, got {vocab_size!r}")
+        if self.rosa != "off":
+            check_int(f"vocab_size (with rosa {rosa!r})", vocab_size, low=1)
         self.vocab_size = vocab_size
         self.ids = ids.to(torch.long).contiguous()
         self.window, self.batch_size, self.seed = int(window), int(batch_size), int(seed)

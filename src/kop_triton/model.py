@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .modules import INIT_STD, K0Block, K1Block, K2Block, KOperator, RMSNorm, init_kernel
 from .ops.conv import MAX_KERNEL_SIZE
-from .ops._checks import BACKENDS, check_int, check_token_ids, describe
+from .ops._checks import BACKENDS, check_int, check_token_ids, describe, is_int
 from .rosa import MODES as ROSA_MODES
 from .rosa import RosaStream, rosa_next_ids
 
@@ -91,7 +91,7 @@ class KStackConfig:
         if self.rosa_layers is not None:
             rl = self.rosa_layers
             if (not isinstance(rl, (list, tuple)) or not rl
-                    or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_k2 for i in rl)
+                    or any(not is_int(i) or not 0 <= i < self.n_k2 for i in rl)
                     or len(set(rl)) != len(rl)):
                 raise ValueError(f"KStackConfig.rosa_layers must be None or a non-empty list of distinct K2 layer "
                                  f"indices in [0, n_k2={self.n_k2}), got {rl!r}")
@@ -114,7 +114,7 @@ class KStackConfig:
         if cut is None:
             cut = sorted({c for c in (V // 4, V // 2) if 0 < c < V})
         cut = list(cut)
-        if (not cut or any(isinstance(c, bool) or not isinstance(c, int) for c in cut)
+        if (not cut or any(not is_int(c) for c in cut)
                 or cut != sorted(set(cut)) or cut[0] <= 0 or cut[-1] >= V):
             raise ValueError(f"adaptive cutoffs must be a non-empty increasing list of ints inside (0, "
                              f"vocab_size={V}), got {self.adaptive_cutoffs!r}")

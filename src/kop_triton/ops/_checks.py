@@ -31,10 +31,15 @@ def check_tensor(name: str, t, ndim: int, shape_hint: str) -> torch.Tensor:
     return t
 
 
+def is_int(value) -> bool:
+    """A Python int, and not a bool (``isinstance(True, int)`` holds)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_int(name: str, value, low: Optional[int] = None, high: Optional[int] = None) -> int:
     """``value`` if it is an int (a bool is not) in [low, high], else a ValueError naming ``name``,
     the range and what was received."""
-    if (isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low)
+    if (not is_int(value) or (low is not None and value < low)
             or (high is not None and value > high)):
         if high is None:
             rng = "" if low is None else f" >= {low}"
