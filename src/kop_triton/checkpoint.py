@@ -12,6 +12,12 @@ then names, shapes and dtypes against a freshly built model; any mismatch raises
 is first written completely to a temporary file in the target directory (fsync'ed), and only
 when all of them are written are they renamed over the old ones; a failure before that leaves
 the directory as it was.
+
+Training checkpoints (kop-train's ``last/`` and ``best/``) are model checkpoints plus
+``optimizer.pt`` (the optimiser state keyed by parameter names, unsharded: loadable by any world
+size), ``rng.pt`` (every rank's RNG states) and ``trainer.json`` (step, counters, sampler, flags and
+the two files' SHA-256), written last: ``save_training_checkpoint`` / ``load_training_state``.
+The two ``.pt`` files hold tensors only and are read with ``weights_only=True``.
 """
 from __future__ import annotations
 
@@ -218,6 +224,45 @@ def check_state_dict(model: torch.nn.Module, state: Dict[str, torch.Tensor], sou
 
 
 # ------------------------------------------------------------------------------- training checkpoints
+
+def full_tensor(t):
+    """A plain CPU tensor of ``t``; an FSDP2 DTensor shard is gathered first (a collective)."""
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.detach().cpu() if isinstance(t, torch.Tensor) else t
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimiser state keyed by parameter names (not positions), unsharded, on CPU: loadable by
+    any world size. Under FSDP2 every rank must call this (it gathers the shards)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    sd = optimizer.state_dict()
+    state = {order[i]: {k: full_tensor(v) for k, v in per.items()} for i, per in sorted(sd["state"].items())}
+    return {"state": state,
+            "param_groups": [dict(g, params=[order[i] for i in g["params"]]) for g in sd["param_groups"]]}
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Inverse of optimizer_state (re-sharding for FSDP2 parameters); a ValueError when the names
+    or groups do not fit this model."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    index = {names[id(p)]: i for i, p in enumerate(params)}
+    try:
+        groups = [dict(g, params=[index[n] for n in g["params"]]) for g in state["param_groups"]]
+        per_param = {index[n]: dict(v) for n, v in state["state"].items()}
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"parameter {exc} of the saved optimiser state is not in this model") from None
+    for i, per in per_param.items():
+        p = params[i]
+        if hasattr(p, "device_mesh"):  # FSDP2 parameter: shard the full state like the parameter
+            from torch.distributed.tensor import distribute_tensor
+            for k, v in per.items():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.dim() > 0:
+                    per[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+
 
 def _torch_bytes(obj) -> bytes:
     buf = io.BytesIO()

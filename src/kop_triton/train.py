@@ -46,8 +46,8 @@ from tqdm import tqdm
 
 from . import data as kdata
 from . import distributed as kdist
-from .checkpoint import (CheckpointError, atomic_write_files, find_resume_dir, load_checkpoint, load_training_state,
-                         save_training_checkpoint)
+from .checkpoint import (CheckpointError, atomic_write_files, find_resume_dir, full_tensor, load_checkpoint,
+                         load_optimizer_state, load_training_state, optimizer_state, save_training_checkpoint)
 from .cli import ArgumentParser, fail
 from .eval import evaluate, perplexity
 from .model import KStackConfig, KStackLM
@@ -266,44 +266,6 @@ def make_optimizer(model: nn.Module, args, device: torch.device) -> torch.optim.
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def _full(t):
-    """A plain CPU tensor of ``t``; an FSDP2 DTensor shard is gathered first (a collective)."""
-    if hasattr(t, "full_tensor"):
-        t = t.full_tensor()
-    return t.detach().cpu() if isinstance(t, torch.Tensor) else t
-
-
-def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimiser state keyed by parameter names (not positions), unsharded, on CPU: loadable by
-    any world size. Under FSDP2 every rank must call this (it gathers the shards)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    sd = optimizer.state_dict()
-    state = {order[i]: {k: _full(v) for k, v in per.items()} for i, per in sorted(sd["state"].items())}
-    return {"state": state,
-            "param_groups": [dict(g, params=[order[i] for i in g["params"]]) for g in sd["param_groups"]]}
-
-
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Inverse of optimizer_state (re-sharding for FSDP2 parameters); a ValueError when the names
-    or groups do not fit this model."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    index = {names[id(p)]: i for i, p in enumerate(params)}
-    try:
-        groups = [dict(g, params=[index[n] for n in g["params"]]) for g in state["param_groups"]]
-        per_param = {index[n]: dict(v) for n, v in state["state"].items()}
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"parameter {exc} of the saved optimiser state is not in this model") from None
-    for i, per in per_param.items():
-        p = params[i]
-        if hasattr(p, "device_mesh"):  # FSDP2 parameter: shard the full state like the parameter
-            from torch.distributed.tensor import distribute_tensor
-            for k, v in per.items():
-                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.dim() > 0:
-                    per[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
-    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
-
 # ------------------------------------------------------------------------------- logging
 
 class JsonlLog:
@@ -333,7 +295,6 @@ class JsonlLog:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, sort_keys=False) + "\n")
             f.flush()
-
 
 
 def _say(info: kdist.DistInfo, msg: str) -> None:
@@ -754,7 +715,7 @@ def save(run: Run, which: str) -> None:
     opt = optimizer_state(run.model, run.optimizer)
     plain = run.model
     if run.fsdp:  # gather the full weights into an unsharded copy
-        full = {k: _full(v) for k, v in run.model.state_dict().items()}
+        full = {k: full_tensor(v) for k, v in run.model.state_dict().items()}
         if run.info.is_main:
             plain = KStackLM(run.model.config)
             plain.load_state_dict(full)
