@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 import signal
 import sys
 import time
@@ -382,7 +383,10 @@ def model_config(args, vocab_size: int) -> KStackConfig:
             except ValueError:
                 raise UsageError(f"--rosa-layers must be comma-separated K2 layer indices, got {value!r}") from None
         kwargs[name] = value
-    return KStackConfig(**kwargs)
+    try:
+        return KStackConfig(**kwargs)
+    except (ValueError, TypeError) as exc:   # say the flag, not the config field: --d-model, not d_model
+        raise ConfigError(re.sub(r"KStackConfig\.(\w+)", lambda m: flag(m.group(1)), str(exc))) from exc
 
 
 # ------------------------------------------------------------------------------- evaluation
