@@ -21,6 +21,7 @@ Budgets
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -28,6 +29,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -203,7 +205,7 @@ def peak_memory(call: Callable[[], object], device: torch.device):
         torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_allocated(device) - base), result
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with without_profiler_banner(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = call()
     events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
               if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
@@ -213,6 +215,34 @@ def peak_memory(call: Callable[[], object], device: torch.device):
         cur += n
         peak = max(peak, cur)
     return int(peak), result
+
+
+@contextlib.contextmanager
+def without_profiler_banner():
+    """torch.profiler's C++ side (kineto, SyncActivityProfilerHandler) writes ``USDT: ... profiler_start``
+    and ``... profiler_stop`` straight to file descriptor 2 for every profile, two lines per measured
+    call (hundreds in a run).  Inside, fd 2 goes to a temporary file; afterwards every other line is
+    passed on to stderr, so warnings and errors are kept."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):   # no real fd 2 (an embedding host): leave it as it is
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [line for line in tmp.read().decode("utf-8", "replace").splitlines(keepends=True)
+                    if not line.startswith("USDT:")]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 def is_oom(exc: BaseException) -> bool:

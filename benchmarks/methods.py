@@ -12,7 +12,6 @@ ops
 from __future__ import annotations
 
 import inspect
-import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
@@ -20,6 +19,7 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from kop_triton.modules import init_decay_logit, init_kernel
 from kop_triton.ops import causal_conv, decayed_scan, k2_mixer
 from kop_triton.ops.conv import naive_causal_conv
 from kop_triton.ops.k2 import k2_qk, reference_k2_mixer
@@ -31,12 +31,9 @@ from kop_triton.ops.scan import chunked_decayed_scan, naive_decayed_scan
 
 
 def spec_gamma(R: int, gamma_min: float = 0.05, gamma_max: float = 1.0) -> torch.Tensor:
-    """Decays of a freshly initialised K2 mixer (SPEC section 1: log-spaced time constants),
-    with the released v2 checkpoints' range gamma_min 0.05, gamma_max 1.0 -> 0.05 .. 0.999999."""
-    tau_lo = 1.0 / max(1.0 - gamma_min, 1e-6)
-    tau_hi = 1.0 / max(1.0 - min(gamma_max, 1.0 - 1e-6), 1e-6)
-    tau = torch.logspace(math.log10(tau_lo), math.log10(tau_hi), R, dtype=torch.float64)
-    return (1.0 - 1.0 / tau).clamp(min=gamma_min, max=gamma_max).to(torch.float32)
+    """Decays of a freshly initialised K2 mixer (the package's ``init_decay_logit``: log-spaced time
+    constants, SPEC section 1), with the released v2 checkpoints' range gamma_min 0.05, gamma_max 1.0."""
+    return gamma_min + (gamma_max - gamma_min) * torch.sigmoid(init_decay_logit(R, gamma_min, gamma_max))
 
 
 def attention_heads(D: int) -> int:
@@ -73,17 +70,13 @@ class Problem:
             q = 0.5 * F.normalize(self._randn(B, T, R, dtype=torch.float32), dim=-1)   # alpha = sigmoid(0)
             k = F.normalize(self._randn(B, T, R, dtype=torch.float32), dim=-1)
             inp = {"q": q.to(self.dtype), "k": k.to(self.dtype), "v": self._x(), "gamma": gamma}
-        elif op == "k2":
-            lag = torch.arange(K, dtype=torch.float32)
-            kernel = torch.exp(-0.15 * lag)
+        elif op == "k2":   # a fresh KOperator's parameters: alpha = sigmoid(0), the package's kernel init
             inp = {"x": self._x(), "u": self._randn(D, R, scale=0.05, dtype=torch.float32),
                    "v": self._randn(D, R, scale=0.05, dtype=torch.float32),
-                   "alpha": torch.full((R,), 0.5), "gamma": gamma, "kernel": kernel / kernel.sum(),
+                   "alpha": torch.full((R,), 0.5), "gamma": gamma, "kernel": init_kernel(K),
                    "gate_logit": torch.zeros(())}
         elif op == "conv":
-            lag = torch.arange(K, dtype=torch.float32)
-            kernel = torch.exp(-0.15 * lag)
-            inp = {"x": self._x(), "weight": kernel / kernel.sum()}
+            inp = {"x": self._x(), "weight": init_kernel(K)}
         elif op == "attention":
             H = attention_heads(D)
             inp = {n: self._randn(B, H, T, D // H) for n in ("q", "k", "v")}
@@ -206,14 +199,6 @@ def _k2(backend):
     return fn
 
 
-def _k2_unfused_triton(i):
-    x = i["x"]
-    q, k = k2_qk(x, i["u"], i["v"], i["alpha"])
-    y, _ = decayed_scan(q, k, x, i["gamma"], backend="triton")
-    c, _ = causal_conv(x, i["kernel"], backend="triton")
-    return torch.sigmoid(i["gate_logit"].to(x.dtype)) * c + y
-
-
 def _conv(backend):
     def fn(i):
         return causal_conv(i["x"], i["weight"], backend=backend)[0]
@@ -291,7 +276,7 @@ METHODS = [
     Method("k2/triton_fused", "k2", "ours", "K2 mixer, fused Triton", _k2("triton"), triton=True,
            long_ok=True, bytes_model=_bytes_k2_fused),
     Method("k2/triton_unfused", "k2", "ours", "K2 mixer, Triton scan + Triton conv + elementwise",
-           _k2_unfused_triton, triton=True, bytes_model=_bytes_k2_unfused),
+           _k2("triton_unfused"), triton=True, bytes_model=_bytes_k2_unfused),
     Method("k2/chunked", "k2", "ours", "K2 mixer, fused chunked PyTorch", _k2("chunked"),
            bytes_model=_bytes_model("chunked")),
     Method("conv/triton", "conv", "ours", "causal conv, Triton", _conv("triton"), triton=True, long_ok=True),

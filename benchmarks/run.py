@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -135,6 +136,7 @@ def main(argv=None) -> dict:
     p.add_argument("--lm-steps", type=int, default=None)
     p.add_argument("--no-lm", action="store_true", help="skip the LM training-throughput figure")
     p.add_argument("--no-plots", action="store_true")
+    # --quiet (cli.add_common) silences the progress log; the short summary at the end is always printed
     cli.add_common(p)
     args = p.parse_args(argv)
     device, threads, budget = cli.setup(args)
@@ -199,7 +201,36 @@ def main(argv=None) -> dict:
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md)
     log(f"wrote {json_path}, results.md and {len(pngs)} plots in {doc['runtime_s']:.0f} s")
+    print("\n".join(summary(doc, out)), file=sys.stderr, flush=True)   # also with --quiet (no progress log)
     return doc
+
+
+def summary(doc: dict, out: str) -> list:
+    """The few lines printed at the end of a run: what was measured, the headline figures, and where
+    the results are (and how to keep them: the default folder is git-ignored scratch)."""
+    counts = {}
+    for r in doc["results"]:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    lines = ["", "== benchmark summary " + "=" * 50,
+             f"{len(doc['results'])} measurements: " + ", ".join(f"{n} {st}" for st, n in sorted(counts.items()))
+             + f"; {doc['runtime_s']:.0f} s"]
+    for r in doc["lm_throughput"]["runs"]:
+        what = f"LM training step, backend {r['config']['backend']}" + (" + bf16 autocast" if r["autocast_bf16"] else "")
+        lines.append(f"{what}: " + (f"{r['tokens_per_s']:,.0f} tokens/s (batch {r['batch']} x T {r['T']})"
+                                    if r["status"] == "ok" else r.get("reason", r["status"])))
+    ours = [sl for sl in doc["slopes"] if sl["sweep"] == "T-sweep" and sl["mode"] == "fwd_bwd"]
+    if ours:
+        lines.append("time per sequence vs T, log-log slope (fwd+bwd; 1 = linear, 2 = quadratic): "
+                     + ", ".join(f"{sl['method']} {sl['time_slope']:.2f}" for sl in ours))
+    for c in doc["crossovers"]:
+        if c["sweep"] == "T-sweep" and c["mode"] == "fwd_bwd" and c["crossover_T"]:
+            lines.append(f"{c['ours']} beats {c['vs']} from T ~ {c['crossover_T']} ({c['dtype']}, fwd+bwd)")
+    lines.append(f"results: {os.path.join(out, 'results.json')} (all figures), {os.path.join(out, 'results.md')} "
+                 "(tables; read it first), plots beside them")
+    if os.sep + "_scratch" + os.sep in os.path.abspath(out) + os.sep:
+        lines.append("that folder is git-ignored scratch: to keep a run, copy it to benchmarks/results/<name>/ and "
+                     "commit it, or run with --out benchmarks/results/<name> (make bench BENCH_FLAGS=\"--out ...\")")
+    return lines
 
 
 def _load(xs):

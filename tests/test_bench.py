@@ -72,10 +72,18 @@ def _validate_doc(doc: dict, expect_methods) -> None:
         assert s["points"] >= 2 and math.isfinite(s["time_slope"])
 
 
-def test_harness_quick_end_to_end(tmp_path):
+def test_harness_quick_end_to_end(tmp_path, capfd):
     out = tmp_path / "res"
     doc = run.main(["--quick", "--out", str(out), *TINY, "--shape-T", "24", "--shape-tokens", "48",
                     "--shape-D", "8", "--shape-R", "2", "--lm-batch", "1", "--lm-T", "24", "--lm-steps", "1"])
+    console = capfd.readouterr()
+    # no torch.profiler (kineto) banner lines, and a summary at the end saying where the results are
+    assert "USDT" not in console.err and "profiler_start" not in console.err + console.out
+    tail = console.err[console.err.index("== benchmark summary"):]
+    assert f"results: {out / 'results.json'}" in tail and "measurements:" in tail and "tokens/s" in tail, tail
+    assert "git-ignored" not in tail                                   # an explicit --out is not scratch
+    scratch = run.summary(doc, str(tmp_path / "_scratch" / "x"))        # the default folder: say how to keep it
+    assert any("git-ignored" in line and "--out benchmarks/results/" in line for line in scratch), scratch
     on_disk = json.loads((out / "results.json").read_text())
     assert [(r["method"], r["mode"], r["T"], r["status"]) for r in on_disk["results"]] == \
         [(r["method"], r["mode"], r["T"], r["status"]) for r in doc["results"]]

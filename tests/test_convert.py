@@ -123,14 +123,16 @@ def test_gamma_min_and_alpha_cap_are_required(tmp_path, capsys):
         del args[i:i + 2]
         with pytest.raises(SystemExit) as e:
             main(args)
-        assert str(e.value) == f"error: the following arguments are required: {drop}"
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err == f"kop-convert: error: the following arguments are required: {drop} (see --help)\n", err
     assert not (tmp_path / "out").exists()
 
 
 def _expect_error(capsys, args, match):
-    assert main([str(a) for a in args]) == 1
+    assert main([str(a) for a in args]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    assert err.count("\n") == 1 and err.startswith("kop-convert: error: ") and "Traceback" not in err, err
     assert match in err, err
 
 
@@ -140,7 +142,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     save_reference(src, m)
     text.write_text(TEXT)
     _expect_error(capsys, _args(tmp_path / "nope.pt", out, text), "does not exist")
-    _expect_error(capsys, _args(src, out, tmp_path / "missing.txt"), "--text: no such file")
+    _expect_error(capsys, _args(src, out, tmp_path / "missing.txt"), "--text file not found")
     (tmp_path / "other.txt").write_text("abc")
     _expect_error(capsys, _args(src, out, tmp_path / "other.txt"), "has 3 tokens but the checkpoint's embedding has")
     _expect_error(capsys, [src, out, "--tokenizer", "char", "--gamma-min", "0.1", "--alpha-cap", "1"],
@@ -193,7 +195,7 @@ def test_cli_subprocess_has_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kop_triton.convert", str(tmp_path / "x.pt"), str(tmp_path / "o"),
                         "--tokenizer", "byte", "--gamma-min", "0.05", "--alpha-cap", "1"],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and r.stdout == ""
+    assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr and "Traceback" not in r.stderr
 
 

@@ -66,7 +66,10 @@ def test_missing_file_without_network_gives_a_clear_error(tmp_path, monkeypatch)
         load_text_splits("tinyshakespeare", data_dir=str(tmp_path))
     msg = str(err.value)
     assert "raw.githubusercontent.com/karpathy/char-rnn" in msg and "KOP_DATA_DIR" in msg and "\n" not in msg
-    assert not list((tmp_path / "tinyshakespeare").glob("*")), "no partial file left behind"
+    assert not (tmp_path / "tinyshakespeare").exists(), "no partial file and no empty cache folder left behind"
+    with pytest.raises(DataError):
+        load_text_splits("wikitext2", data_dir=str(tmp_path / "new" / "cache"))
+    assert list(tmp_path.iterdir()) == [], "none of the folders the download created"
 
 
 def test_download_writes_the_file_once(tmp_path, monkeypatch):

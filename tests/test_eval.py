@@ -59,9 +59,9 @@ def test_evaluate_errors_and_split():
 
 
 def _expect_error(capsys, args, match):
-    assert main([str(a) for a in args]) == 1
+    assert main([str(a) for a in args]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    assert err.count("\n") == 1 and err.startswith("kop-eval: error: ") and "Traceback" not in err, err
     assert match in err, err
 
 
@@ -80,7 +80,7 @@ def test_cli(tmp_path, capsys):
     assert res["tokens"] == expect["tokens"] and math.isclose(res["val_ce"], expect["val_ce"], rel_tol=1e-6)
     ck, t = tmp_path / "ck", tmp_path / "t.txt"
     _expect_error(capsys, ["--checkpoint", tmp_path / "none", "--text", t], "does not exist")
-    _expect_error(capsys, ["--checkpoint", ck, "--text", tmp_path / "none.txt"], "--text: no such file")
+    _expect_error(capsys, ["--checkpoint", ck, "--text", tmp_path / "none.txt"], "--text file not found")
     _expect_error(capsys, ["--checkpoint", ck, "--text", t, "--window", "0"], "must be positive")
     _expect_error(capsys, ["--checkpoint", ck, "--text", t, "--val-fraction", "1.5"], "--val-fraction")
     _expect_error(capsys, ["--checkpoint", ck, "--text", t, "--window", "100000"], "need at least window")
@@ -92,10 +92,12 @@ def test_cli(tmp_path, capsys):
     _expect_error(capsys, ["--checkpoint", ck, "--text", t, "--device", "tpu:x"], "--device")
     if not torch.cuda.is_available():
         _expect_error(capsys, ["--checkpoint", ck, "--text", t, "--device", "cuda"], "CUDA is not available")
-    with pytest.raises(SystemExit, match="required: --checkpoint"):
-        main(["--text", str(t)])
-    with pytest.raises(SystemExit, match="invalid int value"):
-        main(["--checkpoint", str(ck), "--text", str(t), "--window", "lots"])
+    for argv, needle in ((["--text", str(t)], "required: --checkpoint"),
+                         (["--checkpoint", str(ck), "--text", str(t), "--window", "lots"], "invalid int value")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("kop-eval: error: ") and needle in err, err
 
 
 @pytest.fixture(scope="module")

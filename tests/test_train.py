@@ -274,7 +274,8 @@ def test_corrupt_checkpoint_is_reported_not_used(tmp_path, text_file, capsys):
     (["--text", "/no/such/file.txt"], "not found"),
     (["--tokenizer", "wordpiece"], "invalid choice"),
     (["--steps", "0"], "--steps must be >= 1"),
-    (["--d-model", "-4"], "d_model"),
+    (["--d-model", "-4"], "--d-model must be an int >= 1, got -4"),
+    (["--kernel-size", "5000"], "--kernel-size must be an int in [1, 4096], got 5000"),
     (["--batch-size", "abc"], "invalid int value"),
     (["--resume"], "no checkpoint"),
     (["--preset", "gpt5"], "invalid choice"),
@@ -429,3 +430,75 @@ def test_rosa_preset_is_the_v2_rosa_model():
     assert (cfg.rosa, cfg.rosa_layers, cfg.window, cfg.n_k2) == ("reference", None, 2048, 6)
     assert KStackLM(cfg).num_parameters() == 178_692          # the v2 README's ROSA checkpoints
     assert ktrain.model_config(ktrain.parse_args(["--rosa-layers", "0,2", "--rosa", "exact"]), 9).rosa_layers == [0, 2]
+
+
+# ------------------------------------------------------------------------------- what a new user trips over
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kop-train: error: ") and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_resume_refuses_changed_flags_and_a_finished_run_prints_no_garbage(tmp_path, text_file, capsys):
+    out = tmp_path / "r"
+    base = ["--text", str(text_file), *TINY, "--max-eval-tokens", "200", "--eval-interval", "3"]
+    assert ktrain.main([*base, "--out", str(out), "--steps", "3"]) == 0
+    capsys.readouterr()
+    before = (out / "last" / "trainer.json").read_bytes()
+    # flags the checkpoint fixes, given with other values: refused, every one named with both values
+    assert ktrain.main(["--out", str(out), "--resume", "--steps", "5", "--d-model", "128", "--lr", "0.5",
+                        "--batch-size", "4"]) == 2
+    line = _one_error_line(capsys)
+    for needle in ("--d-model 128 (the run has 24)", "--lr 0.5 (the run has 0.01)", "--batch-size 4 (the run has 8)",
+                   "--steps"):
+        assert needle in line, line
+    assert (out / "last" / "trainer.json").read_bytes() == before          # nothing touched
+    # the same values as the run's are fine (a re-typed command line), and --steps may change
+    assert ktrain.main(["--out", str(out), "--resume", "--steps", "4", "--d-model", "24", "--batch-size", "8"]) == 0
+    assert json.loads((out / "last" / "trainer.json").read_text())["step"] == 4
+    capsys.readouterr()
+    # a resume at or past --steps trains nothing and says so; no best val_ppl before any finite evaluation
+    assert ktrain.main(["--out", str(out), "--resume", "--steps", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "already at step 4 of --steps 2: nothing to train" in err and "Traceback" not in err, err
+    state = json.loads((out / "last" / "trainer.json").read_text())
+    state["best_val_ce"] = float("inf")                                     # as after a stop before any evaluation
+    (out / "last" / "trainer.json").write_text(json.dumps(state))
+    assert ktrain.main(["--out", str(out), "--resume", "--steps", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "best val_ppl n/a" in err and "e+" not in err and "5184705528587072045056" not in err, err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--max-eval-tokens", "0"], "--max-eval-tokens must be >= 1, got 0 (leave it out to evaluate on every"),
+    (["--max-eval-tokens", "-5"], "--max-eval-tokens must be >= 1"),
+    (["--eval-window", "0"], "--eval-window must be >= 1"),
+    (["--fsdp"], "--fsdp shards the model over the processes of a torchrun launch"),
+    (["--gamma-min", "2"], "gamma_min"),
+])
+def test_flags_a_new_user_gets_wrong(argv, needle, tmp_path, text_file, capsys):
+    out = tmp_path / "o"
+    assert ktrain.main(["--text", str(text_file), "--out", str(out), *TINY, "--steps", "2", *argv]) == 2
+    assert needle in _one_error_line(capsys)
+    assert not (out / "last").exists()
+
+
+def test_out_naming_a_file_is_one_clear_line(tmp_path, text_file, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_text("keep me")
+    for extra in ([], ["--resume"]):
+        assert ktrain.main(["--text", str(text_file), "--out", str(f), *TINY, "--steps", "2", *extra]) == 2
+        assert f"--out {f} is a file" in _one_error_line(capsys)
+    assert f.read_text() == "keep me"
+
+
+def test_config_errors_are_a_type_not_a_file_name():
+    """A ValueError of the model code while the run is set up is a ConfigError; the same error from
+    inside a step is a bug and keeps its traceback."""
+    with pytest.raises(ktrain.ConfigError, match="d_model"):
+        with ktrain.config_errors():
+            KStackConfig(vocab_size=5, d_model=-1)
+    assert issubclass(ktrain.ConfigError, ktrain.UsageError)
+    with pytest.raises(ValueError):
+        KStackConfig(vocab_size=5, d_model=-1)

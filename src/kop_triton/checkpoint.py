@@ -12,12 +12,20 @@ then names, shapes and dtypes against a freshly built model; any mismatch raises
 is first written completely to a temporary file in the target directory (fsync'ed), and only
 when all of them are written are they renamed over the old ones; a failure before that leaves
 the directory as it was.
+
+Training checkpoints (kop-train's ``last/`` and ``best/``) are model checkpoints plus
+``optimizer.pt`` (the optimiser state keyed by parameter names, unsharded: loadable by any world
+size), ``rng.pt`` (every rank's RNG states) and ``trainer.json`` (step, counters, sampler, flags and
+the two files' SHA-256), written last: ``save_training_checkpoint`` / ``load_training_state``.
+The two ``.pt`` files hold tensors only and are read with ``weights_only=True``.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Dict, Optional
@@ -31,6 +39,11 @@ FORMAT = "kop-triton-checkpoint"
 VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# a training checkpoint (kop-train's last/ and best/) is a model checkpoint plus these extra files
+TRAINER_FORMAT = "kop-train/1"
+TRAINER_FILE = "trainer.json"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng.pt"
 
 
 class CheckpointError(Exception):
@@ -208,3 +221,115 @@ def check_state_dict(model: torch.nn.Module, state: Dict[str, torch.Tensor], sou
             problems.append(f"{k}: expected a floating tensor, got {t.dtype}")
     if problems:
         raise CheckpointError(f"{source} does not match the model config: " + "; ".join(problems))
+
+
+# ------------------------------------------------------------------------------- training checkpoints
+
+def full_tensor(t):
+    """A plain CPU tensor of ``t``; an FSDP2 DTensor shard is gathered first (a collective)."""
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.detach().cpu() if isinstance(t, torch.Tensor) else t
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimiser state keyed by parameter names (not positions), unsharded, on CPU: loadable by
+    any world size. Under FSDP2 every rank must call this (it gathers the shards)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    sd = optimizer.state_dict()
+    state = {order[i]: {k: full_tensor(v) for k, v in per.items()} for i, per in sorted(sd["state"].items())}
+    return {"state": state,
+            "param_groups": [dict(g, params=[order[i] for i in g["params"]]) for g in sd["param_groups"]]}
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Inverse of optimizer_state (re-sharding for FSDP2 parameters); a ValueError when the names
+    or groups do not fit this model."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    index = {names[id(p)]: i for i, p in enumerate(params)}
+    try:
+        groups = [dict(g, params=[index[n] for n in g["params"]]) for g in state["param_groups"]]
+        per_param = {index[n]: dict(v) for n, v in state["state"].items()}
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"parameter {exc} of the saved optimiser state is not in this model") from None
+    for i, per in per_param.items():
+        p = params[i]
+        if hasattr(p, "device_mesh"):  # FSDP2 parameter: shard the full state like the parameter
+            from torch.distributed.tensor import distribute_tensor
+            for k, v in per.items():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.dim() > 0:
+                    per[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+
+
+def _torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _torch_load_bytes(b: bytes, what: str, directory: Path):
+    try:
+        return torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to read is a corrupt checkpoint
+        raise CheckpointError(f"{directory}: {what} cannot be read ({type(exc).__name__}: {exc})") from None
+
+
+def save_training_checkpoint(directory, model: KStackLM, tokenizer, optimizer_state: dict, rng_state: dict,
+                             trainer_state: dict) -> None:
+    """Write a model checkpoint plus optimiser state, RNG states and ``trainer_state`` (JSON) into
+    ``directory``, replacing any previous one atomically: everything goes to ``<dir>.tmp`` first,
+    which is then swapped in by renames (``find_resume_dir`` recovers from a kill between them)."""
+    directory = Path(directory)
+    opt_b, rng_b = _torch_bytes(optimizer_state), _torch_bytes(rng_state)
+    state = dict(trainer_state, format=TRAINER_FORMAT,
+                 sha256={OPTIMIZER_FILE: _sha256(opt_b), RNG_FILE: _sha256(rng_b)})
+    state_b = json.dumps(state, indent=1).encode("utf-8")
+    tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_checkpoint(tmp, model, tokenizer, extra={OPTIMIZER_FILE: opt_b, RNG_FILE: rng_b},
+                    meta={"step": trainer_state.get("step"), "best_val_ce": trainer_state.get("best_val_ce")})
+    atomic_write_files(tmp, {TRAINER_FILE: state_b})  # written last: its presence marks a complete checkpoint
+    if directory.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_resume_dir(out) -> Path:
+    """``out/last``; if a save was interrupted between its renames, the complete one of last.tmp/last.old."""
+    out = Path(out)
+    last = out / "last"
+    if last.exists():
+        return last
+    for cand in (out / "last.tmp", out / "last.old"):
+        if (cand / TRAINER_FILE).is_file():
+            return cand
+    raise CheckpointError(f"--resume: no checkpoint in {out} (expected {last})")
+
+
+def load_training_state(directory) -> tuple:
+    """(trainer_state, optimizer_state, rng_state) of a training checkpoint, every file verified."""
+    directory = Path(directory)
+    try:
+        state = json.loads((directory / TRAINER_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory}: {TRAINER_FILE} is missing (not a training checkpoint, or an "
+                              f"interrupted save)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{directory}: {TRAINER_FILE} is corrupt ({exc})") from None
+    if not isinstance(state, dict) or state.get("format") != TRAINER_FORMAT:
+        raise CheckpointError(f"{directory}: {TRAINER_FILE} is not a {TRAINER_FORMAT} trainer state")
+    out = []
+    for name in (OPTIMIZER_FILE, RNG_FILE):
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{directory}: {name} is missing")
+        b = path.read_bytes()
+        if _sha256(b) != state.get("sha256", {}).get(name):
+            raise CheckpointError(f"{directory}: {name} does not match its checksum (corrupt checkpoint)")
+        out.append(_torch_load_bytes(b, name, directory))
+    return state, out[0], out[1]

@@ -25,7 +25,6 @@ are dropped (``--rosa exact|reference`` is then an error).
 """
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
@@ -34,9 +33,14 @@ from typing import Dict, Tuple
 import torch
 
 from .checkpoint import CheckpointError, check_state_dict, save_checkpoint
+from .cli import ArgumentParser, fail
+from .data import read_text
 from .model import KStackConfig, KStackLM
 from .modules import ROSA_RHO_INIT
 from .tokenizers import ByteTokenizer, CharTokenizer
+
+
+PROG = "kop-convert"
 
 
 class ConvertError(Exception):
@@ -281,7 +285,7 @@ def convert(src, out_dir, *, tokenizer: str, text=None, gamma_min, alpha_cap, ga
     if tokenizer == "char":
         if text is None:
             raise ConvertError("--tokenizer char needs --text FILE (the whole training text) for its vocabulary")
-        tok = CharTokenizer(_read_text(text))
+        tok = CharTokenizer(read_text(text, "--text", ConvertError))
     elif tokenizer == "byte":
         tok = ByteTokenizer()
     else:
@@ -310,23 +314,8 @@ def convert(src, out_dir, *, tokenizer: str, text=None, gamma_min, alpha_cap, ga
     return model.eval(), tok
 
 
-def _read_text(path) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise ConvertError(f"--text: no such file {str(path)!r}")
-    try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConvertError(f"--text: {str(path)!r} is not UTF-8 text ({e.reason})") from None
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
-        raise SystemExit(f"error: {message}")
-
-
 def main(argv=None) -> int:
-    p = _Parser(prog="python -m kop_triton.convert",
+    p = ArgumentParser(prog=PROG,
                 description="Import a reference (AileenKoneko/K-language-model) v2 checkpoint.")
     p.add_argument("src", help="source .pt checkpoint")
     p.add_argument("out_dir", help="output checkpoint directory")
@@ -349,8 +338,7 @@ def main(argv=None) -> int:
                              gamma_max=a.gamma_max, alpha_cap=a.alpha_cap, window=a.window, overwrite=a.overwrite,
                              rosa=a.rosa, format=a.format)
     except (ConvertError, CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return fail(PROG, e)
     c = model.config
     print(f"wrote {a.out_dir}: vocab {c.vocab_size}, d_model {c.d_model}, n_k2 {c.n_k2}, rank {c.rank}, "
           f"kernel {c.kernel_size} ({'shared' if c.shared_kernel else 'per layer'}), head {c.head}, "

@@ -19,6 +19,7 @@ global batch does not depend on the number of processes (rank r trains on its sl
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -79,7 +80,9 @@ def resolve_dataset(name: str) -> DatasetSpec:
 
 
 def download(url: str, dest: Path, timeout: float = 30.0) -> Path:
-    """Fetch ``url`` into ``dest`` atomically; a clear DataError when there is no network."""
+    """Fetch ``url`` into ``dest`` atomically; a clear DataError when there is no network.  A failed
+    download leaves nothing behind: no partial file, and no folder it created."""
+    created = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]   # deepest first
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
     try:
@@ -88,19 +91,25 @@ def download(url: str, dest: Path, timeout: float = 30.0) -> Path:
         os.replace(tmp, dest)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         Path(tmp).unlink(missing_ok=True)
+        for d in created:
+            with contextlib.suppress(OSError):   # only while empty: another process may be filling it
+                d.rmdir()
         reason = getattr(exc, "reason", exc)
         raise DataError(f"{dest.name} is not in {dest.parent} and downloading it from {url} failed ({reason}); "
                         f"put the file there, or point --data-dir / KOP_DATA_DIR at a directory that has it") from None
     return dest
 
 
-def _read_text(path: Path, what: str) -> str:
+def read_text(path, what: str, error: type = DataError) -> str:
+    """The UTF-8 text of the file ``path``; ``error`` naming ``what`` (a flag or a dataset) when it is
+    missing or not UTF-8 (every tool reads its text files through here)."""
+    path = Path(path)
     if not path.is_file():
-        raise DataError(f"{what} file not found: {path}")
+        raise error(f"{what} file not found: {path}")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{what} file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise error(f"{what} file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def split_text(text: str, val_frac: float) -> tuple[str, str]:
@@ -131,7 +140,7 @@ def load_text_splits(dataset: Optional[str] = None, *, text_file: Optional[str] 
     """Read train/valid(/test) text for a named dataset or a plain text file (see module doc)."""
     if text_file is not None:
         path = Path(text_file).expanduser()
-        train, valid = split_text(_read_text(path, "--text"), val_frac)
+        train, valid = split_text(read_text(path, "--text"), val_frac)
         return TextSplits(train, valid, None, f"{path} (last {val_frac:g} is validation)", path)
     if dataset is None:
         raise DataError("give a dataset (--dataset tinyshakespeare|wikitext2) or a text file (--text FILE)")
@@ -142,7 +151,7 @@ def load_text_splits(dataset: Optional[str] = None, *, text_file: Optional[str] 
             raise DataError(f"--data-path {base} does not exist")
         if spec.name == "tinyshakespeare":
             path = base / spec.files["all"] if base.is_dir() else base
-            train, valid = split_text(_read_text(path, "Tiny Shakespeare"), val_frac)
+            train, valid = split_text(read_text(path, "Tiny Shakespeare"), val_frac)
             return TextSplits(train, valid, None, f"{path} (last {val_frac:g} is validation)", path)
         if not base.is_dir():
             raise DataError(f"--data-path for wikitext2 must be a directory with train.txt, valid.txt, test.txt; "
@@ -161,10 +170,10 @@ def load_text_splits(dataset: Optional[str] = None, *, text_file: Optional[str] 
             download(spec.urls[fname], path)
         paths[split] = path
     if spec.name == "tinyshakespeare":
-        train, valid = split_text(_read_text(paths["all"], "Tiny Shakespeare"), val_frac)
+        train, valid = split_text(read_text(paths["all"], "Tiny Shakespeare"), val_frac)
         return TextSplits(train, valid, None, f"{paths['all']} (last {val_frac:g} is validation)", paths["all"])
-    return TextSplits(_read_text(paths["train"], "WikiText-2 train"), _read_text(paths["valid"], "WikiText-2 valid"),
-                      _read_text(paths["test"], "WikiText-2 test"), f"{root}/{{train,valid,test}}.txt",
+    return TextSplits(read_text(paths["train"], "WikiText-2 train"), read_text(paths["valid"], "WikiText-2 valid"),
+                      read_text(paths["test"], "WikiText-2 test"), f"{root}/{{train,valid,test}}.txt",
                       paths["train"])
 
 
@@ -265,10 +274,11 @@ class BatchSampler:
         if ids.numel() < window + 2:
             raise DataError(f"the training split has {ids.numel()} tokens; a window of {window} needs at least "
                             f"{window + 2} (use a smaller --window or more text)")
+        from .ops._checks import check_int
         from .rosa import check_mode
         self.rosa = check_mode(rosa, allow_off=True)
-        if self.rosa != "off" and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1):
-            raise ValueError(f"vocab_size must be a positive int with rosa {rosa!r}, got {vocab_size!r}")
+        if self.rosa != "off":
+            check_int(f"vocab_size (with rosa {rosa!r})", vocab_size, low=1)
         self.vocab_size = vocab_size
         self.ids = ids.to(torch.long).contiguous()
         self.window, self.batch_size, self.seed = int(window), int(batch_size), int(seed)

@@ -16,15 +16,23 @@ the reference implementation's automaton and the exact definition (same weights)
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
-from pathlib import Path
 
 import torch
 
-from .ops._checks import BACKENDS
+from .cli import ArgumentParser, fail
+from .data import read_text
+from .ops._checks import BACKENDS, check_int
+
+PROG = "kop-eval"
+PPL_CAP_CE = 50.0   # perplexity() caps the exponent here: a diverged run logs a large number, not inf
+
+
+def perplexity(ce: float) -> float:
+    """exp(ce), the exponent capped at 50 (exp(50) ~ 5e21) so it never overflows."""
+    return math.exp(min(ce, PPL_CAP_CE))
 
 
 def evaluate(model, ids, window: int = 2048, batch_size: int = 8) -> dict:
@@ -32,9 +40,8 @@ def evaluate(model, ids, window: int = 2048, batch_size: int = 8) -> dict:
     if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"ids must be a 1-D int tensor, got {type(ids).__name__} "
                          f"{getattr(ids, 'shape', '')} {getattr(ids, 'dtype', '')}")
-    for name, val in (("window", window), ("batch_size", batch_size)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    check_int("window", window, low=1)
+    check_int("batch_size", batch_size, low=1)
     n_windows = (ids.numel() - 1) // window
     if n_windows < 1:
         raise ValueError(f"need at least window + 1 = {window + 1} tokens to score one window, "
@@ -56,7 +63,7 @@ def evaluate(model, ids, window: int = 2048, batch_size: int = 8) -> dict:
         model.train(was_training)
     tokens = n_windows * window
     ce = total / tokens
-    return {"val_ce": ce, "val_ppl": math.exp(ce), "tokens": tokens, "windows": n_windows}
+    return {"val_ce": ce, "val_ppl": perplexity(ce), "tokens": tokens, "windows": n_windows}
 
 
 def validation_ids(tokenizer, text: str, val_fraction: float = 0.1) -> torch.Tensor:
@@ -68,13 +75,8 @@ def validation_ids(tokenizer, text: str, val_fraction: float = 0.1) -> torch.Ten
     return torch.tensor(ids[split:], dtype=torch.long)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
-        raise SystemExit(f"error: {message}")
-
-
 def main(argv=None) -> int:
-    p = _Parser(prog="python -m kop_triton.eval", description="Evaluate a kop-triton checkpoint.")
+    p = ArgumentParser(prog=PROG, description="Evaluate a kop-triton checkpoint.")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (config.json + model.safetensors)")
     p.add_argument("--text", required=True, help="UTF-8 text file; the last --val-fraction is scored")
     p.add_argument("--val-fraction", type=float, default=0.1)
@@ -97,13 +99,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--device: unknown device {a.device!r}") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {a.device}: CUDA is not available on this machine")
-        path = Path(a.text)
-        if not path.is_file():
-            raise ValueError(f"--text: no such file {a.text!r}")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"--text: {a.text!r} is not UTF-8 text ({e.reason})") from None
+        text = read_text(a.text, "--text", ValueError)
         model, tok = load_checkpoint(a.checkpoint, map_location=device)
         if a.backend is not None:
             model.set_backend(a.backend)
@@ -111,8 +107,7 @@ def main(argv=None) -> int:
             model.set_rosa(a.rosa)
         res = evaluate(model, validation_ids(tok, text, a.val_fraction), a.window, a.batch_size)
     except (CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return fail(PROG, e)
     print(json.dumps(res))
     return 0
 

@@ -8,21 +8,19 @@ suffix automata in the state: over the whole history by default, or restarted ev
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Optional
 
 import torch
 
+from .cli import ArgumentParser, fail
+
 PROG = "kop-generate"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + traceback
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Sample text from a kop-triton checkpoint.",
+    p = ArgumentParser(prog=PROG, description="Sample text from a kop-triton checkpoint.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. runs/NAME/best)")
     p.add_argument("--prompt", default="\n", help="text to continue")
@@ -62,10 +60,14 @@ def main(argv: Optional[list] = None) -> int:
     try:
         if args.max_new_tokens < 0:
             raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-        if args.temperature < 0:
-            raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+        if not (args.temperature >= 0 and math.isfinite(args.temperature)):
+            raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
         if args.rosa_window is not None and args.rosa_window < 1:
             raise ValueError(f"--rosa-window must be >= 1, got {args.rosa_window}")
+        if args.top_k is not None and args.top_k < 1:
+            raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+        if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+            raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
         device = resolve_device(args.device)
         model, tokenizer = load_checkpoint(args.checkpoint, map_location=device)
         if args.rosa is not None:
@@ -75,8 +77,7 @@ def main(argv: Optional[list] = None) -> int:
         text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
                              args.top_k, args.top_p, args.seed, rosa_window=args.rosa_window)
     except (CheckpointError, ValueError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(PROG, exc)
     sys.stdout.write(text + ("" if text.endswith("\n") else "\n"))
     return 0
 

@@ -31,7 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .modules import INIT_STD, K0Block, K1Block, K2Block, KOperator, RMSNorm, init_kernel
-from .ops._checks import BACKENDS, describe
+from .ops.conv import MAX_KERNEL_SIZE
+from .ops._checks import BACKENDS, check_int, check_token_ids, describe, is_int
 from .rosa import MODES as ROSA_MODES
 from .rosa import RosaStream, rosa_next_ids
 
@@ -65,16 +66,11 @@ class KStackConfig:
     rosa_layers: Optional[List[int]] = None   # 0-based K2 layers given the ROSA term; None: all
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_k2", "rank", "kernel_size", "head_mult", "window"):
-            val = getattr(self, name)
-            if isinstance(val, bool) or not isinstance(val, int) or val < (0 if name == "n_k2" else 1):
-                raise ValueError(f"KStackConfig.{name} must be a {'non-negative' if name == 'n_k2' else 'positive'} "
-                                 f"int, got {val!r}")
-        if self.emb_dim is not None and (isinstance(self.emb_dim, bool) or not isinstance(self.emb_dim, int)
-                                         or self.emb_dim < 1):
-            raise ValueError(f"KStackConfig.emb_dim must be None or a positive int, got {self.emb_dim!r}")
-        if isinstance(self.refine_steps, bool) or not isinstance(self.refine_steps, int) or self.refine_steps < 0:
-            raise ValueError(f"KStackConfig.refine_steps must be an int >= 0, got {self.refine_steps!r}")
+        for name in ("vocab_size", "d_model", "n_k2", "rank", "kernel_size", "head_mult", "window", "refine_steps"):
+            check_int(f"KStackConfig.{name}", getattr(self, name), low=0 if name in ("n_k2", "refine_steps") else 1,
+                      high=MAX_KERNEL_SIZE if name == "kernel_size" else None)
+        if self.emb_dim is not None:
+            check_int("KStackConfig.emb_dim (None or an int)", self.emb_dim, low=1)
         if not (0.0 < self.gamma_min < self.gamma_max <= 1.0):
             raise ValueError(f"KStackConfig needs 0 < gamma_min < gamma_max <= 1, got "
                              f"gamma_min={self.gamma_min!r}, gamma_max={self.gamma_max!r}")
@@ -95,7 +91,7 @@ class KStackConfig:
         if self.rosa_layers is not None:
             rl = self.rosa_layers
             if (not isinstance(rl, (list, tuple)) or not rl
-                    or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.n_k2 for i in rl)
+                    or any(not is_int(i) or not 0 <= i < self.n_k2 for i in rl)
                     or len(set(rl)) != len(rl)):
                 raise ValueError(f"KStackConfig.rosa_layers must be None or a non-empty list of distinct K2 layer "
                                  f"indices in [0, n_k2={self.n_k2}), got {rl!r}")
@@ -118,7 +114,7 @@ class KStackConfig:
         if cut is None:
             cut = sorted({c for c in (V // 4, V // 2) if 0 < c < V})
         cut = list(cut)
-        if (not cut or any(isinstance(c, bool) or not isinstance(c, int) for c in cut)
+        if (not cut or any(not is_int(c) for c in cut)
                 or cut != sorted(set(cut)) or cut[0] <= 0 or cut[-1] >= V):
             raise ValueError(f"adaptive cutoffs must be a non-empty increasing list of ints inside (0, "
                              f"vocab_size={V}), got {self.adaptive_cutoffs!r}")
@@ -318,9 +314,12 @@ class KStackLM(nn.Module):
         return self.count_parameters()["total"]
 
     # ---- parallel form ----------------------------------------------------------------
-    def _embed(self, ids):
-        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64) or ids.dim() not in (1, 2):
-            raise ValueError(f"ids must be an int32/int64 tensor of shape (B, T) or (B,), got {describe(ids)}")
+    def _embed(self, ids, check: bool = True):
+        if check:
+            if (not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64)
+                    or ids.dim() not in (1, 2)):
+                raise ValueError(f"ids must be an int32/int64 tensor of shape (B, T) or (B,), got {describe(ids)}")
+            check_token_ids("ids", ids, self.config.vocab_size)
         return self.emb_drop(self.emb_proj(self.emb(ids)))
 
     def _rosa_hidden(self, rosa_ids, device):
@@ -420,12 +419,18 @@ class KStackLM(nn.Module):
 
     def step(self, ids_t, state=None):
         """One token per sequence: ids_t (B,) -> (logits (B, V), new state).  O(1) per token."""
-        if not isinstance(ids_t, torch.Tensor) or ids_t.dim() != 1:
-            raise ValueError(f"ids_t must have shape (B,), got {describe(ids_t)}")
+        if (not isinstance(ids_t, torch.Tensor) or ids_t.dim() != 1
+                or ids_t.dtype not in (torch.int32, torch.int64)):
+            raise ValueError(f"ids_t must be an int32/int64 tensor of shape (B,), got {describe(ids_t)}")
+        check_token_ids("ids_t", ids_t, self.config.vocab_size)
+        return self._step(ids_t, state)
+
+    def _step(self, ids_t, state):
+        """``step`` without the argument checks (``generate`` feeds it the ids it sampled)."""
         plan = self._step_plan()
         if plan is not None:
             return plan.step(ids_t, state)
-        h = self._embed(ids_t)                                        # (B, D)
+        h = self._embed(ids_t, check=False)                           # (B, D), checked by step
         rosa_h, stream = self._rosa_step(ids_t, state)                # (B, D) or None
         n = len(self.stack.k2_blocks())
         new = []
@@ -485,12 +490,11 @@ class KStackLM(nn.Module):
         (or (T + new,) for a 1-D prompt).  With ROSA on, ``rosa_window`` W restarts the automata
         every W tokens (the reference's per-window ROSA); None runs them over the whole history.
         """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        check_int("max_new_tokens", max_new_tokens, low=0)
         if not (isinstance(temperature, (int, float)) and temperature >= 0 and math.isfinite(temperature)):
             raise ValueError(f"temperature must be a finite float >= 0, got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+        if top_k is not None:
+            check_int("top_k (None or an int)", top_k, low=1)
         if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
             raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
         squeeze = isinstance(ids, torch.Tensor) and ids.dim() == 1
@@ -508,7 +512,7 @@ class KStackLM(nn.Module):
                     nxt = sample_next(logits, temperature, top_k, top_p, generator)   # (B,)
                     out.append(nxt[:, None])
                     if i + 1 < max_new_tokens:
-                        logits, state = self.step(nxt, state)
+                        logits, state = self._step(nxt, state)
         finally:
             self.train(was_training)
         res = torch.cat(out, dim=1)

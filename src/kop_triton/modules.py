@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops._checks import check_backend, describe, resolve_backend, state_dtype
+from .ops._checks import check_backend, check_bool, check_int, check_real, describe, resolve_backend, state_dtype
+from .ops.conv import MAX_KERNEL_SIZE
 from .ops.k2 import k2_mixer, k2_qk
 
 RMS_EPS = 1e-8
@@ -51,17 +52,27 @@ def init_kernel(kernel_size: int) -> torch.Tensor:
     return (w / w.sum()).float()
 
 
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _autocast_input(x: torch.Tensor) -> torch.Tensor:
-    """Under autocast, run the mixer in the autocast dtype (fp32 states are kept inside)."""
+def _autocast_input(x: torch.Tensor, param_dtype: torch.dtype, name: str) -> torch.Tensor:
+    """Under autocast, run the mixer in the autocast dtype (fp32 states are kept inside); without
+    autocast the input must have the parameters' dtype (a TypeError naming both otherwise)."""
     dev = x.device.type
-    if x.dtype == torch.float32 and torch.is_autocast_enabled(dev):
-        return x.to(torch.get_autocast_dtype(dev))
+    if torch.is_autocast_enabled(dev):
+        return x.to(torch.get_autocast_dtype(dev)) if x.dtype == torch.float32 else x
+    if x.dtype != param_dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but this KOperator's parameters are {param_dtype}; cast the "
+                        f"input ({name}.to({param_dtype})) or the module (.to({x.dtype})), or run under "
+                        f"torch.autocast for a {x.dtype} mixer with {param_dtype} weights")
     return x
+
+
+def _check_state(state, want_s: tuple, want_c: tuple, name: str = "state") -> None:
+    """A KOperatorState (scan, conv) of tensors with the given shapes, else a TypeError / ValueError."""
+    if not isinstance(state, (tuple, list)) or len(state) != 2 or not all(isinstance(t, torch.Tensor) for t in state):
+        raise TypeError(f"{name} must be a KOperatorState (scan {want_s}, conv {want_c}) of two tensors, "
+                        f"got {describe(state)}")
+    S, C = state
+    if tuple(S.shape) != want_s or tuple(C.shape) != want_c:
+        raise ValueError(f"{name} must hold scan {want_s} and conv {want_c}, got {describe(S)} and {describe(C)}")
 
 
 class KOperator(nn.Module):
@@ -92,9 +103,10 @@ class KOperator(nn.Module):
                  gamma_max: float = 1.0, alpha_cap: float = 1.0,
                  shared_kernel: Optional[nn.Parameter] = None, backend: str = "auto"):
         super().__init__()
-        _check_positive_int("d_model", d_model)
-        _check_positive_int("rank", rank)
-        gamma_min, gamma_max, alpha_cap = float(gamma_min), float(gamma_max), float(alpha_cap)
+        check_int("d_model", d_model, low=1)
+        check_int("rank", rank, low=1)
+        gamma_min, gamma_max = check_real("gamma_min", gamma_min), check_real("gamma_max", gamma_max)
+        alpha_cap = check_real("alpha_cap", alpha_cap)
         if not (0.0 < gamma_min < gamma_max <= 1.0):
             raise ValueError(f"need 0 < gamma_min < gamma_max <= 1, got gamma_min={gamma_min}, "
                              f"gamma_max={gamma_max}")
@@ -109,12 +121,13 @@ class KOperator(nn.Module):
         self.decay_logit = nn.Parameter(init_decay_logit(rank, gamma_min, gamma_max))
         self.alpha_logit = nn.Parameter(torch.zeros(rank))
         if shared_kernel is None:
-            _check_positive_int("kernel_size", kernel_size)
+            check_int("kernel_size", kernel_size, low=1, high=MAX_KERNEL_SIZE)
             self.kernel = nn.Parameter(init_kernel(kernel_size))
             self._shared = None
         else:
             if not isinstance(shared_kernel, torch.Tensor) or shared_kernel.dim() != 1:
                 raise TypeError(f"shared_kernel must be a (K,) Parameter, got {describe(shared_kernel)}")
+            check_int("shared_kernel's K", shared_kernel.shape[0], low=1, high=MAX_KERNEL_SIZE)
             self.register_parameter("kernel", None)
             # a tuple hides the Parameter from registration: the owner's state_dict holds it once
             self._shared = (shared_kernel,)
@@ -165,7 +178,8 @@ class KOperator(nn.Module):
         """
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (B, T, D={self.d_model}), got {describe(x)}")
-        xm = _autocast_input(x)                                       # (B, T, D)
+        check_bool("return_state", return_state)
+        xm = _autocast_input(x, self.u.dtype, "x")                    # (B, T, D)
         bk = resolve_backend(self.backend, x.device)
         # the mixer runs in xm's dtype (the autocast dtype under autocast) with fp32 states;
         # autocast itself is off inside, so the ops see consistent dtypes forward and backward
@@ -197,14 +211,10 @@ class KOperator(nn.Module):
         if state is None:
             state = (torch.zeros(B, self.rank, self.d_model, device=x_t.device, dtype=dt),
                      torch.zeros(B, K - 1, self.d_model, device=x_t.device, dtype=dt))
-        elif not isinstance(state, (tuple, list)) or len(state) != 2:
-            raise TypeError(f"state must be a KOperatorState (scan, conv), got {describe(state)}")
+        else:
+            _check_state(state, (B, self.rank, self.d_model), (B, K - 1, self.d_model))
         S, C = state
-        want_s, want_c = (B, self.rank, self.d_model), (B, K - 1, self.d_model)
-        if tuple(S.shape) != want_s or tuple(C.shape) != want_c:
-            raise ValueError(f"state must hold scan {want_s} and conv {want_c}, got "
-                             f"{describe(S)} and {describe(C)}")
-        xm = _autocast_input(x_t)                                     # (B, D)
+        xm = _autocast_input(x_t, self.u.dtype, "x_t")                # (B, D)
         xs = xm.to(dt)
         q, k = k2_qk(xm, self.u, self.v, self.alpha())                # (B, R) each, as the parallel form
         S = self.gamma().to(dt)[:, None] * S.to(dt) + k.to(dt)[:, :, None] * xs[:, None, :]  # (B, R, D)

@@ -32,7 +32,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from .ops._checks import describe
+from .ops._checks import check_int, describe
 
 MODES = ("off", "exact", "reference")
 _MODE_CODE = {"exact": 0, "reference": 1}
@@ -98,9 +98,8 @@ def _check_ids(ids, vocab_size):
     if not isinstance(ids, torch.Tensor) or ids.dim() not in (1, 2) or ids.dtype not in _INT_DTYPES:
         raise ValueError(f"ids must be an integer tensor of shape (B, T) or (T,), got {describe(ids)}")
     x = ids.detach().to("cpu", torch.int64).contiguous()
-    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
-                                   or vocab_size < 1):
-        raise ValueError(f"vocab_size must be None or a positive int, got {vocab_size!r}")
+    if vocab_size is not None:
+        check_int("vocab_size (None or an int)", vocab_size, low=1)
     if x.numel():
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or (vocab_size is not None and hi >= vocab_size):
@@ -138,8 +137,7 @@ def rosa_next_ids(ids: torch.Tensor, mode: str = "exact", vocab_size: Optional[i
     x, V = _check_ids(ids, vocab_size)
     if num_threads is None:
         num_threads = torch.get_num_threads()
-    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
-        raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
+    check_int("num_threads", num_threads, low=1)
     squeeze = x.dim() == 1
     x2 = x[None] if squeeze else x
     B, T = x2.shape
@@ -196,11 +194,10 @@ class RosaStream:
     """
 
     def __init__(self, batch_size: int, vocab_size: int, mode: str = "exact", window: Optional[int] = None):
-        for name, val in (("batch_size", batch_size), ("vocab_size", vocab_size)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
-        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-            raise ValueError(f"window must be None or a positive int, got {window!r}")
+        check_int("batch_size", batch_size, low=1)
+        check_int("vocab_size", vocab_size, low=1)
+        if window is not None:
+            check_int("window (None or an int)", window, low=1)
         self.mode, self.vocab_size, self.window = check_mode(mode), vocab_size, window
         self._lib = _load_library()
         self._sams = []

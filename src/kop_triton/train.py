@@ -13,41 +13,48 @@ gradient-norm clip 1.0; a step whose loss or gradient norm is not finite is skip
 bf16 autocast on CUDA; optional ``torch.compile``.
 
 Output directory (``--out``): ``last/`` and ``best/`` checkpoints (our model directory format,
-with the optimiser state, RNG states and trainer state as extra files) and ``log.jsonl``, one
-JSON object per line for every evaluation (and every ``--log-interval`` training steps).
-SIGINT/SIGTERM finish the current step, save ``last/`` and exit; ``--resume`` continues from it
-with model, optimiser, schedule, data position and RNG restored, so the losses are those of an
-uninterrupted run.
+with the optimiser state, RNG states and trainer state as extra files, ``checkpoint.py``) and
+``log.jsonl``, one JSON object per line for every evaluation (and every ``--log-interval``
+training steps).  SIGINT/SIGTERM finish the current step, save ``last/`` and exit; ``--resume``
+continues from it with model, optimiser, schedule, data position and RNG restored, so the losses
+are those of an uninterrupted run.  On ``--resume`` the run's settings come from its checkpoint:
+only the flags of ``RESUME_OVERRIDABLE`` may be given anew; any other flag given with a value
+different from the run's is refused, naming it.
+
+Reading order: ``train`` -> ``build_run`` (``prepare_args``, ``restore``) -> ``train_loop``
+(``train_step``, ``evaluate_and_save``, ``save``).  A ``Run`` holds everything one run owns,
+``Progress`` what the loop advances and a checkpoint restores.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
-import hashlib
-import io
+import functools
 import json
 import math
-import os
-import shutil
+import re
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from . import data as kdata
 from . import distributed as kdist
+from .checkpoint import (CheckpointError, atomic_write_files, find_resume_dir, full_tensor, load_checkpoint,
+                         load_optimizer_state, load_training_state, optimizer_state, save_training_checkpoint)
+from .cli import ArgumentParser, fail
+from .eval import evaluate, perplexity
+from .model import KStackConfig, KStackLM
 from .presets import PRESETS, get_preset
 
 PROG = "kop-train"
-TRAINER_FORMAT = "kop-train/1"
-TRAINER_FILE = "trainer.json"
-OPTIMIZER_FILE = "optimizer.pt"
-RNG_FILE = "rng.pt"
 LOGIT_NAMES = ("decay_logit", "alpha_logit", "gate_logit", "eta_logit", "rho_logit")
 
 # model flags: KStackConfig field -> (type, help); defaults come from KStackConfig itself
@@ -76,37 +83,51 @@ MODEL_FLAGS = {
 }
 # flags that may differ between a run and its --resume (everything else comes from the checkpoint)
 RESUME_OVERRIDABLE = ("steps", "eval_interval", "log_interval", "progress", "device", "compile", "amp", "threads",
-                      "eval_batch_size", "data_path", "data_dir", "text")
+                      "eval_batch_size", "data_path", "data_dir", "text", "fsdp")
 
 
 class UsageError(Exception):
-    """A problem with flags, paths or state that the user can fix: reported as one line."""
+    """A problem with flags, paths or state that the user can fix: reported as one line, exit status 2."""
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + traceback
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+class ConfigError(UsageError):
+    """A flag value that the model, data or device code rejected while the run was set up (their
+    ValueError / TypeError, re-raised by ``config_errors``)."""
+
+
+@contextlib.contextmanager
+def config_errors():
+    """Set-up code runs inside: a ValueError / TypeError there is a rejected flag value, a
+    ConfigError (one line); the same exceptions raised later, inside a step, stay bugs."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+# ------------------------------------------------------------------------------- flags
+
+def _flag(group, suppress_default: bool, *names, **opts) -> None:
+    if suppress_default:
+        opts.pop("default", None)
+    group.add_argument(*names, **opts)
 
 
 def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
+    """The flags; with ``suppress_defaults`` a parser that returns only the flags given (parse_args)."""
     kw = {"argument_default": argparse.SUPPRESS} if suppress_defaults else {}
     p = ArgumentParser(prog=PROG, description="Train a K-Stack language model.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
 
-    groups = [p]
-
     def section(title):
-        groups.append(p.add_argument_group(title))
+        return functools.partial(_flag, p.add_argument_group(title), suppress_defaults)
 
-    def add(*names, **opts):
-        if suppress_defaults:
-            opts.pop("default", None)
-        groups[-1].add_argument(*names, **opts)
-
-    section("run")
+    add = section("run")
     add("--preset", choices=sorted(PRESETS), default=None, help="ready configuration (flags given override it)")
     add("--out", default=None, help="output directory (default runs/<preset or dataset>-<tokenizer>)")
-    add("--resume", action="store_true", default=False, help="continue the run in --out from last/")
+    add("--resume", action="store_true", default=False,
+        help="continue the run in --out from last/, with its own settings (only --steps, --eval-interval, "
+             "--log-interval, --device, --threads, --eval-batch-size, data locations and the speed flags may change)")
     add("--seed", type=int, default=42, help="seed of initialisation, data order and dropout")
     add("--steps", type=int, default=5000, help="optimiser steps in total")
     add("--device", default="auto", help="auto, cpu or cuda")
@@ -119,9 +140,10 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     add("--eval-interval", type=int, default=250, help="evaluate every N steps (and at the end)")
     add("--eval-batch-size", type=int, default=8, help="windows per evaluation batch")
     add("--eval-window", type=int, default=None, help="evaluation window (default: --window)")
-    add("--max-eval-tokens", type=int, default=None, help="evaluate on at most this many validation tokens")
+    add("--max-eval-tokens", type=int, default=None,
+        help="evaluate on the first N >= 1 validation tokens (default: all of them)")
 
-    section("data")
+    add = section("data")
     add("--dataset", default=None, help="tinyshakespeare or wikitext2 (default tinyshakespeare unless --text)")
     add("--text", default=None, help="train on this UTF-8 text file instead (last --val-frac is validation)")
     add("--val-frac", type=float, default=0.1, help="validation fraction for tinyshakespeare / --text")
@@ -132,13 +154,13 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     add("--sp-model-type", choices=("unigram", "bpe"), default="unigram", help="SentencePiece model type")
     add("--sp-model", default=None, help="use this SentencePiece .model instead of training one")
 
-    section("model (KStackConfig fields; default: the KStackConfig default)")
+    add = section("model (KStackConfig fields; default: the KStackConfig default)")
     for field, (typ, help_) in MODEL_FLAGS.items():
         add("--" + field.replace("_", "-"), type=typ, default=None, help=help_)
     add("--shared-kernel", action=argparse.BooleanOptionalAction, default=None,
         help="one Kbase kernel shared by all K2 blocks")
 
-    section("optimiser and schedule")
+    add = section("optimiser and schedule")
     add("--batch-size", type=int, default=32, help="global batch size (sequences per step over all ranks)")
     add("--lr", type=float, default=1e-2, help="peak learning rate")
     add("--lr-floor", type=float, default=1e-4, help="learning rate at the end of the cosine")
@@ -166,6 +188,11 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.explicit = sorted(explicit)
     return args
+
+
+def flag(name: str) -> str:
+    """``d_model`` -> ``--d-model``."""
+    return "--" + name.replace("_", "-")
 
 
 # ------------------------------------------------------------------------------- optimiser and schedule
@@ -240,45 +267,6 @@ def make_optimizer(model: nn.Module, args, device: torch.device) -> torch.optim.
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def _full(t):
-    """A plain CPU tensor of ``t``; an FSDP2 DTensor shard is gathered first (a collective)."""
-    if hasattr(t, "full_tensor"):
-        t = t.full_tensor()
-    return t.detach().cpu() if isinstance(t, torch.Tensor) else t
-
-
-def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimiser state keyed by parameter names (not positions), unsharded, on CPU: loadable by
-    any world size. Under FSDP2 every rank must call this (it gathers the shards)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    sd = optimizer.state_dict()
-    state = {order[i]: {k: _full(v) for k, v in per.items()} for i, per in sorted(sd["state"].items())}
-    return {"state": state,
-            "param_groups": [dict(g, params=[order[i] for i in g["params"]]) for g in sd["param_groups"]]}
-
-
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Inverse of optimizer_state (re-sharding for FSDP2 parameters); a ValueError when the names
-    or groups do not fit this model."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    index = {names[id(p)]: i for i, p in enumerate(params)}
-    try:
-        groups = [dict(g, params=[index[n] for n in g["params"]]) for g in state["param_groups"]]
-        per_param = {index[n]: dict(v) for n, v in state["state"].items()}
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"parameter {exc} of the saved optimiser state is not in this model") from None
-    for i, per in per_param.items():
-        p = params[i]
-        if hasattr(p, "device_mesh"):  # FSDP2 parameter: shard the full state like the parameter
-            from torch.distributed.tensor import distribute_tensor
-            for k, v in per.items():
-                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.dim() > 0:
-                    per[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
-    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
-
-
 # ------------------------------------------------------------------------------- logging
 
 class JsonlLog:
@@ -299,7 +287,7 @@ class JsonlLog:
                 continue  # a line cut short by a kill
             if rec.get("step", 0) <= step:
                 kept.append(line)
-        _atomic_write(self.path, ("\n".join(kept) + "\n" if kept else "").encode("utf-8"))
+        atomic_write_files(self.path.parent, {self.path.name: ("\n".join(kept) + "\n" if kept else "").encode("utf-8")})
 
     def write(self, **record) -> None:
         if not self.enabled:
@@ -310,92 +298,40 @@ class JsonlLog:
             f.flush()
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
-    from .checkpoint import atomic_write_files
-    atomic_write_files(path.parent, {path.name: payload})
-
-
 def _say(info: kdist.DistInfo, msg: str) -> None:
     if info.is_main:
         print(msg, file=sys.stderr, flush=True)
 
 
-# ------------------------------------------------------------------------------- checkpoints
+class ProgressBar:
+    """The tqdm bar of rank 0 (none elsewhere or with ``--no-progress``): loss, lr and tokens/s
+    every 10 steps; ``say`` prints a line above it (or plainly without a bar)."""
 
-def _sha256(b: bytes) -> str:
-    return hashlib.sha256(b).hexdigest()
+    def __init__(self, enabled: bool, info: kdist.DistInfo, total: int, step: int, tokens_seen: int):
+        self.info = info
+        self.bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, file=sys.stderr) \
+            if enabled and info.is_main else None
+        self.t_last, self.tok_last = time.perf_counter(), tokens_seen
 
+    def update(self, step: int, total: int, tokens_seen: int, loss: float, lr: float) -> None:
+        if self.bar is None:
+            return
+        now = time.perf_counter()
+        self.bar.update(1)
+        if step % 10 == 0 or step == total:
+            tps = (tokens_seen - self.tok_last) / max(now - self.t_last, 1e-9)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+            self.t_last, self.tok_last = now, tokens_seen
 
-def _torch_bytes(obj) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
+    def say(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            _say(self.info, msg)
 
-
-def _torch_load_bytes(b: bytes, what: str, directory: Path):
-    from .checkpoint import CheckpointError
-    try:
-        return torch.load(io.BytesIO(b), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure to read is a corrupt checkpoint
-        raise CheckpointError(f"{directory}: {what} cannot be read ({type(exc).__name__}: {exc})") from None
-
-
-def save_training_checkpoint(directory: Path, model: nn.Module, tokenizer, optimizer_state: dict,
-                             rng_state: dict, trainer_state: dict) -> None:
-    """Write a complete checkpoint into ``directory`` replacing any previous one atomically:
-    everything goes to ``<dir>.tmp`` first, which is then swapped in by renames."""
-    from .checkpoint import save_checkpoint
-
-    opt_b, rng_b = _torch_bytes(optimizer_state), _torch_bytes(rng_state)
-    state = dict(trainer_state, format=TRAINER_FORMAT,
-                 sha256={OPTIMIZER_FILE: _sha256(opt_b), RNG_FILE: _sha256(rng_b)})
-    state_b = json.dumps(state, indent=1).encode("utf-8")
-    tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_checkpoint(str(tmp), model, tokenizer, extra={OPTIMIZER_FILE: opt_b, RNG_FILE: rng_b},
-                    meta={"step": trainer_state.get("step"), "best_val_ce": trainer_state.get("best_val_ce")})
-    _atomic_write(tmp / TRAINER_FILE, state_b)  # written last: its presence marks a complete checkpoint
-    if directory.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def find_resume_dir(out: Path) -> Path:
-    """``out/last``; if a save was interrupted between its renames, the complete one of last.tmp/last.old."""
-    last = out / "last"
-    if last.exists():
-        return last
-    for cand in (out / "last.tmp", out / "last.old"):
-        if (cand / TRAINER_FILE).is_file():
-            return cand
-    raise UsageError(f"--resume: no checkpoint in {out} (expected {last})")
-
-
-def load_training_state(directory: Path) -> tuple:
-    """(trainer_state, optimizer_state, rng_state) of a checkpoint, every file verified."""
-    from .checkpoint import CheckpointError
-
-    try:
-        state = json.loads((directory / TRAINER_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{directory}: {TRAINER_FILE} is missing (not a training checkpoint, or an "
-                              f"interrupted save)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{directory}: {TRAINER_FILE} is corrupt ({exc})") from None
-    if not isinstance(state, dict) or state.get("format") != TRAINER_FORMAT:
-        raise CheckpointError(f"{directory}: {TRAINER_FILE} is not a {TRAINER_FORMAT} trainer state")
-    out = []
-    for name in (OPTIMIZER_FILE, RNG_FILE):
-        path = directory / name
-        if not path.is_file():
-            raise CheckpointError(f"{directory}: {name} is missing")
-        b = path.read_bytes()
-        if _sha256(b) != state.get("sha256", {}).get(name):
-            raise CheckpointError(f"{directory}: {name} does not match its checksum (corrupt checkpoint)")
-        out.append(_torch_load_bytes(b, name, directory))
-    return state, out[0], out[1]
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 # ------------------------------------------------------------------------------- RNG
@@ -426,9 +362,8 @@ def _rank_seed(seed: int, rank: int) -> int:
 
 # ------------------------------------------------------------------------------- model
 
-def model_config(args, vocab_size: int):
-    from .model import KStackConfig
-
+def model_config(args, vocab_size: int) -> KStackConfig:
+    """The KStackConfig the model flags describe (KStackConfig checks the values)."""
     kwargs = {"vocab_size": vocab_size}
     fields = {f.name for f in dataclasses.fields(KStackConfig)}
     for name in list(MODEL_FLAGS) + ["shared_kernel"]:
@@ -436,7 +371,7 @@ def model_config(args, vocab_size: int):
         if value is None:
             continue
         if name not in fields:
-            raise UsageError(f"--{name.replace('_', '-')} is not a KStackConfig field of this model version")
+            raise UsageError(f"{flag(name)} is not a KStackConfig field of this model version")
         if name == "adaptive_cutoffs" and isinstance(value, str):
             try:
                 value = tuple(int(v) for v in value.split(",") if v.strip())
@@ -448,7 +383,10 @@ def model_config(args, vocab_size: int):
             except ValueError:
                 raise UsageError(f"--rosa-layers must be comma-separated K2 layer indices, got {value!r}") from None
         kwargs[name] = value
-    return KStackConfig(**kwargs)
+    try:
+        return KStackConfig(**kwargs)
+    except (ValueError, TypeError) as exc:   # say the flag, not the config field: --d-model, not d_model
+        raise ConfigError(re.sub(r"KStackConfig\.(\w+)", lambda m: flag(m.group(1)), str(exc))) from exc
 
 
 # ------------------------------------------------------------------------------- evaluation
@@ -459,8 +397,6 @@ def run_eval(model: nn.Module, val_ids: torch.Tensor, window: int, batch_size: i
 
     Under DDP each rank scores a contiguous share of the windows and the sums are reduced; an
     FSDP-sharded model needs every rank in every forward, so there each rank scores them all."""
-    from .eval import evaluate
-
     n_windows = (val_ids.numel() - 1) // window
     if n_windows < 1:
         raise UsageError(f"the validation split has {val_ids.numel()} tokens, fewer than one evaluation window "
@@ -481,7 +417,7 @@ def run_eval(model: nn.Module, val_ids: torch.Tensor, window: int, batch_size: i
     if info.enabled and not sharded_model:
         totals = kdist.all_reduce(totals, info)
     ce = float(totals[0] / totals[1])
-    return {"val_ce": ce, "val_ppl": math.exp(min(ce, 50.0)), "val_tokens": int(totals[1])}
+    return {"val_ce": ce, "val_ppl": perplexity(ce), "val_tokens": int(totals[1])}
 
 
 # ------------------------------------------------------------------------------- data
@@ -493,7 +429,6 @@ class BatchPrefetcher:
     batch is one gather, loaded in place."""
 
     def __init__(self, sampler, info: kdist.DistInfo, pin: bool = False):
-        from concurrent.futures import ThreadPoolExecutor
         self.sampler, self.info, self.pin = sampler, info, pin
         self.enabled = getattr(sampler, "rosa", "off") != "off"
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch") if self.enabled else None
@@ -543,35 +478,108 @@ class StopFlag:
             signal.signal(sig, h)
 
 
-# ------------------------------------------------------------------------------- training
+# ------------------------------------------------------------------------------- the run
 
-def _load_data(args, info: kdist.DistInfo, tokenizer=None):
-    def load():
-        return kdata.load_text_splits(args.dataset, text_file=args.text, data_path=args.data_path,
-                                      data_dir=args.data_dir, val_frac=args.val_frac)
+@dataclasses.dataclass
+class Progress:
+    """What the loop advances and a checkpoint restores (trainer.json, with the sampler and args)."""
+    step: int = 0
+    best_val_ce: float = math.inf
+    skipped_steps: int = 0
+    tokens_seen: int = 0
 
-    if info.enabled:  # rank 0 downloads what is missing; the others read after it
-        splits = load() if info.is_main else None
-        kdist.barrier(info)
-        splits = splits or load()
-    else:
-        splits = load()
-    if tokenizer is None:
-        if args.tokenizer == "sentencepiece" and args.sp_model is None and info.enabled:
-            # rank 0 trains (and caches) the SentencePiece model; the others then read the cache
-            if info.is_main:
-                tokenizer = kdata.build_tokenizer(args.tokenizer, splits, sp_vocab_size=args.sp_vocab_size,
-                                                  sp_model_type=args.sp_model_type)
-            kdist.barrier(info)
-        if tokenizer is None:
-            tokenizer = kdata.build_tokenizer(args.tokenizer, splits, sp_vocab_size=args.sp_vocab_size,
-                                              sp_model_type=args.sp_model_type, sp_model=args.sp_model)
-    train_ids, val_ids = kdata.encode(tokenizer, splits.train), kdata.encode(tokenizer, splits.valid)
-    return splits, tokenizer, train_ids, val_ids
+    @classmethod
+    def from_state(cls, state: dict) -> "Progress":
+        return cls(step=int(state["step"]), best_val_ce=float(state.get("best_val_ce", math.inf)),
+                   skipped_steps=int(state.get("skipped_steps", 0)), tokens_seen=int(state.get("tokens_seen", 0)))
+
+    def best_ppl_text(self) -> str:
+        return f"{perplexity(self.best_val_ce):.3f}" if math.isfinite(self.best_val_ce) else "n/a (no finite val_ce yet)"
 
 
-def _resolve_run_args(args) -> tuple:
-    """Fill dataset/out defaults; on --resume replace the flags by the saved run's (see RESUME_OVERRIDABLE)."""
+@dataclasses.dataclass
+class Resumed:
+    """A training checkpoint read back for --resume (load_training_state)."""
+    directory: Path
+    trainer: dict
+    optimizer: dict
+    rng: dict
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything one training run owns, built by ``build_run``."""
+    args: argparse.Namespace
+    info: kdist.DistInfo
+    out: Path
+    model: KStackLM                 # the plain model (FSDP2 shards it in place)
+    train_model: nn.Module          # what a training step calls: model, or its DDP / FSDP2 / compiled wrapper
+    optimizer: torch.optim.Optimizer
+    tokenizer: object
+    sampler: kdata.BatchSampler
+    val_ids: torch.Tensor
+    eval_window: int
+    amp: bool
+    fsdp: bool
+    log: JsonlLog
+    progress: Progress
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+
+
+def _saved_args(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("explicit", "resume")}
+
+
+def apply_saved_args(args, saved: dict) -> None:
+    """--resume: take the run's settings from its checkpoint.  Flags of RESUME_OVERRIDABLE given now
+    win; any other flag given with a value different from the run's is refused, naming it (it would
+    otherwise be silently replaced by the saved value)."""
+    fixed = [k for k in args.explicit if k not in RESUME_OVERRIDABLE and k not in ("resume", "out") and k in saved]
+    changed = [k for k in fixed if getattr(args, k) != saved[k]]
+    if changed:
+        diffs = ", ".join(f"{flag(k)} {getattr(args, k)!r} (the run has {saved[k]!r})" for k in changed)
+        raise UsageError(f"--resume continues the run in {args.out} with its own settings, but {diffs} "
+                         f"differ from them; drop {'this flag' if len(changed) == 1 else 'these flags'} (on resume "
+                         f"only {', '.join(flag(k) for k in RESUME_OVERRIDABLE)} may change), or start a new run "
+                         f"with another --out")
+    for key, value in saved.items():
+        if key in ("resume", "explicit", "out") or (key in RESUME_OVERRIDABLE and key in args.explicit):
+            continue
+        setattr(args, key, value)
+
+
+def check_args(args, info: kdist.DistInfo) -> None:
+    positive = {"steps": args.steps, "batch_size": args.batch_size, "eval_interval": args.eval_interval,
+                "eval_batch_size": args.eval_batch_size}
+    for k, v in positive.items():
+        if v is None or v < 1:
+            raise UsageError(f"{flag(k)} must be >= 1, got {v}")
+    if args.warmup_steps < 0 or args.log_interval < 0:
+        raise UsageError("--warmup-steps and --log-interval must be >= 0")
+    if not args.lr > 0 or args.lr_floor < 0 or args.lr_floor > args.lr:
+        raise UsageError(f"need 0 <= --lr-floor <= --lr and --lr > 0, got lr={args.lr}, lr_floor={args.lr_floor}")
+    if args.max_eval_tokens is not None and args.max_eval_tokens < 1:
+        raise UsageError(f"--max-eval-tokens must be >= 1, got {args.max_eval_tokens} (leave it out to evaluate "
+                         f"on every validation token)")
+    if args.eval_window is not None and args.eval_window < 1:
+        raise UsageError(f"--eval-window must be >= 1, got {args.eval_window}")
+    if args.fsdp and "fsdp" in args.explicit and not info.enabled:
+        raise UsageError("--fsdp shards the model over the processes of a torchrun launch, but this is a single "
+                         "process (WORLD_SIZE is not > 1); run it as torchrun --nproc_per_node N -m kop_triton.train "
+                         "... --fsdp, or drop --fsdp")
+    if args.batch_size % info.world:
+        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the number of processes {info.world}")
+
+
+def prepare_args(args, info: kdist.DistInfo) -> Optional[Resumed]:
+    """Fill the dataset / --out defaults, on --resume replace the flags by the saved run's, check
+    them all; returns the checkpoint to resume from (None for a new run)."""
     if args.dataset is None and args.text is None:
         args.dataset = "tinyshakespeare"
     if args.dataset is not None and args.text is not None:
@@ -580,249 +588,232 @@ def _resolve_run_args(args) -> tuple:
         tag = args.preset or (Path(args.text).stem if args.text else args.dataset)
         args.out = str(Path("runs") / f"{tag}-{args.tokenizer}")
     out = Path(args.out)
-    resume_dir = None
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; --out names the run's directory (choose another path)")
+    resumed = None
     if args.resume:
-        resume_dir = find_resume_dir(out)
-        state, _, _ = load_training_state(resume_dir)
-        saved = state.get("args", {})
-        for key, value in saved.items():
-            if key in ("resume", "explicit", "out"):
-                continue
-            if key in RESUME_OVERRIDABLE and key in args.explicit:
-                continue
-            setattr(args, key, value)
+        directory = find_resume_dir(out)
+        resumed = Resumed(directory, *load_training_state(directory))
+        apply_saved_args(args, resumed.trainer.get("args", {}))
     elif (out / "last").exists() or (out / "last.tmp").exists():
         raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    return out, resume_dir
+    check_args(args, info)
+    return resumed
 
 
-def _check_args(args) -> None:
-    positive = {"steps": args.steps, "batch_size": args.batch_size, "eval_interval": args.eval_interval,
-                "eval_batch_size": args.eval_batch_size}
-    for k, v in positive.items():
-        if v is None or v < 1:
-            raise UsageError(f"--{k.replace('_', '-')} must be >= 1, got {v}")
-    if args.warmup_steps < 0 or args.log_interval < 0:
-        raise UsageError("--warmup-steps and --log-interval must be >= 0")
-    if not args.lr > 0 or args.lr_floor < 0 or args.lr_floor > args.lr:
-        raise UsageError(f"need 0 <= --lr-floor <= --lr and --lr > 0, got lr={args.lr}, lr_floor={args.lr_floor}")
+def _read_splits(args) -> kdata.TextSplits:
+    return kdata.load_text_splits(args.dataset, text_file=args.text, data_path=args.data_path,
+                                  data_dir=args.data_dir, val_frac=args.val_frac)
+
+
+def load_data(args, info: kdist.DistInfo, tokenizer=None):
+    """(splits, tokenizer, train ids, validation ids); the tokenizer is built unless given (resume).
+    Under torchrun rank 0 downloads and trains a SentencePiece model first, the others then read."""
+    if info.enabled:
+        splits = _read_splits(args) if info.is_main else None
+        kdist.barrier(info)
+        splits = splits or _read_splits(args)
+    else:
+        splits = _read_splits(args)
+    sp = dict(sp_vocab_size=args.sp_vocab_size, sp_model_type=args.sp_model_type)
+    if tokenizer is None and args.tokenizer == "sentencepiece" and args.sp_model is None and info.enabled:
+        if info.is_main:  # trains (and caches) the model; the others read the cache after the barrier
+            tokenizer = kdata.build_tokenizer(args.tokenizer, splits, **sp)
+        kdist.barrier(info)
+    if tokenizer is None:
+        tokenizer = kdata.build_tokenizer(args.tokenizer, splits, **sp, sp_model=args.sp_model)
+    return splits, tokenizer, kdata.encode(tokenizer, splits.train), kdata.encode(tokenizer, splits.valid)
+
+
+def build_run(args, info: kdist.DistInfo) -> Run:
+    """A new run from the flags, or the run in --out restored from its checkpoint (--resume)."""
+    resumed = prepare_args(args, info)
+    torch.manual_seed(args.seed)  # same initialisation on every rank
+    with config_errors():
+        model, tokenizer = load_checkpoint(resumed.directory) if resumed else (None, None)
+        splits, tokenizer, train_ids, val_ids = load_data(args, info, tokenizer)
+        if model is None:
+            model = KStackLM(model_config(args, tokenizer.vocab_size))
+        sampler = kdata.BatchSampler(train_ids, int(model.config.window), args.batch_size, args.seed,
+                                     rosa=model.config.rosa, vocab_size=model.config.vocab_size)
+    if args.max_eval_tokens is not None:
+        val_ids = val_ids[: args.max_eval_tokens + 1]
+    model.to(info.device)
+    fsdp = bool(args.fsdp and info.enabled)
+    train_model = kdist.wrap(model, info, fsdp=fsdp)  # FSDP2 shards ``model`` in place
+    optimizer = make_optimizer(model, args, info.device)
+    if args.compile:
+        train_model = torch.compile(train_model)
+    out = Path(args.out)
+    run = Run(args=args, info=info, out=out, model=model, train_model=train_model, optimizer=optimizer,
+              tokenizer=tokenizer, sampler=sampler, val_ids=val_ids,
+              eval_window=int(args.eval_window or model.config.window),
+              amp=bool(args.amp) and info.device.type == "cuda", fsdp=fsdp,
+              log=JsonlLog(out / "log.jsonl", info.is_main), progress=Progress())
+    if resumed is not None:
+        restore(run, resumed)
+    else:
+        torch.manual_seed(_rank_seed(args.seed, info.rank))  # dropout stream of this rank
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    _log_start(run, splits, train_ids, resumed is not None)
+    return run
+
+
+def restore(run: Run, resumed: Resumed) -> None:
+    """--resume: optimiser state, progress counters and RNG streams from the checkpoint."""
+    try:
+        load_optimizer_state(run.model, run.optimizer, resumed.optimizer)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{resumed.directory}: optimizer state does not fit the model ({exc})") from None
+    run.progress = Progress.from_state(resumed.trainer)
+    _restore_rng(resumed.rng, run.info, run.args.seed, run.progress.step)
+
+
+def _log_start(run: Run, splits, train_ids: torch.Tensor, resumed: bool) -> None:
+    n_params = sum(p.numel() for p in run.model.parameters())
+    vocab = run.tokenizer.vocab_size
+    if resumed:
+        run.log.truncate_after(run.progress.step)
+        _say(run.info, f"{PROG}: resuming {run.out} at step {run.progress.step}/{run.args.steps}")
+    else:
+        run.log.write(event="start", step=0, params=n_params, vocab_size=vocab, world_size=run.info.world,
+                      train_tokens=int(train_ids.numel()), val_tokens=int(run.val_ids.numel()), data=splits.source,
+                      config=dataclasses.asdict(run.model.config), args=_saved_args(run.args))
+    _say(run.info, f"{PROG}: {n_params:,} parameters | vocab {vocab} | train {train_ids.numel():,} / "
+                   f"val {run.val_ids.numel():,} tokens | {run.info.world} process(es) on {run.device} | out {run.out}")
+
+
+def train_step(run: Run, batch) -> tuple:
+    """One optimiser step at ``run.progress.step`` on ``batch``: schedule, forward, backward, clip,
+    update; a step whose loss or gradient norm is not finite is skipped and counted.  -> (loss, lr)."""
+    args, info, p = run.args, run.info, run.progress
+    lr = set_lr(run.optimizer, args.lr, lr_factor(p.step, args.warmup_steps, args.steps, args.lr_floor / args.lr))
+    x, y = batch[0].to(run.device, non_blocking=True), batch[1].to(run.device, non_blocking=True)
+    extra = {} if len(batch) == 2 else {"rosa_ids": batch[2].to(run.device, non_blocking=True)}
+    run.train_model.train()
+    with run.autocast():
+        loss = run.train_model(x, y, **extra)
+    loss_value = float((kdist.all_reduce(loss.detach().float().reshape(1).cpu(), info) / info.world).item())
+    run.optimizer.zero_grad(set_to_none=True)
+    stepped = False
+    if math.isfinite(loss_value):
+        loss.backward()
+        kdist.sync_replicated_grads(run.model, info)
+        gnorm = kdist.clip_grad_norm(run.model.parameters(), args.clip_grad_norm, info) if args.clip_grad_norm > 0 \
+            else 0.0
+        if math.isfinite(gnorm):
+            run.optimizer.step()
+            stepped = True
+        run.optimizer.zero_grad(set_to_none=True)
+    p.skipped_steps += not stepped
+    p.step += 1
+    p.tokens_seen += args.batch_size * int(run.model.config.window)
+    return loss_value, lr
+
+
+def save(run: Run, which: str) -> None:
+    """Write ``out/<which>`` (last or best): weights, optimiser and RNG states, progress.  Every rank
+    takes part (the RNG states and an FSDP2 model are gathered)."""
+    rng = _rng_state(run.info)
+    opt = optimizer_state(run.model, run.optimizer)
+    plain = run.model
+    if run.fsdp:  # gather the full weights into an unsharded copy
+        full = {k: full_tensor(v) for k, v in run.model.state_dict().items()}
+        if run.info.is_main:
+            plain = KStackLM(run.model.config)
+            plain.load_state_dict(full)
+    if run.info.is_main:
+        state = dict(dataclasses.asdict(run.progress), world_size=run.info.world,
+                     sampler=run.sampler.state(run.progress.step), args=_saved_args(run.args))
+        save_training_checkpoint(run.out / which, plain, run.tokenizer, opt, rng, state)
+    kdist.barrier(run.info)
+
+
+def evaluate_and_save(run: Run, loss: float, lr: float, elapsed: float, bar: ProgressBar) -> None:
+    """Score the validation split, log and print it, save ``best/`` when it improved and ``last/``."""
+    p = run.progress
+    res = run_eval(run.model, run.val_ids, run.eval_window, run.args.eval_batch_size, run.info, run.amp,
+                   sharded_model=run.fsdp)
+    if run.fsdp:
+        kdist.reshard(run.model)
+    improved = res["val_ce"] < p.best_val_ce
+    p.best_val_ce = min(p.best_val_ce, res["val_ce"])
+    run.log.write(event="eval", step=p.step, train_loss=loss, lr=lr, skipped_steps=p.skipped_steps,
+                  tokens_seen=p.tokens_seen, elapsed_s=round(elapsed, 3), best_val_ppl=perplexity(p.best_val_ce),
+                  **res)
+    bar.say(f"step {p.step}: val_ce {res['val_ce']:.4f} val_ppl {res['val_ppl']:.3f} "
+            f"(best {p.best_ppl_text()}) train_loss {loss:.4f}")
+    if improved:
+        save(run, "best")
+    save(run, "last")
+
+
+def train_loop(run: Run, stop: StopFlag) -> int:
+    """Steps until --steps (evaluating every --eval-interval and at the end) or a signal; -> exit code."""
+    args, p = run.args, run.progress
+    if p.step >= args.steps:
+        _say(run.info, f"{PROG}: the run in {run.out} is already at step {p.step} of --steps {args.steps}: nothing to "
+                       f"train (pass a larger --steps to continue it); best val_ppl {p.best_ppl_text()}")
+        return 0
+    bar = ProgressBar(args.progress, run.info, args.steps, p.step, p.tokens_seen)
+    prefetch = BatchPrefetcher(run.sampler, run.info, pin=run.device.type == "cuda")
+    t_start, stop_signum = time.perf_counter(), 0
+    try:
+        while p.step < args.steps:
+            # every rank stops at the same step, whichever of them got the signal
+            stop_signum = int(kdist.all_reduce(torch.tensor([float(stop.signum)]), run.info, op="max").item())
+            if stop_signum:
+                break
+            loss, lr = train_step(run, prefetch.get(p.step, args.steps))
+            if args.log_interval and p.step % args.log_interval == 0:
+                run.log.write(event="train", step=p.step, loss=loss, lr=lr, skipped_steps=p.skipped_steps)
+            bar.update(p.step, args.steps, p.tokens_seen, loss, lr)
+            if p.step % args.eval_interval == 0 or p.step == args.steps:
+                evaluate_and_save(run, loss, lr, time.perf_counter() - t_start, bar)
+    finally:
+        prefetch.close()
+    if p.step < args.steps:  # stopped by a signal
+        save(run, "last")
+        signum = stop_signum or stop.signum or signal.SIGTERM
+        _say(run.info, f"{PROG}: stopped by {signal.Signals(signum).name} at step {p.step}; checkpoint saved to "
+                       f"{run.out / 'last'} (continue with --resume --out {run.out})")
+        bar.close()
+        return 128 + signum
+    bar.close()
+    wall = time.perf_counter() - t_start
+    run.log.write(event="done", step=p.step, skipped_steps=p.skipped_steps,
+                  best_val_ppl=perplexity(p.best_val_ce) if math.isfinite(p.best_val_ce) else None,
+                  wall_s=round(wall, 3))
+    _say(run.info, f"{PROG}: done, {p.step} steps ({p.skipped_steps} skipped), best val_ppl {p.best_ppl_text()}, "
+                   f"{wall:.1f}s this session; checkpoints in {run.out}")
+    return 0
 
 
 def train(args) -> int:
     """Run (or resume) training as described by ``args`` (see build_parser). Returns the exit code."""
     stop = StopFlag().install()  # before anything slow, so an early signal is not lost
-    if args.threads is not None:
-        if args.threads < 1:
-            stop.restore()
-            raise UsageError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    info = kdist.init(args.device)
     try:
-        return _train(args, info, stop)
+        if args.threads is not None:
+            if args.threads < 1:
+                raise UsageError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        with config_errors():
+            info = kdist.init(args.device)
+        try:
+            return train_loop(build_run(args, info), stop)
+        finally:
+            kdist.shutdown()
     finally:
         stop.restore()
-        kdist.shutdown()
-
-
-def _train(args, info: kdist.DistInfo, stop: StopFlag) -> int:
-    from .checkpoint import load_checkpoint
-    from .model import KStackLM
-
-    out, resume_dir = _resolve_run_args(args)
-    _check_args(args)
-    if args.batch_size % info.world:
-        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the number of processes {info.world}")
-    device = info.device
-    amp = bool(args.amp) and device.type == "cuda"
-
-    torch.manual_seed(args.seed)  # same initialisation on every rank
-    if resume_dir is not None:
-        trainer_state, opt_state, rng_state = load_training_state(resume_dir)
-        model, tokenizer = load_checkpoint(str(resume_dir), map_location="cpu")
-    else:
-        trainer_state = opt_state = rng_state = None
-        tokenizer = None
-    splits, tokenizer, train_ids, val_ids = _load_data(args, info, tokenizer)
-    if resume_dir is None:
-        cfg = model_config(args, tokenizer.vocab_size)
-        model = KStackLM(cfg)
-    window = int(model.config.window)
-    eval_window = int(args.eval_window or window)
-    if args.max_eval_tokens:
-        val_ids = val_ids[: args.max_eval_tokens + 1]
-    sampler = kdata.BatchSampler(train_ids, window, args.batch_size, args.seed, rosa=model.config.rosa,
-                                 vocab_size=model.config.vocab_size)
-
-    model.to(device)
-    core = model
-    fsdp = bool(args.fsdp and info.enabled)
-    train_model = kdist.wrap(model, info, fsdp=fsdp)  # FSDP2 shards ``core`` in place
-    optimizer = make_optimizer(core, args, device)
-    if args.compile:
-        train_model = torch.compile(train_model)
-
-    step, best_ce, skipped, tokens_seen = 0, float("inf"), 0, 0
-    if resume_dir is not None:
-        try:
-            load_optimizer_state(core, optimizer, opt_state)
-        except (ValueError, KeyError, RuntimeError) as exc:
-            from .checkpoint import CheckpointError
-            raise CheckpointError(f"{resume_dir}: optimizer state does not fit the model ({exc})") from None
-        step = int(trainer_state["step"])
-        best_ce = float(trainer_state.get("best_val_ce", float("inf")))
-        skipped = int(trainer_state.get("skipped_steps", 0))
-        tokens_seen = int(trainer_state.get("tokens_seen", 0))
-        _restore_rng(rng_state, info, args.seed, step)
-    else:
-        torch.manual_seed(_rank_seed(args.seed, info.rank))  # dropout stream of this rank
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    log = JsonlLog(out / "log.jsonl", info.is_main)
-    n_params = sum(p.numel() for p in core.parameters())
-    if resume_dir is not None:
-        log.truncate_after(step)
-        _say(info, f"{PROG}: resuming {out} at step {step}/{args.steps}")
-    else:
-        log.write(event="start", step=0, params=n_params, vocab_size=tokenizer.vocab_size, world_size=info.world,
-                  train_tokens=int(train_ids.numel()), val_tokens=int(val_ids.numel()), data=splits.source,
-                  config=dataclasses.asdict(core.config), args=_saved_args(args))
-    _say(info, f"{PROG}: {n_params:,} parameters | vocab {tokenizer.vocab_size} | train {train_ids.numel():,} / "
-               f"val {val_ids.numel():,} tokens | {info.world} process(es) on {device} | out {out}")
-
-    def checkpoint(which: str) -> None:
-        rng = _rng_state(info)  # collectives: every rank takes part
-        opt = optimizer_state(core, optimizer)
-        plain = core
-        if fsdp:  # gather the full weights into an unsharded copy
-            full = {k: _full(v) for k, v in core.state_dict().items()}
-            if info.is_main:
-                plain = KStackLM(core.config)
-                plain.load_state_dict(full)
-        if info.is_main:
-            state = {"step": step, "best_val_ce": best_ce, "skipped_steps": skipped, "tokens_seen": tokens_seen,
-                     "world_size": info.world, "sampler": sampler.state(step), "args": _saved_args(args)}
-            save_training_checkpoint(out / which, plain, tokenizer, opt, rng, state)
-        kdist.barrier(info)
-
-    floor_ratio = args.lr_floor / args.lr
-    local_bs = args.batch_size // info.world
-    bar = None
-    if args.progress and info.is_main:
-        from tqdm import tqdm
-        bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stderr)
-    t_last, tok_last, last_loss, exit_code = time.perf_counter(), tokens_seen, float("nan"), 0
-    t_start = time.perf_counter()
-    stop_signum = 0
-    prefetch = BatchPrefetcher(sampler, info, pin=device.type == "cuda")
-    while step < args.steps:
-        # every rank stops at the same step, whichever of them got the signal
-        stop_signum = int(kdist.all_reduce(torch.tensor([float(stop.signum)]), info, op="max").item())
-        if stop_signum:
-            break
-        lr = set_lr(optimizer, args.lr, lr_factor(step, args.warmup_steps, args.steps, floor_ratio))
-        batch = prefetch.get(step, args.steps)
-        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        extra = {} if len(batch) == 2 else {"rosa_ids": batch[2].to(device, non_blocking=True)}
-        train_model.train()
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-        with ctx:
-            loss = train_model(x, y, **extra)
-        gl = kdist.all_reduce(loss.detach().float().reshape(1).cpu(), info) / info.world  # global mean
-        loss_value = float(gl.item())
-        optimizer.zero_grad(set_to_none=True)
-        if math.isfinite(loss_value):
-            loss.backward()
-            kdist.sync_replicated_grads(core, info)
-            if args.clip_grad_norm > 0:
-                gnorm = kdist.clip_grad_norm(core.parameters(), args.clip_grad_norm, info)
-            else:
-                gnorm = 0.0
-            if math.isfinite(gnorm):
-                optimizer.step()
-            else:
-                skipped += 1
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            skipped += 1
-        step += 1
-        tokens_seen += local_bs * window * info.world
-        last_loss = loss_value
-        if args.log_interval and step % args.log_interval == 0:
-            log.write(event="train", step=step, loss=loss_value, lr=lr, skipped_steps=skipped)
-        if bar is not None:
-            now = time.perf_counter()
-            bar.update(1)
-            if step % 10 == 0 or step == args.steps:
-                tps = (tokens_seen - tok_last) / max(now - t_last, 1e-9)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
-                t_last, tok_last = now, tokens_seen
-        if step % args.eval_interval == 0 or step == args.steps:
-            elapsed = time.perf_counter() - t_start
-            res = run_eval(core, val_ids, eval_window, args.eval_batch_size, info, amp, sharded_model=fsdp)
-            if fsdp:
-                kdist.reshard(core)
-            improved = res["val_ce"] < best_ce
-            best_ce = min(best_ce, res["val_ce"])
-            log.write(event="eval", step=step, train_loss=loss_value, lr=lr, skipped_steps=skipped,
-                      tokens_seen=tokens_seen, elapsed_s=round(elapsed, 3),
-                      best_val_ppl=math.exp(min(best_ce, 50.0)), **res)
-            msg = (f"step {step}: val_ce {res['val_ce']:.4f} val_ppl {res['val_ppl']:.3f} "
-                   f"(best {math.exp(min(best_ce, 50.0)):.3f}) train_loss {loss_value:.4f}")
-            if bar is not None:
-                bar.write(msg, file=sys.stderr)
-            else:
-                _say(info, msg)
-            if improved:
-                checkpoint("best")
-            checkpoint("last")
-    prefetch.close()
-    if step < args.steps:  # stopped by a signal
-        checkpoint("last")
-        signum = stop_signum or stop.signum or signal.SIGTERM
-        _say(info, f"{PROG}: stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved to "
-                   f"{out / 'last'} (continue with --resume --out {out})")
-        exit_code = 128 + signum
-    if bar is not None:
-        bar.close()
-    if exit_code == 0:
-        wall = time.perf_counter() - t_start
-        log.write(event="done", step=step, skipped_steps=skipped, best_val_ppl=math.exp(min(best_ce, 50.0)),
-                  wall_s=round(wall, 3))
-        _say(info, f"{PROG}: done, {step} steps ({skipped} skipped), best val_ppl {math.exp(min(best_ce, 50.0)):.3f}, "
-                   f"{wall:.1f}s this session; checkpoints in {out}")
-    del last_loss
-    return exit_code
-
-
-def _saved_args(args) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in ("explicit", "resume")}
 
 
 def main(argv: Optional[list] = None) -> int:
-    from .checkpoint import CheckpointError
-
     args = parse_args(argv)
     try:
-        code = train(args)
+        return train(args)
     except (UsageError, kdata.DataError, CheckpointError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError) as exc:  # e.g. a model configuration KStackConfig rejects
-        if not _is_config_error(exc):
-            raise
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    return code
-
-
-def _is_config_error(exc: Exception) -> bool:
-    """A ValueError/TypeError raised while validating arguments (not a bug deep inside a step)."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    name = tb.tb_frame.f_code.co_filename if tb is not None else ""
-    return any(name.endswith(s) for s in ("model.py", "modules.py", "_checks.py", "tokenizers.py", "data.py",
-                                          "distributed.py", "train.py"))
+        return fail(PROG, exc)
 
 
 if __name__ == "__main__":

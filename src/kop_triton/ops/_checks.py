@@ -31,10 +31,64 @@ def check_tensor(name: str, t, ndim: int, shape_hint: str) -> torch.Tensor:
     return t
 
 
+def is_int(value) -> bool:
+    """A Python int, and not a bool (``isinstance(True, int)`` holds)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int(name: str, value, low: Optional[int] = None, high: Optional[int] = None) -> int:
+    """``value`` if it is an int (a bool is not) in [low, high], else a ValueError naming ``name``,
+    the range and what was received."""
+    if (not is_int(value) or (low is not None and value < low)
+            or (high is not None and value > high)):
+        if high is None:
+            rng = "" if low is None else f" >= {low}"
+        else:
+            rng = f" <= {high}" if low is None else f" in [{low}, {high}]"
+        raise ValueError(f"{name} must be an int{rng}, got {value!r}")
+    return value
+
+
+def check_real(name: str, value) -> float:
+    """``float(value)`` for a number (a Python or numpy number, a one-element tensor), else a
+    TypeError naming ``name`` (a string is not a number here)."""
+    if not isinstance(value, (str, bytes)):
+        try:
+            return float(value)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+
+
+def check_bool(name: str, value) -> bool:
+    """``value`` if it is a bool, else a TypeError naming ``name`` (a string such as 'no' would count as true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_token_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
+    """Token ids in [0, vocab_size), without reading ids on the host (as ``check_gamma_range``):
+    on CUDA an asynchronous device-side assert, on CPU a ValueError naming ``name``, the range and
+    the offending values."""
+    if ids.numel() == 0:
+        return
+    ok = ((ids >= 0) & (ids < vocab_size)).all()
+    try:
+        torch._assert_async(ok, f"{name}: token ids must lie in [0, {vocab_size})")
+    except RuntimeError:
+        bad = ids[(ids < 0) | (ids >= vocab_size)]
+        raise ValueError(f"{name} must hold token ids in [0, vocab_size={vocab_size}), got values in "
+                         f"[{int(ids.min())}, {int(ids.max())}] ({bad.numel()} outside, e.g. {bad[:4].tolist()})") from None
+
+
 def check_same_device(**tensors) -> None:
     items = [(n, t) for n, t in tensors.items() if t is not None]
     if not items:
         return
+    for n, t in items:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{n} must be a torch.Tensor, got {describe(t)}")
     n0, t0 = items[0]
     for n, t in items[1:]:
         if t.device != t0.device:
@@ -103,8 +157,25 @@ def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], batch: int, seqlen: int
     return len(c) - 1
 
 
+def per_sequence(fn, sliced: tuple, shared: tuple, initial_state, output_final_state: bool, cu_seqlens, **kw):
+    """Run a B = 1 op ``fn(*sliced_i, *shared, initial_state=h0_i, output_final_state=..., **kw)`` on
+    each packed sequence i of ``cu_seqlens`` separately (the tensors of ``sliced`` cut along T, the
+    state reset at every start) and join the outputs along T and the final states along N."""
+    offsets = cu_seqlens.tolist()
+    outs, finals = [], []
+    for i, (s, e) in enumerate(zip(offsets[:-1], offsets[1:])):
+        h0 = None if initial_state is None else initial_state[i:i + 1]
+        o_i, f_i = fn(*(t[:, s:e] for t in sliced), *shared, initial_state=h0,
+                      output_final_state=output_final_state, **kw)
+        outs.append(o_i)
+        finals.append(f_i)
+    return torch.cat(outs, dim=1), (torch.cat(finals, dim=0) if output_final_state else None)
+
+
 def state_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """States and accumulators: float32, or float64 when the inputs are float64."""
+    """States and accumulators: float32, or float64 when the inputs are float64.  Pass the data
+    inputs (x; q, k, v), not the parameters: a float64 gamma or kernel with float32 inputs still
+    gives float32 states."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 

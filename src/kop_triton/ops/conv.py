@@ -20,30 +20,18 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._checks import (check_cu_seqlens, check_same_device, check_tensor, describe,
+from ._checks import (check_bool, check_cu_seqlens, check_same_device, check_tensor, describe, per_sequence,
                       resolve_backend, state_dtype)
 
 MAX_KERNEL_SIZE = 4096
 CONV_BACKENDS = ("auto", "triton", "naive")
 
 
-def _per_sequence(fn, x, weight, initial_state, output_final_state, cu_seqlens):
-    offsets = cu_seqlens.tolist()
-    outs, finals = [], []
-    for i, (s, e) in enumerate(zip(offsets[:-1], offsets[1:])):
-        h0 = None if initial_state is None else initial_state[i:i + 1]
-        y_i, f_i = fn(x[:, s:e], weight, initial_state=h0, output_final_state=output_final_state)
-        outs.append(y_i)
-        finals.append(f_i)
-    y = torch.cat(outs, dim=1)
-    return y, (torch.cat(finals, dim=0) if output_final_state else None)
-
-
 def naive_causal_conv(x, weight, *, initial_state=None, output_final_state=False, cu_seqlens=None):
     """``F.conv1d`` (depthwise, flipped taps) on x left-padded by the K-1 previous inputs."""
     if cu_seqlens is not None:
-        return _per_sequence(naive_causal_conv, x, weight, initial_state, output_final_state, cu_seqlens)
-    dt = state_dtype(x, weight)
+        return per_sequence(naive_causal_conv, (x,), (weight,), initial_state, output_final_state, cu_seqlens)
+    dt = state_dtype(x)
     B, T, D = x.shape
     K = weight.shape[-1]
     w = weight.to(dt).expand(D, K) if weight.dim() == 1 else weight.to(dt)
@@ -108,8 +96,9 @@ def _check_conv_args(x, weight, initial_state, cu_seqlens):
     N = check_cu_seqlens(cu_seqlens, B, T, x.device)
     N = B if N is None else N
     if initial_state is not None:
-        if not isinstance(initial_state, torch.Tensor) or not initial_state.is_floating_point():
-            raise TypeError(f"initial_state must be a float tensor of shape (N, K-1, D), got {describe(initial_state)}")
+        if initial_state.dtype not in (torch.float32, torch.float64):   # states are fp32 (fp64), as decayed_scan's
+            raise TypeError(f"initial_state must be a float tensor of dtype float32 (or float64) and shape "
+                            f"(N, K-1, D), got {describe(initial_state)}")
         want = (N, K - 1, D)
         if tuple(initial_state.shape) != want:
             raise ValueError(f"initial_state must have shape (N, K-1, D) = {want}, got {describe(initial_state)}")
@@ -133,6 +122,7 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, *, initial_state: Optiona
     dev = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
     bk = resolve_backend(backend, dev, CONV_BACKENDS, cpu_default="naive")
     _check_conv_args(x, weight, initial_state, cu_seqlens)
+    check_bool("output_final_state", output_final_state)
     fn = triton_causal_conv if bk == "triton" else naive_causal_conv
     return fn(x, weight, initial_state=initial_state, output_final_state=output_final_state,
               cu_seqlens=cu_seqlens)

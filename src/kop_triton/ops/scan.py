@@ -23,8 +23,8 @@ import torch
 from kop_triton.kernels.config import CHUNK
 
 from .chunked import CPU_CHUNK, chunked_scan
-from ._checks import (check_cu_seqlens, check_gamma_range, check_same_device, check_same_dtype, check_tensor,
-                      describe, resolve_backend, state_dtype)
+from ._checks import (check_bool, check_cu_seqlens, check_gamma_range, check_same_device, check_same_dtype,
+                      check_tensor, describe, per_sequence, resolve_backend, state_dtype)
 
 MAX_TRITON_RANK = 128
 
@@ -51,20 +51,6 @@ def _causal_decay_matrix(gamma: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where(diff >= 0, pw, torch.zeros((), dtype=gamma.dtype, device=gamma.device))
 
 
-def _per_sequence(fn, q, k, v, gamma, initial_state, output_final_state, cu_seqlens, **kw):
-    """Run a B=1 reference on each packed sequence separately (states reset at every start)."""
-    offsets = cu_seqlens.tolist()
-    outs, finals = [], []
-    for i, (s, e) in enumerate(zip(offsets[:-1], offsets[1:])):
-        h0 = None if initial_state is None else initial_state[i:i + 1]
-        o_i, f_i = fn(q[:, s:e], k[:, s:e], v[:, s:e], gamma, initial_state=h0,
-                      output_final_state=output_final_state, **kw)
-        outs.append(o_i)
-        finals.append(f_i)
-    o = torch.cat(outs, dim=1)
-    return o, (torch.cat(finals, dim=0) if output_final_state else None)
-
-
 def naive_decayed_scan(q, k, v, gamma, *, initial_state=None, output_final_state=False,
                        cu_seqlens=None):
     """Direct formula: o_t = sum_{j<=t} sum_r q_tr gamma_r^(t-j) k_jr v_j + q_t gamma^(t+1) S0.
@@ -72,9 +58,8 @@ def naive_decayed_scan(q, k, v, gamma, *, initial_state=None, output_final_state
     Quadratic in T (a (R, T, T) decay tensor): the ground truth for tests, not for speed.
     """
     if cu_seqlens is not None:
-        return _per_sequence(naive_decayed_scan, q, k, v, gamma, initial_state,
-                             output_final_state, cu_seqlens)
-    dt = state_dtype(q, k, v, gamma)
+        return per_sequence(naive_decayed_scan, (q, k, v), (gamma,), initial_state, output_final_state, cu_seqlens)
+    dt = state_dtype(q, k, v)
     qf, kf, vf, g = q.to(dt), k.to(dt), v.to(dt), gamma.to(dt)
     T = q.shape[1]
     L = _causal_decay_matrix(g, T)                              # (R, T, T)
@@ -96,9 +81,8 @@ def recurrent_decayed_scan(q, k, v, gamma, *, initial_state=None, output_final_s
                            cu_seqlens=None):
     """Step-by-step recurrence, one token at a time (the decoding form)."""
     if cu_seqlens is not None:
-        return _per_sequence(recurrent_decayed_scan, q, k, v, gamma, initial_state,
-                             output_final_state, cu_seqlens)
-    dt = state_dtype(q, k, v, gamma)
+        return per_sequence(recurrent_decayed_scan, (q, k, v), (gamma,), initial_state, output_final_state, cu_seqlens)
+    dt = state_dtype(q, k, v)
     B, T, R = q.shape
     D = v.shape[-1]
     g = gamma.to(dt)[:, None]
@@ -116,9 +100,9 @@ def chunked_decayed_scan(q, k, v, gamma, *, initial_state=None, output_final_sta
                          cu_seqlens=None, chunk_size: int = CPU_CHUNK):
     """Chunked algorithm in PyTorch (linear in T) with a hand-written backward (ops/chunked.py)."""
     if cu_seqlens is not None:
-        return _per_sequence(chunked_decayed_scan, q, k, v, gamma, initial_state,
-                             output_final_state, cu_seqlens, chunk_size=chunk_size)
-    dt = state_dtype(q, k, v, gamma)
+        return per_sequence(chunked_decayed_scan, (q, k, v), (gamma,), initial_state, output_final_state,
+                            cu_seqlens, chunk_size=chunk_size)
+    dt = state_dtype(q, k, v)
     B, T, R = q.shape
     D = v.shape[-1]
     h0 = None if initial_state is None else initial_state.to(dt)
@@ -172,7 +156,7 @@ def triton_decayed_scan(q, k, v, gamma, *, initial_state=None, output_final_stat
     B, T, R = q.shape
     D = v.shape[-1]
     out_dtype = v.dtype
-    st_dtype = state_dtype(q, k, v, gamma)
+    st_dtype = state_dtype(q, k, v)
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     if T == 0:
         # nothing to scan: o is empty and the state passes through unchanged
@@ -198,7 +182,8 @@ def triton_decayed_scan(q, k, v, gamma, *, initial_state=None, output_final_stat
 # Public op
 # --------------------------------------------------------------------------------------
 
-_BACKENDS = {
+# the PyTorch scans by backend name (k2's reference composition picks its scan from here too)
+SCAN_BACKENDS = {
     "naive": naive_decayed_scan,
     "recurrent": recurrent_decayed_scan,
     "chunked": chunked_decayed_scan,
@@ -257,6 +242,7 @@ def decayed_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch
     """
     bk = resolve_backend(backend, q.device if isinstance(q, torch.Tensor) else torch.device("cpu"))
     _check_scan_args(q, k, v, gamma, initial_state, cu_seqlens, bk)
-    fn = triton_decayed_scan if bk == "triton" else _BACKENDS[bk]
+    check_bool("output_final_state", output_final_state)
+    fn = triton_decayed_scan if bk == "triton" else SCAN_BACKENDS[bk]
     return fn(q, k, v, gamma, initial_state=initial_state, output_final_state=output_final_state,
               cu_seqlens=cu_seqlens)
