@@ -9,7 +9,7 @@ import torch
 from helpers import TOL, assert_close
 from kop_triton import k2_mixer
 from kop_triton.modules import Dropout, RMSNorm, _RMSNormFn
-from kop_triton.ops.chunked import CPU_CHUNK
+from kop_triton.ops.scan_chunked import CPU_CHUNK
 from kop_triton.ops.k2_chunked import ChunkedK2Fn, fused_supported
 from test_k2 import NAMES, check_all, f64, k2_inputs, run
 

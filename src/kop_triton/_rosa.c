@@ -59,38 +59,39 @@ typedef struct {
     int mode, dense;
 } rosa_sam;
 
-static int grow32(int32_t **p, int64_t n) {
-    int32_t *q = (int32_t *)realloc(*p, (size_t)n * sizeof(int32_t));
+/* *p resized to n elements of `size` bytes; 0 (and *p untouched) when out of memory */
+static int grow(void **p, int64_t n, size_t size) {
+    void *q = realloc(*p, (size_t)n * size);
     if (!q) return 0;
     *p = q;
     return 1;
 }
 
+/* capacity for `need` elements: doubling, so n pushes cost O(n) copies in all */
+static int64_t next_cap(int64_t cap, int64_t need) { return cap * 2 > need ? cap * 2 : need; }
+
 static int ensure_states(rosa_sam *a, int64_t need) {
     if (need <= a->cap_states) return 1;
-    int64_t cap = a->cap_states * 2 > need ? a->cap_states * 2 : need;
-    rosa_state *q = (rosa_state *)realloc(a->st, (size_t)cap * sizeof(rosa_state));
-    if (!q) return 0;
-    a->st = q;
-    if (a->dense && !grow32(&a->tr, cap * a->vocab)) return 0;
+    int64_t cap = next_cap(a->cap_states, need);
+    if (!grow((void **)&a->st, cap, sizeof(rosa_state))) return 0;
+    if (a->dense && !grow((void **)&a->tr, cap * a->vocab, sizeof(int32_t))) return 0;
     a->cap_states = cap;
     return 1;
 }
 
 static int ensure_edges(rosa_sam *a, int64_t need) {
     if (need <= a->cap_edges) return 1;
-    int64_t cap = a->cap_edges * 2 > need ? a->cap_edges * 2 : need;
-    if (!grow32(&a->etok, cap) || !grow32(&a->edst, cap) || !grow32(&a->enext, cap)) return 0;
+    int64_t cap = next_cap(a->cap_edges, need);
+    if (!grow((void **)&a->etok, cap, sizeof(int32_t)) || !grow((void **)&a->edst, cap, sizeof(int32_t)) ||
+        !grow((void **)&a->enext, cap, sizeof(int32_t))) return 0;
     a->cap_edges = cap;
     return 1;
 }
 
 static int ensure_hist(rosa_sam *a, int64_t need) {
     if (need <= a->cap_hist) return 1;
-    int64_t cap = a->cap_hist * 2 > need ? a->cap_hist * 2 : need;
-    int64_t *q = (int64_t *)realloc(a->hist, (size_t)cap * sizeof(int64_t));
-    if (!q) return 0;
-    a->hist = q;
+    int64_t cap = next_cap(a->cap_hist, need);
+    if (!grow((void **)&a->hist, cap, sizeof(int64_t))) return 0;
     a->cap_hist = cap;
     return 1;
 }

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import BACKENDS, resolve_backend
-from .chunked import CPU_CHUNK
+from .scan_chunked import CPU_CHUNK
 from .conv import naive_causal_conv
 from .k2_triton import _check_k2_args, _split_state, k2_triton_backward, k2_triton_forward
 from .scan import chunked_decayed_scan, naive_decayed_scan, recurrent_decayed_scan

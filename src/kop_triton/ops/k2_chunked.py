@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .chunked import CPU_CHUNK, from_chunks, scan_chunks_bwd, scan_chunks_fwd, to_chunks
+from .scan_chunked import CPU_CHUNK, from_chunks, scan_chunks_bwd, scan_chunks_fwd, to_chunks
 from .k2 import _qk_bwd, _qk_fwd
 
 

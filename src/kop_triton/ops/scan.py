@@ -22,7 +22,7 @@ import torch
 
 from kop_triton.kernels.config import CHUNK
 
-from .chunked import CPU_CHUNK, chunked_scan
+from .scan_chunked import CPU_CHUNK, chunked_scan
 from ._checks import (check_bool, check_cu_seqlens, check_gamma_range, check_same_device, check_same_dtype,
                       check_tensor, describe, per_sequence, resolve_backend, state_dtype)
 
@@ -98,7 +98,7 @@ def recurrent_decayed_scan(q, k, v, gamma, *, initial_state=None, output_final_s
 
 def chunked_decayed_scan(q, k, v, gamma, *, initial_state=None, output_final_state=False,
                          cu_seqlens=None, chunk_size: int = CPU_CHUNK):
-    """Chunked algorithm in PyTorch (linear in T) with a hand-written backward (ops/chunked.py)."""
+    """Chunked algorithm in PyTorch (linear in T) with a hand-written backward (ops/scan_chunked.py)."""
     if cu_seqlens is not None:
         return per_sequence(chunked_decayed_scan, (q, k, v), (gamma,), initial_state, output_final_state,
                             cu_seqlens, chunk_size=chunk_size)

@@ -1,4 +1,4 @@
-"""The chunked decayed scan in PyTorch with a hand-written backward: the fast CPU path.
+"""The decayed scan's chunked PyTorch path, with a hand-written backward: the fast CPU path.
 
 Per chunk c of C tokens (local index i, state S_c before the chunk, all exponents >= 0):
 
