@@ -1,4 +1,5 @@
-"""Pieces shared by the Triton kernels: the matrix-product helper, its operand mode, log2(gamma)."""
+"""Pieces shared by the Triton kernels: the matrix-product helper, its operand mode, log2(gamma),
+the float32 operands the launchers pass."""
 from __future__ import annotations
 
 import os
@@ -26,6 +27,19 @@ def dot(a, b, DOT_MODE: tl.constexpr):
         K: tl.constexpr = a.shape[1]
         N: tl.constexpr = b.shape[1]
         return _dot_ieee(a.to(tl.float32), b.to(tl.float32), K > 16 and M * N * K >= SPLIT_MIN_VOLUME)
+
+
+@triton.jit
+def block(i, BLOCK: tl.constexpr, N):
+    """(offsets, mask) of block i of BLOCK indices over 0..N-1."""
+    o = i * BLOCK + tl.arange(0, BLOCK)
+    return o, o < N
+
+
+@triton.jit
+def load_rows(p, rows, m_rows, cols, m_cols, W):
+    """p[rows, cols] of a row-major matrix of row length W, zero outside the masks."""
+    return tl.load(p + rows[:, None] * W + cols[None, :], mask=m_rows[:, None] & m_cols[None, :], other=0.)
 
 
 # fp32 IEEE products run on CUDA cores, where every thread holds its rows of a and its columns
@@ -66,3 +80,15 @@ def log2_gamma(gamma: torch.Tensor) -> torch.Tensor:
     g^n = exp2(n * log2 g) with n >= 0.  Computed in float64 on the host side, so the
     exponents n * log2(g) lose no accuracy to it."""
     return torch.log2(gamma.detach().to(torch.float64)).to(torch.float32).contiguous()
+
+
+def f32(t):
+    """t as a kernel reads a float32 operand (detached, contiguous); None stays None."""
+    return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
+def state_arg(state, K: int, placeholder: torch.Tensor):
+    """(used, tensor) for a conv state (N, K-1, D): float32 when there is one and K > 1, else
+    ``placeholder``, a pointer the kernel is told (used = False) never to read."""
+    used = state is not None and K > 1
+    return used, (f32(state) if used else placeholder)

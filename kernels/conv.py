@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot, dot_mode
+from ._common import dot, dot_mode, f32, state_arg
 from .launch import launch
 from .varlen import Layout, seq_block
 
@@ -257,10 +257,8 @@ def conv_fwd(x, weight, initial_state, output_final_state, cu_seqlens, use_dot=N
     B, T, D = x.shape
     K = weight.shape[-1]
     lay = Layout(x, cu_seqlens)
-    x2 = x.contiguous().view(B * T, D)
-    w = weight.detach().to(torch.float32).contiguous()
-    use_h0 = initial_state is not None and K > 1
-    h0 = initial_state.detach().to(torch.float32).contiguous() if use_h0 else x2
+    x2, w = lay.rows(x), f32(weight)
+    use_h0, h0 = state_arg(initial_state, K, x2)
     y = torch.empty(B * T, D, dtype=x.dtype, device=x.device)
     BD = block_d(D)
     dot = _use_dot(weight, K, use_dot)
@@ -283,11 +281,9 @@ def conv_bwd_dx(dy, weight, dfinal, need_dh0, cu_seqlens, dx_dtype, dh0_dtype, u
     B, T, D = dy.shape
     K = weight.shape[-1]
     lay = Layout(dy, cu_seqlens)
-    g2 = dy.contiguous().view(B * T, D)
-    w = weight.detach().to(torch.float32).contiguous()
-    use_dfin = dfinal is not None and K > 1
+    g2, w = lay.rows(dy), f32(weight)
+    use_dfin, dfin = state_arg(dfinal, K, g2)
     need_dh0 = need_dh0 and K > 1
-    dfin = dfinal.to(torch.float32).contiguous() if use_dfin else g2
     sc = (torch.ones(1, dtype=torch.float32, device=dy.device) if scale is None
           else scale.detach().to(torch.float32).reshape(1).contiguous())
     dx = g2 if dh0_only else torch.empty(B * T, D, dtype=dx_dtype, device=dy.device)
@@ -320,10 +316,8 @@ def conv_bwd_dw(x, initial_state, dy, K, shared, cu_seqlens):
     """float32 dw: (K,) when ``shared`` (summed over channels) else (D, K); fixed-order sums."""
     B, T, D = x.shape
     lay = Layout(x, cu_seqlens)
-    x2 = x.contiguous().view(B * T, D)
-    g2 = dy.contiguous().view(B * T, D)
-    use_h0 = initial_state is not None and K > 1
-    h0 = initial_state.detach().to(torch.float32).contiguous() if use_h0 else x2
+    x2, g2 = lay.rows(x), lay.rows(dy)
+    use_h0, h0 = state_arg(initial_state, K, x2)
     BD = block_d(D)
     BL = min(BLOCK_L, triton.next_power_of_2(K))
     gt, gb, tab = lay.grid_t(BLOCK_T)

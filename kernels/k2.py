@@ -55,13 +55,12 @@ import triton
 import triton.language as tl
 
 from . import conv as _conv
-from ._common import dot, dot_mode, log2_gamma
+from ._common import block, dot, f32, load_rows, log2_gamma, state_arg
 from .config import CHUNK, SUB_CHUNK
 from .conv import _load_xe, conv_bwd_dw, conv_bwd_dx, conv_t_tile, conv_tile
 from .launch import launch, target_arch
-from .scan import (PASS_BLOCK, PASS_CHUNKS, _bwd_dqk_kernel, _chunk_state_kernel, _dot_modes, _state_pass_kernel,
-                   scan_config, score_cols, score_rows)
-from .varlen import Layout, chunk_bounds, chunk_tables, seq_length
+from .scan import ChunkPlan, score_cols, score_rows
+from .varlen import Layout, chunk_bounds, chunk_program, seq_length
 
 NORM_EPS = tl.constexpr(1e-8)   # a constexpr: the compiler rejects a plain Python float global
 # rows per program of the O(R)-per-token kernels: (BM, BR) float32 tiles of <= 2048 elements
@@ -144,16 +143,13 @@ def _k2_out_kernel(x, q, k, lg, gate, w, c0, s, y, cu_seqlens, chunk_indices, T,
     c0: (N, K-1, D) float32; gate: (1,) sigmoid(gate_logit).  Grid (D / BD, chunks, B): the
     channel blocks of one chunk run back to back and share its q, k and state rows in cache."""
     i_d, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n, bos, i_tc, i_s, L = chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
+    n, bos, i_tc, i_s, L, t0 = chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
     L_seq = seq_length(cu_seqlens, n, bos, T, IS_VARLEN)
-    t0 = bos + i_tc * BT
     o_t = tl.arange(0, BT)
     o_c = tl.arange(0, BC)
-    o_d = i_d * BD + tl.arange(0, BD)
-    m_d = o_d < D
+    o_d, m_d = block(i_d, BD, D)
     b_gate = tl.load(gate)
-    b_xC = tl.load(x + (t0 + o_t)[:, None] * D + o_d[None, :], mask=(o_t < L)[:, None] & m_d[None, :],
-                   other=0.)                                                        # (BT, BD)
+    b_xC = load_rows(x, t0 + o_t, o_t < L, o_d, m_d, D)                            # (BT, BD)
     p_S = s + i_s * R * D
     for i_i in range(0, tl.cdiv(L, BC)):
         s_I = i_i * BC
@@ -230,10 +226,8 @@ def _k2_dx_kernel(x, dy, q, k, lg, ds, dp, u, v, gate, w, c0, dfin, dx, duv_part
     i_d, i_g = tl.program_id(0), tl.program_id(1)
     o_t = tl.arange(0, BT)
     o_c = tl.arange(0, BC)
-    o_d = i_d * BD + tl.arange(0, BD)
-    m_d = o_d < D
-    o_rr = tl.arange(0, BR)
-    m_rr = o_rr < R
+    o_d, m_d = block(i_d, BD, D)
+    o_rr, m_rr = block(0, BR, R)
     o_l = tl.arange(0, BW)
     b_gate = tl.load(gate)
     b_du = tl.zeros([BD, BR], dtype=tl.float32)
@@ -243,16 +237,10 @@ def _k2_dx_kernel(x, dy, q, k, lg, ds, dp, u, v, gate, w, c0, dfin, dx, duv_part
     else:
         b_w = tl.zeros([BW], dtype=tl.float32)
     for c in range(i_g * G, tl.minimum(i_g * G + G, NC)):
-        c_t = c + 0 * i_g                       # a tensor in the interpreter too (c may be a Python int)
-        if IS_VARLEN:
-            i_t, i_b = c_t, 0
-        else:
-            i_t, i_b = c_t % NT, c_t // NT
-        n, bos, i_tc, i_s, L = chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
+        i_t, i_b = chunk_program(c, NT, IS_VARLEN)
+        n, bos, i_tc, i_s, L, t0 = chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
         L_seq = seq_length(cu_seqlens, n, bos, T, IS_VARLEN)
-        t0 = bos + i_tc * BT
-        b_dyC = tl.load(dy + (t0 + o_t)[:, None] * D + o_d[None, :], mask=(o_t < L)[:, None] & m_d[None, :],
-                        other=0.)                                                   # (BT, BD)
+        b_dyC = load_rows(dy, t0 + o_t, o_t < L, o_d, m_d, D)                      # (BT, BD)
         p_G = ds + i_s * R * D
         for i_j in range(0, tl.cdiv(L, BC)):
             s_J = i_j * BC
@@ -315,24 +303,14 @@ def _k2_dx_kernel(x, dy, q, k, lg, ds, dp, u, v, gate, w, c0, dfin, dx, duv_part
 # --------------------------------------------------------------------------------------
 
 
-class _Plan:
-    """Shapes, chunk tables and launch settings shared by the forward and backward launchers."""
+class _Plan(ChunkPlan):
+    """The scan's chunk plan plus the K2 launch settings shared by the forward and backward."""
 
     def __init__(self, x, R, kernel, cu_seqlens):
         B, T, D = x.shape
-        self.B, self.T, self.D, self.R, self.K = B, T, D, R, kernel.shape[-1]
         self.lay = Layout(x, cu_seqlens)
-        self.N = self.lay.N
-        self.varlen = cu_seqlens is not None
-        self.cu = self.lay.cu
-        self.NT = triton.cdiv(T, CHUNK)
-        self.NC, self.chunk_indices, self.chunk_offsets = chunk_tables(
-            self.lay.cu if self.varlen else None, B, T, CHUNK)
-        self.cfg = scan_config(R, D, x.dtype)
-        self.dot_mode, self.state_dot_mode = _dot_modes(x.dtype)
-        # (chunks, batch rows): NC and 1 with packed sequences; the grids put the blocks that share
-        # a chunk's rows (channel blocks, sub-chunks) first, so they run back to back
-        self.grid_t = (self.NC, 1) if self.varlen else (self.NT, B)
+        super().__init__(B, T, R, D, x.dtype, self.lay.cu if cu_seqlens is not None else None, CHUNK)
+        self.K = kernel.shape[-1]
         # launch settings of the K2 tile kernels, from the offline compile gate (2026-12-02; every
         # alternative named spilled on sm_80, sm_90 or sm_100):
         #   _k2_out_kernel  R > 32: 16 channels, 8 warps for fp32, 4 for 16-bit (32 channels: 8 B;
@@ -352,17 +330,6 @@ class _Plan:
         self.per_channel = kernel.dim() == 2
         self.conv_dot = kernel.dim() == 1 and self.K > _conv.DOT_MIN_TAPS
 
-    def chunk_args(self):
-        return dict(cu_seqlens=self.cu, chunk_indices=self.chunk_indices, T=self.T, NT=self.NT)
-
-    def pass_args(self):
-        return dict(cu_seqlens=self.cu, chunk_offsets=self.chunk_offsets, T=self.T, R=self.R, D=self.D,
-                    NT=self.NT, BT=CHUNK, BLOCK=PASS_BLOCK, CB=PASS_CHUNKS, IS_VARLEN=self.varlen)
-
-
-def _f32(t):
-    return None if t is None else t.detach().to(torch.float32).contiguous()
-
 
 def k2_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
            output_final_state, cu_seqlens, store_chunk_states=True):
@@ -379,36 +346,31 @@ def k2_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
     B, T, D = x.shape
     R = u.shape[1]
     P = _Plan(x, R, kernel, cu_seqlens)
-    cfg, f32 = P.cfg, dict(dtype=torch.float32, device=x.device)
-    x2 = x.contiguous().view(B * T, D)
+    cfg, fp = P.cfg, dict(dtype=torch.float32, device=x.device)
+    x2 = P.lay.rows(x)
     lg = log2_gamma(gamma)
-    s0 = _f32(scan_state)
-    use_c0 = conv_state is not None and P.K > 1
-    sT = torch.empty(P.N, R, D, **f32) if output_final_state else None
+    s0 = f32(scan_state)
+    use_c0, c0 = state_arg(conv_state, P.K, x2)
     y = torch.empty(B * T, D, dtype=x.dtype, device=x.device)
     if B * T == 0:                          # no tokens: the scan state passes through unchanged
-        if sT is not None:
-            sT.copy_(s0) if s0 is not None else sT.zero_()
-        states = torch.zeros(0, R, D, **f32) if store_chunk_states else None
-        qkn = torch.zeros(0, 2 * R + 2, **f32) if store_chunk_states else None
+        sT = None
+        if output_final_state:
+            sT = s0.clone() if s0 is not None else torch.zeros(P.N, R, D, **fp)
+        states = torch.zeros(0, R, D, **fp) if store_chunk_states else None
+        qkn = torch.zeros(0, 2 * R + 2, **fp) if store_chunk_states else None
     else:
-        qkn = torch.empty(B * T, 2 * R + 2, **f32)
+        qkn = torch.empty(B * T, 2 * R + 2, **fp)
         launch(_k2_qk_kernel, (triton.cdiv(B * T, P.BM),),
-               x=x2, u=_f32(u), v=_f32(v), qkn=qkn, M=B * T, D=D, R=R, BM=P.BM, BD=_block_dq(cfg.BR, cfg.BD), BR=cfg.BR,
+               x=x2, u=f32(u), v=f32(v), qkn=qkn, M=B * T, D=D, R=R, BM=P.BM, BD=_block_dq(cfg.BR, cfg.BD), BR=cfg.BR,
                DOT_MODE=P.dot_mode, num_warps=cfg.warps)
-        q = (qkn[:, :R] * _f32(alpha)).contiguous()
+        q = (qkn[:, :R] * f32(alpha)).contiguous()
         k = qkn[:, R:2 * R].contiguous()
-        states = torch.empty(P.NC, R, D, **f32)
-        launch(_chunk_state_kernel, (triton.cdiv(D, cfg.BD), *P.grid_t), **P.chunk_args(),
-               x=k, y=x2, lg=lg, s=states, R=R, D=D, BT=CHUNK, BR=cfg.BR, BD=cfg.BD, BK=cfg.BK,
-               REVERSE=False, IS_VARLEN=P.varlen, DOT_MODE=P.dot_mode, num_warps=cfg.warps)
-        launch(_state_pass_kernel, (P.N, triton.cdiv(R * D, PASS_BLOCK)), **P.pass_args(),
-               s=states, lg=lg, h0=s0, ht=sT, USE_INITIAL_STATE=s0 is not None,
-               STORE_FINAL_STATE=output_final_state, REVERSE=False)
-        gate = torch.sigmoid(_f32(gate_logit).reshape(1))
+        states = P.chunk_states(k, x2, lg, reverse=False)
+        sT = P.state_pass(states, lg, s0, output_final_state, reverse=False)
+        gate = torch.sigmoid(f32(gate_logit).reshape(1))
         BD_out, warps_out = P.out_cfg
         launch(_k2_out_kernel, (triton.cdiv(D, BD_out), *P.grid_t), **P.chunk_args(),
-               x=x2, q=q, k=k, lg=lg, gate=gate, w=_f32(kernel), c0=_f32(conv_state) if use_c0 else x2,
+               x=x2, q=q, k=k, lg=lg, gate=gate, w=f32(kernel), c0=c0,
                s=states, y=y, D=D, R=R, K=P.K, BT=CHUNK, BC=SUB_CHUNK, BR=cfg.BR, BRS=cfg.BRS_A, BD=BD_out,
                BK=cfg.BK, DIAG_LOOP=cfg.diag_loop, PER_CHANNEL=P.per_channel, CONV_DOT=P.conv_dot,
                USE_C0=use_c0, IS_VARLEN=P.varlen, DOT_MODE=P.dot_mode, STATE_DOT_MODE=P.state_dot_mode,
@@ -445,49 +407,33 @@ def k2_bwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu
     B, T, D = x.shape
     R = u.shape[1]
     P = _Plan(x, R, kernel, cu_seqlens)
-    cfg, K, f32 = P.cfg, P.K, dict(dtype=torch.float32, device=x.device)
-    x2 = x.contiguous().view(B * T, D)
-    dy2 = (torch.zeros_like(x2) if dy is None else dy.to(x.dtype)).contiguous().view(B * T, D)
-    g = torch.sigmoid(_f32(gate_logit).reshape(1))
-    dht = _f32(dscan)
-    use_dfin = dconv is not None and K > 1
-    dfin = _f32(dconv) if use_dfin else dy2
+    cfg, K, fp = P.cfg, P.K, dict(dtype=torch.float32, device=x.device)
+    x2 = P.lay.rows(x)
+    dy2 = torch.zeros_like(x2) if dy is None else P.lay.rows(dy.to(x.dtype))
+    g = torch.sigmoid(f32(gate_logit).reshape(1))
+    dht = f32(dscan)
+    use_dfin, dfin = state_arg(dconv, K, dy2)
     need_dc0 = conv_state is not None
     if B * T == 0:                          # nothing ran: the initial states were the final ones
-        z = lambda t: torch.zeros(t.shape, **f32)
+        z = lambda t: torch.zeros(t.shape, **fp)
         ds0 = None if scan_state is None else (z(scan_state) if dht is None else dht.clone())
-        dc0 = None if conv_state is None else (z(conv_state) if dconv is None else _f32(dconv).clone())
+        dc0 = None if conv_state is None else (z(conv_state) if dconv is None else f32(dconv).clone())
         return (torch.zeros_like(x), z(u), z(v), z(alpha), z(gamma), z(kernel), z(gate_logit), ds0, dc0)
     if tuple(chunk_states.shape) != (P.NC, R, D):
         raise ValueError(f"chunk_states must have shape (NC, R, D) = {(P.NC, R, D)}, got {tuple(chunk_states.shape)}")
     lg = log2_gamma(gamma)
-    af = _f32(alpha)
+    af = f32(alpha)
     q = (qkn[:, :R] * af).contiguous()
     k = qkn[:, R:2 * R].contiguous()
     # G[c], d scan_state: the scan's reversed chunk-state kernel and state pass
-    dstates = torch.empty(P.NC, R, D, **f32)
-    launch(_chunk_state_kernel, (triton.cdiv(D, cfg.BD), *P.grid_t), **P.chunk_args(),
-           x=q, y=dy2, lg=lg, s=dstates, R=R, D=D, BT=CHUNK, BR=cfg.BR, BD=cfg.BD, BK=cfg.BK,
-           REVERSE=True, IS_VARLEN=P.varlen, DOT_MODE=P.dot_mode, num_warps=cfg.warps)
-    ds0 = torch.empty(P.N, R, D, **f32) if scan_state is not None else None
-    launch(_state_pass_kernel, (P.N, triton.cdiv(R * D, PASS_BLOCK)), **P.pass_args(),
-           s=dstates, lg=lg, h0=dht, ht=ds0, USE_INITIAL_STATE=dht is not None,
-           STORE_FINAL_STATE=ds0 is not None, REVERSE=True)
-    # dq, dk, dgamma partials
-    dq = torch.empty(B * T, R, **f32)
-    dk = torch.empty(B * T, R, **f32)
-    n_sub = CHUNK // SUB_CHUNK
-    dg = torch.empty(P.NC * n_sub, R, **f32)
-    launch(_bwd_dqk_kernel, (n_sub, *P.grid_t), **P.chunk_args(),
-           q=q, k=k, v=x2, do=dy2, lg=lg, s=chunk_states, ds=dstates, dq=dq, dk=dk, dg=dg, R=R, D=D,
-           BT=CHUNK, BC=SUB_CHUNK, BR=cfg.BR, BRS=cfg.BRS, BD=cfg.BDQ, DIAG_LOOP=cfg.diag_loop,
-           IS_VARLEN=P.varlen, DOT_MODE=P.dot_mode, STATE_DOT_MODE=P.state_dot_mode,
-           num_warps=cfg.warps_sub, num_stages=1)
+    dstates = P.chunk_states(q, dy2, lg, reverse=True)
+    ds0 = P.state_pass(dstates, lg, dht, scan_state is not None, reverse=True)
+    dq, dk, dg = P.dqk(q, k, x2, dy2, lg, chunk_states, dstates)        # and the dgamma partials
     dp, dalpha = k2_dp(qkn, af, dq, dk)                                  # through the normalisation
     # dx, written once; with it, per group of chunks, [du | dv] = x^T dp and the conv's weight
     # gradient W = sum_t dy_t xe_{t-l} (when fused: R <= 32 and K <= 64, else separate passes)
-    uf, vf = _f32(u), _f32(v)
-    c0 = _f32(conv_state) if conv_state is not None and K > 1 else None
+    uf, vf = f32(u), f32(v)
+    use_c0, c0 = state_arg(conv_state, K, x2)
     dx = torch.empty(B * T, D, dtype=x.dtype, device=x.device)
     fuse = (not P.fp32) if FUSE_WEIGHT_GRADS is None else FUSE_WEIGHT_GRADS
     fuse_duv = cfg.BR <= MAX_FUSED_R and fuse
@@ -497,15 +443,15 @@ def k2_bwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu
     G = dx_group(P.NC, nd)
     NG = triton.cdiv(P.NC, G)
     BW = max(16, triton.next_power_of_2(K)) if fuse_dw else 16
-    duv_part = torch.empty(NG, D, 2 * R, **f32) if fuse_duv else dp
-    dw_part = (torch.empty(NG, D, BW, **f32) if P.per_channel else torch.empty(NG * nd, BW, **f32)) \
+    duv_part = torch.empty(NG, D, 2 * R, **fp) if fuse_duv else dp
+    dw_part = (torch.empty(NG, D, BW, **fp) if P.per_channel else torch.empty(NG * nd, BW, **fp)) \
         if fuse_dw else dp
     launch(_k2_dx_kernel, (nd, NG),
-           x=x2, dy=dy2, q=q, k=k, lg=lg, ds=dstates, dp=dp, u=uf, v=vf, gate=g, w=_f32(kernel),
-           c0=c0 if c0 is not None else x2, dfin=dfin, dx=dx, duv_part=duv_part, dw_part=dw_part,
+           x=x2, dy=dy2, q=q, k=k, lg=lg, ds=dstates, dp=dp, u=uf, v=vf, gate=g, w=f32(kernel),
+           c0=c0, dfin=dfin, dx=dx, duv_part=duv_part, dw_part=dw_part,
            cu_seqlens=P.cu, chunk_indices=P.chunk_indices, T=T, D=D, R=R, K=K, NT=P.NT, NC=P.NC, G=G,
            BT=CHUNK, BC=SUB_CHUNK, BR=cfg.BR, BRS=cfg.BRS_A, BD=BD_dx, BK=BK_dx, BW=BW,
-           DIAG_LOOP=cfg.diag_loop, PER_CHANNEL=P.per_channel, CONV_DOT=P.conv_dot, USE_C0=c0 is not None,
+           DIAG_LOOP=cfg.diag_loop, PER_CHANNEL=P.per_channel, CONV_DOT=P.conv_dot, USE_C0=use_c0,
            USE_DFIN=use_dfin, FUSE_DUV=fuse_duv, FUSE_DW=fuse_dw, IS_VARLEN=P.varlen,
            DOT_MODE=P.dot_mode, STATE_DOT_MODE=P.state_dot_mode, num_warps=warps_dx)
     if fuse_duv:
@@ -516,9 +462,9 @@ def k2_bwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu
     if fuse_dw:
         W = dw_part.sum(0)[..., :K] if P.per_channel else dw_part.sum(0)[:K]
     else:
-        W = conv_bwd_dw(x, c0, dy2.view(B, T, D), K, kernel.dim() == 1, cu_seqlens)
+        W = conv_bwd_dw(x, c0 if use_c0 else None, dy2.view(B, T, D), K, kernel.dim() == 1, cu_seqlens)
     dkernel = g * W
-    dgate = (g * (1 - g) * (W * _f32(kernel)).sum()).reshape(gate_logit.shape)
+    dgate = (g * (1 - g) * (W * f32(kernel)).sum()).reshape(gate_logit.shape)
     dc0 = None
     if need_dc0:
         _, dc0 = conv_bwd_dx(dy2.view(B, T, D), kernel, dfin if use_dfin else None, True, cu_seqlens,

@@ -71,7 +71,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot, dot_mode, log2_gamma
+from ._common import block, dot, dot_mode, load_rows, log2_gamma
 from .config import CHUNK, SUB_CHUNK
 from .launch import launch
 from .varlen import chunk_bounds, chunk_tables
@@ -203,8 +203,7 @@ def _intra_A_kernel(q, k, lg, A, cu_seqlens, chunk_indices, T, R, NT,
     included).  q, k: (B*T, R); A: (B*T, BT) float32.
     """
     i_t, i_i, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    _, bos, i_tc, i_s, L = chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
-    t0 = bos + i_tc * BT                      # first token of the chunk (int64)
+    _, _, _, i_s, L, t0 = chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
     s_I = i_i * BC
     o_i = s_I + tl.arange(0, BC)
     o_j = tl.arange(0, BT)
@@ -229,21 +228,16 @@ def _chunk_state_kernel(x, y, lg, s, cu_seqlens, chunk_indices, T, R, D, NT,
     cores does not fit in registers).
     """
     i_d, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    _, bos, i_tc, i_s, L = chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
-    t0 = bos + i_tc * BT
-    o_r = tl.arange(0, BR)
-    o_d = i_d * BD + tl.arange(0, BD)
-    m_r = o_r < R
-    m_d = o_d < D
+    _, _, _, i_s, L, t0 = chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
+    o_r, m_r = block(0, BR, R)
+    o_d, m_d = block(i_d, BD, D)
     b_lg = tl.load(lg + o_r, mask=m_r, other=0.)
     b_s = tl.zeros([BR, BD], dtype=tl.float32)
     for k0 in range(0, BT, BK):
         o_t = k0 + tl.arange(0, BK)
         m_t = o_t < L
-        b_x = tl.load(x + (t0 + o_t)[:, None] * R + o_r[None, :],
-                      mask=m_t[:, None] & m_r[None, :], other=0.).to(tl.float32)   # (BK, BR)
-        b_y = tl.load(y + (t0 + o_t)[:, None] * D + o_d[None, :],
-                      mask=m_t[:, None] & m_d[None, :], other=0.)                  # (BK, BD)
+        b_x = load_rows(x, t0 + o_t, m_t, o_r, m_r, R).to(tl.float32)               # (BK, BR)
+        b_y = load_rows(y, t0 + o_t, m_t, o_d, m_d, D)                              # (BK, BD)
         if REVERSE:
             n = o_t + 1
         else:
@@ -344,12 +338,9 @@ def _chunk_out_kernel(x, y, lg, A, s, out, cu_seqlens, chunk_indices, T, R, D, N
     Both contractions (over the chunk's tokens, over R) run in BK-wide slices.
     """
     i_d, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    _, bos, i_tc, i_s, L = chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
-    t0 = bos + i_tc * BT
-    o_t = tl.arange(0, BT)
-    o_d = i_d * BD + tl.arange(0, BD)
-    m_t = o_t < L
-    m_d = o_d < D
+    _, _, _, i_s, L, t0 = chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
+    o_t, m_t = block(0, BT, L)
+    o_d, m_d = block(i_d, BD, D)
     b_o = tl.zeros([BT, BD], dtype=tl.float32)
     for k0 in range(0, BT, BK):
         o_k = k0 + tl.arange(0, BK)
@@ -359,9 +350,7 @@ def _chunk_out_kernel(x, y, lg, A, s, out, cu_seqlens, chunk_indices, T, R, D, N
             b_A = tl.load(A + (t0 + o_k)[None, :] * BT + o_t[:, None], mask=m_k[None, :], other=0.)
         else:
             b_A = tl.load(A + (t0 + o_t)[:, None] * BT + o_k[None, :], mask=m_t[:, None], other=0.)
-        b_y = tl.load(y + (t0 + o_k)[:, None] * D + o_d[None, :],
-                      mask=m_k[:, None] & m_d[None, :], other=0.)                   # (BK, BD)
-        b_o += dot(b_A, b_y, DOT_MODE)                                           # (BT, BD)
+        b_o += dot(b_A, load_rows(y, t0 + o_k, m_k, o_d, m_d, D), DOT_MODE)         # (BT, BD)
     if REVERSE:
         n = tl.where(m_t, L - 1 - o_t, 0)
     else:
@@ -370,14 +359,22 @@ def _chunk_out_kernel(x, y, lg, A, s, out, cu_seqlens, chunk_indices, T, R, D, N
         o_r = r0 + tl.arange(0, BK)
         m_r = o_r < R
         b_lg = tl.load(lg + o_r, mask=m_r, other=0.)
-        b_x = tl.load(x + (t0 + o_t)[:, None] * R + o_r[None, :],
-                      mask=m_t[:, None] & m_r[None, :], other=0.).to(tl.float32)   # (BT, BK)
+        b_x = load_rows(x, t0 + o_t, m_t, o_r, m_r, R).to(tl.float32)               # (BT, BK)
         b_x = b_x * tl.exp2(n.to(tl.float32)[:, None] * b_lg[None, :])
-        b_s = tl.load(s + i_s * R * D + o_r[:, None] * D + o_d[None, :],
-                      mask=m_r[:, None] & m_d[None, :], other=0.)                  # (BK, BD)
+        b_s = load_rows(s + i_s * R * D, o_r, m_r, o_d, m_d, D)                     # (BK, BD)
         b_o += dot(b_x, b_s, STATE_DOT_MODE)
     p_o = out + (t0 + o_t)[:, None] * D + o_d[None, :]
     tl.store(p_o, b_o.to(out.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+
+
+@triton.jit
+def _state_terms(b_P, b_Qv, b_dd, b_doI, b_vI, p_h, p_g, o_r, m_r, o_d, m_d, D, STATE_DOT_MODE: tl.constexpr):
+    """One D block's share of P = do_I @ S_prev^T, Qv = v_I @ G^T (BC, BRS) and
+    dd = sum_d S_prev * G (BRS,), key channels o_r: added to (b_P, b_Qv, b_dd)."""
+    b_h = load_rows(p_h, o_r, m_r, o_d, m_d, D)
+    b_g = load_rows(p_g, o_r, m_r, o_d, m_d, D)
+    return (b_P + dot(b_doI, tl.trans(b_h), STATE_DOT_MODE), b_Qv + dot(b_vI, tl.trans(b_g), STATE_DOT_MODE),
+            b_dd + tl.sum(b_h * b_g, axis=1))
 
 
 @triton.jit
@@ -395,8 +392,7 @@ def _bwd_dqk_kernel(q, k, v, do, lg, s, ds, dq, dk, dg, cu_seqlens, chunk_indice
     do and v tiles and its two states, run back to back (and share them in cache).
     """
     i_i, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    _, bos, i_tc, i_s, L = chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
-    t0 = bos + i_tc * BT
+    _, _, _, i_s, L, t0 = chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
     s_I = i_i * BC
     e_I = s_I + BC - 1
     o_c = tl.arange(0, BC)
@@ -418,24 +414,17 @@ def _bwd_dqk_kernel(q, k, v, do, lg, s, ds, dq, dk, dg, cu_seqlens, chunk_indice
     b_Qv1 = tl.zeros([BC, BRS], dtype=tl.float32)   # v_I . G_r
     b_dd1 = tl.zeros([BRS], dtype=tl.float32)       # sum_d S_prev * G
     for i_d in range(0, tl.cdiv(D, BD)):
-        o_d = i_d * BD + tl.arange(0, BD)
-        m_d = o_d < D
-        m_Id = m_i[:, None] & m_d[None, :]
-        m_Cd = m_j[:, None] & m_d[None, :]
-        b_doI = tl.load(do + (t0 + o_i)[:, None] * D + o_d[None, :], mask=m_Id, other=0.)
-        b_vI = tl.load(v + (t0 + o_i)[:, None] * D + o_d[None, :], mask=m_Id, other=0.)
-        b_doC = tl.load(do + (t0 + o_j)[:, None] * D + o_d[None, :], mask=m_Cd, other=0.)
-        b_vC = tl.load(v + (t0 + o_j)[:, None] * D + o_d[None, :], mask=m_Cd, other=0.)
+        o_d, m_d = block(i_d, BD, D)
+        b_doI = load_rows(do, t0 + o_i, m_i, o_d, m_d, D)
+        b_vI = load_rows(v, t0 + o_i, m_i, o_d, m_d, D)
+        b_doC = load_rows(do, t0 + o_j, m_j, o_d, m_d, D)
+        b_vC = load_rows(v, t0 + o_j, m_j, o_d, m_d, D)
         b_dAr += dot(b_doI, tl.trans(b_vC), DOT_MODE)
         b_dAc += dot(b_doC, tl.trans(b_vI), DOT_MODE)
         b_dAd += dot(b_doI, tl.trans(b_vI), DOT_MODE)
         if BR == BRS:
-            m_Rd = m_r1[:, None] & m_d[None, :]
-            b_h = tl.load(p_s0 + o_r1[:, None] * D + o_d[None, :], mask=m_Rd, other=0.)
-            b_g = tl.load(p_ds0 + o_r1[:, None] * D + o_d[None, :], mask=m_Rd, other=0.)
-            b_P1 += dot(b_doI, tl.trans(b_h), STATE_DOT_MODE)
-            b_Qv1 += dot(b_vI, tl.trans(b_g), STATE_DOT_MODE)
-            b_dd1 += tl.sum(b_h * b_g, axis=1)
+            b_P1, b_Qv1, b_dd1 = _state_terms(b_P1, b_Qv1, b_dd1, b_doI, b_vI, p_s0, p_ds0, o_r1, m_r1,
+                                              o_d, m_d, D, STATE_DOT_MODE)
 
     # pass 2, per slice of BRS key channels (everything below is elementwise in r): at BR = 128
     # the (BT, BR) fp32 tiles of one pass spilled ~800 B per thread (sm_90)
@@ -451,17 +440,10 @@ def _bwd_dqk_kernel(q, k, v, do, lg, s, ds, dq, dk, dg, cu_seqlens, chunk_indice
             b_Qv = tl.zeros([BC, BRS], dtype=tl.float32)
             b_dd = tl.zeros([BRS], dtype=tl.float32)
             for i_d in range(0, tl.cdiv(D, BD)):
-                o_d = i_d * BD + tl.arange(0, BD)
-                m_d = o_d < D
-                m_Id = m_i[:, None] & m_d[None, :]
-                m_Rd = m_r[:, None] & m_d[None, :]
-                b_doI = tl.load(do + (t0 + o_i)[:, None] * D + o_d[None, :], mask=m_Id, other=0.)
-                b_vI = tl.load(v + (t0 + o_i)[:, None] * D + o_d[None, :], mask=m_Id, other=0.)
-                b_h = tl.load(p_s0 + o_r[:, None] * D + o_d[None, :], mask=m_Rd, other=0.)
-                b_g = tl.load(p_ds0 + o_r[:, None] * D + o_d[None, :], mask=m_Rd, other=0.)
-                b_P += dot(b_doI, tl.trans(b_h), STATE_DOT_MODE)
-                b_Qv += dot(b_vI, tl.trans(b_g), STATE_DOT_MODE)
-                b_dd += tl.sum(b_h * b_g, axis=1)
+                o_d, m_d = block(i_d, BD, D)
+                b_P, b_Qv, b_dd = _state_terms(b_P, b_Qv, b_dd, load_rows(do, t0 + o_i, m_i, o_d, m_d, D),
+                                               load_rows(v, t0 + o_i, m_i, o_d, m_d, D), p_s0, p_ds0, o_r, m_r,
+                                               o_d, m_d, D, STATE_DOT_MODE)
 
         m_Ir = m_i[:, None] & m_r[None, :]
         m_Cr = m_j[:, None] & m_r[None, :]
@@ -605,16 +587,80 @@ def scan_config(R: int, D: int, dtype: torch.dtype) -> ScanConfig:
                       warps_sub=4 if BR <= 32 and dtype != torch.float32 else 8)
 
 
-def _intra_A(q, k, lg, cu_seqlens, chunk_indices, NC, B, T, NT, BT, cfg, is_varlen, dot_mode):
-    R = q.shape[-1]
-    A = torch.empty(B * T, BT, dtype=torch.float32, device=q.device)
-    grid = (NC if is_varlen else NT, BT // SUB_CHUNK, 1 if is_varlen else B)
-    launch(_intra_A_kernel, grid,
-           q=q, k=k, lg=lg, A=A, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, T=T, R=R, NT=NT,
-           BT=BT, BC=SUB_CHUNK, BR=cfg.BR, BRS=cfg.BRS_A, DIAG_LOOP=cfg.diag_loop,
-           IS_VARLEN=is_varlen, DOT_MODE=dot_mode,
-           num_warps=cfg.warps_sub)
-    return A
+class ChunkPlan:
+    """What every chunked launcher of one call shares: chunk tables, tile settings, operand modes
+    and the (chunks, batch rows) part of the grids -- NC and 1 with packed sequences, NT and B
+    for a plain batch; the grids put the blocks that share a chunk's rows first, so they run
+    back to back."""
+
+    def __init__(self, B: int, T: int, R: int, D: int, dtype: torch.dtype,
+                 cu_seqlens: Optional[torch.Tensor], BT: int = CHUNK):
+        self.B, self.T, self.R, self.D, self.BT = B, T, R, D, BT
+        self.varlen = cu_seqlens is not None
+        self.cu = None if cu_seqlens is None else cu_seqlens.contiguous()
+        self.N = cu_seqlens.numel() - 1 if self.varlen else B
+        self.NT = triton.cdiv(T, BT)
+        self.NC, self.chunk_indices, self.chunk_offsets = chunk_tables(self.cu, B, T, BT)
+        self.cfg = scan_config(R, D, dtype)
+        self.dot_mode, self.state_dot_mode = _dot_modes(dtype)
+        self.grid_t = (self.NC, 1) if self.varlen else (self.NT, B)
+
+    def chunk_args(self):
+        return dict(cu_seqlens=self.cu, chunk_indices=self.chunk_indices, T=self.T, NT=self.NT)
+
+    def pass_args(self):
+        return dict(cu_seqlens=self.cu, chunk_offsets=self.chunk_offsets, T=self.T, R=self.R, D=self.D,
+                    NT=self.NT, BT=self.BT, BLOCK=PASS_BLOCK, CB=PASS_CHUNKS, IS_VARLEN=self.varlen)
+
+    def chunk_states(self, x, y, lg, reverse: bool):
+        """(NC, R, D) float32 chunk-local states (forward: x = k, y = v; reverse: x = q, y = do)."""
+        cfg = self.cfg
+        s = torch.empty(self.NC, self.R, self.D, dtype=torch.float32, device=y.device)
+        launch(_chunk_state_kernel, (triton.cdiv(self.D, cfg.BD), *self.grid_t), **self.chunk_args(),
+               x=x, y=y, lg=lg, s=s, R=self.R, D=self.D, BT=self.BT, BR=cfg.BR, BD=cfg.BD, BK=cfg.BK,
+               REVERSE=reverse, IS_VARLEN=self.varlen, DOT_MODE=self.dot_mode, num_warps=cfg.warps)
+        return s
+
+    def state_pass(self, s, lg, h0, store_final: bool, reverse: bool):
+        """In place on s: the states entering every chunk (reverse: the gradients leaving it),
+        from the chunk-local ones and h0 (None: zero); -> the final (N, R, D) state or None."""
+        ht = torch.empty(self.N, self.R, self.D, dtype=torch.float32, device=s.device) if store_final else None
+        launch(_state_pass_kernel, (self.N, triton.cdiv(self.R * self.D, PASS_BLOCK)), **self.pass_args(),
+               s=s, lg=lg, h0=h0, ht=ht, USE_INITIAL_STATE=h0 is not None, STORE_FINAL_STATE=store_final,
+               REVERSE=reverse)
+        return ht
+
+    def intra_A(self, q, k, lg):
+        """(B*T, BT) float32 intra-chunk scores A[i, j] of every chunk."""
+        cfg = self.cfg
+        A = torch.empty(self.B * self.T, self.BT, dtype=torch.float32, device=q.device)
+        launch(_intra_A_kernel, (self.grid_t[0], self.BT // SUB_CHUNK, self.grid_t[1]), **self.chunk_args(),
+               q=q, k=k, lg=lg, A=A, R=self.R, BT=self.BT, BC=SUB_CHUNK, BR=cfg.BR, BRS=cfg.BRS_A,
+               DIAG_LOOP=cfg.diag_loop, IS_VARLEN=self.varlen, DOT_MODE=self.dot_mode, num_warps=cfg.warps_sub)
+        return A
+
+    def chunk_out(self, x, y, lg, A, s, reverse: bool):
+        """forward: o = A @ v + (q g^(i+1)) @ S_prev; reverse: dv = A^T @ do + (k g^(L-1-j)) @ G."""
+        cfg = self.cfg
+        out = torch.empty_like(y)
+        launch(_chunk_out_kernel, (triton.cdiv(self.D, cfg.BD), *self.grid_t), **self.chunk_args(),
+               x=x, y=y, lg=lg, A=A, s=s, out=out, R=self.R, D=self.D, BT=self.BT, BR=cfg.BR, BD=cfg.BD,
+               BK=cfg.BK, REVERSE=reverse, IS_VARLEN=self.varlen, DOT_MODE=self.dot_mode,
+               STATE_DOT_MODE=self.state_dot_mode, num_warps=cfg.warps)
+        return out
+
+    def dqk(self, q, k, v, do, lg, states, dstates):
+        """dq, dk (like q, k) and the (NC * BT/BC, R) float32 partials of dgamma."""
+        cfg = self.cfg
+        n_sub = self.BT // SUB_CHUNK
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        dg = torch.empty(self.NC * n_sub, self.R, dtype=torch.float32, device=q.device)
+        launch(_bwd_dqk_kernel, (n_sub, *self.grid_t), **self.chunk_args(),
+               q=q, k=k, v=v, do=do, lg=lg, s=states, ds=dstates, dq=dq, dk=dk, dg=dg, R=self.R, D=self.D,
+               BT=self.BT, BC=SUB_CHUNK, BR=cfg.BR, BRS=cfg.BRS, BD=cfg.BDQ, DIAG_LOOP=cfg.diag_loop,
+               IS_VARLEN=self.varlen, DOT_MODE=self.dot_mode, STATE_DOT_MODE=self.state_dot_mode,
+               num_warps=cfg.warps_sub, num_stages=1)
+        return dq, dk, dg
 
 
 def scan_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,
@@ -632,43 +678,20 @@ def scan_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, T, R = q.shape
     D = v.shape[-1]
-    is_varlen = cu_seqlens is not None
-    N = cu_seqlens.numel() - 1 if is_varlen else B
     if T == 0:
+        N = cu_seqlens.numel() - 1 if cu_seqlens is not None else B
         final = None
         if output_final_state:
             final = (torch.zeros(N, R, D, dtype=torch.float32, device=q.device) if initial_state is None
                      else initial_state.to(torch.float32).clone())
         return torch.empty_like(v), final, torch.zeros(0, R, D, dtype=torch.float32, device=q.device)
-    NT = triton.cdiv(T, BT)
-    NC, chunk_indices, chunk_offsets = chunk_tables(cu_seqlens, B, T, BT)
-    cfg = scan_config(R, D, v.dtype)
-    BR, BD, BK = cfg.BR, cfg.BD, cfg.BK
-    dot_mode, state_dot_mode = _dot_modes(v.dtype)
+    P = ChunkPlan(B, T, R, D, v.dtype, cu_seqlens, BT)
     lg = log2_gamma(gamma)
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
-    cu = None if cu_seqlens is None else cu_seqlens.contiguous()
-    G_t = NC if is_varlen else NT
-    G_b = 1 if is_varlen else B
-
-    A = _intra_A(q, k, lg, cu, chunk_indices, NC, B, T, NT, BT, cfg, is_varlen, dot_mode)
-    states = torch.empty(NC, R, D, dtype=torch.float32, device=q.device)
-    launch(_chunk_state_kernel, (triton.cdiv(D, BD), G_t, G_b),
-           x=k, y=v, lg=lg, s=states, cu_seqlens=cu, chunk_indices=chunk_indices, T=T, R=R, D=D, NT=NT,
-           BT=BT, BR=BR, BD=BD, BK=BK, num_warps=cfg.warps,
-           REVERSE=False, IS_VARLEN=is_varlen, DOT_MODE=dot_mode)
-    final = torch.empty(N, R, D, dtype=torch.float32, device=q.device) if output_final_state else None
-    launch(_state_pass_kernel, (N, triton.cdiv(R * D, PASS_BLOCK)),
-           s=states, lg=lg, h0=h0, ht=final, cu_seqlens=cu, chunk_offsets=chunk_offsets, T=T, R=R, D=D,
-           NT=NT, BT=BT, BLOCK=PASS_BLOCK, CB=PASS_CHUNKS, USE_INITIAL_STATE=h0 is not None,
-           STORE_FINAL_STATE=output_final_state, REVERSE=False, IS_VARLEN=is_varlen)
-    o = torch.empty_like(v)
-    launch(_chunk_out_kernel, (triton.cdiv(D, BD), G_t, G_b),
-           x=q, y=v, lg=lg, A=A, s=states, out=o, cu_seqlens=cu, chunk_indices=chunk_indices, T=T, R=R,
-           D=D, NT=NT, BT=BT, BR=BR, BD=BD, BK=BK, num_warps=cfg.warps,
-           REVERSE=False, IS_VARLEN=is_varlen, DOT_MODE=dot_mode,
-           STATE_DOT_MODE=state_dot_mode)
-    return o, final, states
+    A = P.intra_A(q, k, lg)
+    states = P.chunk_states(k, v, lg, reverse=False)
+    final = P.state_pass(states, lg, h0, output_final_state, reverse=False)
+    return P.chunk_out(q, v, lg, A, states, reverse=False), final, states
 
 
 def scan_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,
@@ -686,61 +709,26 @@ def scan_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.to(v.dtype).contiguous()
     B, T, R = q.shape
     D = v.shape[-1]
-    is_varlen = cu_seqlens is not None
-    N = cu_seqlens.numel() - 1 if is_varlen else B
     if T == 0:
+        N = cu_seqlens.numel() - 1 if cu_seqlens is not None else B
         dh0 = None
         if initial_state is not None:
             dh0 = (torch.zeros(N, R, D, dtype=torch.float32, device=q.device) if dfinal_state is None
                    else dfinal_state.to(torch.float32).clone())
         return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
                 torch.zeros(R, dtype=torch.float32, device=q.device), dh0)
-    NT = triton.cdiv(T, BT)
-    NC, chunk_indices, chunk_offsets = chunk_tables(cu_seqlens, B, T, BT)
-    if tuple(chunk_states.shape) != (NC, R, D):
-        raise ValueError(f"chunk_states must have shape (NC, R, D) = {(NC, R, D)} for chunk_size "
+    P = ChunkPlan(B, T, R, D, v.dtype, cu_seqlens, BT)
+    if tuple(chunk_states.shape) != (P.NC, R, D):
+        raise ValueError(f"chunk_states must have shape (NC, R, D) = {(P.NC, R, D)} for chunk_size "
                          f"{BT}, got {tuple(chunk_states.shape)}")
-    cfg = scan_config(R, D, v.dtype)
-    BR, BD, BK = cfg.BR, cfg.BD, cfg.BK
-    dot_mode, state_dot_mode = _dot_modes(v.dtype)
     lg = log2_gamma(gamma)
-    cu = None if cu_seqlens is None else cu_seqlens.contiguous()
     states = chunk_states.to(torch.float32).contiguous()
     dht = None if dfinal_state is None else dfinal_state.to(torch.float32).contiguous()
-    G_t = NC if is_varlen else NT
-    G_b = 1 if is_varlen else B
-
     # G[c]: gradient w.r.t. the state after chunk c (reverse pass, in place on dstates)
-    dstates = torch.empty(NC, R, D, dtype=torch.float32, device=q.device)
-    launch(_chunk_state_kernel, (triton.cdiv(D, BD), G_t, G_b),
-           x=q, y=do, lg=lg, s=dstates, cu_seqlens=cu, chunk_indices=chunk_indices, T=T, R=R, D=D,
-           NT=NT, BT=BT, BR=BR, BD=BD, BK=BK, num_warps=cfg.warps,
-           REVERSE=True, IS_VARLEN=is_varlen, DOT_MODE=dot_mode)
-    dh0 = (torch.empty(N, R, D, dtype=torch.float32, device=q.device)
-           if initial_state is not None else None)
-    launch(_state_pass_kernel, (N, triton.cdiv(R * D, PASS_BLOCK)),
-           s=dstates, lg=lg, h0=dht, ht=dh0, cu_seqlens=cu, chunk_offsets=chunk_offsets, T=T, R=R, D=D,
-           NT=NT, BT=BT, BLOCK=PASS_BLOCK, CB=PASS_CHUNKS, USE_INITIAL_STATE=dht is not None,
-           STORE_FINAL_STATE=dh0 is not None, REVERSE=True, IS_VARLEN=is_varlen)
-
-    A = _intra_A(q, k, lg, cu, chunk_indices, NC, B, T, NT, BT, cfg, is_varlen, dot_mode)
-    dv = torch.empty_like(v)
-    launch(_chunk_out_kernel, (triton.cdiv(D, BD), G_t, G_b),
-           x=k, y=do, lg=lg, A=A, s=dstates, out=dv, cu_seqlens=cu, chunk_indices=chunk_indices, T=T,
-           R=R, D=D, NT=NT, BT=BT, BR=BR, BD=BD, BK=BK, num_warps=cfg.warps,
-           REVERSE=True, IS_VARLEN=is_varlen, DOT_MODE=dot_mode,
-           STATE_DOT_MODE=state_dot_mode)
-
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    n_sub = BT // SUB_CHUNK
-    dg = torch.empty(NC * n_sub, R, dtype=torch.float32, device=q.device)
-    launch(_bwd_dqk_kernel, (n_sub, G_t, G_b),
-           q=q, k=k, v=v, do=do, lg=lg, s=states, ds=dstates, dq=dq, dk=dk, dg=dg, cu_seqlens=cu,
-           chunk_indices=chunk_indices, T=T, R=R, D=D, NT=NT, BT=BT, BC=SUB_CHUNK, BR=BR, BRS=cfg.BRS,
-           BD=cfg.BDQ, DIAG_LOOP=cfg.diag_loop,
-           IS_VARLEN=is_varlen, DOT_MODE=dot_mode, STATE_DOT_MODE=state_dot_mode, num_warps=cfg.warps_sub,
-           num_stages=1)
+    dstates = P.chunk_states(q, do, lg, reverse=True)
+    dh0 = P.state_pass(dstates, lg, dht, initial_state is not None, reverse=True)
+    dv = P.chunk_out(k, do, lg, P.intra_A(q, k, lg), dstates, reverse=True)
+    dq, dk, dg = P.dqk(q, k, v, do, lg, states, dstates)
     # fixed-order reduction of the per-(chunk, sub-chunk) partials, in float64
     dgamma = dg.sum(dim=0, dtype=torch.float64).to(torch.float32)
     return dq, dk, dv, dgamma, dh0

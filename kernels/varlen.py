@@ -30,9 +30,9 @@ import triton.language as tl
 @triton.jit
 def chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT: tl.constexpr,
                  IS_VARLEN: tl.constexpr):
-    """-> (n, bos, i_tc, i_s, L) of chunk program (i_t, i_b): sequence, its first token, the
-    chunk index inside the sequence, the global chunk index (row of chunk_states) and the chunk
-    length, all int64 but L."""
+    """-> (n, bos, i_tc, i_s, L, t0) of chunk program (i_t, i_b): sequence, its first token, the
+    chunk index inside the sequence, the global chunk index (row of chunk_states), the chunk
+    length and the chunk's first row ``bos + i_tc * BT``, all int64 but L."""
     if IS_VARLEN:
         n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
         i_tc = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int64)
@@ -46,7 +46,20 @@ def chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT: tl.constexpr,
         eos = bos + T
         i_s = i_b.to(tl.int64) * NT + i_tc
     L = tl.minimum(eos - bos - i_tc * BT, BT)
-    return n, bos, i_tc, i_s, L
+    return n, bos, i_tc, i_s, L, bos + i_tc * BT
+
+
+@triton.jit
+def chunk_program(c, NT, IS_VARLEN: tl.constexpr):
+    """(i_t, i_b) of global chunk c, as the chunk grids (chunks, batch rows) number them:
+    (c, 0) with packed sequences (one chunk axis), (c % NT, c // NT) for a plain batch; int32
+    (c may be a loop counter, a plain int in the interpreter; as int64 the 16-bit R = 128 dx kernel
+    spilled 52-72 B on sm_80, compile gate 2026-12-02).  NC < 2^31 chunks."""
+    c = tl.cast(c, tl.int32)
+    if IS_VARLEN:
+        return c, 0
+    else:
+        return c % NT, c // NT
 
 
 @triton.jit
@@ -129,6 +142,10 @@ class Layout:
             self.cu = torch.arange(B + 1, device=x.device, dtype=torch.int64) * T
             self.N = B
         self._tables = {}
+
+    def rows(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> its contiguous flat (B * T, D) rows."""
+        return t.contiguous().view(self.B * self.T, self.D)
 
     def grid_t(self, BT: int, extra: int = 0, rows_of=None):
         """(grid size over time, grid size over batch, table) for blocks of BT rows of each

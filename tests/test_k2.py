@@ -216,9 +216,9 @@ def test_fused_narrow_channel_blocks(monkeypatch, nan_empty):
     """BD = 16: D = 40 in three channel blocks (the last one partial), by every kernel of the
     fused forward and backward, and the q, k projection over D in three slices."""
     import dataclasses
-    from kop_triton.kernels import k2 as k2k
-    cfg = k2k.scan_config
-    monkeypatch.setattr(k2k, "scan_config", lambda R, D, dt: dataclasses.replace(cfg(R, D, dt), BD=16, BDQ=16))
+    from kop_triton.kernels import scan as scan_k                # the chunk plan K2 shares with the scan
+    cfg = scan_k.scan_config
+    monkeypatch.setattr(scan_k, "scan_config", lambda R, D, dt: dataclasses.replace(cfg(R, D, dt), BD=16, BDQ=16))
     args = k2_inputs(1, 40, 40, 3, 5, True, dtype=torch.float32, device=DEVICE)
     check_all(run("triton", args), run("naive", f64(args)), TOL[("triton", torch.float32)])
 
@@ -228,8 +228,8 @@ def test_fused_narrow_channel_blocks(monkeypatch, nan_empty):
 def test_fused_state_pass_steps(monkeypatch, varlen, nan_empty):
     """The state pass composing 2 chunks per step (16 by default): several steps per sequence,
     a partial last step, forward and reversed (backward), packed sequences of 1 to 4 chunks."""
-    from kop_triton.kernels import k2 as k2k
-    monkeypatch.setattr(k2k, "PASS_CHUNKS", 2)
+    from kop_triton.kernels import scan as scan_k
+    monkeypatch.setattr(scan_k, "PASS_CHUNKS", 2)
     if varlen:
         lens = [200, 1, 130, 64]
         cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
