@@ -110,3 +110,12 @@ def assert_triton_matches_chunked(checkpoint_dir, text: str, n_tokens: int) -> N
         ce = m(x.to(DEVICE), y.to(DEVICE))
     assert_close("logits triton vs chunked", got, ref, 1e-5)
     assert math.isclose(float(ce), float(F.cross_entropy(ref[0], y[0])), rel_tol=1e-5)
+
+
+def assert_triton_on_cpu_is_a_clear_error(monkeypatch, call) -> None:
+    """``call()`` runs an op with backend="triton" on CPU tensors; without TRITON_INTERPRET it
+    must raise a ValueError naming the backend and the device, not crash in Triton's driver lookup."""
+    import pytest
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=r"backend='triton' runs Triton kernels on CUDA tensors.*got tensors on cpu"):
+        call()

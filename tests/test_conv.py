@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from helpers import DEVICE, TOL, TRITON_OK, assert_close, cotangent_grads
+from helpers import DEVICE, TOL, TRITON_OK, assert_close, assert_triton_on_cpu_is_a_clear_error, cotangent_grads
 from kop_triton import causal_conv
 from kop_triton.ops.conv import naive_causal_conv
 
@@ -260,3 +260,8 @@ def test_bad_input_errors(case, exc, match, backend):
         kw["cu_seqlens"] = torch.tensor([0, 8])
     with pytest.raises(exc, match=match):
         causal_conv(x, w, initial_state=h0, **kw)
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    x = torch.randn(1, 8, 4)
+    assert_triton_on_cpu_is_a_clear_error(monkeypatch, lambda: causal_conv(x, torch.rand(3), backend="triton"))

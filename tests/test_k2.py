@@ -5,7 +5,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from helpers import DEVICE, TOL, TRITON_OK, assert_close
+from helpers import (DEVICE, TOL, TRITON_OK, assert_close, assert_triton_on_cpu_is_a_clear_error,
+                     make_gamma)
 from kop_triton import k2_mixer
 from kop_triton.ops.k2 import reference_k2_mixer
 
@@ -479,3 +480,9 @@ def test_bad_input_errors(case, exc, match, backend):
         kw["backend"] = "fused"
     with pytest.raises(exc, match=match):
         k2_mixer(x, u, v, alpha, gamma, w, gl, **kw)
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    x, g = torch.randn(1, 8, 4), make_gamma(3, dtype=torch.float32)
+    assert_triton_on_cpu_is_a_clear_error(monkeypatch, lambda: k2_mixer(
+        x, torch.randn(4, 3), torch.randn(4, 3), torch.ones(3), g, torch.rand(3), torch.zeros(()), backend="triton"))
