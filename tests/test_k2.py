@@ -8,8 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from helpers import (DEVICE, TOL, TRITON_OK, assert_close, assert_triton_on_cpu_is_a_clear_error, cotangent_grads,
-                     make_gamma)
+from helpers import (CONV_ARG_ERRORS, DEVICE, TOL, TRITON_OK, assert_close, assert_triton_on_cpu_is_a_clear_error,
+                     conv_arg_error_cases, cotangent_grads, make_gamma, with_bad_conv_arg)
 from kop_triton import k2_mixer
 from kop_triton.ops.chunked import CPU_CHUNK
 from kop_triton.ops.k2 import reference_k2_mixer
@@ -613,10 +613,7 @@ def test_triton_custom_op_backward_reuses_chunk_states(monkeypatch):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case,exc,match", [
-    ("kernel_3d", ValueError, r"weight must be a floating tensor of shape \(K,\) or \(D, K\)"),
-    ("K0", ValueError, r"weight must have 1 <= K <= 4096"),
-    ("kernel_D", ValueError, r"must have D = 6 rows"),
+@pytest.mark.parametrize("case,exc,match", conv_arg_error_cases() + [
     ("u_D", ValueError, r"u and v must both have shape \(D, R\) with D = 6"),
     ("v_R", ValueError, r"u and v must both have shape"),
     ("alpha_R", ValueError, r"alpha must have shape \(R,\) = \(3,\)"),
@@ -624,7 +621,6 @@ def test_triton_custom_op_backward_reuses_chunk_states(monkeypatch):
     ("gamma_range", ValueError, r"gamma must lie in \(0, 1\]"),
     ("gate_vector", TypeError, "gate_logit must be a one-element tensor"),
     ("scan_state_shape", ValueError, r"initial_state must have shape \(N, R, D\) = \(2, 3, 6\)"),
-    ("conv_state_shape", ValueError, r"initial_state must have shape \(N, K-1, D\) = \(2, 3, 6\)"),
     ("state_not_pair", TypeError, r"initial_state must be a \(scan_state, conv_state\) tuple"),
     ("x_int", TypeError, "x must be a floating tensor"),
     ("backend", ValueError, "backend must be one of"),
@@ -635,12 +631,10 @@ def test_bad_input_errors(case, exc, match, backend):
     u, v = torch.randn(6, 3), torch.randn(6, 3)
     alpha, gamma, w, gl = torch.ones(3), torch.tensor([0.5, 0.9, 1.0]), torch.randn(4), torch.tensor(0.0)
     kw = {"backend": backend}
-    if case == "kernel_3d":
-        w = torch.randn(6, 4, 1)
-    elif case == "K0":
-        w = torch.randn(0)
-    elif case == "kernel_D":
-        w = torch.randn(5, 4)
+    if case in CONV_ARG_ERRORS:
+        w, c0 = with_bad_conv_arg(case, w, None)
+        if c0 is not None:
+            kw["initial_state"] = (None, c0)
     elif case == "u_D":
         u = torch.randn(5, 3)
     elif case == "v_R":
@@ -655,8 +649,6 @@ def test_bad_input_errors(case, exc, match, backend):
         gl = torch.zeros(2)
     elif case == "scan_state_shape":
         kw["initial_state"] = (torch.zeros(2, 6, 3), None)
-    elif case == "conv_state_shape":
-        kw["initial_state"] = (None, torch.zeros(2, 4, 6))
     elif case == "state_not_pair":
         kw["initial_state"] = torch.zeros(2, 3, 6)
     elif case == "x_int":
