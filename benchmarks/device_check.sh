@@ -39,8 +39,8 @@ echo "compile report exit code $?" >>"$OUT/kernels.log"
 cat "$OUT/kernels.log" >>"$OUT/machine.txt"; rm -f "$OUT/kernels.log"
 
 timeout "${TEST_S:-200}" python3 -m pytest -q -x -p no:cacheprovider -n 4 \
-    tests/test_scan_triton.py tests/test_conv.py tests/test_k2.py tests/test_module_koperator.py \
-    tests/test_model.py tests/test_eval.py tests/test_scan_reference.py tests/test_rosa.py \
+    tests/test_scan.py tests/test_conv.py tests/test_k2.py tests/test_module_koperator.py \
+    tests/test_model.py tests/test_eval.py tests/test_rosa.py \
     tests/test_rosa_model.py tests/test_decode.py >"$OUT/tests.log" 2>&1
 echo "tests exit code $?" >>"$OUT/tests.log"
 

@@ -58,6 +58,20 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: f
             f"at {idx} (actual {float(a[tuple(idx)]):.6g}, expected {float(e[tuple(idx)]):.6g})")
 
 
+# Tiny KStackLM variants (KStackConfig keyword arguments), one per head and layout: the linear head tied
+# to the embedding, an embedding projection with a kernel per layer, the GELU head with refinement
+# steps, the adaptive-softmax head
+LM_CONFIGS = {
+    "default-linear": dict(vocab_size=13, d_model=12, n_k2=2, rank=3, kernel_size=4),
+    "emb-proj-per-layer-kernel": dict(vocab_size=13, d_model=10, emb_dim=6, n_k2=3, rank=2, kernel_size=5,
+                                      shared_kernel=False),
+    "gelu-head-refine": dict(vocab_size=13, d_model=8, n_k2=2, rank=2, kernel_size=3, head="gelu", head_mult=2,
+                             refine_steps=2),
+    "adaptive": dict(vocab_size=24, d_model=16, n_k2=1, rank=4, kernel_size=2, head="adaptive",
+                     adaptive_cutoffs=[6, 12], adaptive_div_value=2.0),
+}
+
+
 def make_gamma(R: int, lo: float = 0.01, hi: float = 1.0, dtype=torch.float64, device="cpu") -> torch.Tensor:
     """Decays spread over [lo, hi] across channels, both ends included (hi = 1.0 is no decay)."""
     if R == 1:
@@ -110,3 +124,44 @@ def assert_triton_matches_chunked(checkpoint_dir, text: str, n_tokens: int) -> N
         ce = m(x.to(DEVICE), y.to(DEVICE))
     assert_close("logits triton vs chunked", got, ref, 1e-5)
     assert math.isclose(float(ce), float(F.cross_entropy(ref[0], y[0])), rel_tol=1e-5)
+
+
+# Bad conv arguments, checked alike by causal_conv and k2_mixer (both run ops/conv.py's
+# _check_conv_args), for x of shape (2, 8, 6) and a K = 4 kernel:
+# case -> (exception, message, shape of the bad weight, shape of the bad conv state)
+CONV_ARG_ERRORS = {
+    "weight_3d": (ValueError, r"weight must be a floating tensor of shape \(K,\) or \(D, K\)", (6, 4, 1), None),
+    "K0": (ValueError, r"weight must have 1 <= K <= 4096", (0,), None),
+    "D_mismatch": (ValueError, r"must have D = 6 rows", (5, 4), None),
+    "conv_state_shape": (ValueError, r"initial_state must have shape \(N, K-1, D\) = \(2, 3, 6\)", None, (2, 4, 6)),
+}
+
+
+def conv_arg_error_cases():
+    """CONV_ARG_ERRORS as (case, exception, message) rows for pytest.mark.parametrize."""
+    return [(case, exc, match) for case, (exc, match, _, _) in CONV_ARG_ERRORS.items()]
+
+
+def with_bad_conv_arg(case: str, weight, conv_state):
+    """(weight, conv_state) with the bad one of CONV_ARG_ERRORS[case] put in its place."""
+    _, _, w_shape, c_shape = CONV_ARG_ERRORS[case]
+    return (weight if w_shape is None else torch.randn(*w_shape),
+            conv_state if c_shape is None else torch.randn(*c_shape))
+
+
+def assert_triton_on_cpu_is_a_clear_error(monkeypatch, call) -> None:
+    """``call()`` runs an op with backend="triton" on CPU tensors; without TRITON_INTERPRET it
+    must raise a ValueError naming the backend and the device, not crash in Triton's driver lookup."""
+    import pytest
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=r"backend='triton' runs Triton kernels on CUDA tensors.*got tensors on cpu"):
+        call()
+
+
+def assert_cli_usage_error(capsys, main, prog: str, args, match: str) -> None:
+    """``main(args)`` (a tool's entry point) exits with status 2 and writes exactly one line,
+    ``PROG: error: ...`` containing ``match``, and no traceback."""
+    assert main([str(a) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"{prog}: error: ") and "Traceback" not in err, err
+    assert match in err, err

@@ -73,6 +73,10 @@ def test_output_final_state_must_be_a_bool():
             decayed_scan(q, k, v, gamma, output_final_state=bad)
         with pytest.raises(TypeError, match="output_final_state must be a bool"):
             causal_conv(x, torch.rand(4), output_final_state=bad)
+        for backend in ("chunked", "naive"):
+            with pytest.raises(TypeError, match="output_final_state must be a bool"):
+                k2_mixer(x, torch.randn(5, 3), torch.randn(5, 3), torch.ones(3), torch.full((3,), 0.9),
+                         torch.rand(4), torch.zeros(1), output_final_state=bad, backend=backend)
     with pytest.raises(TypeError, match="return_state must be a bool"):
         KOperator(5, rank=3, kernel_size=4)(x, return_state="no")
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from helpers import DEVICE, TOL, TRITON_OK, assert_close, cotangent_grads
+from helpers import (CONV_ARG_ERRORS, DEVICE, TOL, TRITON_OK, assert_close, assert_triton_on_cpu_is_a_clear_error,
+                     conv_arg_error_cases, cotangent_grads, with_bad_conv_arg)
 from kop_triton import causal_conv
 from kop_triton.ops.conv import naive_causal_conv
 
@@ -219,14 +220,10 @@ def test_triton_other_dtypes(dtype, K):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case,exc,match", [
-    ("weight_3d", ValueError, r"weight must be a floating tensor of shape \(K,\) or \(D, K\)"),
+@pytest.mark.parametrize("case,exc,match", conv_arg_error_cases() + [
     ("weight_int", ValueError, r"weight must be a floating tensor"),
     ("weight_list", TypeError, "weight must be a tensor"),
-    ("K0", ValueError, r"weight must have 1 <= K <= 4096"),
     ("K_big", ValueError, r"weight must have 1 <= K <= 4096"),
-    ("D_mismatch", ValueError, r"must have D = 6 rows"),
-    ("state_shape", ValueError, r"initial_state must have shape \(N, K-1, D\) = \(2, 3, 6\)"),
     ("state_int", TypeError, "initial_state must be a float tensor"),
     ("x_2d", ValueError, r"x must have shape \(B, T, D\)"),
     ("backend", ValueError, "backend must be one of"),
@@ -236,20 +233,14 @@ def test_triton_other_dtypes(dtype, K):
 def test_bad_input_errors(case, exc, match, backend):
     x, w, h0 = (torch.randn(2, 8, 6), torch.randn(4), None)
     kw = {"backend": backend}
-    if case == "weight_3d":
-        w = torch.randn(6, 4, 1)
+    if case in CONV_ARG_ERRORS:
+        w, h0 = with_bad_conv_arg(case, w, h0)
     elif case == "weight_int":
         w = torch.ones(4, dtype=torch.int64)
     elif case == "weight_list":
         w = [1.0, 2.0]
-    elif case == "K0":
-        w = torch.randn(0)
     elif case == "K_big":
         w = torch.randn(4097)
-    elif case == "D_mismatch":
-        w = torch.randn(5, 4)
-    elif case == "state_shape":
-        h0 = torch.randn(2, 4, 6)
     elif case == "state_int":
         h0 = torch.zeros(2, 3, 6, dtype=torch.int32)
     elif case == "x_2d":
@@ -260,3 +251,8 @@ def test_bad_input_errors(case, exc, match, backend):
         kw["cu_seqlens"] = torch.tensor([0, 8])
     with pytest.raises(exc, match=match):
         causal_conv(x, w, initial_state=h0, **kw)
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    x = torch.randn(1, 8, 4)
+    assert_triton_on_cpu_is_a_clear_error(monkeypatch, lambda: causal_conv(x, torch.rand(3), backend="triton"))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import SHARED
+from helpers import SHARED, assert_cli_usage_error
 from kop_triton import KStackConfig, KStackLM
 from kop_triton.checkpoint import load_checkpoint
 from kop_triton.convert import main
@@ -130,10 +130,7 @@ def test_gamma_min_and_alpha_cap_are_required(tmp_path, capsys):
 
 
 def _expect_error(capsys, args, match):
-    assert main([str(a) for a in args]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("kop-convert: error: ") and "Traceback" not in err, err
-    assert match in err, err
+    assert_cli_usage_error(capsys, main, "kop-convert", args, match)
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -4,20 +4,11 @@ model variant; plan invalidation when weights change; argument checks."""
 import pytest
 import torch
 
-from helpers import assert_close
+from helpers import LM_CONFIGS, assert_close
 from kop_triton import KStackConfig, KStackLM
 from kop_triton.rosa import RosaStream
 
-CONFIGS = {
-    "default-linear": dict(vocab_size=13, d_model=12, n_k2=2, rank=3, kernel_size=4),
-    "emb-proj-per-layer-kernel": dict(vocab_size=13, d_model=10, emb_dim=6, n_k2=3, rank=2, kernel_size=5,
-                                      shared_kernel=False),
-    "gelu-head-refine": dict(vocab_size=13, d_model=8, n_k2=2, rank=2, kernel_size=3, head="gelu", head_mult=2,
-                             refine_steps=2),
-    "adaptive": dict(vocab_size=24, d_model=16, n_k2=1, rank=4, kernel_size=2, head="adaptive",
-                     adaptive_cutoffs=[6, 12], adaptive_div_value=2.0),
-    "kernel-1": dict(vocab_size=13, d_model=8, n_k2=1, rank=1, kernel_size=1),
-}
+CONFIGS = {**LM_CONFIGS, "kernel-1": dict(vocab_size=13, d_model=8, n_k2=1, rank=1, kernel_size=1)}
 
 
 def _model(name, dtype=torch.float64):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import SHARED, assert_close
+from helpers import SHARED, assert_cli_usage_error, assert_close
 from kop_triton import KStackConfig, KStackLM
 from kop_triton.checkpoint import load_checkpoint, save_checkpoint
 from kop_triton.eval import evaluate, main, validation_ids
@@ -59,10 +59,7 @@ def test_evaluate_errors_and_split():
 
 
 def _expect_error(capsys, args, match):
-    assert main([str(a) for a in args]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("kop-eval: error: ") and "Traceback" not in err, err
-    assert match in err, err
+    assert_cli_usage_error(capsys, main, "kop-eval", args, match)
 
 
 def test_cli(tmp_path, capsys):

@@ -1,13 +1,19 @@
-"""The K2 mixing term: references (gradcheck, agreement) and the fused Triton kernel vs the
-float64 unfused reference, forward and every gradient (x, u, v, alpha, gamma, kernel,
+"""The K2 mixing term, per path: the PyTorch references (gradcheck, agreement); the fused chunked
+Function (ops/k2_chunked.py, what ``k2_mixer(backend="chunked")`` runs on CPU) and its fallback cases;
+the fused Triton kernel; the torch.library ops (ops/library.py, what compiled graphs call: eager
+agreement, opcheck, the backward's reuse of the forward's chunk states); bad inputs.  Each is compared
+with the float64 unfused reference, forward and every gradient (x, u, v, alpha, gamma, kernel,
 gate_logit, scan_state, conv_state) with random cotangents on y and on both final states."""
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from helpers import DEVICE, TOL, TRITON_OK, assert_close
+from helpers import (CONV_ARG_ERRORS, DEVICE, TOL, TRITON_OK, assert_close, assert_triton_on_cpu_is_a_clear_error,
+                     conv_arg_error_cases, cotangent_grads, make_gamma, with_bad_conv_arg)
 from kop_triton import k2_mixer
+from kop_triton.ops.scan_chunked import CPU_CHUNK
 from kop_triton.ops.k2 import reference_k2_mixer
+from kop_triton.ops.k2_chunked import ChunkedK2Fn, fused_supported
 
 needs_triton = pytest.mark.skipif(not TRITON_OK, reason="needs CUDA or TRITON_INTERPRET=1")
 
@@ -46,11 +52,7 @@ def run(backend, args, seed=1, cu_seqlens=None, **kw):
     else:
         y, (s1, c1) = k2_mixer(x, u, v, alpha, gamma, w, gl, initial_state=init, output_final_state=True,
                                cu_seqlens=cu_seqlens, backend=backend, **kw)
-    gen = torch.Generator().manual_seed(seed)
-    cot = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t) for t in (y, s1, c1)]
-    loss = sum((t * c).sum() for t, c in zip((y, s1, c1), cot))
-    inputs = [t for t in args if t is not None]
-    return [y, s1, c1] + list(torch.autograd.grad(loss, inputs))
+    return [y, s1, c1] + list(cotangent_grads([y, s1, c1], args, seed))
 
 
 def f64(args):
@@ -160,6 +162,98 @@ def test_triton_normalisation_backward_matches_autograd():
     assert_close("dp_v", dp[:, R:], ref[1], 1e-6)
     assert_close("dalpha", dalpha, ref[2], 1e-6)
     assert_close("dp of the below-eps rows", dp[[3, 7, 11], :R], ref[0][[3, 7, 11]], 1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# the fused chunked Function (backend "chunked") vs the float64 naive composition: awkward sizes
+# (T not a multiple of the chunk, T = K - 1, K - 1 equal to the chunk, K = 1, decays at both ends
+# of the range) and the fallback cases
+# --------------------------------------------------------------------------------------
+
+
+def run_chunked(args, seed=1):
+    """As run, through the public op with backend "chunked" (the fused Function)."""
+    x, u, v, alpha, gamma, w, gl, s0, c0 = args
+    init = None if s0 is None and c0 is None else (s0, c0)
+    y, (s1, c1) = k2_mixer(x, u, v, alpha, gamma, w, gl, initial_state=init, output_final_state=True,
+                           backend="chunked")
+    return [y, s1, c1] + list(cotangent_grads([y, s1, c1], args, seed)), y
+
+
+CHUNKED_CASES = [  # B, T, D, R, K, init
+    (2, 37, 5, 3, 8, True),        # T not a multiple of the chunk, states in and out
+    (2, 37, 5, 3, 8, False),
+    (1, 7, 4, 2, 8, True),         # T = K - 1 = the whole (single, short) chunk
+    (3, 64, 6, 4, 17, True),       # K - 1 = chunk: the conv reaches across a whole chunk
+    (2, 50, 3, 2, 1, False),       # K = 1 (no conv)
+    (2, 50, 3, 2, 2, True),        # K = 2
+    (1, 130, 16, 5, 4, True),      # many chunks, D and R not powers of two
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("B,T,D,R,K,init", CHUNKED_CASES, ids=[f"B{c[0]}-T{c[1]}-D{c[2]}-R{c[3]}-K{c[4]}-init{int(c[5])}"
+                                                       for c in CHUNKED_CASES])
+def test_fused_chunked_matches_naive(B, T, D, R, K, init, dtype):
+    args = k2_inputs(B, T, D, R, K, dtype=dtype, init=init)
+    assert fused_supported(args[0], args[5], CPU_CHUNK, None)
+    got, y = run_chunked(args)
+    assert type(y.grad_fn).__name__ == ChunkedK2Fn.__name__ + "Backward"    # the fused Function ran
+    ref = run("naive", f64(args))
+    names = NAMES if init else NAMES[:10]
+    tol = TOL[("torch", dtype)]
+    i_gate = NAMES.index("dgate_logit")
+    if dtype == torch.float32:
+        # dgate = g (1 - g) <W, kernel> is one sum with cancellation: bound its error by the size of
+        # its terms, g (1 - g) |W| |kernel| = (1 - g) |dkernel| |kernel|, not by its own value
+        g = torch.sigmoid(args[6].detach().double())
+        scale = (1 - g) * ref[NAMES.index("dkernel")].norm() * args[5].detach().double().norm()
+        err = float((got[i_gate].double() - ref[i_gate]).abs())
+        assert err <= tol * float(scale), f"dgate_logit: abs error {err:.3e} > {tol:.0e} * {float(scale):.3e}"
+        names = names[:i_gate] + ("skip",) + names[i_gate + 1:]
+    for n, a, b in zip(names, got, ref):
+        if n != "skip":
+            assert_close(n, a, b, tol)
+    for a, b in zip(got[3:], [t for t in args if t is not None]):
+        assert a.dtype == b.dtype and a.shape == b.shape
+
+
+def test_fused_chunked_extreme_decays_and_noncontiguous_x():
+    x, u, v, alpha, gamma, w, gl, s0, c0 = k2_inputs(2, 45, 6, 4, 8, init=True)
+    big = torch.randn(2, 45, 9, dtype=torch.float64)
+    x = big[:, :, 1:7].detach().copy_(x.detach()).requires_grad_()     # a strided view
+    gamma = torch.tensor([0.01, 0.2, 0.999999, 1.0], dtype=torch.float64, requires_grad=True)
+    args = [x, u, v, alpha, gamma, w, gl, s0, c0]
+    assert not x.is_contiguous()
+    got, _ = run_chunked(args)
+    check_all(got, run("naive", f64(args)), TOL[("torch", torch.float64)])
+
+
+@pytest.mark.parametrize("case", ["short-T", "per-channel", "long-kernel", "bf16"])
+def test_fallback_cases_use_the_composition_and_stay_exact(case):
+    T, K, per_channel, dtype = 37, 8, False, torch.float64
+    if case == "short-T":
+        T = 5                      # K - 1 > T: the conv would reach past the previous chunk
+    elif case == "per-channel":
+        per_channel = True
+    elif case == "long-kernel":
+        K = CPU_CHUNK + 2
+    else:
+        dtype = torch.bfloat16
+    args = k2_inputs(2, T, 4, 3, K, per_channel=per_channel, dtype=dtype, init=True)
+    assert not fused_supported(args[0], args[5], CPU_CHUNK, None)
+    got, y = run_chunked(args)
+    assert type(y.grad_fn).__name__ != ChunkedK2Fn.__name__ + "Backward"
+    tol = 0.05 if dtype == torch.bfloat16 else TOL[("torch", dtype)]
+    check_all(got[:3], run("naive", f64(args))[:3], tol)
+
+
+def test_fused_chunked_backward_is_deterministic():
+    args = k2_inputs(2, 70, 8, 4, 8, dtype=torch.float32, init=True)
+    a, _ = run_chunked(args)
+    b, _ = run_chunked(args)
+    for n, s, t in zip(NAMES, a, b):
+        assert torch.equal(s, t), n
 
 
 # --------------------------------------------------------------------------------------
@@ -363,11 +457,9 @@ def test_fused_compiles_fullgraph(final):
 
     torch._dynamo.reset()
     got, exp = torch.compile(f, fullgraph=True, backend="aot_eager")(*args), f(*args)
-    gen = torch.Generator().manual_seed(4)
-    cot = [torch.randn(t.shape, generator=gen).to(t) for t in exp]
     names = NAMES[:len(exp)] + NAMES[3:]
-    got = list(got) + list(torch.autograd.grad(sum((t * c).sum() for t, c in zip(got, cot)), args))
-    exp = list(exp) + list(torch.autograd.grad(sum((t * c).sum() for t, c in zip(exp, cot)), args))
+    got = list(got) + list(cotangent_grads(got, args, seed=4))
+    exp = list(exp) + list(cotangent_grads(exp, args, seed=4))
     for n, a, b in zip(names, got, exp):
         assert_close(f"compiled {n}", a, b, 1e-6)
 
@@ -423,14 +515,105 @@ def test_fused_int64_offsets_cuda():
 
 
 # --------------------------------------------------------------------------------------
+# the torch.library ops (kop_triton::k2_mixer_fwd / _bwd, ops/library.py) that compiled graphs call
+# --------------------------------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("with_state", [True, False], ids=["init-state", "zero-state"])
+def test_triton_custom_op_matches_reference_every_gradient(with_state):
+    """The torch.library op (what compiled graphs call) vs the float64 reference, eagerly."""
+    from kop_triton.ops.library import k2_mixer_triton_op
+    g = torch.Generator().manual_seed(0)
+    B, T, D, R, K = 2, 37, 10, 3, 4
+    vals = [torch.randn(B, T, D, generator=g), torch.randn(D, R, generator=g), torch.randn(D, R, generator=g),
+            torch.rand(R, generator=g) + 0.5, torch.tensor([0.05, 0.7, 0.999]), torch.randn(K, generator=g),
+            torch.tensor(0.4), torch.randn(B, R, D, generator=g), torch.randn(B, K - 1, D, generator=g)]
+    if not with_state:
+        vals = vals[:7]
+    ours = [v.to(DEVICE).requires_grad_() for v in vals]
+    ref = [v.double().requires_grad_() for v in vals]
+    st = (ours[7], ours[8]) if with_state else None
+    y, s1, c1 = k2_mixer_triton_op(*ours[:7], initial_state=st)
+    yr, (s1r, c1r) = reference_k2_mixer(*ref[:7], initial_state=(ref[7], ref[8]) if with_state else None,
+                                        output_final_state=True)
+    tol = TOL[("triton", torch.float32)]
+    for n, a, b in zip(["y", "scan", "conv"], (y, s1, c1), (yr, s1r, c1r)):
+        assert_close(n, a, b, tol)
+    names = ["x", "u", "v", "alpha", "gamma", "kernel", "gate_logit", "scan_state", "conv_state"]
+    for n, a, b in zip(names, cotangent_grads([y, s1, c1], ours), cotangent_grads([yr, s1r, c1r], ref)):
+        assert_close(f"d{n}", a, b, tol)
+
+
+def _op_args(B=1, T=5, D=6, R=2, K=3, lens=None, state=True, seed=0):
+    """Tiny inputs of kop_triton::k2_mixer_fwd (lens: packed sequence lengths, B = 1)."""
+    g = torch.Generator().manual_seed(seed)
+    N = B if lens is None else len(lens)
+
+    def t(*s):
+        return torch.randn(*s, generator=g).to(DEVICE).requires_grad_()
+
+    cu = None if lens is None else torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=DEVICE)
+    return [t(B, T, D), t(D, R), t(D, R), torch.rand(R, generator=g).to(DEVICE).requires_grad_(),
+            (0.5 + 0.4 * torch.rand(R, generator=g)).to(DEVICE).requires_grad_(), t(K), t(()),
+            t(N, R, D) if state else None, t(N, K - 1, D) if state else None, cu]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ["state", "no-state", "varlen", "no-chunk-states"])
+def test_triton_custom_op_opcheck(case):
+    """torch.library.opcheck on both ops, every check (schema, fake (meta) implementation,
+    autograd registration, AOT dispatch with static and dynamic shapes)."""
+    from kop_triton.ops.library import k2_mixer_bwd, k2_mixer_fwd
+    if case == "varlen":
+        args = _op_args(T=70, lens=[3, 66, 1])            # 1 + 2 + 1 chunks, padded to 2 + 3 - 1 rows
+    else:
+        args = _op_args(T=70 if case == "state" else 5, state=case != "no-state")
+    store = case != "no-chunk-states"
+    if not store:       # what k2_mixer_triton_op passes when no input needs a gradient
+        args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    torch.library.opcheck(k2_mixer_fwd, (*args, store))
+    with torch.no_grad():
+        y, s1, c1, chunk_states, qkn = k2_mixer_fwd(*args, store)
+    rows = {"state": 2, "no-state": 1, "varlen": 4, "no-chunk-states": 0}[case]
+    assert chunk_states.shape == (rows, 2, 6)
+    assert qkn.shape == ((y.shape[0] * y.shape[1] if store else 0), 2 * 2 + 2)
+    if not store:
+        return
+    g = torch.Generator().manual_seed(1)
+    cot = [torch.randn(o.shape, generator=g).to(o) for o in (y, s1, c1)]
+    plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    torch.library.opcheck(k2_mixer_bwd, (*plain, chunk_states, qkn, *cot))
+
+
+@needs_triton
+def test_triton_custom_op_backward_reuses_chunk_states(monkeypatch):
+    """The backward op launches no forward kernel: it runs on the chunk states the forward op
+    saved; without a gradient to compute the forward stores none."""
+    from kop_triton.kernels import k2 as k2k
+    from kop_triton.ops.library import k2_mixer_triton_op
+    args = _op_args(T=70)
+    stored, fwd = [], k2k.k2_fwd
+
+    def counting_fwd(*a, **kw):
+        stored.append(kw["store_chunk_states"])
+        return fwd(*a, **kw)
+
+    monkeypatch.setattr(k2k, "k2_fwd", counting_fwd)
+    y, s1, c1 = k2_mixer_triton_op(*args[:7], initial_state=(args[7], args[8]))
+    (y.sum() + s1.sum() + c1.sum()).backward()
+    assert stored == [True] and all(a.grad is not None for a in args[:9])
+    with torch.no_grad():
+        k2_mixer_triton_op(*args[:7], initial_state=(args[7], args[8]))
+    assert stored == [True, False]
+
+
+# --------------------------------------------------------------------------------------
 # bad inputs
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case,exc,match", [
-    ("kernel_3d", ValueError, r"weight must be a floating tensor of shape \(K,\) or \(D, K\)"),
-    ("K0", ValueError, r"weight must have 1 <= K <= 4096"),
-    ("kernel_D", ValueError, r"must have D = 6 rows"),
+@pytest.mark.parametrize("case,exc,match", conv_arg_error_cases() + [
     ("u_D", ValueError, r"u and v must both have shape \(D, R\) with D = 6"),
     ("v_R", ValueError, r"u and v must both have shape"),
     ("alpha_R", ValueError, r"alpha must have shape \(R,\) = \(3,\)"),
@@ -438,7 +621,6 @@ def test_fused_int64_offsets_cuda():
     ("gamma_range", ValueError, r"gamma must lie in \(0, 1\]"),
     ("gate_vector", TypeError, "gate_logit must be a one-element tensor"),
     ("scan_state_shape", ValueError, r"initial_state must have shape \(N, R, D\) = \(2, 3, 6\)"),
-    ("conv_state_shape", ValueError, r"initial_state must have shape \(N, K-1, D\) = \(2, 3, 6\)"),
     ("state_not_pair", TypeError, r"initial_state must be a \(scan_state, conv_state\) tuple"),
     ("x_int", TypeError, "x must be a floating tensor"),
     ("backend", ValueError, "backend must be one of"),
@@ -449,12 +631,10 @@ def test_bad_input_errors(case, exc, match, backend):
     u, v = torch.randn(6, 3), torch.randn(6, 3)
     alpha, gamma, w, gl = torch.ones(3), torch.tensor([0.5, 0.9, 1.0]), torch.randn(4), torch.tensor(0.0)
     kw = {"backend": backend}
-    if case == "kernel_3d":
-        w = torch.randn(6, 4, 1)
-    elif case == "K0":
-        w = torch.randn(0)
-    elif case == "kernel_D":
-        w = torch.randn(5, 4)
+    if case in CONV_ARG_ERRORS:
+        w, c0 = with_bad_conv_arg(case, w, None)
+        if c0 is not None:
+            kw["initial_state"] = (None, c0)
     elif case == "u_D":
         u = torch.randn(5, 3)
     elif case == "v_R":
@@ -469,8 +649,6 @@ def test_bad_input_errors(case, exc, match, backend):
         gl = torch.zeros(2)
     elif case == "scan_state_shape":
         kw["initial_state"] = (torch.zeros(2, 6, 3), None)
-    elif case == "conv_state_shape":
-        kw["initial_state"] = (None, torch.zeros(2, 4, 6))
     elif case == "state_not_pair":
         kw["initial_state"] = torch.zeros(2, 3, 6)
     elif case == "x_int":
@@ -479,3 +657,9 @@ def test_bad_input_errors(case, exc, match, backend):
         kw["backend"] = "fused"
     with pytest.raises(exc, match=match):
         k2_mixer(x, u, v, alpha, gamma, w, gl, **kw)
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    x, g = torch.randn(1, 8, 4), make_gamma(3, dtype=torch.float32)
+    assert_triton_on_cpu_is_a_clear_error(monkeypatch, lambda: k2_mixer(
+        x, torch.randn(4, 3), torch.randn(4, 3), torch.ones(3), g, torch.rand(3), torch.zeros(()), backend="triton"))

@@ -5,19 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import TOL, assert_close
+from helpers import LM_CONFIGS, TOL, assert_close
 from kop_triton import KStackConfig, KStackLM
 from kop_triton.model import sample_next
 
-CONFIGS = {
-    "default-linear": dict(vocab_size=13, d_model=8, n_k2=2, rank=3, kernel_size=4),
-    "emb-proj-per-layer-kernel": dict(vocab_size=13, d_model=8, emb_dim=5, n_k2=2, rank=2, kernel_size=3,
-                                      shared_kernel=False),
-    "gelu-refine": dict(vocab_size=11, d_model=6, n_k2=1, rank=2, kernel_size=5, head="gelu", head_mult=3,
-                        refine_steps=2),
-    "adaptive": dict(vocab_size=40, d_model=8, n_k2=1, rank=2, kernel_size=2, head="adaptive",
-                     adaptive_cutoffs=[10, 25], adaptive_div_value=2.0),
-}
+CONFIGS = LM_CONFIGS
 
 
 def _model(name, dtype=torch.float64, backend="chunked", seed=0):
@@ -126,12 +118,13 @@ def test_generate_greedy_equals_window_recompute():
 
 
 def test_generate_sampling_is_reproducible_and_in_vocab():
-    m = _model("gelu-refine", dtype=torch.float32)
+    m = _model("gelu-head-refine", dtype=torch.float32)
     m.train()
-    prompt = torch.randint(0, 11, (3, 4))
+    V = m.config.vocab_size
+    prompt = torch.randint(0, V, (3, 4))
     a = m.generate(prompt, 20, temperature=1.3, top_k=5, top_p=0.9, generator=torch.Generator().manual_seed(3))
     b = m.generate(prompt, 20, temperature=1.3, top_k=5, top_p=0.9, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(a, b) and a.shape == (3, 24) and int(a.min()) >= 0 and int(a.max()) < 11
+    assert torch.equal(a, b) and a.shape == (3, 24) and int(a.min()) >= 0 and int(a.max()) < V
     assert torch.equal(a[:, :4], prompt)
     assert m.training   # generate restores the mode
 
@@ -159,7 +152,7 @@ def test_generate_bad_arguments(kw, match):
         m.generate(torch.zeros(1, 2, dtype=torch.long), **args)
 
 
-@pytest.mark.parametrize("name", ["emb-proj-per-layer-kernel", "gelu-refine", "adaptive"])
+@pytest.mark.parametrize("name", ["emb-proj-per-layer-kernel", "gelu-head-refine", "adaptive"])
 def test_model_gradients_chunked_equal_naive(name):
     m = _model(name, backend="chunked")
     ref = _model(name, backend="naive")
@@ -232,9 +225,9 @@ def test_dropout_only_in_training():
 
 
 def test_refinement_uses_learned_eta():
-    m = _model("gelu-refine")
+    m = _model("gelu-head-refine")
     assert_close("eta init", torch.sigmoid(KStackLM(m.config).eta_logit), torch.tensor(0.3), 1e-6)
-    ids = torch.randint(0, 11, (1, 8))
+    ids = torch.randint(0, m.config.vocab_size, (1, 8))
     h = m.emb(ids)
     eta = torch.sigmoid(m.eta_logit)
     for _ in range(2):

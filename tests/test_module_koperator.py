@@ -1,5 +1,7 @@
 """KOperator: init, parallel vs SPEC formula (forward and every gradient), step == parallel,
-prompt in pieces == one pass, shared kernel, autocast, torch.compile, DDP, Triton path, errors."""
+prompt in pieces == one pass, shared kernel, autocast, torch.compile, DDP, Triton path, errors;
+the other building blocks of modules.py: the hand-written RMSNorm and the CPU dropout.
+(The K2 op itself, k2_mixer and its torch.library ops, is tested in test_k2.py.)"""
 import math
 import os
 import socket
@@ -10,7 +12,7 @@ import torch.nn.functional as F
 
 from helpers import TOL, assert_close, cotangent_grads
 from kop_triton import KOperator
-from kop_triton.modules import KOperatorState
+from kop_triton.modules import Dropout, KOperatorState, RMSNorm, _RMSNormFn
 
 
 def spec_koperator(x, m, s0=None, c0=None):
@@ -351,93 +353,52 @@ def test_triton_custom_op_compiles_fullgraph():
     _compile_check(m, x, s0, c0)
 
 
-@needs_triton_k2
-@pytest.mark.parametrize("with_state", [True, False], ids=["init-state", "zero-state"])
-def test_triton_custom_op_matches_reference_every_gradient(with_state):
-    """The torch.library op (what compiled graphs call) vs the float64 reference, eagerly."""
-    from helpers import DEVICE
-    from kop_triton.ops.k2 import reference_k2_mixer
-    from kop_triton.ops.library import k2_mixer_triton_op
+# --------------------------------------------------------------------------------------
+# modules.py building blocks: the hand-written RMSNorm and the CPU dropout
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_rmsnorm_function_matches_the_formula(dtype):
     g = torch.Generator().manual_seed(0)
-    B, T, D, R, K = 2, 37, 10, 3, 4
-    vals = [torch.randn(B, T, D, generator=g), torch.randn(D, R, generator=g), torch.randn(D, R, generator=g),
-            torch.rand(R, generator=g) + 0.5, torch.tensor([0.05, 0.7, 0.999]), torch.randn(K, generator=g),
-            torch.tensor(0.4), torch.randn(B, R, D, generator=g), torch.randn(B, K - 1, D, generator=g)]
-    if not with_state:
-        vals = vals[:7]
-    ours = [v.to(DEVICE).requires_grad_() for v in vals]
-    ref = [v.double().requires_grad_() for v in vals]
-    st = (ours[7], ours[8]) if with_state else None
-    y, s1, c1 = k2_mixer_triton_op(*ours[:7], initial_state=st)
-    yr, (s1r, c1r) = reference_k2_mixer(*ref[:7], initial_state=(ref[7], ref[8]) if with_state else None,
-                                        output_final_state=True)
-    tol = TOL[("triton", torch.float32)]
-    for n, a, b in zip(["y", "scan", "conv"], (y, s1, c1), (yr, s1r, c1r)):
+    norm = RMSNorm(7).to(dtype)
+    with torch.no_grad():
+        norm.scale.copy_(torch.randn(7, generator=g, dtype=torch.float64))
+    x = (torch.randn(3, 5, 7, generator=g, dtype=torch.float64) * 3).to(dtype).requires_grad_()
+    x.data[0, 0] = 0.0                                                    # a zero row: r = 1/sqrt(eps)
+    y = norm(x)
+    assert type(y.grad_fn).__name__ == "_RMSNormFnBackward"
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype)
+    dx, ds = torch.autograd.grad(y, (x, norm.scale), dy)
+    x64, s64 = x.detach().double().requires_grad_(), norm.scale.detach().double().requires_grad_()
+    y64 = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + norm.eps) * s64
+    dx64, ds64 = torch.autograd.grad(y64, (x64, s64), dy.double())
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    for n, a, b in (("y", y, y64), ("dx", dx, dx64), ("dscale", ds, ds64)):
         assert_close(n, a, b, tol)
-    names = ["x", "u", "v", "alpha", "gamma", "kernel", "gate_logit", "scan_state", "conv_state"]
-    for n, a, b in zip(names, cotangent_grads([y, s1, c1], ours), cotangent_grads([yr, s1r, c1r], ref)):
-        assert_close(f"d{n}", a, b, tol)
 
 
-def _op_args(B=1, T=5, D=6, R=2, K=3, lens=None, state=True, seed=0):
-    """Tiny inputs of kop_triton::k2_mixer_fwd (lens: packed sequence lengths, B = 1)."""
-    from helpers import DEVICE
-    g = torch.Generator().manual_seed(seed)
-    N = B if lens is None else len(lens)
-
-    def t(*s):
-        return torch.randn(*s, generator=g).to(DEVICE).requires_grad_()
-
-    cu = None if lens is None else torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=DEVICE)
-    return [t(B, T, D), t(D, R), t(D, R), torch.rand(R, generator=g).to(DEVICE).requires_grad_(),
-            (0.5 + 0.4 * torch.rand(R, generator=g)).to(DEVICE).requires_grad_(), t(K), t(()),
-            t(N, R, D) if state else None, t(N, K - 1, D) if state else None, cu]
+def test_rmsnorm_gradcheck():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    scale = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNormFn.apply(a, b, 1e-8), (x, scale))
 
 
-@needs_triton_k2
-@pytest.mark.parametrize("case", ["state", "no-state", "varlen", "no-chunk-states"])
-def test_triton_custom_op_opcheck(case):
-    """torch.library.opcheck on both ops, every check (schema, fake (meta) implementation,
-    autograd registration, AOT dispatch with static and dynamic shapes)."""
-    from kop_triton.ops.library import k2_mixer_bwd, k2_mixer_fwd
-    if case == "varlen":
-        args = _op_args(T=70, lens=[3, 66, 1])            # 1 + 2 + 1 chunks, padded to 2 + 3 - 1 rows
-    else:
-        args = _op_args(T=70 if case == "state" else 5, state=case != "no-state")
-    store = case != "no-chunk-states"
-    if not store:       # what k2_mixer_triton_op passes when no input needs a gradient
-        args = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-    torch.library.opcheck(k2_mixer_fwd, (*args, store))
-    with torch.no_grad():
-        y, s1, c1, chunk_states, qkn = k2_mixer_fwd(*args, store)
-    rows = {"state": 2, "no-state": 1, "varlen": 4, "no-chunk-states": 0}[case]
-    assert chunk_states.shape == (rows, 2, 6)
-    assert qkn.shape == ((y.shape[0] * y.shape[1] if store else 0), 2 * 2 + 2)
-    if not store:
-        return
-    g = torch.Generator().manual_seed(1)
-    cot = [torch.randn(o.shape, generator=g).to(o) for o in (y, s1, c1)]
-    plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
-    torch.library.opcheck(k2_mixer_bwd, (*plain, chunk_states, qkn, *cot))
-
-
-@needs_triton_k2
-def test_triton_custom_op_backward_reuses_chunk_states(monkeypatch):
-    """The backward op launches no forward kernel: it runs on the chunk states the forward op
-    saved; without a gradient to compute the forward stores none."""
-    from kop_triton.kernels import k2 as k2k
-    from kop_triton.ops.library import k2_mixer_triton_op
-    args = _op_args(T=70)
-    stored, fwd = [], k2k.k2_fwd
-
-    def counting_fwd(*a, **kw):
-        stored.append(kw["store_chunk_states"])
-        return fwd(*a, **kw)
-
-    monkeypatch.setattr(k2k, "k2_fwd", counting_fwd)
-    y, s1, c1 = k2_mixer_triton_op(*args[:7], initial_state=(args[7], args[8]))
-    (y.sum() + s1.sum() + c1.sum()).backward()
-    assert stored == [True] and all(a.grad is not None for a in args[:9])
-    with torch.no_grad():
-        k2_mixer_triton_op(*args[:7], initial_state=(args[7], args[8]))
-    assert stored == [True, False]
+def test_cpu_dropout_rate_scale_gradient_and_eval():
+    torch.manual_seed(0)
+    d = Dropout(0.1)
+    x = torch.ones(400, 1000, requires_grad=True)
+    y = d(x)
+    p = 6554 / 65536                                                      # 0.1 on the 2^-16 grid
+    dropped = (y == 0).double().mean().item()
+    assert abs(dropped - p) < 5 * (p * (1 - p) / x.numel()) ** 0.5        # five standard errors
+    kept = y[y != 0]
+    assert torch.allclose(kept, torch.full_like(kept, 1 / (1 - p)))
+    (gx,) = torch.autograd.grad(y, x, torch.full_like(y, 2.0))
+    assert torch.equal(gx, 2 * y.detach())                                 # gradient = the same mask
+    torch.manual_seed(0)
+    assert torch.equal(d(x), y)                                            # seeded: bit for bit
+    d.eval()
+    assert d(x) is x or torch.equal(d(x), x)
+    assert torch.equal(Dropout(0.0).train()(x), x)

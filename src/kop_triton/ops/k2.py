@@ -36,16 +36,14 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._checks import BACKENDS, resolve_backend
+from ._checks import BACKENDS, check_bool, resolve_backend
 from .scan_chunked import CPU_CHUNK
 from .conv import naive_causal_conv
 from .k2_triton import _check_k2_args, _split_state, k2_triton_backward, k2_triton_forward
-from .scan import chunked_decayed_scan, naive_decayed_scan, recurrent_decayed_scan
+from .scan import SCAN_BACKENDS
 
 NORM_EPS = 1e-8
 K2_BACKENDS = BACKENDS + ("triton_unfused",)
-
-_SCAN = {"naive": naive_decayed_scan, "recurrent": recurrent_decayed_scan, "chunked": chunked_decayed_scan}
 
 
 def k2_qk(x, u, v, alpha):
@@ -60,8 +58,8 @@ def reference_k2_mixer(x, u, v, alpha, gamma, kernel, gate_logit, *, initial_sta
     """Unfused composition of the PyTorch references (the reference of the fused kernel)."""
     s0, c0 = _split_state(initial_state)
     q, k = k2_qk(x, u, v, alpha)
-    y, s1 = _SCAN[scan_backend](q, k, x, gamma, initial_state=s0,
-                                output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    y, s1 = SCAN_BACKENDS[scan_backend](q, k, x, gamma, initial_state=s0,
+                                        output_final_state=output_final_state, cu_seqlens=cu_seqlens)
     c, c1 = naive_causal_conv(x, kernel, initial_state=c0, output_final_state=output_final_state,
                               cu_seqlens=cu_seqlens)
     out = torch.sigmoid(gate_logit.to(x.dtype)) * c + y
@@ -211,6 +209,7 @@ def k2_mixer(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, alpha: torch.Ten
     """
     dev = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
     bk = resolve_backend(backend, dev, K2_BACKENDS)
+    check_bool("output_final_state", output_final_state)
     if bk == "triton" and torch.compiler.is_compiling():
         # under torch.compile: the torch.library op, one opaque graph node (no graph break);
         # its eager implementation runs the argument checks, which read gamma and cu_seqlens

@@ -1,18 +1,19 @@
-"""Triton decayed scan vs the float64 naive reference: forward, every gradient, varlen, states.
+"""The decayed scan, per backend: the PyTorch references (gradcheck, agreement with the naive
+reference, varlen, chaining, bad inputs) and the Triton kernels vs the float64 naive reference
+(forward, every gradient, varlen, states, the launchers called directly).
 
-Runs on CUDA when a GPU is present, otherwise on CPU tensors through the Triton interpreter
-(TRITON_INTERPRET=1, set by conftest.py).  Every buffer the launchers allocate is filled
-with NaN first (fixture below), so an element a kernel never writes cannot go unnoticed.
+The Triton tests run on CUDA when a GPU is present, otherwise on CPU tensors through the Triton
+interpreter (TRITON_INTERPRET=1, set by conftest.py).  Every buffer their launchers allocate is
+filled with NaN first (conftest.nan_empty), so an element a kernel never writes cannot go unnoticed.
 """
-
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
-from helpers import DEVICE, TOL, TRITON_OK, assert_close, cotangent_grads, make_gamma, scan_inputs
+from helpers import (DEVICE, TOL, TRITON_OK, assert_close, assert_triton_on_cpu_is_a_clear_error, cotangent_grads,
+                     make_gamma, scan_inputs)
 from kop_triton import decayed_scan
-from kop_triton.ops.scan import naive_decayed_scan
-
-pytestmark = pytest.mark.skipif(not TRITON_OK, reason="triton is not installed")
+from kop_triton.ops.scan import chunked_decayed_scan, naive_decayed_scan, recurrent_decayed_scan
 
 if TRITON_OK:
     import kop_triton.kernels.scan as ks
@@ -21,9 +22,222 @@ F32 = torch.float32
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _nan_filled_buffers(nan_empty):
-    """Every buffer the launchers allocate starts as NaN (conftest.nan_empty)."""
+def triton_test(fn):
+    """A Triton-path test: skipped without triton; every buffer the launchers allocate starts as NaN."""
+    fn = pytest.mark.usefixtures("nan_empty")(fn)
+    return pytest.mark.skipif(not TRITON_OK, reason="triton is not installed")(fn)
+
+
+# --------------------------------------------------------------------------------------
+# PyTorch reference paths (naive, recurrent, chunked)
+# --------------------------------------------------------------------------------------
+
+
+REFS = {"naive": naive_decayed_scan, "recurrent": recurrent_decayed_scan, "chunked": chunked_decayed_scan}
+
+
+@pytest.mark.parametrize("name", list(REFS))
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "init-state"])
+def test_gradcheck_float64(name, with_state):
+    fn = REFS[name]
+    q, k, v, g, h0 = scan_inputs(2, 6, 3, 4, init=with_state, gamma=torch.tensor([0.3, 0.8, 1.0]))
+    kw = {"chunk_size": 4} if name == "chunked" else {}
+
+    def f(q, k, v, g, *h):
+        o, s = fn(q, k, v, g, initial_state=h[0] if h else None, output_final_state=True, **kw)
+        return o, s
+
+    args = (q, k, v, g) + ((h0,) if with_state else ())
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-7)
+
+
+def _loss_grads(fn, q, k, v, g, h0, seed=1, **kw):
+    o, s = fn(q, k, v, g, initial_state=h0, output_final_state=True, **kw)
+    return o, s, cotangent_grads([o, s], [q, k, v, g, h0], seed)
+
+
+@pytest.mark.parametrize("name", ["recurrent", "chunked"])
+@pytest.mark.parametrize("T", [1, 7, 63, 64, 65, 200])
+def test_matches_naive_every_gradient(name, T):
+    R, D = 5, 7
+    q, k, v, g, h0 = scan_inputs(2, T, R, D)
+    ref = _loss_grads(naive_decayed_scan, q, k, v, g, h0)
+    got = _loss_grads(REFS[name], q, k, v, g, h0)
+    tol = TOL[("torch", torch.float64)]
+    assert_close("o", got[0], ref[0], tol)
+    assert_close("final_state", got[1], ref[1], tol)
+    for n, a, b in zip(["dq", "dk", "dv", "dgamma", "dh0"], got[2], ref[2]):
+        assert_close(n, a, b, tol)
+
+
+@settings(max_examples=25, deadline=None)
+@given(T=st.integers(1, 90), R=st.integers(1, 6), D=st.integers(1, 9), C=st.integers(1, 70),
+       lo=st.floats(0.01, 1.0), seed=st.integers(0, 10_000))
+def test_chunked_equals_naive_any_chunk(T, R, D, C, lo, seed):
+    gamma = torch.linspace(lo, 1.0, R, dtype=torch.float64)
+    q, k, v, g, h0 = scan_inputs(1, T, R, D, seed=seed, gamma=gamma, requires_grad=False)
+    o_ref, s_ref = naive_decayed_scan(q, k, v, g, initial_state=h0, output_final_state=True)
+    o, s = chunked_decayed_scan(q, k, v, g, initial_state=h0, output_final_state=True, chunk_size=C)
+    assert_close("o", o, o_ref, 1e-9)
+    assert_close("final_state", s, s_ref, 1e-9)
+
+
+@pytest.mark.parametrize("backend", ["naive", "recurrent", "chunked"])
+def test_state_chaining(backend):
+    q, k, v, g, h0 = scan_inputs(2, 50, 4, 6, requires_grad=False)
+    o, s = decayed_scan(q, k, v, g, initial_state=h0, output_final_state=True, backend=backend)
+    o1, s1 = decayed_scan(q[:, :23], k[:, :23], v[:, :23], g, initial_state=h0, output_final_state=True, backend=backend)
+    o2, s2 = decayed_scan(q[:, 23:], k[:, 23:], v[:, 23:], g, initial_state=s1, output_final_state=True, backend=backend)
+    assert_close("o", torch.cat([o1, o2], 1), o, 1e-12)
+    assert_close("final_state", s2, s, 1e-12)
+
+
+@pytest.mark.parametrize("backend", ["naive", "recurrent", "chunked"])
+def test_varlen_equals_separate_runs(backend):
+    lens = [5, 1, 70, 12]
+    q, k, v, g, h0 = scan_inputs(1, sum(lens), 3, 5, requires_grad=False)
+    h0 = torch.randn(len(lens), 3, 5, dtype=torch.float64)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+    o, s = decayed_scan(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu, backend=backend)
+    for i in range(len(lens)):
+        a, b = int(cu[i]), int(cu[i + 1])
+        oi, si = naive_decayed_scan(q[:, a:b], k[:, a:b], v[:, a:b], g, initial_state=h0[i:i + 1], output_final_state=True)
+        assert_close(f"o[seq {i}]", o[:, a:b], oi, 1e-12)
+        assert_close(f"final_state[seq {i}]", s[i:i + 1], si, 1e-12)
+
+
+def test_extreme_decays_are_finite_and_exact():
+    # gamma = 0.01 over long chunks: gamma^n underflows to 0, never overflows
+    R, D, T = 4, 3, 300
+    g = torch.tensor([0.01, 0.011, 0.999999, 1.0], dtype=torch.float64)
+    q, k, v, _, h0 = scan_inputs(1, T, R, D, gamma=g, requires_grad=False)
+    o_ref, s_ref = naive_decayed_scan(q, k, v, g, initial_state=h0, output_final_state=True)
+    for C in (16, 64, 128):
+        o, s = chunked_decayed_scan(q.float(), k.float(), v.float(), g.float(), initial_state=h0.float(),
+                                    output_final_state=True, chunk_size=C)
+        assert_close("o fp32", o, o_ref, TOL[("torch", torch.float32)])
+        assert_close("final fp32", s, s_ref, TOL[("torch", torch.float32)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs_accumulate_in_fp32(dtype):
+    q, k, v, g, h0 = scan_inputs(2, 100, 4, 8, requires_grad=False)
+    o_ref, s_ref = naive_decayed_scan(q.to(dtype).double(), k.to(dtype).double(), v.to(dtype).double(), g,
+                                      initial_state=h0, output_final_state=True)
+    o, s = chunked_decayed_scan(q.to(dtype), k.to(dtype), v.to(dtype), g.float(), initial_state=h0.float(),
+                                output_final_state=True)
+    assert o.dtype == dtype and s.dtype == torch.float32
+    assert_close("o", o, o_ref, TOL[("torch", dtype)])
+    assert_close("final_state", s, s_ref, 1e-5)
+
+
+def test_non_contiguous_inputs():
+    q, k, v, g, h0 = scan_inputs(2, 40, 6, 10, requires_grad=False)
+    qs, ks, vs = q[..., ::2], k[..., 1::2], v[:, :, 1:8]
+    assert not qs.is_contiguous()
+    o, s = decayed_scan(qs, ks, vs, g[:3], initial_state=h0[:, :3, 1:8], output_final_state=True, backend="chunked")
+    o_ref, s_ref = naive_decayed_scan(qs.contiguous(), ks.contiguous(), vs.contiguous(), g[:3],
+                                      initial_state=h0[:, :3, 1:8].contiguous(), output_final_state=True)
+    assert_close("o", o, o_ref, 1e-12)
+    assert_close("final_state", s, s_ref, 1e-12)
+
+
+def _good(B=1, T=8, R=3, D=4):
+    return (torch.randn(B, T, R), torch.randn(B, T, R), torch.randn(B, T, D), make_gamma(R, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("case,exc,match", [
+    ("q_rank", ValueError, "q must have shape"),
+    ("k_shape", ValueError, "k must have the shape of q"),
+    ("v_len", ValueError, "v must have shape"),
+    ("gamma_len", ValueError, "gamma must have shape"),
+    ("gamma_zero", ValueError, r"gamma must lie in \(0, 1\]"),
+    ("gamma_big", ValueError, r"gamma must lie in \(0, 1\]"),
+    ("int_q", TypeError, "q must be a floating tensor"),
+    ("dtype_mismatch", TypeError, "k has dtype"),
+    ("state_shape", ValueError, "initial_state must have shape"),
+    ("state_dtype", TypeError, "initial_state must be float32"),
+    ("cu_start", ValueError, "cu_seqlens must start at 0"),
+    ("cu_end", ValueError, "cu_seqlens must end"),
+    ("cu_order", ValueError, "strictly increasing"),
+    ("cu_batch", ValueError, "batch of size 1"),
+    ("cu_dtype", TypeError, "cu_seqlens must be int32 or int64"),
+    ("backend", ValueError, "backend must be one of"),
+    ("not_tensor", TypeError, "q must be a torch.Tensor"),
+])
+def test_bad_input_errors(case, exc, match):
+    q, k, v, g = _good()
+    kw = {}
+    if case == "q_rank":
+        q = q[0]
+    elif case == "k_shape":
+        k = k[:, :5]
+    elif case == "v_len":
+        v = v[:, :5]
+    elif case == "gamma_len":
+        g = g[:2]
+    elif case == "gamma_zero":
+        g = torch.tensor([0.0, 0.5, 0.9])
+    elif case == "gamma_big":
+        g = torch.tensor([0.5, 0.9, 1.01])
+    elif case == "int_q":
+        q = torch.ones(1, 8, 3, dtype=torch.int64)
+    elif case == "dtype_mismatch":
+        k = k.double()
+    elif case == "state_shape":
+        kw["initial_state"] = torch.zeros(1, 4, 3)
+    elif case == "state_dtype":
+        kw["initial_state"] = torch.zeros(1, 3, 4, dtype=torch.float16)
+    elif case == "cu_start":
+        kw["cu_seqlens"] = torch.tensor([1, 8])
+    elif case == "cu_end":
+        kw["cu_seqlens"] = torch.tensor([0, 3, 7])
+    elif case == "cu_order":
+        kw["cu_seqlens"] = torch.tensor([0, 5, 5, 8])
+    elif case == "cu_batch":
+        q, k, v = (t.expand(2, -1, -1) for t in (q, k, v))
+        kw["cu_seqlens"] = torch.tensor([0, 8])
+    elif case == "cu_dtype":
+        kw["cu_seqlens"] = torch.tensor([0.0, 8.0])
+    elif case == "backend":
+        kw["backend"] = "fast"
+    elif case == "not_tensor":
+        q = [[1.0]]
+    with pytest.raises(exc, match=match):
+        decayed_scan(q, k, v, g, **{"backend": "chunked", **kw})
+
+
+@pytest.mark.parametrize("backend", ["naive", "recurrent", "chunked"])
+def test_grads_without_states(backend):
+    """No initial state and no final state requested: o-only loss, every gradient."""
+    q, k, v, g, _ = scan_inputs(2, 45, 3, 5, init=False)
+    do = torch.randn(2, 45, 5, dtype=torch.float64)
+    o_ref, _ = naive_decayed_scan(q, k, v, g)
+    ref = torch.autograd.grad((o_ref * do).sum(), [q, k, v, g])
+    o, s = decayed_scan(q, k, v, g, backend=backend)
+    assert s is None
+    got = torch.autograd.grad((o * do).sum(), [q, k, v, g])
+    assert_close("o", o, o_ref, 1e-10)
+    for n, a, b in zip(["dq", "dk", "dv", "dgamma"], got, ref):
+        assert_close(n, a, b, 1e-10)
+
+
+@pytest.mark.parametrize("backend", ["naive", "recurrent", "chunked"])
+def test_empty_sequence_passes_state_through(backend):
+    q, k, v, g, h0 = scan_inputs(2, 0, 3, 4, requires_grad=False)
+    o, s = decayed_scan(q, k, v, g, initial_state=h0, output_final_state=True, backend=backend)
+    assert o.shape == (2, 0, 4)
+    assert torch.equal(s, h0)
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    q, k, v, g = _good()
+    assert_triton_on_cpu_is_a_clear_error(monkeypatch, lambda: decayed_scan(q, k, v, g, backend="triton"))
+
+
+# --------------------------------------------------------------------------------------
+# Triton path vs the float64 naive reference
+# --------------------------------------------------------------------------------------
 
 
 def _inputs(B, T, R, D, dtype=F32, seed=0, gamma=None, init=True):
@@ -69,30 +283,35 @@ def _compare(B, T, R, D, dtype=F32, gamma=None, init=True, final=True, cu=None, 
                for a, b in zip(got[2], ref[2]))
 
 
+@triton_test
 @pytest.mark.parametrize("T", [1, 7, 63, 64, 65, 200])
-def test_matches_naive_every_gradient(T):
+def test_triton_matches_naive_every_gradient(T):
     _compare(2, T, 5, 7)
 
 
+@triton_test
 @pytest.mark.parametrize("gamma", [
     torch.full((6,), 0.01), torch.full((6,), 1.0), make_gamma(6, 0.01, 1.0),
     torch.tensor([0.999999, 0.01, 0.5, 1.0, 0.02, 0.97])], ids=["all-0.01", "all-1", "mixed", "shuffled"])
-def test_decay_sweep(gamma):
+def test_triton_decay_sweep(gamma):
     _compare(1, 130, 6, 9, gamma=gamma)
 
 
+@triton_test
 @pytest.mark.parametrize("R,D,T", [(1, 1, 20), (3, 33, 50), (17, 70, 90), (128, 20, 40), (31, 130, 70)],
                          ids=lambda x: str(x))
-def test_odd_sizes(R, D, T):
+def test_triton_odd_sizes(R, D, T):
     _compare(1, T, R, D)
 
 
+@triton_test
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_half_precision(dtype):
+def test_triton_half_precision(dtype):
     _compare(2, 100, 8, 24, dtype=dtype)
 
 
-def test_float64_inputs_run_in_float32():
+@triton_test
+def test_triton_float64_inputs_run_in_float32():
     ref_in = scan_inputs(1, 70, 4, 6)
     got_in = [t.detach().to(DEVICE).requires_grad_() for t in ref_in]
     ref = _run(*ref_in, "naive")
@@ -106,13 +325,15 @@ def test_float64_inputs_run_in_float32():
         assert_close(name, a, b, tol)
 
 
+@triton_test
 @pytest.mark.parametrize("init,final", [(False, False), (False, True), (True, False)],
                          ids=["no-states", "final-only", "init-only"])
-def test_optional_states(init, final):
+def test_triton_optional_states(init, final):
     _compare(2, 70, 3, 5, init=init, final=final)
 
 
-def test_gradient_through_one_output_only():
+@triton_test
+def test_triton_gradient_through_one_output_only():
     """Loss on o alone and on the final state alone (the other cotangent is absent)."""
     ref_in, got_in = _inputs(1, 80, 3, 4)
     for use_o in (True, False):
@@ -131,13 +352,15 @@ def test_gradient_through_one_output_only():
             assert_close(f"{name} (use_o={use_o})", a, b, TOL[("triton", F32)])
 
 
-def test_varlen_matches_naive():
+@triton_test
+def test_triton_varlen_matches_naive():
     lens = [5, 1, 70, 64, 12, 17]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
     _compare(1, sum(lens), 4, 6, cu=cu)
 
 
-def test_varlen_equals_separate_runs():
+@triton_test
+def test_triton_varlen_equals_separate_runs():
     lens = [65, 3, 40]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int64, device=DEVICE)
     _, (q, k, v, g, _) = _inputs(1, sum(lens), 3, 5, init=False)
@@ -152,7 +375,8 @@ def test_varlen_equals_separate_runs():
         assert_close(f"final[seq {i}]", s[i:i + 1], s_i, 1e-6)
 
 
-def test_state_chaining():
+@triton_test
+def test_triton_state_chaining():
     """Two halves with the state passed along == one run over the whole sequence."""
     _, (q, k, v, g, h0) = _inputs(2, 150, 4, 6)
     o, s = decayed_scan(q, k, v, g, initial_state=h0, output_final_state=True, backend="triton")
@@ -172,7 +396,8 @@ def test_state_chaining():
         assert_close(name, a, b, 1e-5)
 
 
-def test_backward_is_deterministic():
+@triton_test
+def test_triton_backward_is_deterministic():
     _, (q, k, v, g, h0) = _inputs(2, 200, 7, 20, seed=5)
     runs = [_run(q, k, v, g, h0, "triton") for _ in range(2)]
     for name, a, b in zip(["o", "final_state"], runs[0][:2], runs[1][:2]):
@@ -181,7 +406,8 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b), f"{name} differs between two identical backward runs"
 
 
-def test_non_contiguous_inputs():
+@triton_test
+def test_triton_non_contiguous_inputs():
     ref_in, _ = _inputs(2, 90, 5, 6)
     gen = torch.Generator().manual_seed(11)
     # q, k: every other channel of a wider tensor; v: a transposed (B, D, T) buffer
@@ -204,8 +430,9 @@ def test_non_contiguous_inputs():
         assert_close(name, a, b, tol)
 
 
+@triton_test
 @pytest.mark.parametrize("chunk_size", [16, 32, 128])
-def test_launchers_other_chunk_sizes(chunk_size):
+def test_triton_launchers_other_chunk_sizes(chunk_size):
     """scan_fwd/scan_bwd called directly (as the fused K2 backward does) at other chunk sizes."""
     lens = [40, 1, 33]
     cu = torch.tensor([0, 40, 41, 74], dtype=torch.int32)
@@ -246,7 +473,8 @@ def test_launchers_other_chunk_sizes(chunk_size):
         assert_close(name, a, b, 1e-5)
 
 
-def test_empty_sequence():
+@triton_test
+def test_triton_empty_sequence():
     _, (q, k, v, g, h0) = _inputs(2, 0, 3, 4)
     o, s = decayed_scan(q, k, v, g, initial_state=h0, output_final_state=True, backend="triton")
     assert o.shape == (2, 0, 4)
@@ -262,7 +490,8 @@ def test_empty_sequence():
     assert torch.equal(dg, torch.zeros(3, device=DEVICE)) and torch.equal(dh0, dfinal)
 
 
-def test_bad_input():
+@triton_test
+def test_triton_bad_input():
     _, (q, k, v, g, _) = _inputs(1, 4, 129, 3, init=False)
     with pytest.raises(ValueError, match="R <= 128"):
         decayed_scan(q, k, v, g, backend="triton")
@@ -276,8 +505,9 @@ def test_bad_input():
         ks.scan_bwd(q, k, v, g, None, states, torch.ones_like(v), None, None, 32)
 
 
+@triton_test
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs > 8 GiB of device memory; the interpreter cannot run it")
-def test_int64_offsets_cuda():
+def test_triton_int64_offsets_cuda():
     """B*T*D past 2^31: the tail of the output still matches a short run from the chained state."""
     B, R, D = 2, 2, 64
     T = 2 ** 31 // (B * D) + 300
@@ -295,10 +525,11 @@ def test_int64_offsets_cuda():
     assert_close("final_state", s, s_ref, TOL[("triton", torch.bfloat16)])
 
 
+@triton_test
 @pytest.mark.skipif(DEVICE != "cuda", reason="a million tokens is out of the interpreter's reach")
-def test_long_sequence_cuda():
+def test_triton_long_sequence_cuda():
     """T = 1,000,003 with decays at both ends: o, final state and every gradient vs the float64
-    chunked reference (itself checked against naive in test_scan_reference.py)."""
+    chunked reference (itself checked against naive in the reference section above)."""
     from kop_triton.ops.scan import chunked_decayed_scan
     T, R, D = 1_000_003, 4, 24
     gamma = torch.tensor([0.01, 0.5, 0.999, 1.0])
