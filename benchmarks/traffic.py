@@ -120,9 +120,8 @@ def _bm(S: Shape) -> int:
 def fused_fwd(S: Shape) -> List[Launch]:
     R, D, s = S.R, S.D, S.s
     return [
-        Launch("_k2_qk_kernel", D * s, (2 * R + 2) * F32, grid=math.ceil(S.tokens / _bm(S)),
-               cached=2 * D * R * F32 / _bm(S), note="reads x; writes q_hat, k, norms; u, v per program (cached)"),
-        Launch("q = alpha q_hat, k contiguous (PyTorch)", 0, 4 * R * F32),
+        Launch("_k2_qk_kernel", D * s, (3 * R + 2) * F32, grid=math.ceil(S.tokens / _bm(S)),
+               cached=2 * D * R * F32 / _bm(S), note="reads x; writes q, k, q_hat, norms; u, v per program (cached)"),
         Launch("_chunk_state_kernel", D * s, R * F32, S.st, S.NC * S.nd, cached=R * F32 * (S.nd - 1),
                note="reads x, k"),
         Launch("_state_pass_kernel", 0, 0, 2 * S.st, S.pass_grid, steps=S.pass_steps,
@@ -141,7 +140,6 @@ def fused_bwd(S: Shape) -> List[Launch]:
     NG = math.ceil(S.NC / G)
     part = NG * (D * 2 * R * F32 * fuse_duv + (D * S.K * F32 if fuse_dw else 0)) / S.tokens
     out = [
-        Launch("q = alpha q_hat, k contiguous (PyTorch)", 0, 4 * R * F32),
         Launch("_chunk_state_kernel (reverse)", D * s, R * F32, S.st, S.NC * S.nd, cached=R * F32 * (S.nd - 1),
                note="reads dy, q"),
         Launch("_state_pass_kernel (reverse)", 0, 0, 2 * S.st, S.pass_grid, steps=S.pass_steps),

@@ -10,9 +10,10 @@ state across chunks, outputs in parallel.  Chunks of CHUNK = 64 tokens, cut into
 SUB_CHUNK = 16 (``kop_triton.kernels.config``); NC chunks in all (``kop_triton.kernels.varlen``).
 
 Forward, four launches (x is read three times, y written once):
-  1. ``_k2_qk_kernel``       grid (rows / BM,): q_hat = normalize(x @ u), k = normalize(x @ v) and
-                             the two norms, once per token -> qkn (rows, 2R + 2) float32 (reads x);
-                             q = alpha * q_hat is one (rows, R) product on the host side;
+  1. ``_k2_qk_kernel``       grid (rows / BM,): q = alpha * normalize(x @ u), k = normalize(x @ v),
+                             and for the backward q_hat = normalize(x @ u) with the two norms, once
+                             per token -> qkn, three float32 planes q | k | [q_hat, norms] of
+                             (rows, R), (rows, R), (rows, R + 2) (reads x);
   2. ``_chunk_state_kernel`` (scan) grid (NC, D / 64): chunk-local states (k g^(L-1-j))^T @ x
                              (reads x);
   3. ``_state_pass_kernel``  (scan) grid (N, R*D / 128): the only walk over a sequence, elementwise
@@ -23,8 +24,8 @@ Forward, four launches (x is read three times, y written once):
                              (q g^(i+1)) @ S_prev, the conv tile, y = gate * conv + o (reads x, its
                              chunk and K - 1 rows before it; writes y).
 
-Backward, from x, qkn and the chunk states (no forward recomputed; dy read three times, x
-twice, dx written once: about six D-wide passes per token):
+Backward, from x, qkn (its q and k planes read in place) and the chunk states (no forward
+recomputed; dy read three times, x twice, dx written once: about six D-wide passes per token):
   1. ``_chunk_state_kernel`` (scan, reversed) chunk-local (q g^(i+1))^T @ dy (reads dy);
   2. ``_state_pass_kernel``  (scan, reversed) -> G[c] (the gradient of the state after chunk c)
                              and d scan_state;
@@ -102,10 +103,11 @@ def _block_dq(BR: int, BD: int) -> int:
 
 
 @triton.jit
-def _k2_qk_kernel(x, u, v, qkn, M, D, R, BM: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
+def _k2_qk_kernel(x, u, v, alpha, q, k, qhn, M, D, R, BM: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
                   DOT_MODE: tl.constexpr):
-    """qkn[t] = [normalize(x_t @ u) | normalize(x_t @ v) | ||x_t @ u|| | ||x_t @ v||] for BM rows.
-    x: (M, D); u, v: (D, R) float32; qkn: (M, 2R + 2) float32."""
+    """For BM rows t: q[t] = alpha * normalize(x_t @ u), k[t] = normalize(x_t @ v) and
+    qhn[t] = [normalize(x_t @ u) | ||x_t @ u|| | ||x_t @ v||].
+    x: (M, D); u, v: (D, R), alpha (R,) float32; q, k: (M, R), qhn: (M, R + 2) float32."""
     i_m = tl.program_id(0)
     o_m = i_m.to(tl.int64) * BM + tl.arange(0, BM)
     m_m = o_m < M
@@ -122,13 +124,15 @@ def _k2_qk_kernel(x, u, v, qkn, M, D, R, BM: tl.constexpr, BD: tl.constexpr, BR:
         b_pv += dot(b_x, tl.load(v + o_d[:, None] * R + o_r[None, :], mask=m_dr, other=0.), DOT_MODE)
     n_u = tl.sqrt(tl.sum(b_pu * b_pu, axis=1))
     n_v = tl.sqrt(tl.sum(b_pv * b_pv, axis=1))
-    W = 2 * R + 2
-    p = qkn + o_m[:, None] * W + o_r[None, :]
     m_mr = m_m[:, None] & m_r[None, :]
-    tl.store(p, b_pu / tl.maximum(n_u, NORM_EPS)[:, None], mask=m_mr)
-    tl.store(p + R, b_pv / tl.maximum(n_v, NORM_EPS)[:, None], mask=m_mr)
-    tl.store(qkn + o_m * W + 2 * R, n_u, mask=m_m)
-    tl.store(qkn + o_m * W + 2 * R + 1, n_v, mask=m_m)
+    b_qh = b_pu / tl.maximum(n_u, NORM_EPS)[:, None]
+    b_alpha = tl.load(alpha + o_r, mask=m_r, other=0.)
+    tl.store(q + o_m[:, None] * R + o_r[None, :], b_qh * b_alpha[None, :], mask=m_mr)
+    tl.store(k + o_m[:, None] * R + o_r[None, :], b_pv / tl.maximum(n_v, NORM_EPS)[:, None], mask=m_mr)
+    W = R + 2
+    tl.store(qhn + o_m[:, None] * W + o_r[None, :], b_qh, mask=m_mr)
+    tl.store(qhn + o_m * W + R, n_u, mask=m_m)
+    tl.store(qhn + o_m * W + R + 1, n_v, mask=m_m)
 
 
 @triton.jit
@@ -174,26 +178,22 @@ def _k2_out_kernel(x, q, k, lg, gate, w, c0, s, y, cu_seqlens, chunk_indices, T,
 
 
 @triton.jit
-def _k2_dp_kernel(qkn, alpha, dq, dk, dp, dalpha, M, R, BM: tl.constexpr, BR: tl.constexpr):
+def _k2_dp_kernel(qhn, k, alpha, dq, dk, dp, dalpha, M, R, BM: tl.constexpr, BR: tl.constexpr):
     """Backward of q = alpha * normalize(p_u), k = normalize(p_v) for BM rows:
         dp_u = (alpha dq - m_u q_hat <q_hat, alpha dq>) / max(||p_u||, eps)   (m: ||p|| >= eps)
         dp_v = (dk - m_v k <k, dk>) / max(||p_v||, eps),   dalpha partial = sum_rows dq * q_hat.
-    qkn: (M, 2R + 2) from _k2_qk_kernel; dq, dk: (M, R); dp: (M, 2R); dalpha: (M / BM, R)."""
+    qhn (M, R + 2), k (M, R): from _k2_qk_kernel; dq, dk: (M, R); dp: (M, 2R); dalpha: (M / BM, R)."""
     i_m = tl.program_id(0)
-    o_m = i_m.to(tl.int64) * BM + tl.arange(0, BM)
-    m_m = o_m < M
-    o_r = tl.arange(0, BR)
-    m_r = o_r < R
+    o_m, m_m = block(i_m.to(tl.int64), BM, M)
+    o_r, m_r = block(0, BR, R)
     m_mr = m_m[:, None] & m_r[None, :]
-    W = 2 * R + 2
-    p = qkn + o_m[:, None] * W + o_r[None, :]
-    b_qh = tl.load(p, mask=m_mr, other=0.)
-    b_k = tl.load(p + R, mask=m_mr, other=0.)
-    n_u = tl.load(qkn + o_m * W + 2 * R, mask=m_m, other=1.)
-    n_v = tl.load(qkn + o_m * W + 2 * R + 1, mask=m_m, other=1.)
+    b_qh = load_rows(qhn, o_m, m_m, o_r, m_r, R + 2)
+    n_u = tl.load(qhn + o_m * (R + 2) + R, mask=m_m, other=1.)
+    n_v = tl.load(qhn + o_m * (R + 2) + R + 1, mask=m_m, other=1.)
+    b_k = load_rows(k, o_m, m_m, o_r, m_r, R)
     b_alpha = tl.load(alpha + o_r, mask=m_r, other=0.)
-    b_dq = tl.load(dq + o_m[:, None] * R + o_r[None, :], mask=m_mr, other=0.).to(tl.float32)
-    b_dk = tl.load(dk + o_m[:, None] * R + o_r[None, :], mask=m_mr, other=0.).to(tl.float32)
+    b_dq = load_rows(dq, o_m, m_m, o_r, m_r, R).to(tl.float32)
+    b_dk = load_rows(dk, o_m, m_m, o_r, m_r, R).to(tl.float32)
     b_dqh = b_dq * b_alpha[None, :]
     a_u = tl.where(n_u >= NORM_EPS, tl.sum(b_qh * b_dqh, axis=1), 0.)
     a_v = tl.where(n_v >= NORM_EPS, tl.sum(b_k * b_dk, axis=1), 0.)
@@ -339,8 +339,9 @@ def k2_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
     alpha, gamma (R,); kernel (K,) or (D, K); gate_logit one element; scan_state (N, R, D) or
     None; conv_state (N, K-1, D) or None.  y in x's dtype; final states float32 (None unless
     asked); chunk_states (NC, R, D) float32, the scan state entering every chunk in the layout
-    of ``kop_triton.kernels.scan``, and qkn (B*T, 2R + 2) float32 (q_hat, k and the two norms
-    per token): what ``k2_bwd`` needs, both None unless ``store_chunk_states``.  With no
+    of ``kop_triton.kernels.scan``, and qkn (B*T * (3R + 2),) float32, the planes q, k and
+    [q_hat, ||x u||, ||x v||] of every token (``qk_planes``): what ``k2_bwd`` needs, both None
+    unless ``store_chunk_states``.  With no
     tokens nothing is launched and the initial states pass through.
     """
     B, T, D = x.shape
@@ -357,14 +358,13 @@ def k2_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
         if output_final_state:
             sT = s0.clone() if s0 is not None else torch.zeros(P.N, R, D, **fp)
         states = torch.zeros(0, R, D, **fp) if store_chunk_states else None
-        qkn = torch.zeros(0, 2 * R + 2, **fp) if store_chunk_states else None
+        qkn = torch.zeros(0, **fp) if store_chunk_states else None
     else:
-        qkn = torch.empty(B * T, 2 * R + 2, **fp)
+        qkn = torch.empty(B * T * (3 * R + 2), **fp)
+        q, k, qhn = qk_planes(qkn, R)
         launch(_k2_qk_kernel, (triton.cdiv(B * T, P.BM),),
-               x=x2, u=f32(u), v=f32(v), qkn=qkn, M=B * T, D=D, R=R, BM=P.BM, BD=_block_dq(cfg.BR, cfg.BD), BR=cfg.BR,
-               DOT_MODE=P.dot_mode, num_warps=cfg.warps)
-        q = (qkn[:, :R] * f32(alpha)).contiguous()
-        k = qkn[:, R:2 * R].contiguous()
+               x=x2, u=f32(u), v=f32(v), alpha=f32(alpha), q=q, k=k, qhn=qhn, M=B * T, D=D, R=R, BM=P.BM,
+               BD=_block_dq(cfg.BR, cfg.BD), BR=cfg.BR, DOT_MODE=P.dot_mode, num_warps=cfg.warps)
         states = P.chunk_states(k, x2, lg, reverse=False)
         sT = P.state_pass(states, lg, s0, output_final_state, reverse=False)
         gate = torch.sigmoid(f32(gate_logit).reshape(1))
@@ -381,9 +381,19 @@ def k2_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
     return y.view(B, T, D), sT, cT, states, qkn
 
 
-def k2_dp(qkn, alpha, dq, dk):
-    """Backward of q = alpha * normalize(p_u), k = normalize(p_v) from the forward's qkn (M, 2R+2)
-    -> (dp (M, 2R) = [dp_u | dp_v], dalpha (R,)), float32; dq, dk (M, R)."""
+def qk_planes(qkn, R: int):
+    """The three planes of the forward's flat qkn buffer: q (M, R), k (M, R) and
+    qhn (M, R + 2) = [q_hat | ||x u|| | ||x v||], contiguous views (no copy)."""
+    M = qkn.numel() // (3 * R + 2)
+    if qkn.dim() != 1 or M * (3 * R + 2) != qkn.numel():
+        raise ValueError(f"qkn must be the forward's flat (rows * (3R + 2),) buffer for R = {R}, "
+                         f"got shape {tuple(qkn.shape)}")
+    return qkn[:M * R].view(M, R), qkn[M * R:2 * M * R].view(M, R), qkn[2 * M * R:].view(M, R + 2)
+
+
+def k2_dp(qhn, k, alpha, dq, dk):
+    """Backward of q = alpha * normalize(p_u), k = normalize(p_v) from the forward's qhn (M, R+2)
+    and k (M, R) (``qk_planes``) -> (dp (M, 2R) = [dp_u | dp_v], dalpha (R,)), float32; dq, dk (M, R)."""
     M, R = dq.shape
     BR = max(16, triton.next_power_of_2(R))
     BM = _block_m(BR)
@@ -391,7 +401,7 @@ def k2_dp(qkn, alpha, dq, dk):
     dp = torch.empty(M, 2 * R, dtype=torch.float32, device=dq.device)
     da = torch.empty(n_m, R, dtype=torch.float32, device=dq.device)
     if M:
-        launch(_k2_dp_kernel, (n_m,), qkn=qkn, alpha=alpha.detach().float().contiguous(), dq=dq.contiguous(),
+        launch(_k2_dp_kernel, (n_m,), qhn=qhn, k=k, alpha=alpha.detach().float().contiguous(), dq=dq.contiguous(),
                dk=dk.contiguous(), dp=dp, dalpha=da, M=M, R=R, BM=BM, BR=BR, num_warps=4)
     return dp, da.sum(dim=0, dtype=torch.float64).to(torch.float32)                # fixed order
 
@@ -423,13 +433,14 @@ def k2_bwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu
         raise ValueError(f"chunk_states must have shape (NC, R, D) = {(P.NC, R, D)}, got {tuple(chunk_states.shape)}")
     lg = log2_gamma(gamma)
     af = f32(alpha)
-    q = (qkn[:, :R] * af).contiguous()
-    k = qkn[:, R:2 * R].contiguous()
+    q, k, qhn = qk_planes(qkn, R)
+    if q.shape[0] != B * T:
+        raise ValueError(f"qkn holds {q.shape[0]} rows of q, k; the input has B * T = {B * T}")
     # G[c], d scan_state: the scan's reversed chunk-state kernel and state pass
     dstates = P.chunk_states(q, dy2, lg, reverse=True)
     ds0 = P.state_pass(dstates, lg, dht, scan_state is not None, reverse=True)
     dq, dk, dg = P.dqk(q, k, x2, dy2, lg, chunk_states, dstates)        # and the dgamma partials
-    dp, dalpha = k2_dp(qkn, af, dq, dk)                                  # through the normalisation
+    dp, dalpha = k2_dp(qhn, k, af, dq, dk)                              # through the normalisation
     # dx, written once; with it, per group of chunks, [du | dv] = x^T dp and the conv's weight
     # gradient W = sum_t dy_t xe_{t-l} (when fused: R <= 32 and K <= 64, else separate passes)
     uf, vf = f32(u), f32(v)

@@ -156,8 +156,10 @@ def test_triton_normalisation_backward_matches_autograd():
     dq, dk = torch.randn(M, R, generator=g, dtype=f), torch.randn(M, R, generator=g, dtype=f)
     ref = torch.autograd.grad((q, k), leaves, (dq, dk))
     nu, nv = pu.norm(dim=-1, keepdim=True), pv.norm(dim=-1, keepdim=True)
-    qkn = torch.cat([pu / nu.clamp_min(NORM_EPS), pv / nv.clamp_min(NORM_EPS), nu, nv], 1).float()
-    dp, dalpha = k2_dp(qkn.to(DEVICE), alpha.float().to(DEVICE), dq.float().to(DEVICE), dk.float().to(DEVICE))
+    qhn = torch.cat([pu / nu.clamp_min(NORM_EPS), nu, nv], 1).float()      # the forward's [q_hat | norms]
+    k_hat = (pv / nv.clamp_min(NORM_EPS)).float()
+    dp, dalpha = k2_dp(qhn.to(DEVICE), k_hat.to(DEVICE), alpha.float().to(DEVICE), dq.float().to(DEVICE),
+                       dk.float().to(DEVICE))
     assert_close("dp_u", dp[:, :R], ref[0], 1e-6)
     assert_close("dp_v", dp[:, R:], ref[1], 1e-6)
     assert_close("dalpha", dalpha, ref[2], 1e-6)
@@ -467,8 +469,9 @@ def test_fused_compiles_fullgraph(final):
 @needs_triton
 @pytest.mark.parametrize("varlen", [False, True], ids=["batch", "varlen"])
 def test_chunk_states_match_the_scan_kernels_layout(varlen):
-    """The fused forward stores chunk states exactly where scan_fwd (H1) puts them."""
-    from kop_triton.kernels.k2 import CHUNK, k2_fwd
+    """The fused forward stores chunk states exactly where scan_fwd (H1) puts them, and the q, k,
+    [q_hat, norms] planes its backward reads are those of the PyTorch projection."""
+    from kop_triton.kernels.k2 import CHUNK, k2_fwd, qk_planes
     from kop_triton.kernels.scan import scan_fwd
     from kop_triton.ops.k2 import k2_qk
     B, lens = (1, [70, 3, 130]) if varlen else (2, [150])
@@ -476,11 +479,17 @@ def test_chunk_states_match_the_scan_kernels_layout(varlen):
             k2_inputs(B, sum(lens), 9, 3, 4, dtype=torch.float32, N=len(lens) if varlen else None, device=DEVICE)]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=DEVICE) if varlen else None
     x, u, v, alpha, gamma, w, gl, s0, c0 = args
-    _, sT, _, states, _ = k2_fwd(x, u, v, alpha, gamma, w, gl, s0, c0, True, cu)
+    _, sT, _, states, qkn = k2_fwd(x, u, v, alpha, gamma, w, gl, s0, c0, True, cu)
     q, k = k2_qk(x, u, v, alpha)
     _, sT_ref, states_ref = scan_fwd(q, k, x, gamma, s0, True, cu, CHUNK)
     assert_close("chunk_states", states, states_ref, 1e-5)
     assert_close("scan_final", sT, sT_ref, 1e-5)
+    kq, kk, qhn = qk_planes(qkn, u.shape[1])
+    pu, pv = (x @ u).reshape(kq.shape), (x @ v).reshape(kk.shape)
+    assert_close("q plane", kq, q.reshape(kq.shape), 1e-5)
+    assert_close("k plane", kk, k.reshape(kk.shape), 1e-5)
+    assert_close("q_hat", qhn[:, :-2], torch.nn.functional.normalize(pu, dim=-1, eps=1e-8), 1e-5)
+    assert_close("norms", qhn[:, -2:], torch.stack([pu.norm(dim=-1), pv.norm(dim=-1)], 1), 1e-5)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="a million tokens is out of the interpreter's reach")
@@ -577,7 +586,7 @@ def test_triton_custom_op_opcheck(case):
         y, s1, c1, chunk_states, qkn = k2_mixer_fwd(*args, store)
     rows = {"state": 2, "no-state": 1, "varlen": 4, "no-chunk-states": 0}[case]
     assert chunk_states.shape == (rows, 2, 6)
-    assert qkn.shape == ((y.shape[0] * y.shape[1] if store else 0), 2 * 2 + 2)
+    assert qkn.shape == ((y.shape[0] * y.shape[1] * (3 * 2 + 2) if store else 0),)
     if not store:
         return
     g = torch.Generator().manual_seed(1)

@@ -51,9 +51,9 @@ def k2_triton_forward(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, con
     Arguments as ``k2_mixer`` (validated by the caller; initial states may be None).  Computes
     in float32 (float64 inputs in float32, cast back).  y (B, T, D) in x's dtype; the final
     states (N, R, D) and (N, K-1, D) in ``state_dtype(x)``, None unless ``output_final_state``;
-    chunk_states (NC, R, D) and qkn (B*T, 2R+2), float32: what ``k2_triton_backward`` needs
-    (the scan state entering every 64-token chunk; q_hat, k and their norms per token), None
-    unless ``store_chunk_states``.
+    chunk_states (NC, R, D) and qkn (B*T*(3R+2),), float32: what ``k2_triton_backward`` needs
+    (the scan state entering every 64-token chunk; the planes q, k and [q_hat, norms] of every
+    token, ``kop_triton.kernels.k2.qk_planes``), None unless ``store_chunk_states``.
     """
     from kop_triton.kernels.k2 import k2_fwd
     xc = x.float() if x.dtype == torch.float64 else x

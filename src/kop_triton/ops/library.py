@@ -8,13 +8,14 @@ Ops (namespace ``kop_triton``), thin wrappers of the launchers of ``kop_triton.o
   k2_mixer_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state?, conv_state?, cu_seqlens?,
                store_chunk_states)
       -> (y (B, T, D), scan_final (N, R, D), conv_final (N, K-1, D), chunk_states (NCP, R, D),
-          qkn (B*T or 0, 2R+2))
+          qkn (B*T*(3R+2) or 0,))
       ``k2_triton_forward``.  chunk_states: the float32 scan state entering every 64-token
       chunk, in the layout of ``kop_triton.kernels.scan``, followed by zero rows up to a count
       that depends on shapes only (the fake implementation must know it without reading
       cu_seqlens): NCP = B * ceil(T / 64) (exact), or with N packed sequences
       ceil(T / 64) + N - 1 >= sum_n ceil(len_n / 64); NCP = 0 unless ``store_chunk_states``.
-      qkn: q_hat, k and their norms per token (float32; 0 rows unless ``store_chunk_states``).
+      qkn: the planes q, k and [q_hat, norms] of every token, flat (float32; empty unless
+      ``store_chunk_states``; ``kop_triton.kernels.k2.qk_planes``).
       Neither is differentiable; both are saved for the backward.
   k2_mixer_bwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state?, conv_state?, cu_seqlens?,
                chunk_states, qkn, dy, dscan, dconv)
@@ -66,7 +67,7 @@ def k2_mixer_fwd(x: Tensor, u: Tensor, v: Tensor, alpha: Tensor, gamma: Tensor, 
     R, D = u.shape[1], x.shape[-1]
     if states is None:
         states = x.new_empty((0, R, D), dtype=torch.float32)
-        qkn = x.new_empty((0, 2 * R + 2), dtype=torch.float32)
+        qkn = x.new_empty((0,), dtype=torch.float32)
     pad = _padded_chunk_rows(x, cu_seqlens) - states.shape[0]
     if store_chunk_states and pad > 0:
         states = torch.cat([states, states.new_zeros(pad, R, D)])
@@ -80,7 +81,7 @@ def _(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu_seql
     rows = _padded_chunk_rows(x, cu_seqlens) if store_chunk_states else 0
     tokens = x.shape[0] * x.shape[1] if store_chunk_states else 0
     return (x.new_empty(x.shape), x.new_empty((N, R, D), dtype=dt), x.new_empty((N, K - 1, D), dtype=dt),
-            x.new_empty((rows, R, D), dtype=torch.float32), x.new_empty((tokens, 2 * R + 2), dtype=torch.float32))
+            x.new_empty((rows, R, D), dtype=torch.float32), x.new_empty((tokens * (3 * R + 2),), dtype=torch.float32))
 
 
 @torch.library.custom_op("kop_triton::k2_mixer_bwd", mutates_args=())
