@@ -109,10 +109,8 @@ def _k2_qk_kernel(x, u, v, alpha, q, k, qhn, M, D, R, BM: tl.constexpr, BD: tl.c
     qhn[t] = [normalize(x_t @ u) | ||x_t @ u|| | ||x_t @ v||].
     x: (M, D); u, v: (D, R), alpha (R,) float32; q, k: (M, R), qhn: (M, R + 2) float32."""
     i_m = tl.program_id(0)
-    o_m = i_m.to(tl.int64) * BM + tl.arange(0, BM)
-    m_m = o_m < M
-    o_r = tl.arange(0, BR)
-    m_r = o_r < R
+    o_m, m_m = block(i_m.to(tl.int64), BM, M)
+    o_r, m_r = block(0, BR, R)
     b_pu = tl.zeros([BM, BR], dtype=tl.float32)
     b_pv = tl.zeros([BM, BR], dtype=tl.float32)
     for d0 in range(0, D, BD):
@@ -341,8 +339,8 @@ def k2_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
     asked); chunk_states (NC, R, D) float32, the scan state entering every chunk in the layout
     of ``kop_triton.kernels.scan``, and qkn (B*T * (3R + 2),) float32, the planes q, k and
     [q_hat, ||x u||, ||x v||] of every token (``qk_planes``): what ``k2_bwd`` needs, both None
-    unless ``store_chunk_states``.  With no
-    tokens nothing is launched and the initial states pass through.
+    unless ``store_chunk_states``.  With no tokens nothing is launched and the initial states
+    pass through.
     """
     B, T, D = x.shape
     R = u.shape[1]
@@ -401,7 +399,7 @@ def k2_dp(qhn, k, alpha, dq, dk):
     dp = torch.empty(M, 2 * R, dtype=torch.float32, device=dq.device)
     da = torch.empty(n_m, R, dtype=torch.float32, device=dq.device)
     if M:
-        launch(_k2_dp_kernel, (n_m,), qhn=qhn, k=k, alpha=alpha.detach().float().contiguous(), dq=dq.contiguous(),
+        launch(_k2_dp_kernel, (n_m,), qhn=qhn, k=k, alpha=f32(alpha), dq=dq.contiguous(),
                dk=dk.contiguous(), dp=dp, dalpha=da, M=M, R=R, BM=BM, BR=BR, num_warps=4)
     return dp, da.sum(dim=0, dtype=torch.float64).to(torch.float32)                # fixed order
 
@@ -473,7 +471,7 @@ def k2_bwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu
     if fuse_dw:
         W = dw_part.sum(0)[..., :K] if P.per_channel else dw_part.sum(0)[:K]
     else:
-        W = conv_bwd_dw(x, c0 if use_c0 else None, dy2.view(B, T, D), K, kernel.dim() == 1, cu_seqlens)
+        W = conv_bwd_dw(x, conv_state, dy2.view(B, T, D), K, kernel.dim() == 1, cu_seqlens)
     dkernel = g * W
     dgate = (g * (1 - g) * (W * f32(kernel)).sum()).reshape(gate_logit.shape)
     dc0 = None
