@@ -30,11 +30,11 @@ driver or a real launch; those need a GPU (``benchmarks/device_check.sh``).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import io
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -430,20 +430,49 @@ def _job(args):
     return compile_one(*args)
 
 
+def gate_pool(jobs: int) -> ProcessPoolExecutor:
+    """The gate's worker pool: spawned, never forked.  With ``--device`` each worker loads its
+    binaries through the CUDA driver, and a child forked from a parent that touched CUDA (even
+    ``torch.cuda.is_available()``) cannot initialise it: every row would read "does not
+    compile".  Spawned workers start clean (a few seconds of imports each, on any machine)."""
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+
+
+class UnknownKernel(ValueError):
+    """A ``kernel`` filter part that names no kernel the workload launches."""
+
+
 def run_gate(cases: List[Case], targets: List[str], jobs: int = 1, kernel: Optional[str] = None,
              exact: bool = True, on_device: bool = False) -> List[Dict]:
     """Compile every specialisation of ``cases`` for each target (only kernels whose name
-    contains ``kernel``, when given) -> one row per (target, specialisation)."""
+    contains one of the comma-separated parts of ``kernel``, when given) -> one row per
+    (target, specialisation).  Raises ``UnknownKernel`` when a part of ``kernel`` matches no
+    kernel of the workload, ValueError when ``targets`` is empty or unknown."""
+    if not targets:
+        raise ValueError(f"no target given; choose from {', '.join(TARGETS)}")
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise ValueError(f"unknown targets {unknown}; choose from {', '.join(TARGETS)}")
+    parts = None if kernel is None else [k.strip() for k in kernel.split(",") if k.strip()]
+    if parts == []:
+        raise UnknownKernel(f"{kernel!r} names no kernel")
     rows = []
     work = []
     for t in targets:
         arch = TARGETS[t]
-        for s in specializations(cases, arch, exact):
-            if kernel is None or any(k and k in s.kernel for k in kernel.split(",")):
+        specs = specializations(cases, arch, exact)
+        if parts is not None:
+            names = sorted({s.kernel.split(":")[1] for s in specs})
+            bad = [k for k in parts if not any(k in s.kernel for s in specs)]
+            if bad:
+                raise UnknownKernel(f"{', '.join(repr(k) for k in bad)} matches no kernel of the workload "
+                                    f"(for {t}); its kernels: {', '.join(names)}")
+        for s in specs:
+            if parts is None or any(k in s.kernel for k in parts):
                 work.append((t, arch, s))
     args = [(s.kernel, s.kwargs, arch, on_device) for _, arch, s in work]
-    if jobs > 1:
-        with ProcessPoolExecutor(jobs) as ex:
+    if jobs > 1 and len(args) > 1:
+        with gate_pool(min(jobs, len(args))) as ex:
             results = list(ex.map(_job, args))
     else:
         results = [_job(a) for a in args]
@@ -512,7 +541,8 @@ def markdown(rows: List[Dict], meta: Dict, limits: Optional[List[Dict]] = None) 
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kop_triton.kernels.report", description=__doc__.split("\n")[0])
+    from kop_triton.cli import ArgumentParser          # the tools' one-line usage errors, exit status 2
+    ap = ArgumentParser(prog="python -m kop_triton.kernels.report", description=__doc__.split("\n")[0])
     ap.add_argument("--set", choices=("full", "ci"), default="full", help="workload (default: full)")
     ap.add_argument("--targets", default="sm_80,sm_90,sm_100",
                     help="comma-separated, of " + ", ".join(TARGETS) + " (default: all)")
@@ -526,14 +556,25 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="on a CUDA GPU: also load each binary and record the driver's register / spill counts")
     args = ap.parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if not targets:
+        ap.error(f"--targets: got {args.targets!r}, no target; give one or more of {', '.join(TARGETS)}, "
+                 "comma-separated")
     bad = [t for t in targets if t not in TARGETS]
     if bad:
         ap.error(f"--targets: unknown {bad}; choose from {list(TARGETS)}")
+    if args.jobs < 1:
+        ap.error(f"--jobs: got {args.jobs}; give 1 or more parallel compiles")
+    if args.kernel is not None and not any(k.strip() for k in args.kernel.split(",")):
+        ap.error(f"--kernel: got {args.kernel!r}, no kernel name; give part of a kernel's name, e.g. _k2_qk")
     t0 = time.time()
     cases = workload(args.set)
+    # (the workers are spawned, not forked: this CUDA query in the parent cannot break them)
     if args.device and not torch.cuda.is_available():
         ap.error("--device needs a CUDA GPU")
-    rows = run_gate(cases, targets, args.jobs, args.kernel, exact=args.set == "full", on_device=args.device)
+    try:
+        rows = run_gate(cases, targets, args.jobs, args.kernel, exact=args.set == "full", on_device=args.device)
+    except UnknownKernel as e:
+        ap.error(f"--kernel: {e}")
     limits = [] if args.no_limits else check_limits()
     meta = {"date": time.strftime("%Y-%m-%d"), "triton": triton.__version__, "torch": torch.__version__,
             "set": args.set, "cases": len(cases), "targets": targets, "seconds": time.time() - t0,
