@@ -119,14 +119,26 @@ def _tap(w, l, o_d, m_d, K, PER_CHANNEL: tl.constexpr):
 
 
 @triton.jit
-def _conv_fwd_kernel(x, w, h0, y, cu, table, NB, T, D, K,
+def _flat_ids(D, BD: tl.constexpr, NB, IS_VARLEN: tl.constexpr):
+    """(i_d, i_t, i_b) of a flat conv grid (D / BD, blocks, B): channel block first; a packed
+    batch's blocks are its table's rows (B = 1), a plain batch's NB per sequence."""
+    i_d, r, _ = tile_ids(tl.cdiv(D, BD), 1)
+    if IS_VARLEN:
+        return i_d, r, 0
+    else:
+        i_b = r // NB
+        return i_d, r - i_b * NB, i_b
+
+
+@triton.jit
+def _conv_fwd_kernel(x, w, h0, y, cu, table, T, D, K,
                      BT: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
                      PER_CHANNEL: tl.constexpr, USE_H0: tl.constexpr, USE_DOT: tl.constexpr,
                      IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr, FLAT: tl.constexpr):
-    """y of BT rows (block i_t of NB per sequence, or of the packed table) and BD channels;
-    grid (NB, D / BD, B), or flattened onto axis x (FLAT, ``launch.grid_of``)."""
+    """y of BT rows (block i_t of those of a sequence, or of the packed table) and BD channels;
+    grid (blocks, D / BD, B), or flat (D / BD, blocks, B) on axis x (FLAT, ``launch.grid_of``)."""
     if FLAT:
-        i_t, i_d, i_b = tile_ids(NB, tl.cdiv(D, BD))
+        i_d, i_t, i_b = _flat_ids(D, BD, tl.cdiv(T, BT), IS_VARLEN)
     else:
         i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, bos, L, blk = seq_block(cu, table, i_t, i_b, T, IS_VARLEN)
@@ -177,16 +189,22 @@ def conv_t_tile(dy, w, dfin, bos, L, n, s0, o_d, m_d, D, K, scale,
 
 
 @triton.jit
-def _conv_bwd_dx_kernel(dy, w, dfin, dx, dh0, cu, table, scale, NB, T, D, K,
+def _conv_bwd_dx_kernel(dy, w, dfin, dx, dh0, cu, table, scale, T, D, K,
                         BT: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
                         PER_CHANNEL: tl.constexpr, USE_DFIN: tl.constexpr, NEED_DH0: tl.constexpr,
                         STORE_DX: tl.constexpr, USE_DOT: tl.constexpr, IS_VARLEN: tl.constexpr,
                         DOT_MODE: tl.constexpr, FLAT: tl.constexpr):
     """dxe_s = scale * sum_l w[l] dy_{s+l} + dfinal_{s-L+K-1}, s from -(K-1) (NEED_DH0) or 0 to
     L-1; rows s >= 0 to dx (unless STORE_DX is off: the fused K2 backward writes those), s < 0
-    to dh0.  scale: (1,) float32.  Grid (NB, D / BD, B) or flat, as the forward's."""
+    to dh0.  scale: (1,) float32.  Grid (blocks, D / BD, B) or flat, as the forward's."""
     if FLAT:
-        i_t, i_d, i_b = tile_ids(NB, tl.cdiv(D, BD))
+        if not STORE_DX:
+            NB = tl.cdiv(K - 1, BT)              # conv_bwd_dx(dh0_only=True): K - 1 rows a sequence
+        elif NEED_DH0:
+            NB = tl.cdiv(T + K - 1, BT)
+        else:
+            NB = tl.cdiv(T, BT)
+        i_d, i_t, i_b = _flat_ids(D, BD, NB, IS_VARLEN)
     else:
         i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, bos, L, blk = seq_block(cu, table, i_t, i_b, T, IS_VARLEN)
@@ -278,9 +296,9 @@ def conv_fwd(x, weight, initial_state, output_final_state, cu_seqlens, use_dot=N
     dot = _use_dot(weight, K, use_dot)
     if B * T > 0:
         gt, gb, tab = lay.grid_t(BLOCK_T)
-        grid, fl = grid_of((gt, triton.cdiv(D, BD), gb))
+        grid, fl = grid_of((gt, triton.cdiv(D, BD), gb), (triton.cdiv(D, BD), gt, gb))
         launch(_conv_fwd_kernel, grid, FLAT=fl,
-               x=x2, w=w, h0=h0, y=y, cu=lay.cu, table=tab, NB=gt, T=T, D=D, K=K, BT=BLOCK_T, BS=BLOCK_S,
+               x=x2, w=w, h0=h0, y=y, cu=lay.cu, table=tab, T=T, D=D, K=K, BT=BLOCK_T, BS=BLOCK_S,
                BD=BD, PER_CHANNEL=weight.dim() == 2, USE_H0=use_h0, USE_DOT=dot, IS_VARLEN=lay.varlen,
                DOT_MODE=dot_mode(x.dtype), num_warps=CONV_WARPS)
     final = lay.final_rows(x2, initial_state if K > 1 else None, K) if output_final_state else None
@@ -314,9 +332,9 @@ def conv_bwd_dx(dy, weight, dfinal, need_dh0, cu_seqlens, dx_dtype, dh0_dtype, u
     else:
         gt, gb, tab = lay.grid_t(BLOCK_T, extra)
     if gt * gb > 0:
-        grid, fl = grid_of((gt, triton.cdiv(D, BD), gb))
+        grid, fl = grid_of((gt, triton.cdiv(D, BD), gb), (triton.cdiv(D, BD), gt, gb))
         launch(_conv_bwd_dx_kernel, grid, FLAT=fl,
-               dy=g2, w=w, dfin=dfin, dx=dx, dh0=dh0, cu=lay.cu, table=tab, scale=sc, NB=gt, T=T, D=D, K=K,
+               dy=g2, w=w, dfin=dfin, dx=dx, dh0=dh0, cu=lay.cu, table=tab, scale=sc, T=T, D=D, K=K,
                BT=BT, BS=BLOCK_S, BD=BD, PER_CHANNEL=weight.dim() == 2, USE_DFIN=use_dfin,
                NEED_DH0=need_dh0, STORE_DX=not dh0_only, USE_DOT=_use_dot(weight, K, use_dot),
                IS_VARLEN=lay.varlen, DOT_MODE=dot_mode(dy.dtype), num_warps=CONV_WARPS)
