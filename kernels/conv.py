@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot, dot_mode, f32, state_arg
-from .launch import launch
+from ._common import dot, dot_mode, f32, state_arg, tile_ids
+from .launch import grid_of, launch
 from .varlen import Layout, seq_block
 
 # Tile sizes.  BT = BS = 64 feeds the tensor cores with 64 x 64 x BD products; BD <= 64
@@ -119,11 +119,16 @@ def _tap(w, l, o_d, m_d, K, PER_CHANNEL: tl.constexpr):
 
 
 @triton.jit
-def _conv_fwd_kernel(x, w, h0, y, cu, table, T, D, K,
+def _conv_fwd_kernel(x, w, h0, y, cu, table, NB, T, D, K,
                      BT: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
                      PER_CHANNEL: tl.constexpr, USE_H0: tl.constexpr, USE_DOT: tl.constexpr,
-                     IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr):
-    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                     IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr, FLAT: tl.constexpr):
+    """y of BT rows (block i_t of NB per sequence, or of the packed table) and BD channels;
+    grid (NB, D / BD, B), or flattened onto axis x (FLAT, ``launch.grid_of``)."""
+    if FLAT:
+        i_t, i_d, i_b = tile_ids(NB, tl.cdiv(D, BD))
+    else:
+        i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, bos, L, blk = seq_block(cu, table, i_t, i_b, T, IS_VARLEN)
     t0 = blk * BT
     o_d = i_d * BD + tl.arange(0, BD)
@@ -172,15 +177,18 @@ def conv_t_tile(dy, w, dfin, bos, L, n, s0, o_d, m_d, D, K, scale,
 
 
 @triton.jit
-def _conv_bwd_dx_kernel(dy, w, dfin, dx, dh0, cu, table, scale, T, D, K,
+def _conv_bwd_dx_kernel(dy, w, dfin, dx, dh0, cu, table, scale, NB, T, D, K,
                         BT: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
                         PER_CHANNEL: tl.constexpr, USE_DFIN: tl.constexpr, NEED_DH0: tl.constexpr,
                         STORE_DX: tl.constexpr, USE_DOT: tl.constexpr, IS_VARLEN: tl.constexpr,
-                        DOT_MODE: tl.constexpr):
+                        DOT_MODE: tl.constexpr, FLAT: tl.constexpr):
     """dxe_s = scale * sum_l w[l] dy_{s+l} + dfinal_{s-L+K-1}, s from -(K-1) (NEED_DH0) or 0 to
     L-1; rows s >= 0 to dx (unless STORE_DX is off: the fused K2 backward writes those), s < 0
-    to dh0.  scale: (1,) float32."""
-    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    to dh0.  scale: (1,) float32.  Grid (NB, D / BD, B) or flat, as the forward's."""
+    if FLAT:
+        i_t, i_d, i_b = tile_ids(NB, tl.cdiv(D, BD))
+    else:
+        i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, bos, L, blk = seq_block(cu, table, i_t, i_b, T, IS_VARLEN)
     if NEED_DH0:
         s0 = blk * BT - (K - 1)
@@ -203,10 +211,16 @@ def _conv_bwd_dx_kernel(dy, w, dfin, dx, dh0, cu, table, scale, T, D, K,
 @triton.jit
 def _conv_bwd_dw_kernel(x, h0, dy, dw_part, cu, table, n_blocks, NT, T, D, K,
                         BT: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr,
-                        USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """dw_part[i_s, l, d] = sum over time blocks i_s, i_s+NS, ... of sum_t dy_t[d] xe_{t-l}[d]."""
-    i_l, i_d, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    NS = tl.num_programs(2)
+                        USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr, FLAT: tl.constexpr):
+    """dw_part[i_s, l, d] = sum over time blocks i_s, i_s+NS, ... of sum_t dy_t[d] xe_{t-l}[d];
+    grid (K / BL, D / BD, NS) with NS <= 512 time splits (``conv_bwd_dw``), or flattened onto axis
+    x (FLAT, ``launch.grid_of``)."""
+    if FLAT:
+        NS = tl.num_programs(0) // (tl.cdiv(K, BL) * tl.cdiv(D, BD))
+        i_l, i_d, i_s = tile_ids(tl.cdiv(K, BL), tl.cdiv(D, BD))
+    else:
+        i_l, i_d, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        NS = tl.num_programs(2)
     l0 = i_l * BL
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
@@ -264,8 +278,9 @@ def conv_fwd(x, weight, initial_state, output_final_state, cu_seqlens, use_dot=N
     dot = _use_dot(weight, K, use_dot)
     if B * T > 0:
         gt, gb, tab = lay.grid_t(BLOCK_T)
-        launch(_conv_fwd_kernel, (gt, triton.cdiv(D, BD), gb),
-               x=x2, w=w, h0=h0, y=y, cu=lay.cu, table=tab, T=T, D=D, K=K, BT=BLOCK_T, BS=BLOCK_S,
+        grid, fl = grid_of((gt, triton.cdiv(D, BD), gb))
+        launch(_conv_fwd_kernel, grid, FLAT=fl,
+               x=x2, w=w, h0=h0, y=y, cu=lay.cu, table=tab, NB=gt, T=T, D=D, K=K, BT=BLOCK_T, BS=BLOCK_S,
                BD=BD, PER_CHANNEL=weight.dim() == 2, USE_H0=use_h0, USE_DOT=dot, IS_VARLEN=lay.varlen,
                DOT_MODE=dot_mode(x.dtype), num_warps=CONV_WARPS)
     final = lay.final_rows(x2, initial_state if K > 1 else None, K) if output_final_state else None
@@ -299,8 +314,9 @@ def conv_bwd_dx(dy, weight, dfinal, need_dh0, cu_seqlens, dx_dtype, dh0_dtype, u
     else:
         gt, gb, tab = lay.grid_t(BLOCK_T, extra)
     if gt * gb > 0:
-        launch(_conv_bwd_dx_kernel, (gt, triton.cdiv(D, BD), gb),
-               dy=g2, w=w, dfin=dfin, dx=dx, dh0=dh0, cu=lay.cu, table=tab, scale=sc, T=T, D=D, K=K,
+        grid, fl = grid_of((gt, triton.cdiv(D, BD), gb))
+        launch(_conv_bwd_dx_kernel, grid, FLAT=fl,
+               dy=g2, w=w, dfin=dfin, dx=dx, dh0=dh0, cu=lay.cu, table=tab, scale=sc, NB=gt, T=T, D=D, K=K,
                BT=BT, BS=BLOCK_S, BD=BD, PER_CHANNEL=weight.dim() == 2, USE_DFIN=use_dfin,
                NEED_DH0=need_dh0, STORE_DX=not dh0_only, USE_DOT=_use_dot(weight, K, use_dot),
                IS_VARLEN=lay.varlen, DOT_MODE=dot_mode(dy.dtype), num_warps=CONV_WARPS)
@@ -330,7 +346,8 @@ def conv_bwd_dw(x, initial_state, dy, K, shared, cu_seqlens):
     if n_blocks == 0:
         part.zero_()
     else:
-        launch(_conv_bwd_dw_kernel, (triton.cdiv(K, BL), triton.cdiv(D, BD), NS),
+        grid, fl = grid_of((triton.cdiv(K, BL), triton.cdiv(D, BD), NS))
+        launch(_conv_bwd_dw_kernel, grid, FLAT=fl,
                x=x2, h0=h0, dy=g2, dw_part=part, cu=lay.cu, table=tab, n_blocks=n_blocks, NT=gt, T=T,
                D=D, K=K, BT=BLOCK_T, BL=BL, BD=BD, USE_H0=use_h0, IS_VARLEN=lay.varlen,
                num_warps=DW_WARPS)

@@ -63,6 +63,25 @@ def chunk_program(c, NT, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def chunk_tile(N0, NT, IS_VARLEN: tl.constexpr):
+    """(i0, i_t, i_b) of this program of a flat chunk grid (``launch.flat(N0, chunks, batch
+    rows)``): block i0 of the N0 that share a chunk (channel blocks, sub-chunks; they run back
+    to back), then the chunk program (i_t, i_b) as ``chunk_program`` numbers it."""
+    pid = tl.program_id(0).to(tl.uint32)
+    n0 = tl.cast(N0, tl.uint32)
+    c = pid // n0
+    i0 = (pid - c * n0).to(tl.int32)
+    c = c.to(tl.int32)
+    if IS_VARLEN:
+        return i0, c, 0
+    else:
+        nt = tl.cast(NT, tl.uint32)
+        cu = c.to(tl.uint32)
+        i_b = cu // nt
+        return i0, (cu - i_b * nt).to(tl.int32), i_b.to(tl.int32)
+
+
+@triton.jit
 def seq_length(cu_seqlens, n, bos, T, IS_VARLEN: tl.constexpr):
     """Length of sequence n (first row bos)."""
     if IS_VARLEN:
