@@ -39,9 +39,9 @@ install: $(STAMP)
 #     interpreter with every grid's programs run in reversed and in a seeded shuffled order
 #     (tests/grid_order.py), and a check that they launched every kernel and flag value the compile
 #     gate's CI workload launches.
-GPU_MODE_TESTS := tests/test_scan.py tests/test_conv.py tests/test_k2.py tests/test_module_koperator.py \
-                  tests/test_no_host_sync.py tests/test_api_errors.py
-RACE_TESTS     := tests/test_scan.py tests/test_conv.py tests/test_k2.py
+GPU_MODE_TESTS := tests/test_scan.py tests/test_conv.py tests/test_k2.py tests/test_flat_grids.py \
+                  tests/test_module_koperator.py tests/test_no_host_sync.py tests/test_api_errors.py
+RACE_TESTS     := tests/test_scan.py tests/test_conv.py tests/test_k2.py tests/test_flat_grids.py
 RACE_SEED      ?= 1
 
 test: $(STAMP)

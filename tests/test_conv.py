@@ -13,9 +13,9 @@ from kop_triton.ops.conv import naive_causal_conv
 
 needs_triton = pytest.mark.skipif(not TRITON_OK, reason=NEEDS_TRITON)
 # ``race``: the curated set `make test` reruns with every Triton grid reversed and shuffled
-# (tests/grid_order.py; KOP_GRID_ORDER); together the marked tests of test_scan, test_conv and
-# test_k2 launch every kernel with every flag value the compile gate's CI workload launches
-# (checked by --race-coverage)
+# (tests/grid_order.py; KOP_GRID_ORDER); together the marked tests of test_scan, test_conv, test_k2
+# and test_flat_grids launch every kernel with every flag value the compile gate's CI workload
+# launches (checked by --race-coverage)
 RACE = pytest.mark.race
 
 
