@@ -7,11 +7,14 @@ references -- the same checks as their natural grids."""
 import pytest
 import torch
 
-from helpers import DEVICE, TRITON_OK, assert_close, cotangent_grads, make_gamma
+from helpers import DEVICE, NEEDS_TRITON, TRITON_OK, assert_close, cotangent_grads, make_gamma
 from kop_triton import causal_conv, decayed_scan, k2_mixer
 from kop_triton.kernels import launch as launch_mod
 
-pytestmark = pytest.mark.skipif(not TRITON_OK, reason="needs CUDA or TRITON_INTERPRET=1")
+pytestmark = pytest.mark.skipif(not TRITON_OK, reason=NEEDS_TRITON)
+# ``race``: in the race check's curated set (tests/grid_order.py): the flat grids' index decoding,
+# every kernel with FLAT set, under reversed and shuffled program orders
+RACE = pytest.mark.race
 
 
 @pytest.fixture
@@ -43,6 +46,7 @@ def _cu(lens):
     return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
 
 
+@RACE
 @pytest.mark.parametrize("varlen", [False, True])
 def test_scan_on_flat_grids(flat, varlen):
     g = torch.Generator().manual_seed(0)
@@ -66,6 +70,7 @@ def test_scan_on_flat_grids(flat, varlen):
                             "_chunk_out_kernel", "_bwd_dqk_kernel"])
 
 
+@RACE
 @pytest.mark.parametrize("varlen", [False, True])
 @pytest.mark.parametrize("K,per_channel", [(4, True), (70, False)])
 def test_conv_on_flat_grids(flat, varlen, K, per_channel):
@@ -89,8 +94,9 @@ def test_conv_on_flat_grids(flat, varlen, K, per_channel):
     _assert_all_flat(flat, ["_conv_fwd_kernel", "_conv_bwd_dx_kernel", "_conv_bwd_dw_kernel"])
 
 
-@pytest.mark.parametrize("varlen", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,varlen", [pytest.param(torch.float32, False, marks=RACE), (torch.float32, True),
+                                          (torch.bfloat16, False), pytest.param(torch.bfloat16, True, marks=RACE)],
+                         ids=["fp32-batch", "fp32-varlen", "bf16-batch", "bf16-varlen"])
 def test_k2_on_flat_grids(flat, varlen, dtype):
     """The fused K2 mixer, fp32 (weight gradients in their own passes: conv_bwd_dw's flat grid too)
     and bf16 (summed inside _k2_dx_kernel)."""
