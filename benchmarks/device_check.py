@@ -62,7 +62,8 @@ MARKER = ".device_check_work"      # marks a work folder this driver made (and m
 # what $OUT holds (the device tool brings back at most 8 files): the archive, the summary and
 # the small text files a reader opens first (each also in the archive)
 OUT_FILES = (ARCHIVE, SUMMARY, "machine.txt", "tests.log", "k2.log", "gate.md", "bench.md")
-TEST_FILES = ["tests/test_scan.py", "tests/test_conv.py", "tests/test_k2.py", "tests/test_module_koperator.py"]
+TEST_FILES = ["tests/test_scan.py", "tests/test_conv.py", "tests/test_k2.py", "tests/test_flat_grids.py",
+              "tests/test_module_koperator.py"]
 K2_METHODS = ["k2/triton_fused", "k2/triton_unfused", "k2/chunked"]
 
 
