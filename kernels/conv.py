@@ -122,7 +122,7 @@ def _tap(w, l, o_d, m_d, K, PER_CHANNEL: tl.constexpr):
 def _flat_ids(D, BD: tl.constexpr, NB, IS_VARLEN: tl.constexpr):
     """(i_d, i_t, i_b) of a flat conv grid (D / BD, blocks, B): channel block first; a packed
     batch's blocks are its table's rows (B = 1), a plain batch's NB per sequence."""
-    i_d, r, _ = tile_ids(tl.cdiv(D, BD), 1)
+    i_d, _, r = tile_ids(tl.cdiv(D, BD), 1)
     if IS_VARLEN:
         return i_d, r, 0
     else:

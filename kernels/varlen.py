@@ -68,8 +68,14 @@ def chunk_tile(N0, NT, IS_VARLEN: tl.constexpr):
     rows)``): block i0 of the N0 that share a chunk (channel blocks, sub-chunks; they run back
     to back), then the chunk program (i_t, i_b) as ``chunk_program`` numbers it."""
     pid = tl.program_id(0)
-    i_t, i_b = chunk_program(pid // N0, NT, IS_VARLEN)
-    return pid % N0, i_t, i_b
+    c = pid // N0
+    if IS_VARLEN:
+        return pid - c * N0, c, 0
+    else:
+        cu = c.to(tl.uint32)
+        nt = tl.cast(NT, tl.uint32)
+        i_b = cu // nt
+        return pid - c * N0, (cu - i_b * nt).to(tl.int32), i_b.to(tl.int32)
 
 
 @triton.jit
