@@ -283,7 +283,24 @@ def dots_16bit(ttir: str) -> bool:
     return any(re.search(r"x(bf16|f16)>", ln) for ln in _TTIR_DOT.findall(ttir))
 
 
-def ptxas(ptx: str, arch: int) -> str:
+def ptxas(ptx: str, arch: int, backend=None, options=None) -> str:
+    """``ptxas -v`` on ``ptx`` for sm_<arch> -> its log.  With Triton's ``backend`` and ``options``:
+    through the backend's own ``make_cubin``, i.e. with the flags that Triton version passes (they
+    change between releases: 3.9 adds ``--regAllocOptLevel=2``, under which some kernels spill that
+    do not without it); otherwise (or if that is not callable) plain ``-lineinfo -v``."""
+    if backend is not None:
+        log = io.StringIO()
+        knobs = triton.knobs.nvidia
+        dump, knobs.dump_ptxas_log = knobs.dump_ptxas_log, True
+        try:
+            with contextlib.redirect_stdout(log):
+                backend.make_cubin(ptx, {}, options, arch)
+        except TypeError:               # another make_cubin signature: fall back to our own command
+            pass
+        finally:
+            knobs.dump_ptxas_log = dump
+        if _PTXAS_REGS.search(log.getvalue()):
+            return log.getvalue()
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
@@ -319,8 +336,8 @@ def compile_one(kernel_path: str, kwargs: Dict, arch: int, on_device: bool = Fal
         finally:
             knobs.dump_ptxas_log = dump
         text = log.getvalue()
-        # a binary from Triton's cache ran no ptxas: run it on the cached PTX
-        row = parse_ptxas(text if _PTXAS_REGS.search(text) else ptxas(k.asm["ptx"], arch))
+        # a binary from Triton's cache ran no ptxas: run it on the cached PTX, as Triton would
+        row = parse_ptxas(text if _PTXAS_REGS.search(text) else ptxas(k.asm["ptx"], arch, backend, options))
         row.update(count_mma(k.asm["ptx"]))
         row["dots_16bit"] = dots_16bit(k.asm["ttir"])
         row["smem"] = max(int(k.metadata.shared), row["ptxas_smem"])
