@@ -14,8 +14,16 @@ NODEPS := lm-eval==0.4.13
 STAMP  := $(VENV)/.kop-installed
 JOBS   ?= 2
 BENCH_FLAGS ?=
+# The newest Triton release, compile-gated beside the pinned one (tests/test_gpu_compile.py runs
+# its gate with this venv's python): a second small venv with the same torch (the on-disk CPU build:
+# pinned, so pip never fetches a CUDA torch), that Triton and numpy.  The gate runs no interpreter,
+# so numpy is not capped here (numpy 2.4 works with it).
+VENV39 ?= .venv-triton39
+PY39   := $(VENV39)/bin/python
+DEPS39 := "setuptools>=64" torch==2.13.0 triton==3.9.0 numpy
+STAMP39 := $(VENV39)/.kop-installed
 
-.PHONY: install test bench clean
+.PHONY: install install-triton39 test bench clean
 
 CC     ?= cc
 
@@ -31,11 +39,19 @@ $(STAMP): setup.py Makefile src/kop_triton/_rosa.c
 
 install: $(STAMP)
 
-test: $(STAMP)
-	$(PY) -m pytest -q -n $(JOBS) tests
+$(STAMP39): setup.py Makefile src/kop_triton/_rosa.c
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV39)
+	$(PY39) -m pip install -q $(DEPS39)
+	$(PY39) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP39)
+
+install-triton39: $(STAMP39)
+
+test: $(STAMP) $(STAMP39)
+	KOP_TRITON_NEWEST_PYTHON=$(PY39) $(PY) -m pytest -q -n $(JOBS) tests
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run $(BENCH_FLAGS)
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info src/kop_triton/_rosa*.so
+	rm -rf $(VENV) $(VENV39) build src/*.egg-info src/kop_triton/_rosa*.so

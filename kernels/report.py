@@ -91,6 +91,30 @@ class Case:
         return s + (" states" if self.states else "") + (" varlen" if self.varlen else "")
 
 
+def newest_workload() -> List[Case]:
+    """The CI set of the second Triton gated (the newest release, in its own venv; ``--set
+    newest``): every kernel x dtype x flag, at the tiles whose launch settings depend on the Triton
+    version or the target (kernels/settings.py) or that spilled under Triton 3.9 before those
+    settings -- R = 4 / 16 and 128 (either side of R = 32), D = 24 (partial channel blocks) and
+    1024, states, packed sequences, the taps conv and the Toeplitz product."""
+    cases: List[Case] = []
+    for dt in DTYPES:
+        for R in (4, 128):
+            cases.append(Case("scan", dt, 2, 2048, 24, R=R))
+            cases.append(Case("k2", dt, 2, 2048, 24, R=R, K=8))
+        cases.append(Case("scan", dt, 2, 2048, 1024, R=128))
+        cases.append(Case("k2", dt, 2, 2048, 1024, R=128, K=8))
+        cases.append(Case("scan", dt, 1, 300, 64, R=4, states=True, varlen=True))
+        cases.append(Case("scan", dt, 1, 1 << 20, 1024, R=16, states=True))
+        cases.append(Case("k2", dt, 1, 1 << 20, 1024, R=16, K=8, states=True))
+        cases.append(Case("k2", dt, 1, 300, 64, R=16, K=8, per_channel=True, states=True, varlen=True))
+        for K in (8, 4096):
+            cases.append(Case("conv", dt, 2, 4096, 256, K=K))
+            cases.append(Case("conv", dt, 2, 4096, 24, K=K, per_channel=True, states=True))
+            cases.append(Case("conv", dt, 1, 300, 64, K=K, states=True, varlen=True))
+    return cases
+
+
 def workload(which: str = "full") -> List[Case]:
     """The cases of the gate.  "full": every kernel x fp32 / bf16 / fp16 x R in {1, 4, 16, 64,
     128} x D in {1, 24, 64, 256, 1024, 4096} (8192 for the K2 mixer at T = 1M) x K from 1 to
@@ -98,6 +122,8 @@ def workload(which: str = "full") -> List[Case]:
     and backward.  "ci": every kernel, dtype and flag with the smallest and the largest tiles the
     launchers pick (R in {4, 128}, D in {24, 1024}, the taps and the Toeplitz conv), sized for
     the 2-core CI machine."""
+    if which == "newest":
+        return newest_workload()
     full = which == "full"
     cases: List[Case] = []
     Rs = (1, 4, 16, 64, 128) if full else (4, 128)
@@ -446,7 +472,8 @@ def markdown(rows: List[Dict], meta: Dict) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kop_triton.kernels.report", description=__doc__.split("\n")[0])
-    ap.add_argument("--set", choices=("full", "ci"), default="full", help="workload (default: full)")
+    ap.add_argument("--set", choices=("full", "ci", "newest"), default="full",
+                    help="workload (default: full; newest: the CI set of the second Triton gated)")
     ap.add_argument("--targets", default="sm_80,sm_90,sm_100",
                     help="comma-separated, of " + ", ".join(TARGETS) + " (default: all)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
