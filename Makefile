@@ -47,8 +47,25 @@ $(STAMP39): setup.py Makefile src/kop_triton/_rosa.c
 
 install-triton39: $(STAMP39)
 
+# `make test` runs three things:
+#  1. the whole suite (on a machine without CUDA the Triton kernels run through the interpreter), with
+#     the offline compile gate under the pinned Triton and, in .venv-triton39, the newest one;
+#  2. the files whose behaviour depends on the mode, as on a GPU machine (TRITON_INTERPRET=0): on a
+#     machine without CUDA the kernel tests skip, and any skip whose reason is not CUDA fails;
+#  3. the race check: the tests marked `race` (every kernel and flag at small sizes) through the
+#     interpreter with every grid's programs run in reversed and in a seeded shuffled order
+#     (tests/grid_order.py), and a check that they launched every kernel and flag value the compile
+#     gate's CI workload launches.
+GPU_MODE_TESTS := tests/test_scan.py tests/test_conv.py tests/test_k2.py tests/test_flat_grids.py \
+                  tests/test_module_koperator.py tests/test_no_host_sync.py tests/test_api_errors.py
+RACE_TESTS     := tests/test_scan.py tests/test_conv.py tests/test_k2.py tests/test_flat_grids.py
+RACE_SEED      ?= 1
+
 test: $(STAMP) $(STAMP39)
 	KOP_TRITON_NEWEST_PYTHON=$(PY39) $(PY) -m pytest -q -n $(JOBS) tests
+	TRITON_INTERPRET=0 $(PY) -m pytest -q -n $(JOBS) -rs --only-cuda-skips $(GPU_MODE_TESTS)
+	TRITON_INTERPRET=1 KOP_GRID_ORDER=reverse $(PY) -m pytest -q -n $(JOBS) -m race --race-coverage $(RACE_TESTS)
+	TRITON_INTERPRET=1 KOP_GRID_ORDER=shuffle:$(RACE_SEED) $(PY) -m pytest -q -n $(JOBS) -m race --race-coverage $(RACE_TESTS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run $(BENCH_FLAGS)

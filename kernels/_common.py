@@ -30,6 +30,18 @@ def dot(a, b, DOT_MODE: tl.constexpr):
 
 
 @triton.jit
+def tile_ids(N0, N1):
+    """(i0, i1, i2) of this program in a (N0, N1, N2) grid that the launcher flattened onto axis 0
+    (``launch.flat``; axis 0 fastest): only axis x may grow past CUDA's 65,535 programs."""
+    pid = tl.program_id(0).to(tl.uint32)
+    n0 = tl.cast(N0, tl.uint32)
+    n1 = tl.cast(N1, tl.uint32)
+    r = pid // n0
+    i2 = r // n1
+    return (pid - r * n0).to(tl.int32), (r - i2 * n1).to(tl.int32), i2.to(tl.int32)
+
+
+@triton.jit
 def block(i, BLOCK: tl.constexpr, N):
     """(offsets, mask) of block i of BLOCK indices over 0..N-1."""
     o = i * BLOCK + tl.arange(0, BLOCK)

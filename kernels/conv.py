@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot, dot_mode, f32, state_arg
-from .launch import launch, target_arch
+from ._common import dot, dot_mode, f32, state_arg, tile_ids
+from .launch import grid_of, launch, target_arch
 from .settings import kernel_settings
 from .varlen import Layout, seq_block
 
@@ -107,11 +107,28 @@ def _tap(w, l, o_d, m_d, K, PER_CHANNEL: tl.constexpr):
 
 
 @triton.jit
+def _flat_ids(D, BD: tl.constexpr, NB, IS_VARLEN: tl.constexpr):
+    """(i_d, i_t, i_b) of a flat conv grid (D / BD, blocks, B): channel block first; a packed
+    batch's blocks are its table's rows (B = 1), a plain batch's NB per sequence."""
+    i_d, r, _ = tile_ids(tl.cdiv(D, BD), 1)
+    if IS_VARLEN:
+        return i_d, r, 0
+    else:
+        i_b = r // NB
+        return i_d, r - i_b * NB, i_b
+
+
+@triton.jit
 def _conv_fwd_kernel(x, w, h0, y, cu, table, T, D, K,
                      BT: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
                      PER_CHANNEL: tl.constexpr, USE_H0: tl.constexpr, USE_DOT: tl.constexpr,
-                     IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr):
-    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                     IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr, FLAT: tl.constexpr):
+    """y of BT rows (block i_t of those of a sequence, or of the packed table) and BD channels;
+    grid (blocks, D / BD, B), or flat (D / BD, blocks, B) on axis x (FLAT, ``launch.grid_of``)."""
+    if FLAT:
+        i_d, i_t, i_b = _flat_ids(D, BD, tl.cdiv(T, BT), IS_VARLEN)
+    else:
+        i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, bos, L, blk = seq_block(cu, table, i_t, i_b, T, IS_VARLEN)
     t0 = blk * BT
     o_d = i_d * BD + tl.arange(0, BD)
@@ -164,11 +181,20 @@ def _conv_bwd_dx_kernel(dy, w, dfin, dx, dh0, cu, table, scale, T, D, K,
                         BT: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
                         PER_CHANNEL: tl.constexpr, USE_DFIN: tl.constexpr, NEED_DH0: tl.constexpr,
                         STORE_DX: tl.constexpr, USE_DOT: tl.constexpr, IS_VARLEN: tl.constexpr,
-                        DOT_MODE: tl.constexpr):
+                        DOT_MODE: tl.constexpr, FLAT: tl.constexpr):
     """dxe_s = scale * sum_l w[l] dy_{s+l} + dfinal_{s-L+K-1}, s from -(K-1) (NEED_DH0) or 0 to
     L-1; rows s >= 0 to dx (unless STORE_DX is off: the fused K2 backward writes those), s < 0
-    to dh0.  scale: (1,) float32."""
-    i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    to dh0.  scale: (1,) float32.  Grid (blocks, D / BD, B) or flat, as the forward's."""
+    if FLAT:
+        if not STORE_DX:
+            NB = tl.cdiv(K - 1, BT)              # conv_bwd_dx(dh0_only=True): K - 1 rows a sequence
+        elif NEED_DH0:
+            NB = tl.cdiv(T + K - 1, BT)
+        else:
+            NB = tl.cdiv(T, BT)
+        i_d, i_t, i_b = _flat_ids(D, BD, NB, IS_VARLEN)
+    else:
+        i_t, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, bos, L, blk = seq_block(cu, table, i_t, i_b, T, IS_VARLEN)
     if NEED_DH0:
         s0 = blk * BT - (K - 1)
@@ -191,10 +217,16 @@ def _conv_bwd_dx_kernel(dy, w, dfin, dx, dh0, cu, table, scale, T, D, K,
 @triton.jit
 def _conv_bwd_dw_kernel(x, h0, dy, dw_part, cu, table, n_blocks, NT, T, D, K,
                         BT: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr,
-                        USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """dw_part[i_s, l, d] = sum over time blocks i_s, i_s+NS, ... of sum_t dy_t[d] xe_{t-l}[d]."""
-    i_l, i_d, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    NS = tl.num_programs(2)
+                        USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr, FLAT: tl.constexpr):
+    """dw_part[i_s, l, d] = sum over time blocks i_s, i_s+NS, ... of sum_t dy_t[d] xe_{t-l}[d];
+    grid (K / BL, D / BD, NS) with NS <= 512 time splits (``conv_bwd_dw``), or flattened onto axis
+    x (FLAT, ``launch.grid_of``)."""
+    if FLAT:
+        NS = tl.num_programs(0) // (tl.cdiv(K, BL) * tl.cdiv(D, BD))
+        i_l, i_d, i_s = tile_ids(tl.cdiv(K, BL), tl.cdiv(D, BD))
+    else:
+        i_l, i_d, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        NS = tl.num_programs(2)
     l0 = i_l * BL
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
@@ -248,7 +280,9 @@ def conv_fwd(x, weight, initial_state, output_final_state, cu_seqlens, use_dot=N
     dot = _use_dot(weight, K, use_dot)
     if B * T > 0:
         gt, gb, tab = lay.grid_t(st["BT"])
-        launch(_conv_fwd_kernel, (gt, triton.cdiv(D, st["BD"]), gb),
+        nd = triton.cdiv(D, st["BD"])
+        grid, fl = grid_of((gt, nd, gb), (nd, gt, gb))
+        launch(_conv_fwd_kernel, grid, FLAT=fl,
                x=x2, w=w, h0=h0, y=y, cu=lay.cu, table=tab, T=T, D=D, K=K,
                PER_CHANNEL=weight.dim() == 2, USE_H0=use_h0, USE_DOT=dot, IS_VARLEN=lay.varlen,
                DOT_MODE=dot_mode(x.dtype), **st)
@@ -282,7 +316,9 @@ def conv_bwd_dx(dy, weight, dfinal, need_dh0, cu_seqlens, dx_dtype, dh0_dtype, u
     else:
         gt, gb, tab = lay.grid_t(st["BT"], extra)
     if gt * gb > 0:
-        launch(_conv_bwd_dx_kernel, (gt, triton.cdiv(D, st["BD"]), gb),
+        nd = triton.cdiv(D, st["BD"])
+        grid, fl = grid_of((gt, nd, gb), (nd, gt, gb))
+        launch(_conv_bwd_dx_kernel, grid, FLAT=fl,
                dy=g2, w=w, dfin=dfin, dx=dx, dh0=dh0, cu=lay.cu, table=tab, scale=sc, T=T, D=D, K=K,
                PER_CHANNEL=weight.dim() == 2, USE_DFIN=use_dfin,
                NEED_DH0=need_dh0, STORE_DX=not dh0_only, USE_DOT=dot,
@@ -312,7 +348,8 @@ def conv_bwd_dw(x, initial_state, dy, K, shared, cu_seqlens):
     if n_blocks == 0:
         part.zero_()
     else:
-        launch(_conv_bwd_dw_kernel, (triton.cdiv(K, st["BL"]), triton.cdiv(D, st["BD"]), NS),
+        grid, fl = grid_of((triton.cdiv(K, st["BL"]), triton.cdiv(D, st["BD"]), NS))
+        launch(_conv_bwd_dw_kernel, grid, FLAT=fl,
                x=x2, h0=h0, dy=g2, dw_part=part, cu=lay.cu, table=tab, n_blocks=n_blocks, NT=gt, T=T,
                D=D, K=K, USE_H0=use_h0, IS_VARLEN=lay.varlen, **st)
     dw = part.sum(0)                                                  # (K, D)

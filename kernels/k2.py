@@ -9,12 +9,15 @@ The work is split the way chunked linear attention is (the scan's algebra and it
 state across chunks, outputs in parallel.  Chunks of CHUNK = 64 tokens, cut into sub-chunks of
 SUB_CHUNK = 16 (``kop_triton.kernels.config``); NC chunks in all (``kop_triton.kernels.varlen``).
 
+Grids as below; past CUDA's 65,535 programs on axis y or z a launch runs on its grid flattened
+onto axis x instead (``launch.grid_of``, the kernels' FLAT constexpr).
+
 Forward, four launches (x is read three times, y written once):
   1. ``_k2_qk_kernel``       grid (rows / BM,): q = alpha * normalize(x @ u), k = normalize(x @ v),
                              and for the backward q_hat = normalize(x @ u) with the two norms, once
                              per token -> qkn, three float32 planes q | k | [q_hat, norms] of
                              (rows, R), (rows, R), (rows, R + 2) (reads x);
-  2. ``_chunk_state_kernel`` (scan) grid (NC, D / 64): chunk-local states (k g^(L-1-j))^T @ x
+  2. ``_chunk_state_kernel`` (scan) grid (D / 64, NC): chunk-local states (k g^(L-1-j))^T @ x
                              (reads x);
   3. ``_state_pass_kernel``  (scan) grid (N, R*D / 128): the only walk over a sequence, elementwise
                              on the (R, D) chunk states, 16 chunks composed per step ->
@@ -56,13 +59,13 @@ import triton
 import triton.language as tl
 
 from . import conv as _conv
-from ._common import block, dot, f32, load_rows, log2_gamma, state_arg
+from ._common import block, dot, f32, load_rows, log2_gamma, state_arg, tile_ids
 from .config import CHUNK, SUB_CHUNK
 from .conv import _load_xe, conv_bwd_dw, conv_bwd_dx, conv_t_tile, conv_tile
-from .launch import launch, target_arch
+from .launch import grid_of, launch, target_arch
 from .scan import ChunkPlan, score_cols, score_rows
 from .settings import kernel_settings
-from .varlen import Layout, chunk_bounds, chunk_program, seq_length
+from .varlen import Layout, chunk_bounds, chunk_program, chunk_tile, seq_length
 
 NORM_EPS = tl.constexpr(1e-8)   # a constexpr: the compiler rejects a plain Python float global
 # _k2_dx_kernel forms [du | dv] = x^T dp (its two (BD, R) float32 accumulators) for R <= 32, and
@@ -127,13 +130,17 @@ def _k2_out_kernel(x, q, k, lg, gate, w, c0, s, y, cu_seqlens, chunk_indices, T,
                    BT: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr, BRS: tl.constexpr,
                    BD: tl.constexpr, BK: tl.constexpr, DIAG_LOOP: tl.constexpr, PER_CHANNEL: tl.constexpr,
                    CONV_DOT: tl.constexpr, USE_C0: tl.constexpr, IS_VARLEN: tl.constexpr,
-                   DOT_MODE: tl.constexpr, STATE_DOT_MODE: tl.constexpr):
+                   DOT_MODE: tl.constexpr, STATE_DOT_MODE: tl.constexpr, FLAT: tl.constexpr):
     """y of one chunk and BD channels, sub-chunk by sub-chunk I:
     y_I = gate * conv_I + A[I, :] @ x_chunk + (q_I g^(i+1)) @ S_prev[c].
     x, y: (rows, D); q, k: (rows, R) float32; s: S_prev (NC, R, D) float32; w: (K,) or (D, K);
     c0: (N, K-1, D) float32; gate: (1,) sigmoid(gate_logit).  Grid (D / BD, chunks, B): the
-    channel blocks of one chunk run back to back and share its q, k and state rows in cache."""
-    i_d, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    channel blocks of one chunk run back to back and share its q, k and state rows in cache
+    (flattened onto axis x past CUDA's y / z limits: FLAT, ``launch.grid_of``)."""
+    if FLAT:
+        i_d, i_t, i_b = chunk_tile(tl.cdiv(D, BD), NT, IS_VARLEN)
+    else:
+        i_d, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n, bos, i_tc, i_s, L, t0 = chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
     L_seq = seq_length(cu_seqlens, n, bos, T, IS_VARLEN)
     o_t = tl.arange(0, BT)
@@ -198,7 +205,8 @@ def _k2_dx_kernel(x, dy, q, k, lg, ds, dp, u, v, gate, w, c0, dfin, dx, duv_part
                   BD: tl.constexpr, BK: tl.constexpr, BW: tl.constexpr, DIAG_LOOP: tl.constexpr,
                   PER_CHANNEL: tl.constexpr, CONV_DOT: tl.constexpr, USE_C0: tl.constexpr,
                   USE_DFIN: tl.constexpr, FUSE_DUV: tl.constexpr, FUSE_DW: tl.constexpr,
-                  IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr, STATE_DOT_MODE: tl.constexpr):
+                  IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr, STATE_DOT_MODE: tl.constexpr,
+                  FLAT: tl.constexpr):
     """dx of BD channels of a group of G consecutive chunks, sub-chunk by sub-chunk J:
 
         dx_J = A[:, J]^T @ dy_chunk + (k_J g^(L-1-j)) @ G[c] + gate * conv^T(dy)_J + dfinal_J
@@ -209,8 +217,14 @@ def _k2_dx_kernel(x, dy, q, k, lg, ds, dp, u, v, gate, w, c0, dfin, dx, duv_part
                FUSE_DW   W[l] = sum_t dy_t . xe_{t-l}  -> dw_part (NG * ceil(D/BD), BW) shared,
                          (NG, D, BW) per channel (K <= BW taps, one at a time).
     x, dy, dx: (rows, D); q, k: (rows, R) float32; ds: G (NC, R, D) float32; dp: (rows, 2R)
-    float32; u, v: (D, R) float32; c0: (N, K-1, D) and dfin (d conv_final): float32."""
-    i_d, i_g = tl.program_id(0), tl.program_id(1)
+    float32; u, v: (D, R) float32; c0: (N, K-1, D) and dfin (d conv_final): float32.
+    Grid (D / BD, NG), or flattened onto axis x (FLAT, ``launch.grid_of``)."""
+    if FLAT:
+        ND = tl.cdiv(D, BD)
+        i_d, _, i_g = tile_ids(ND, 1)
+    else:
+        i_d, i_g = tl.program_id(0), tl.program_id(1)
+        ND = tl.num_programs(0)
     o_t = tl.arange(0, BT)
     o_c = tl.arange(0, BC)
     o_d, m_d = block(i_d, BD, D)
@@ -282,7 +296,7 @@ def _k2_dx_kernel(x, dy, q, k, lg, ds, dp, u, v, gate, w, c0, dfin, dx, duv_part
             p_w = dw_part + i_g.to(tl.int64) * D * BW + o_d[:, None] * BW + o_l[None, :]
             tl.store(p_w, b_w, mask=m_d[:, None])
         else:
-            tl.store(dw_part + (i_g.to(tl.int64) * tl.num_programs(0) + i_d) * BW + o_l, b_w)
+            tl.store(dw_part + (i_g.to(tl.int64) * ND + i_d) * BW + o_l, b_w)
 
 
 # --------------------------------------------------------------------------------------
@@ -298,8 +312,9 @@ class _Plan(ChunkPlan):
     def __init__(self, x, R, kernel, cu_seqlens):
         B, T, D = x.shape
         self.lay = Layout(x, cu_seqlens)
-        super().__init__(B, T, R, D, x.dtype, self.lay.cu if cu_seqlens is not None else None, CHUNK,
-                         x.device)
+        # the chunk tables on cu_seqlens' own device (x's, but for the gate's meta-tensor workloads)
+        cu = None if cu_seqlens is None else cu_seqlens.to(torch.int64).contiguous()
+        super().__init__(B, T, R, D, x.dtype, cu, CHUNK, x.device)
         self.K = kernel.shape[-1]
         self.fp32 = self.dot_mode == 0
         self.per_channel = kernel.dim() == 2
@@ -345,7 +360,8 @@ def k2_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
         sT = P.state_pass(states, lg, s0, output_final_state, reverse=False)
         gate = torch.sigmoid(f32(gate_logit).reshape(1))
         st = P.settings("_k2_out_kernel", K=P.K)
-        launch(_k2_out_kernel, (triton.cdiv(D, st["BD"]), *P.grid_t), **P.chunk_args(),
+        grid, fl = grid_of((triton.cdiv(D, st["BD"]), *P.grid_t))
+        launch(_k2_out_kernel, grid, FLAT=fl, **P.chunk_args(),
                x=x2, q=q, k=k, lg=lg, gate=gate, w=f32(kernel), c0=c0,
                s=states, y=y, D=D, R=R, K=P.K, BT=CHUNK, BC=SUB_CHUNK, BR=P.BR,
                PER_CHANNEL=P.per_channel, CONV_DOT=P.conv_dot,
@@ -432,7 +448,8 @@ def k2_bwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu
     duv_part = torch.empty(NG, D, 2 * R, **fp) if fuse_duv else dp
     dw_part = (torch.empty(NG, D, BW, **fp) if P.per_channel else torch.empty(NG * nd, BW, **fp)) \
         if fuse_dw else dp
-    launch(_k2_dx_kernel, (nd, NG),
+    grid, fl = grid_of((nd, NG))
+    launch(_k2_dx_kernel, grid, FLAT=fl,
            x=x2, dy=dy2, q=q, k=k, lg=lg, ds=dstates, dp=dp, u=uf, v=vf, gate=g, w=f32(kernel),
            c0=c0, dfin=dfin, dx=dx, duv_part=duv_part, dw_part=dw_part,
            cu_seqlens=P.cu, chunk_indices=P.chunk_indices, T=T, D=D, R=R, K=K, NT=P.NT, NC=P.NC, G=G,

@@ -30,11 +30,11 @@ driver or a real launch; those need a GPU (``benchmarks/device_check.sh``).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import io
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -80,7 +80,10 @@ class Case:
     K: int = 1               # conv / k2
     per_channel: bool = False
     states: bool = False     # initial states given and final states asked for
-    varlen: bool = False     # packed sequences (3 of them) in a batch of one
+    varlen: bool = False     # packed sequences (N of them) in a batch of one
+    N: int = 3               # packed sequences (varlen)
+    flat: bool = False       # every launch on its flat grid (launch.FORCE_FLAT: what sizes past
+                             # CUDA's 65,535 programs on grid axis y or z run)
 
     def label(self) -> str:
         s = f"{self.op} {self.dtype} B={self.B} T={self.T} D={self.D}"
@@ -88,7 +91,8 @@ class Case:
             s += f" R={self.R}"
         if self.op != "scan":
             s += f" K={self.K}{' per-channel' if self.per_channel else ''}"
-        return s + (" states" if self.states else "") + (" varlen" if self.varlen else "")
+        return (s + (" states" if self.states else "") + (f" varlen N={self.N}" if self.varlen else "")
+                + (" flat" if self.flat else ""))
 
 
 def newest_workload() -> List[Case]:
@@ -96,7 +100,7 @@ def newest_workload() -> List[Case]:
     newest``): every kernel x dtype x flag, at the tiles whose launch settings depend on the Triton
     version or the target (kernels/settings.py) or that spilled under Triton 3.9 before those
     settings -- R = 4 / 16 and 128 (either side of R = 32), D = 24 (partial channel blocks) and
-    1024, states, packed sequences, the taps conv and the Toeplitz product."""
+    1024, states, packed sequences, the taps conv and the Toeplitz product, and ci's flat grids."""
     cases: List[Case] = []
     for dt in DTYPES:
         for R in (4, 128):
@@ -112,6 +116,21 @@ def newest_workload() -> List[Case]:
             cases.append(Case("conv", dt, 2, 4096, 256, K=K))
             cases.append(Case("conv", dt, 2, 4096, 24, K=K, per_channel=True, states=True))
             cases.append(Case("conv", dt, 1, 300, 64, K=K, states=True, varlen=True))
+        cases += _flat_cases(dt)
+    return cases
+
+
+def _flat_cases(dt: str) -> List[Case]:
+    """The flat grids (sizes past CUDA's y / z limits), with the smallest and largest tiles."""
+    cases: List[Case] = []
+    for R in (4, 128):
+        cases.append(Case("scan", dt, 2, 2048, 1024, R=R, states=True, flat=True))
+        cases.append(Case("k2", dt, 2, 2048, 1024, R=R, K=8, states=True, flat=True))
+        cases.append(Case("k2", dt, 1, 300, 64, R=R, K=8, per_channel=True, states=True, varlen=True,
+                          flat=True))
+    for K in (8, 4096):
+        cases.append(Case("conv", dt, 2, 4096, 256, K=K, per_channel=K == 8, states=True, flat=True))
+        cases.append(Case("conv", dt, 1, 300, 64, K=K, states=True, varlen=True, flat=True))
     return cases
 
 
@@ -146,28 +165,89 @@ def workload(which: str = "full") -> List[Case]:
             cases.append(Case("conv", dt, 1, 300, 64, K=K, states=True, varlen=True))
             cases.append(Case("k2", dt, 1, 300, 64, R=16, K=K, per_channel=K % 2 == 0, states=True,
                               varlen=True))
+        cases += _flat_cases(dt)
     return cases
 
 
+def limit_cases() -> List[Case]:
+    """Sizes at CUDA's grid limits (``launch.GRID_LIMITS``: 65,535 programs on axes y and z), each
+    op forward and backward, fp32 and bf16: one sequence of 16M and of 64M tokens, 64M tokens
+    packed in 3 sequences, 100,000 packed sequences, a batch of B = 100,000, D = 8192.  Recorded
+    only (``check_limits``), not compiled: their specialisations are the workload's."""
+    cases: List[Case] = []
+    for dt in ("fp32", "bf16"):
+        for T in (1 << 24, 1 << 26):
+            cases += [Case("scan", dt, 1, T, 64, R=16, states=True), Case("conv", dt, 1, T, 64, K=8, states=True),
+                      Case("k2", dt, 1, T, 64, R=16, K=8, states=True)]
+        for N, T in ((3, 1 << 26), (100_000, 100_000 * 64)):
+            cases += [Case("scan", dt, 1, T, 64, R=16, states=True, varlen=True, N=N),
+                      Case("conv", dt, 1, T, 64, K=8, states=True, varlen=True, N=N),
+                      Case("k2", dt, 1, T, 64, R=16, K=8, states=True, varlen=True, N=N)]
+        cases += [Case("scan", dt, 100_000, 256, 64, R=16, states=True),
+                  Case("conv", dt, 100_000, 256, 64, K=8, per_channel=True, states=True),
+                  Case("k2", dt, 100_000, 256, 64, R=16, K=8, states=True),
+                  Case("scan", dt, 1, 1 << 20, 8192, R=128, states=True),
+                  Case("conv", dt, 1, 1 << 20, 8192, K=4096, states=True),
+                  Case("k2", dt, 1, 1 << 20, 8192, R=128, K=8, per_channel=True, states=True)]
+    return cases
+
+
+def check_limits(cases: Optional[List[Case]] = None) -> List[Dict]:
+    """Record every launch of ``cases`` (default: ``limit_cases()``): ``launch`` raises on a grid
+    over CUDA's limits.  -> one row per case: its largest grid per axis, or the error."""
+    rows = []
+    for c in limit_cases() if cases is None else cases:
+        row = {"case": c.label(), "op": c.op, "B": c.B, "T": c.T, "D": c.D,
+               "N": c.N if c.varlen else c.B, "error": None}
+        try:
+            launches = run_case(c)
+            big = max(launches, key=lambda ln: max(ln.grid))
+            row["launches"] = len(launches)
+            row["largest_grid"] = list(big.grid)
+            row["largest_grid_kernel"] = big.name
+            row["max_axis_yz"] = max((g for ln in launches for g in ln.grid[1:]), default=1)
+        except Exception as e:  # a launch over the limits is a result of the check
+            row["error"] = f"{type(e).__name__}: {e}"[-1000:]
+        rows.append(row)
+    return rows
+
+
 def _inputs(c: Case):
-    dev = "cpu" if c.varlen else "meta"
+    # meta tensors (nothing is allocated: any size); packed sequences' offsets on the CPU, since
+    # the launchers build their tables from them
+    dev = "meta"
     dt = DTYPES[c.dtype]
     f32 = torch.float32
-    N = 3 if c.varlen else c.B
+    N = c.N if c.varlen else c.B
     mk = lambda *s, dtype=f32: torch.empty(*s, dtype=dtype, device=dev).requires_grad_()  # noqa: E731
     cu = None
     if c.varlen:
-        cuts = [0, c.T // 5, c.T // 5 + 1 + c.T // 3, c.T]
+        if c.N == 3:
+            cuts = [0, c.T // 5, c.T // 5 + 1 + c.T // 3, c.T]
+        else:   # N sequences of about T / N tokens, the first ones one token longer
+            q, r = divmod(c.T, c.N)
+            cuts = [0]
+            for i in range(c.N):
+                cuts.append(cuts[-1] + q + (i < r))
         cu = torch.tensor(cuts, dtype=torch.int32)
     return dev, dt, N, mk, cu
 
 
 def run_case(c: Case, arch: Optional[int] = None) -> List[Launch]:
     """Forward and backward of one case through the ops' Triton paths, launches recorded."""
+    from . import launch as launch_mod
+    dev, dt, N, mk, cu = _inputs(c)
+    flat, launch_mod.FORCE_FLAT = launch_mod.FORCE_FLAT, c.flat
+    try:
+        return _record(c, arch, dev, dt, N, mk, cu)
+    finally:
+        launch_mod.FORCE_FLAT = flat
+
+
+def _record(c: Case, arch, dev, dt, N, mk, cu) -> List[Launch]:
     from kop_triton.ops.conv import triton_causal_conv
     from kop_triton.ops.k2 import triton_k2_mixer
     from kop_triton.ops.scan import triton_decayed_scan
-    dev, dt, N, mk, cu = _inputs(c)
     with recording(arch=arch) as rec:
         if c.op == "scan":
             q, k, v = mk(c.B, c.T, c.R, dtype=dt), mk(c.B, c.T, c.R, dtype=dt), mk(c.B, c.T, c.D, dtype=dt)
@@ -400,20 +480,49 @@ def _job(args):
     return compile_one(*args)
 
 
+def gate_pool(jobs: int) -> ProcessPoolExecutor:
+    """The gate's worker pool: spawned, never forked.  With ``--device`` each worker loads its
+    binaries through the CUDA driver, and a child forked from a parent that touched CUDA (even
+    ``torch.cuda.is_available()``) cannot initialise it: every row would read "does not
+    compile".  Spawned workers start clean (a few seconds of imports each, on any machine)."""
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+
+
+class UnknownKernel(ValueError):
+    """A ``kernel`` filter part that names no kernel the workload launches."""
+
+
 def run_gate(cases: List[Case], targets: List[str], jobs: int = 1, kernel: Optional[str] = None,
              exact: bool = True, on_device: bool = False) -> List[Dict]:
     """Compile every specialisation of ``cases`` for each target (only kernels whose name
-    contains ``kernel``, when given) -> one row per (target, specialisation)."""
+    contains one of the comma-separated parts of ``kernel``, when given) -> one row per
+    (target, specialisation).  Raises ``UnknownKernel`` when a part of ``kernel`` matches no
+    kernel of the workload, ValueError when ``targets`` is empty or unknown."""
+    if not targets:
+        raise ValueError(f"no target given; choose from {', '.join(TARGETS)}")
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise ValueError(f"unknown targets {unknown}; choose from {', '.join(TARGETS)}")
+    parts = None if kernel is None else [k.strip() for k in kernel.split(",") if k.strip()]
+    if parts == []:
+        raise UnknownKernel(f"{kernel!r} names no kernel")
     rows = []
     work = []
     for t in targets:
         arch = TARGETS[t]
-        for s in specializations(cases, arch, exact):
-            if kernel is None or any(k and k in s.kernel for k in kernel.split(",")):
+        specs = specializations(cases, arch, exact)
+        if parts is not None:
+            names = sorted({s.kernel.split(":")[1] for s in specs})
+            bad = [k for k in parts if not any(k in s.kernel for s in specs)]
+            if bad:
+                raise UnknownKernel(f"{', '.join(repr(k) for k in bad)} matches no kernel of the workload "
+                                    f"(for {t}); its kernels: {', '.join(names)}")
+        for s in specs:
+            if parts is None or any(k in s.kernel for k in parts):
                 work.append((t, arch, s))
     args = [(s.kernel, s.kwargs, arch, on_device) for _, arch, s in work]
-    if jobs > 1:
-        with ProcessPoolExecutor(jobs) as ex:
+    if jobs > 1 and len(args) > 1:
+        with gate_pool(min(jobs, len(args))) as ex:
             results = list(ex.map(_job, args))
     else:
         results = [_job(a) for a in args]
@@ -442,7 +551,7 @@ def summary(rows: List[Dict]) -> List[Dict]:
     return out
 
 
-def markdown(rows: List[Dict], meta: Dict) -> str:
+def markdown(rows: List[Dict], meta: Dict, limits: Optional[List[Dict]] = None) -> str:
     lines = [f"# Offline compile report: {meta['date']}", "",
              f"Triton {meta['triton']}, torch {meta['torch']}, workload `{meta['set']}` "
              f"({meta['cases']} cases), targets {', '.join(meta['targets'])}; compiled on {meta['machine']} "
@@ -467,11 +576,23 @@ def markdown(rows: List[Dict], meta: Dict) -> str:
         lines.append(f"| {r['target']} | {r['kernel']} | {r['dtype']} | {r['config']} | {r['registers']} | "
                      f"{r['spill_stores']}/{r['spill_loads']} | {r['smem']} | {r['mma']} | {gate} | "
                      f"{r['cases'][0]} |")
+    if limits:
+        lines += ["", "## Launch limits", "",
+                  "Every launch of these sizes recorded on meta tensors (`check_limits`) and held against CUDA's "
+                  "grid limits (axis x < 2^31, y and z <= 65,535 programs):", "",
+                  "| case | launches | largest grid (kernel) | largest y / z | verdict |", "|---|---|---|---|---|"]
+        for r in limits:
+            if r["error"]:
+                lines.append(f"| {r['case']} | - | - | - | **{r['error'][:200]}** |")
+            else:
+                lines.append(f"| {r['case']} | {r['launches']} | {r['largest_grid']} ({r['largest_grid_kernel']}) | "
+                             f"{r['max_axis_yz']} | ok |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kop_triton.kernels.report", description=__doc__.split("\n")[0])
+    from kop_triton.cli import ArgumentParser          # the tools' one-line usage errors, exit status 2
+    ap = ArgumentParser(prog="python -m kop_triton.kernels.report", description=__doc__.split("\n")[0])
     ap.add_argument("--set", choices=("full", "ci", "newest"), default="full",
                     help="workload (default: full; newest: the CI set of the second Triton gated)")
     ap.add_argument("--targets", default="sm_80,sm_90,sm_100",
@@ -480,35 +601,53 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--json", help="write every row here")
     ap.add_argument("--md", help="write the markdown report here")
     ap.add_argument("--kernel", help="only kernels whose name contains one of these (comma-separated)")
+    ap.add_argument("--no-limits", action="store_true",
+                    help="skip the launch-limit sizes (check_limits: recorded, not compiled)")
     ap.add_argument("--device", action="store_true",
                     help="on a CUDA GPU: also load each binary and record the driver's register / spill counts")
     args = ap.parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if not targets:
+        ap.error(f"--targets: got {args.targets!r}, no target; give one or more of {', '.join(TARGETS)}, "
+                 "comma-separated")
     bad = [t for t in targets if t not in TARGETS]
     if bad:
         ap.error(f"--targets: unknown {bad}; choose from {list(TARGETS)}")
+    if args.jobs < 1:
+        ap.error(f"--jobs: got {args.jobs}; give 1 or more parallel compiles")
+    if args.kernel is not None and not any(k.strip() for k in args.kernel.split(",")):
+        ap.error(f"--kernel: got {args.kernel!r}, no kernel name; give part of a kernel's name, e.g. _k2_qk")
     t0 = time.time()
     cases = workload(args.set)
+    # (the workers are spawned, not forked: this CUDA query in the parent cannot break them)
     if args.device and not torch.cuda.is_available():
         ap.error("--device needs a CUDA GPU")
-    rows = run_gate(cases, targets, args.jobs, args.kernel, exact=args.set == "full", on_device=args.device)
+    try:
+        rows = run_gate(cases, targets, args.jobs, args.kernel, exact=args.set == "full", on_device=args.device)
+    except UnknownKernel as e:
+        ap.error(f"--kernel: {e}")
+    limits = [] if args.no_limits else check_limits()
     meta = {"date": time.strftime("%Y-%m-%d"), "triton": triton.__version__, "torch": torch.__version__,
             "set": args.set, "cases": len(cases), "targets": targets, "seconds": time.time() - t0,
             "machine": f"{os.cpu_count()}-core CPU", "argv": " ".join(argv if argv is not None else sys.argv[1:])}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "summary": summary(rows), "rows": rows}, f, indent=1)
+            json.dump({"meta": meta, "summary": summary(rows), "rows": rows, "limits": limits}, f, indent=1)
     if args.md:
         with open(args.md, "w") as f:
-            f.write(markdown(rows, meta))
+            f.write(markdown(rows, meta, limits))
     for s in summary(rows):
         print(json.dumps(s))
     failing = [r for r in rows if r["problems"]]
     for r in failing:
         print(f"FAIL {r['target']} {r['kernel']} [{r['dtype']}; {r['config']}]: {'; '.join(r['problems'])}"
               f"  (e.g. {r['cases'][0]})" + (f"\n    {r['error'].splitlines()[-1]}" if r.get("error") else ""))
+    over = [r for r in limits if r["error"]]
+    for r in over:
+        print(f"FAIL launch limits {r['case']}: {r['error']}")
+    print(f"launch limits: {len(limits) - len(over)} of {len(limits)} sizes launch within CUDA's grid limits")
     print(f"gate: {len(rows) - len(failing)} specialisations pass, {len(failing)} fail")
-    return 1 if failing else 0
+    return 1 if failing or over else 0
 
 
 if __name__ == "__main__":

@@ -37,17 +37,21 @@ can exceed).  Measured vs the float64 naive reference (interpreter, T <= 4096): 
 <= 4e-7 in float32, <= 6e-4 in float16, <= 9e-3 in bfloat16 (o and every gradient).
 
 Kernels (every grid is parallel over chunks; only the state passing walks the chunks;
-with cu_seqlens the chunk axis runs over all NC chunks of the packed batch and B is 1):
-    _intra_A_kernel       A (rows of every chunk), grid (NT, BT // BC, B)
+with cu_seqlens the chunk axis runs over all NC chunks of the packed batch and B is 1).  Past
+65,535 programs on axis y or z (CUDA's limit: over 4M tokens in one sequence or packed, B >
+65,535, R*D > 8.4M) a launch runs on a flat grid instead (``launch.grid_of``, FLAT: the (N0, NT,
+B) grid below, N0 first, all on axis x):
+    _intra_A_kernel       A (rows of every chunk), grid (NT, BT // BC, B); flat (BT // BC, NT, B)
     _chunk_state_kernel   chunk-local states dS[c] (forward) / dH[c] (backward), grid (D/BD, NT, B)
     _state_pass_kernel    sequential pass over the chunks of a sequence, elementwise in (R, D),
-                          grid (N, R*D / BLOCK); forward in time, or reversed for the backward
+                          grid (N, R*D / BLOCK), flat (R*D / BLOCK, N); forward in time, or
+                          reversed for the backward
     _chunk_out_kernel     o (forward) / dv (backward), grid (D/BD, NT, B)
     _bwd_dqk_kernel       dq, dk and per-(chunk, sub-chunk) partial dgamma, grid (BT // BC, NT, B)
 
 The tile kernels' grids run the channel blocks of one chunk back to back (D/BD first), so the
-chunk's q, k, A rows they all read are shared in cache; _bwd_dqk runs the sub-chunks of one chunk
-back to back for the same reason.
+chunk's q, k, A rows they all read are shared in cache; _intra_A and _bwd_dqk run the sub-chunks
+of one chunk back to back for the same reason.
 
 No atomics anywhere: dgamma partials are written to a (chunks * sub-chunks, R) buffer and
 summed by torch in a fixed order, so two runs give bitwise-identical gradients.
@@ -70,11 +74,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block, dot, dot_mode, load_rows, log2_gamma
+from ._common import block, dot, dot_mode, load_rows, log2_gamma, tile_ids
 from .config import CHUNK, SUB_CHUNK
-from .launch import launch, target_arch
+from .launch import grid_of, launch, target_arch
 from .settings import kernel_settings
-from .varlen import chunk_bounds, chunk_tables
+from .varlen import chunk_bounds, chunk_tables, chunk_tile
 
 # The state pass: flat (R*D) elements per program (a small block gives more programs at B = 1)
 # and chunks composed per step (the dependent steps are ceil(NT / PASS_CHUNKS)); not yet tuned
@@ -196,13 +200,17 @@ def score_cols(q, k, lg, t0, s_J, L, R, BT: tl.constexpr, BC: tl.constexpr, BR: 
 @triton.jit
 def _intra_A_kernel(q, k, lg, A, cu_seqlens, chunk_indices, T, R, NT,
                     BT: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr, BRS: tl.constexpr,
-                    DIAG_LOOP: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr):
+                    DIAG_LOOP: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr,
+                    FLAT: tl.constexpr):
     """A[t, j] = sum_r q_tr k_jr g_r^(i-j) for j <= i (i, j chunk-local), 0 for j > i.
 
     One program writes the (BC, BT) rows of sub-chunk I of one chunk (every column, zeros
     included).  q, k: (B*T, R); A: (B*T, BT) float32.
     """
-    i_t, i_i, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if FLAT:
+        i_i, i_t, i_b = chunk_tile(BT // BC, NT, IS_VARLEN)
+    else:
+        i_t, i_i, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _, _, _, i_s, L, t0 = chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
     s_I = i_i * BC
     o_i = s_I + tl.arange(0, BC)
@@ -218,7 +226,8 @@ def _intra_A_kernel(q, k, lg, A, cu_seqlens, chunk_indices, T, R, NT,
 @triton.jit
 def _chunk_state_kernel(x, y, lg, s, cu_seqlens, chunk_indices, T, R, D, NT,
                         BT: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
-                        REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr):
+                        REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_MODE: tl.constexpr,
+                        FLAT: tl.constexpr):
     """Chunk-local state s[c] = (x * g^n)^T @ y, a (BR, BD) block of the (R, D) state.
 
     forward  (REVERSE=False): x = k, y = v,  n = L-1-j   -> dS[c], the chunk's own contribution
@@ -227,7 +236,10 @@ def _chunk_state_kernel(x, y, lg, s, cu_seqlens, chunk_indices, T, R, D, NT,
     runs in BK-token slices (see ``kernels/settings.py``: one (BT, BD) operand of an fp32 dot on CUDA
     cores does not fit in registers).
     """
-    i_d, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if FLAT:
+        i_d, i_t, i_b = chunk_tile(tl.cdiv(D, BD), NT, IS_VARLEN)
+    else:
+        i_d, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _, _, _, i_s, L, t0 = chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
     o_r, m_r = block(0, BR, R)
     o_d, m_d = block(i_d, BD, D)
@@ -258,7 +270,7 @@ def _compose(a1, b1, a2, b2):
 def _state_pass_kernel(s, lg, h0, ht, cu_seqlens, chunk_offsets, T, R, D, NT,
                        BT: tl.constexpr, BLOCK: tl.constexpr, CB: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
                        STORE_FINAL_STATE: tl.constexpr, REVERSE: tl.constexpr,
-                       IS_VARLEN: tl.constexpr):
+                       IS_VARLEN: tl.constexpr, FLAT: tl.constexpr):
     """The pass over the chunks of sequence i_n, elementwise on BLOCK flat (r, d) entries.
 
     In place on s (NC, R, D): chunk c holds its chunk-local term s[c] and receives the running
@@ -271,7 +283,10 @@ def _state_pass_kernel(s, lg, h0, ht, cu_seqlens, chunk_offsets, T, R, D, NT,
     ``tl.associative_scan`` (products of decays, exponents >= 0: nothing divides), so the
     dependent steps are ceil(NT / CB), not NT, and every step's loads are independent of h.
     """
-    i_n, i_e = tl.program_id(0), tl.program_id(1)
+    if FLAT:
+        i_e, _, i_n = tile_ids(tl.cdiv(R * D, BLOCK), 1)
+    else:
+        i_n, i_e = tl.program_id(0), tl.program_id(1)
     if IS_VARLEN:
         bos = tl.load(cu_seqlens + i_n).to(tl.int64)
         eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
@@ -329,7 +344,7 @@ def _state_pass_kernel(s, lg, h0, ht, cu_seqlens, chunk_offsets, T, R, D, NT,
 def _chunk_out_kernel(x, y, lg, A, s, out, cu_seqlens, chunk_indices, T, R, D, NT,
                       BT: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
                       REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr,
-                      DOT_MODE: tl.constexpr, STATE_DOT_MODE: tl.constexpr):
+                      DOT_MODE: tl.constexpr, STATE_DOT_MODE: tl.constexpr, FLAT: tl.constexpr):
     """Per chunk and D-block (BT, BD):
 
     forward  (REVERSE=False): o  = A @ v    + (q * g^(i+1))   @ S_prev[c]   x = q, y = v
@@ -337,7 +352,10 @@ def _chunk_out_kernel(x, y, lg, A, s, out, cu_seqlens, chunk_indices, T, R, D, N
     A: (B*T, BT) float32 from _intra_A_kernel; s: (NC, R, D) float32; out like y.
     Both contractions (over the chunk's tokens, over R) run in BK-wide slices.
     """
-    i_d, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if FLAT:
+        i_d, i_t, i_b = chunk_tile(tl.cdiv(D, BD), NT, IS_VARLEN)
+    else:
+        i_d, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _, _, _, i_s, L, t0 = chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
     o_t, m_t = block(0, BT, L)
     o_d, m_d = block(i_d, BD, D)
@@ -382,7 +400,7 @@ def _bwd_dqk_kernel(q, k, v, do, lg, s, ds, dq, dk, dg, cu_seqlens, chunk_indice
                     T, R, D, NT, BT: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr,
                     BRS: tl.constexpr, BD: tl.constexpr, DIAG_LOOP: tl.constexpr, IS_VARLEN: tl.constexpr,
                     DOT_MODE: tl.constexpr,
-                    STATE_DOT_MODE: tl.constexpr):
+                    STATE_DOT_MODE: tl.constexpr, FLAT: tl.constexpr):
     """dq, dk of the rows of sub-chunk I (BC, BR) and I's partial dgamma (BR,), terms (a)-(d).
 
     s: S_prev (NC, R, D), ds: G (NC, R, D); dg: (NC * BT/BC, R) float32 partials.
@@ -391,7 +409,10 @@ def _bwd_dqk_kernel(q, k, v, do, lg, s, ds, dq, dk, dg, cu_seqlens, chunk_indice
     Grid (BT / BC, chunks, B): the sub-chunk programs of one chunk, which all load its whole
     do and v tiles and its two states, run back to back (and share them in cache).
     """
-    i_i, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if FLAT:
+        i_i, i_t, i_b = chunk_tile(BT // BC, NT, IS_VARLEN)
+    else:
+        i_i, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _, _, _, i_s, L, t0 = chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
     s_I = i_i * BC
     e_I = s_I + BC - 1
@@ -577,7 +598,8 @@ class ChunkPlan:
         """(NC, R, D) float32 chunk-local states (forward: x = k, y = v; reverse: x = q, y = do)."""
         st = self.settings("_chunk_state_kernel")
         s = torch.empty(self.NC, self.R, self.D, dtype=torch.float32, device=y.device)
-        launch(_chunk_state_kernel, (triton.cdiv(self.D, st["BD"]), *self.grid_t), **self.chunk_args(),
+        grid, fl = grid_of((triton.cdiv(self.D, st["BD"]), *self.grid_t))
+        launch(_chunk_state_kernel, grid, FLAT=fl, **self.chunk_args(),
                x=x, y=y, lg=lg, s=s, R=self.R, D=self.D, BT=self.BT, BR=self.BR,
                REVERSE=reverse, IS_VARLEN=self.varlen, DOT_MODE=self.dot_mode, **st)
         return s
@@ -586,7 +608,9 @@ class ChunkPlan:
         """In place on s: the states entering every chunk (reverse: the gradients leaving it),
         from the chunk-local ones and h0 (None: zero); -> the final (N, R, D) state or None."""
         ht = torch.empty(self.N, self.R, self.D, dtype=torch.float32, device=s.device) if store_final else None
-        launch(_state_pass_kernel, (self.N, triton.cdiv(self.R * self.D, PASS_BLOCK)), **self.pass_args(),
+        ne = triton.cdiv(self.R * self.D, PASS_BLOCK)
+        grid, fl = grid_of((self.N, ne), (ne, self.N))
+        launch(_state_pass_kernel, grid, FLAT=fl, **self.pass_args(),
                s=s, lg=lg, h0=h0, ht=ht, USE_INITIAL_STATE=h0 is not None, STORE_FINAL_STATE=store_final,
                REVERSE=reverse)
         return ht
@@ -594,7 +618,8 @@ class ChunkPlan:
     def intra_A(self, q, k, lg):
         """(B*T, BT) float32 intra-chunk scores A[i, j] of every chunk."""
         A = torch.empty(self.B * self.T, self.BT, dtype=torch.float32, device=q.device)
-        launch(_intra_A_kernel, (self.grid_t[0], self.BT // SUB_CHUNK, self.grid_t[1]), **self.chunk_args(),
+        grid, fl = grid_of((self.grid_t[0], self.BT // SUB_CHUNK, self.grid_t[1]), (self.BT // SUB_CHUNK, *self.grid_t))
+        launch(_intra_A_kernel, grid, FLAT=fl, **self.chunk_args(),
                q=q, k=k, lg=lg, A=A, R=self.R, BT=self.BT, BC=SUB_CHUNK, BR=self.BR,
                IS_VARLEN=self.varlen, DOT_MODE=self.dot_mode, **self.settings("_intra_A_kernel"))
         return A
@@ -603,7 +628,8 @@ class ChunkPlan:
         """forward: o = A @ v + (q g^(i+1)) @ S_prev; reverse: dv = A^T @ do + (k g^(L-1-j)) @ G."""
         st = self.settings("_chunk_out_kernel")
         out = torch.empty_like(y)
-        launch(_chunk_out_kernel, (triton.cdiv(self.D, st["BD"]), *self.grid_t), **self.chunk_args(),
+        grid, fl = grid_of((triton.cdiv(self.D, st["BD"]), *self.grid_t))
+        launch(_chunk_out_kernel, grid, FLAT=fl, **self.chunk_args(),
                x=x, y=y, lg=lg, A=A, s=s, out=out, R=self.R, D=self.D, BT=self.BT, BR=self.BR,
                REVERSE=reverse, IS_VARLEN=self.varlen, DOT_MODE=self.dot_mode,
                STATE_DOT_MODE=self.state_dot_mode, **st)
@@ -614,7 +640,8 @@ class ChunkPlan:
         n_sub = self.BT // SUB_CHUNK
         dq, dk = torch.empty_like(q), torch.empty_like(k)
         dg = torch.empty(self.NC * n_sub, self.R, dtype=torch.float32, device=q.device)
-        launch(_bwd_dqk_kernel, (n_sub, *self.grid_t), **self.chunk_args(),
+        grid, fl = grid_of((n_sub, *self.grid_t))
+        launch(_bwd_dqk_kernel, grid, FLAT=fl, **self.chunk_args(),
                q=q, k=k, v=v, do=do, lg=lg, s=states, ds=dstates, dq=dq, dk=dk, dg=dg, R=self.R, D=self.D,
                BT=self.BT, BC=SUB_CHUNK, BR=self.BR, IS_VARLEN=self.varlen, DOT_MODE=self.dot_mode,
                STATE_DOT_MODE=self.state_dot_mode, **self.settings("_bwd_dqk_kernel"))

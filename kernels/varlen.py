@@ -63,6 +63,16 @@ def chunk_program(c, NT, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def chunk_tile(N0, NT, IS_VARLEN: tl.constexpr):
+    """(i0, i_t, i_b) of this program of a flat chunk grid (``launch.flat(N0, chunks, batch
+    rows)``): block i0 of the N0 that share a chunk (channel blocks, sub-chunks; they run back
+    to back), then the chunk program (i_t, i_b) as ``chunk_program`` numbers it."""
+    pid = tl.program_id(0)
+    i_t, i_b = chunk_program(pid // N0, NT, IS_VARLEN)
+    return pid % N0, i_t, i_b
+
+
+@triton.jit
 def seq_length(cu_seqlens, n, bos, T, IS_VARLEN: tl.constexpr):
     """Length of sequence n (first row bos)."""
     if IS_VARLEN:

@@ -16,6 +16,13 @@ try:
 except ImportError:  # pragma: no cover - triton is a test dependency
     HAS_TRITON = False
 TRITON_OK = HAS_TRITON and (DEVICE == "cuda" or INTERPRET)
+# Skip reasons.  Tests of the Triton kernels run on CUDA or through the interpreter; on a machine
+# with neither (or `make test`'s second mode, TRITON_INTERPRET=0 without CUDA: as on a GPU machine)
+# they skip, and every such reason names CUDA (conftest's --only-cuda-skips fails any other skip).
+NEEDS_TRITON = ("needs CUDA (or TRITON_INTERPRET=1: the Triton interpreter on CPU)" if HAS_TRITON
+                else "needs triton (not installed) and CUDA or TRITON_INTERPRET=1")
+CUDA_ONLY_LONG = "CUDA only: a million tokens is out of the interpreter's reach"
+CUDA_ONLY_INT64 = "CUDA only: B*T*D > 2^31 needs about 20 GiB of device memory; the interpreter cannot run it"
 
 # relative RMS error bounds (vs a float64 naive reference), one row per (backend class, dtype)
 TOL = {
@@ -165,3 +172,102 @@ def assert_cli_usage_error(capsys, main, prog: str, args, match: str) -> None:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"{prog}: error: ") and "Traceback" not in err, err
     assert match in err, err
+
+
+# ---- int64 offsets: a float64 reference computed block by block ----------------------------
+
+INT32_EDGE = 2 ** 31            # element offsets at or past this overflow int32 pointer arithmetic
+
+
+class ErrorTally:
+    """Relative RMS errors of quantities compared piece by piece (tensors too large to hold in
+    float64 at once): over all their elements, and separately over the rows whose element offset
+    passes ``edge_row`` (so that an error confined to those rows is not averaged away)."""
+
+    def __init__(self, edge_row: int):
+        self.edge_row = edge_row
+        self.sums = {}          # (name, region) -> [sum sq diff, sum sq ref, max abs diff, numel]
+
+    def add(self, name: str, actual: torch.Tensor, expected: torch.Tensor, row0=None) -> None:
+        """``actual`` / ``expected``: the same piece; ``row0``: its first row (dim 1), None for a
+        piece without rows (a state, a parameter)."""
+        assert actual is not None, f"{name}: got None"
+        assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        a = actual.detach().to(expected.device, torch.float64)
+        e = expected.detach().double()
+        assert bool(torch.isfinite(a).all()), f"{name}: non-finite values (rows from {row0})"
+        parts = [("all", a, e)]
+        if row0 is not None and row0 + a.shape[1] > self.edge_row:
+            cut = max(0, self.edge_row - row0)
+            parts.append(("past the int32 edge", a[:, cut:], e[:, cut:]))
+        for region, x, y in parts:
+            acc = self.sums.setdefault((name, region), [0.0, 0.0, 0.0, 0])
+            if x.numel():
+                d = x - y
+                acc[0] += float(d.pow(2).sum())
+                acc[1] += float(y.pow(2).sum())
+                acc[2] = max(acc[2], float(d.abs().max()))
+                acc[3] += x.numel()
+
+    def check(self, tol: float, tols=None, max_factor: float = 20.0) -> None:
+        """Every quantity within ``tol`` (``tols``: per-name overrides) in relative RMS error, and
+        its largest error within ``max_factor * tol`` of the reference's RMS value (one element read
+        from a wrong offset is off by about the RMS value, which the RMS error alone would average
+        away over millions of elements), in both regions."""
+        bad = []
+        for (name, region), (num, den, mx, n) in sorted(self.sums.items()):
+            err = (num / den) ** 0.5 if den > 0 else num ** 0.5
+            rms = (den / n) ** 0.5 if n else 0.0
+            t = (tols or {}).get(name, tol)
+            if not (err <= t and mx <= max_factor * t * rms):
+                bad.append(f"{name} ({region}, {n} elements): relative RMS error {err:.3e} (bound {t:.1e}), "
+                           f"max abs error {mx:.3e} = {mx / rms if rms else float('inf'):.3g} x the RMS value "
+                           f"{rms:.3e} (bound {max_factor * t:.3g} x)")
+        assert not bad, "\n".join(bad)
+
+    def regions(self, name: str):
+        return {r for (n, r) in self.sums if n == name}
+
+
+def check_blockwise(step, seqs, params, state0, got, dout, dfinal, block: int, tally: ErrorTally) -> None:
+    """Compare a kernel's run of a sequence op with a float64 reference computed ``block`` rows at
+    a time, the state carried across blocks (forward), and the backward block by block from the
+    end, each block recomputed from the state entering it (as the chunked kernels do, in float64).
+
+    step(seq_blocks, params, states) -> (out_block, states_out): the float64 reference op on one
+    block, differentiable.  seqs / params / state0: lists of (name, tensor) as fed to the kernel:
+    (1, T, *) sequences, parameters, initial states.  got: the kernel's results by name: "out",
+    "final <state>", and "d<name>" for every sequence, parameter and state.  dout, dfinal: the
+    cotangents the kernel's backward got (of out and of each final state).  Tallies everything."""
+    f64 = lambda t: t.detach().double()                            # noqa: E731
+    T = seqs[0][1].shape[1]
+    starts = list(range(0, T, block))
+    par = [f64(t) for _, t in params]
+    states = [[f64(t) for _, t in state0]]
+    with torch.no_grad():
+        for a in starts:
+            out, st = step([f64(t[:, a:a + block]) for _, t in seqs], par, states[-1])
+            tally.add("out", got["out"][:, a:a + block], out, a)
+            states.append([f64(s) for s in st])
+    for (n, _), s_ref in zip(state0, states[-1]):
+        tally.add(f"final {n}", got[f"final {n}"], s_ref)
+    dstate = [f64(d) for d in dfinal]
+    dpar = [torch.zeros_like(p) for p in par]
+    ns, npar = len(seqs), len(par)
+    for i in reversed(range(len(starts))):
+        a = starts[i]
+        xs = [f64(t[:, a:a + block]).requires_grad_() for _, t in seqs]
+        ps = [p.clone().requires_grad_() for p in par]
+        st = [s.clone().requires_grad_() for s in states[i]]
+        out, st_out = step(xs, ps, st)
+        grads = torch.autograd.grad([out, *st_out], xs + ps + st, [f64(dout[:, a:a + block]), *dstate],
+                                    allow_unused=True)
+        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, xs + ps + st)]
+        for (n, _), g in zip(seqs, grads[:ns]):
+            tally.add(f"d{n}", got[f"d{n}"][:, a:a + block], g, a)
+        dpar = [acc + g for acc, g in zip(dpar, grads[ns:ns + npar])]
+        dstate = grads[ns + npar:]
+    for (n, _), g in zip(params, dpar):
+        tally.add(f"d{n}", got[f"d{n}"], g)
+    for (n, _), g in zip(state0, dstate):
+        tally.add(f"d{n}", got[f"d{n}"], g)

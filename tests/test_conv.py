@@ -5,12 +5,18 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from helpers import (CONV_ARG_ERRORS, DEVICE, TOL, TRITON_OK, assert_close, assert_triton_on_cpu_is_a_clear_error,
-                     conv_arg_error_cases, cotangent_grads, with_bad_conv_arg)
+from helpers import (CONV_ARG_ERRORS, CUDA_ONLY_INT64, DEVICE, INT32_EDGE, NEEDS_TRITON, TOL, TRITON_OK, ErrorTally,
+                     assert_close, assert_triton_on_cpu_is_a_clear_error, check_blockwise, conv_arg_error_cases,
+                     cotangent_grads, with_bad_conv_arg)
 from kop_triton import causal_conv
 from kop_triton.ops.conv import naive_causal_conv
 
-needs_triton = pytest.mark.skipif(not TRITON_OK, reason="needs CUDA or TRITON_INTERPRET=1")
+needs_triton = pytest.mark.skipif(not TRITON_OK, reason=NEEDS_TRITON)
+# ``race``: the curated set `make test` reruns with every Triton grid reversed and shuffled
+# (tests/grid_order.py; KOP_GRID_ORDER); together the marked tests of test_scan, test_conv, test_k2
+# and test_flat_grids launch every kernel with every flag value the compile gate's CI workload
+# launches (checked by --race-coverage)
+RACE = pytest.mark.race
 
 
 @pytest.fixture
@@ -127,7 +133,8 @@ def test_triton_max_kernel_size(nan_empty):
 
 @needs_triton
 @pytest.mark.parametrize("conv_method", ["taps", "dot"], indirect=True)
-@pytest.mark.parametrize("K,T,D", [(2, 33, 70), (8, 5, 16), (65, 130, 9)], ids=["K2-2Dblocks", "K8-T<K", "K65"])
+@pytest.mark.parametrize("K,T,D", [pytest.param(2, 33, 70, marks=RACE), (8, 5, 16), (65, 130, 9)],
+                         ids=["K2-2Dblocks", "K8-T<K", "K65"])
 def test_triton_both_methods_shared_kernel(conv_method, K, T, D, nan_empty):
     x, w, h0 = conv_inputs(2, T, D, K, False, dtype=torch.float32, device=DEVICE)
     check_all(loss_grads("triton", x, w, h0), loss_grads("naive", *f64(x, w, h0)),
@@ -135,13 +142,32 @@ def test_triton_both_methods_shared_kernel(conv_method, K, T, D, nan_empty):
 
 
 @needs_triton
-@pytest.mark.parametrize("per_channel", [False, True], ids=["shared", "per-channel"])
+@pytest.mark.parametrize("per_channel", [pytest.param(False, marks=RACE), True], ids=["shared", "per-channel"])
 def test_triton_zero_initial_state_and_T1(per_channel):
     for T in (1, 3):
         x, w, _ = conv_inputs(3, T, 6, 5, per_channel, dtype=torch.float32, init=False, device=DEVICE)
         got = loss_grads("triton", x, w, None)
         check_all(got, loss_grads("naive", *f64(x, w), None), TOL[("triton", torch.float32)],
                   names=("y", "final_state", "dx", "dweight"))
+
+
+@needs_triton
+@RACE
+@pytest.mark.parametrize("K", [5, 40], ids=["taps", "dot"])
+def test_triton_y_only(K, nan_empty):
+    """No final state asked for: the backward gets no state cotangent; two batch rows, several time
+    and channel blocks (D = 70), the taps and the Toeplitz product."""
+    x, w, h0 = conv_inputs(2, 50, 70, K, False, dtype=torch.float32, device=DEVICE)
+    xr, wr, hr = f64(x, w, h0)
+    dy = torch.randn(2, 50, 70, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    y, f = causal_conv(x, w, initial_state=h0, backend="triton")
+    y_ref, _ = naive_causal_conv(xr, wr, initial_state=hr)
+    assert f is None
+    assert_close("y", y, y_ref, TOL[("triton", torch.float32)])
+    got = torch.autograd.grad((y * dy.float().to(DEVICE)).sum(), [x, w, h0])
+    ref = torch.autograd.grad((y_ref * dy).sum(), [xr, wr, hr])
+    for n, a, b in zip(["dx", "dweight", "dinitial_state"], got, ref):
+        assert_close(n, a, b, TOL[("triton", torch.float32)])
 
 
 @needs_triton
@@ -155,7 +181,7 @@ def test_triton_empty_sequence_passes_state_through(per_channel):
 
 @needs_triton
 @pytest.mark.parametrize("per_channel", [False, True], ids=["shared", "per-channel"])
-@pytest.mark.parametrize("K", [1, 4, 20])
+@pytest.mark.parametrize("K", [1, pytest.param(4, marks=RACE), 20])
 def test_triton_varlen(K, per_channel, nan_empty):
     lens = [5, 1, 70, 12]                                          # some shorter than K
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
@@ -216,6 +242,68 @@ def test_triton_other_dtypes(dtype, K):
 
 
 # --------------------------------------------------------------------------------------
+# int64 offsets: B*T*D past 2^31 (CUDA), and the same check at an interpreter size
+# --------------------------------------------------------------------------------------
+
+INT64_CASES = {"taps-per-channel": (4, True), "dot-shared": (40, False)}     # name: (K, per_channel)
+
+
+def _int64_case(T, D, K, per_channel, block, edge_row, device):
+    """A (1, T, D) bf16 convolution with an initial state, forward and every gradient (random
+    cotangents on y and the final state), against float64 ``naive_causal_conv`` computed ``block``
+    rows at a time over all rows and channels (helpers.check_blockwise); the rows past ``edge_row``
+    are also judged alone."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    bf = torch.bfloat16
+    x = torch.randn(1, T, D, generator=gen, device=device, dtype=bf)
+    w = torch.randn(*((D, K) if per_channel else (K,)), generator=gen, device=device) / K ** 0.5
+    h0 = torch.randn(1, K - 1, D, generator=gen, device=device)
+    leaves = [t.requires_grad_() for t in (x, w, h0)]
+    y, fin = causal_conv(x, w, initial_state=h0, output_final_state=True, backend="triton")
+    dy = torch.randn(y.shape, generator=gen, device=device, dtype=bf)
+    dfin = torch.randn(fin.shape, generator=gen, device=device)
+    dx, dw, dh0 = torch.autograd.grad([y, fin], leaves, [dy, dfin])
+    got = {"out": y, "final state": fin, "dx": dx, "dweight": dw, "dstate": dh0}
+
+    def step(xs, ps, st):
+        y_b, c_b = naive_causal_conv(xs[0], ps[0], initial_state=st[0], output_final_state=True)
+        return y_b, [c_b]
+
+    tally = ErrorTally(edge_row)
+    check_blockwise(step, [("x", x)], [("weight", w)], [("state", h0)], got, dy, [dfin], block, tally)
+    tally.check(TOL[("triton", bf)])
+    for name in ("out", "dx"):
+        assert "past the int32 edge" in tally.regions(name), name
+
+
+@needs_triton
+@RACE
+@pytest.mark.parametrize("case", list(INT64_CASES))
+def test_triton_int64_case_small(case, nan_empty):
+    """The CUDA-only int64 test below, at a size the interpreter runs (its reference and checks
+    are the same code): 4 blocks of 45 rows, the last 37 rows judged alone."""
+    K, per_channel = INT64_CASES[case]
+    _int64_case(T=170, D=20, K=K, per_channel=per_channel, block=45, edge_row=133, device=DEVICE)
+
+
+@needs_triton
+@pytest.mark.skipif(DEVICE != "cuda", reason=CUDA_ONLY_INT64)
+@pytest.mark.parametrize("case", list(INT64_CASES))
+def test_triton_int64_offsets_cuda(case, nan_empty):
+    """B*T*D past 2^31 with small grids (B = 1, D = 8192, T = 270,000: 2.2e9 elements): y, the final
+    state and every gradient vs float64 over all rows and channels, the 7,856 rows whose element
+    offsets pass 2^31 also judged alone; K = 4 per-channel taps and a K = 40 shared kernel (the
+    Toeplitz product).  Device memory: x, y, dy, dx in bf16 (4.4 GB each), the weight partials, the
+    reference's 4,096-row float64 blocks (0.3 GB per D-wide tensor): about 20 GB; the peak is printed."""
+    K, per_channel = INT64_CASES[case]
+    D, T = 8192, 270_000
+    assert T * D > INT32_EDGE
+    torch.cuda.reset_peak_memory_stats()
+    _int64_case(T=T, D=D, K=K, per_channel=per_channel, block=4096, edge_row=-(-INT32_EDGE // D), device="cuda")
+    print(f"peak CUDA memory {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB")
+
+
+# --------------------------------------------------------------------------------------
 # bad inputs
 # --------------------------------------------------------------------------------------
 
@@ -230,7 +318,11 @@ def test_triton_other_dtypes(dtype, K):
     ("cu_batch", ValueError, "batch of size 1"),
 ])
 @pytest.mark.parametrize("backend", ["naive", "triton"])
-def test_bad_input_errors(case, exc, match, backend):
+def test_bad_input_errors(case, exc, match, backend, monkeypatch):
+    """CPU tensors; for "triton" as where Triton cannot run them (no TRITON_INTERPRET): the argument
+    checks come before the device check, so a bad call gets the same error on every machine."""
+    if backend == "triton":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     x, w, h0 = (torch.randn(2, 8, 6), torch.randn(4), None)
     kw = {"backend": backend}
     if case in CONV_ARG_ERRORS:

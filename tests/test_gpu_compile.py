@@ -91,14 +91,54 @@ from kop_triton.kernels.report import Case, run_case, workload
 names = sorted({ln.name for c in workload("ci") for ln in run_case(c)})
 big = run_case(Case("k2", "bf16", 1, 1 << 20, 8192, R=16, K=8, states=True))
 print(json.dumps({"names": names, "big": sorted({ln.name for ln in big}),
-                  "grid": max(ln.grid[1] for ln in big if ln.name == "_k2_out_kernel")}))
+                  "grid": max(ln.grid[0] for ln in big if ln.name == "_k2_out_kernel")}))
 """)
     assert got["names"] == sorted(["_intra_A_kernel", "_chunk_state_kernel", "_state_pass_kernel",
                                    "_chunk_out_kernel", "_bwd_dqk_kernel", "_conv_fwd_kernel",
                                    "_conv_bwd_dx_kernel", "_conv_bwd_dw_kernel", "_k2_qk_kernel",
                                    "_k2_out_kernel", "_k2_dp_kernel", "_k2_dx_kernel"])
     assert {"_k2_qk_kernel", "_k2_out_kernel", "_bwd_dqk_kernel", "_k2_dx_kernel"} <= set(got["big"])
-    assert got["grid"] == (1 << 20) // 64                 # one program per 64-token chunk
+    assert got["grid"] == (8192 // 64) * (1 << 20) // 64   # one program per channel block and 64-token chunk
+
+
+def test_check_grid_holds_cuda_limits():
+    """A grid over CUDA's limits (axis x < 2^31, y and z <= 65,535) is refused with the kernel and
+    the grid named, before anything runs or is recorded."""
+    from kop_triton.kernels.launch import check_grid, launch, recording
+    check_grid("k", (2 ** 31 - 1, 65535, 65535))
+    for grid, axis in (((1, 65536), "y"), ((1, 1, 65536), "z"), ((2 ** 31,), "x")):
+        with pytest.raises(ValueError, match=rf"my_kernel: grid .* on axis {axis}, over CUDA's limit"):
+            check_grid("my_kernel", grid)
+    with pytest.raises(ValueError, match="not a CUDA grid"):
+        check_grid("k", (1, 2, 3, 4))
+
+    class Kernel:
+        __name__ = "_fake_kernel"
+    with recording() as rec, pytest.raises(ValueError, match=r"_fake_kernel: grid \(4, 70000\)"):
+        launch(Kernel(), (4, 70000))
+    assert rec.launches == []
+
+
+def test_every_op_launches_within_cuda_grid_limits():
+    """The gate's limit sizes (one sequence of 16M and 64M tokens, 64M tokens packed, 100,000 packed
+    sequences, B = 100,000, D = 8192), forward and backward, recorded on meta tensors: every launch
+    is within CUDA's limits (``launch.check_grid`` raises otherwise).  Before ``launch.grid_of``
+    (chunks on axis y, batch rows on z, always) the 16M-token, packed and B = 100,000 cases were
+    over the y / z limit; now they run on flat grids, all on axis x."""
+    got = _child("""
+import json
+from kop_triton.kernels.report import check_limits
+print(json.dumps(check_limits()))
+""")
+    assert not [r for r in got if r["error"]], [r for r in got if r["error"]]
+    assert {r["op"] for r in got} == {"scan", "conv", "k2"}
+    for op in ("scan", "conv", "k2"):
+        rs = [r for r in got if r["op"] == op]
+        assert max(r["T"] for r in rs) == 1 << 26 and max(r["B"] for r in rs) == 100_000
+        assert max(r["N"] for r in rs) == 100_000 and max(r["D"] for r in rs) == 8192
+        # a 64M-token sequence: over 2^20 programs, all on axis x (1M chunks of 64 tokens)
+        big = [r for r in rs if r["T"] == 1 << 26]
+        assert all(r["largest_grid"][0] > 1 << 20 and r["max_axis_yz"] <= 65535 for r in big), big
 
 
 # --------------------------------------------------------------------------------------
@@ -115,7 +155,7 @@ def _gate(python: str, which: str, target: str, tmp_path) -> list:
     checks every gate run must pass."""
     out = tmp_path / "gate.json"
     proc = subprocess.run([python, "-m", "kop_triton.kernels.report", "--set", which, "--targets", target,
-                           "--jobs", "1", "--json", str(out)], env=_env(), capture_output=True, text=True,
+                           "--jobs", "1", "--json", str(out), "--no-limits"], env=_env(), capture_output=True, text=True,
                           timeout=1500)
     assert out.exists(), proc.stderr[-4000:]
     rows = json.loads(out.read_text())["rows"]
@@ -169,3 +209,49 @@ def test_compile_gate_newest_triton(target, tmp_path):
     newest = parse_version(version.stdout.strip().splitlines()[-1])
     assert newest > TRITON, f"{python} has Triton {newest}, not newer than this process's {TRITON}"
     _gate(python, "newest", target, tmp_path)
+
+
+# --------------------------------------------------------------------------------------
+# the committed report matches today's kernels
+# --------------------------------------------------------------------------------------
+
+def _source_kernels():
+    """Names of the @triton.jit kernels (``_*_kernel``) defined in kernels/*.py."""
+    import re
+    root = os.path.join(os.path.dirname(HERE), "kernels")
+    names = set()
+    for f in sorted(os.listdir(root)):
+        if f.endswith(".py"):
+            src = open(os.path.join(root, f)).read()
+            names |= set(re.findall(r"@triton\.jit[^\n]*\ndef (_\w+_kernel)\(", src))
+    return names
+
+
+def _committed_reports():
+    """The newest committed compile report of each Triton version: {version: path}."""
+    import re
+    res = os.path.join(os.path.dirname(HERE), "benchmarks", "results")
+    newest = {}
+    for f in sorted(os.listdir(res)):
+        m = re.fullmatch(r"kernels-(?:triton([\d.]+)-)?(\d{4}-\d{2}-\d{2})\.md", f)
+        if m:
+            text = open(os.path.join(res, f)).read()
+            version = re.search(r"Triton (\d+\.\d+)", text).group(1)
+            if version not in newest or m.group(2) >= newest[version][0]:
+                newest[version] = (m.group(2), os.path.join(res, f))
+    return {v: p for v, (_, p) in newest.items()}
+
+
+def test_committed_report_names_every_kernel_of_today():
+    """The newest committed compile report (per Triton version; the README cites them) has rows for
+    every kernel defined in kernels/ and for no kernel that no longer exists."""
+    import re
+    kernels = _source_kernels()
+    assert len(kernels) >= 12, kernels
+    reports = _committed_reports()
+    assert "3.6" in reports, f"no committed compile report for Triton 3.6 in benchmarks/results: {reports}"
+    for version, path in reports.items():
+        rows = set(re.findall(r"^\| sm_\d+ \| (_\w+_kernel) \|", open(path).read(), re.M))
+        assert rows == kernels, (f"{os.path.basename(path)} (Triton {version}) is stale: kernels without rows "
+                                 f"{sorted(kernels - rows)}, rows of kernels that no longer exist "
+                                 f"{sorted(rows - kernels)}; regenerate it with python -m kop_triton.kernels.report")

@@ -260,11 +260,13 @@ def test_config_from_dict_rejects_unknown_fields_and_bad_ids():
 
 def test_compile_fullgraph_model():
     m = _model("default-linear", dtype=torch.float32, backend="naive").train()
-    ids = torch.randint(0, 13, (2, 12))
+    ids = torch.randint(0, 13, (2, 12), generator=torch.Generator().manual_seed(0))
     torch._dynamo.reset()
     loss_c = torch.compile(m, fullgraph=True, backend="aot_eager")(ids, ids)
     loss_e = m(ids, ids)
     assert_close("compiled loss", loss_c, loss_e, 1e-6)
     for (n, p), g in zip(m.named_parameters(), torch.autograd.grad(loss_c, list(m.parameters()))):
         (ge,) = torch.autograd.grad(loss_e, [p], retain_graph=True)
-        assert_close(f"compiled d{n}", g, ge, 1e-5)
+        # fp32 sums reassociated by the compiled graph: gate_logit's gradient (one scalar summed over
+        # every token and channel) reached 1.01e-5 relative on an unseeded draw (2026-12-06)
+        assert_close(f"compiled d{n}", g, ge, 5e-5)

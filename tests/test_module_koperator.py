@@ -297,9 +297,9 @@ def test_ddp_single_process_matches_plain():
 
 def triton_k2_missing():
     """None when the fused Triton K2 mixer runs here, else the reason it cannot be tested."""
-    from helpers import TRITON_OK
+    from helpers import NEEDS_TRITON, TRITON_OK
     if not TRITON_OK:
-        return "triton is not importable or there is neither a GPU nor TRITON_INTERPRET=1"
+        return NEEDS_TRITON
     from kop_triton import k2_mixer
     x = torch.randn(1, 2, 4)
     try:

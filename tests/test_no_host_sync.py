@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from helpers import TRITON_OK
+from helpers import NEEDS_TRITON, TRITON_OK
 from kop_triton import KOperator, KStackConfig, KStackLM, causal_conv, decayed_scan, k2_mixer
 
 HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
@@ -58,7 +58,7 @@ def test_koperator_chunked_no_host_reads():
     assert _kop_fwd_bwd("chunked") == []
 
 
-@pytest.mark.skipif(not TRITON_OK, reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.skipif(not TRITON_OK, reason=NEEDS_TRITON)
 def test_koperator_triton_launchers_no_host_reads():
     from kop_triton.kernels.launch import recording
     with recording() as rec:
@@ -70,7 +70,7 @@ def test_koperator_triton_launchers_no_host_reads():
 @pytest.mark.parametrize("backend", ["chunked", "naive", "triton"])
 def test_ops_no_host_reads(backend):
     if backend == "triton" and not TRITON_OK:
-        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+        pytest.skip(NEEDS_TRITON)
     from kop_triton.kernels.launch import recording
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 40, 8, generator=g, requires_grad=True)

@@ -110,19 +110,23 @@ def check_backend(backend: str, allowed: Sequence[str] = BACKENDS) -> str:
 
 
 def resolve_backend(backend: str, device: torch.device, allowed: Sequence[str] = BACKENDS,
-                    cpu_default: str = "chunked") -> str:
+                    cpu_default: str = "chunked", check_runnable: bool = True) -> str:
     """"auto" -> "triton" on CUDA tensors, ``cpu_default`` elsewhere.  An explicit Triton
-    backend is checked to be runnable here (CUDA tensors, or CPU tensors under the interpreter)."""
+    backend is checked to be runnable here (CUDA tensors, or CPU tensors under the interpreter)
+    unless ``check_runnable`` is False: the ops check their arguments first and call
+    ``check_triton_runnable`` after, so a bad call gets the same error on every machine."""
     check_backend(backend, allowed)
     if backend == "auto":
         return "triton" if device.type == "cuda" else cpu_default
-    if backend.startswith("triton"):
+    if check_runnable:
         check_triton_runnable(backend, device)
     return backend
 
 
 def check_triton_runnable(backend: str, device: torch.device) -> None:
-    if device.type == "cuda":
+    """A ValueError unless ``backend`` (any name; only the Triton ones are checked) can run on
+    tensors on ``device`` here."""
+    if not backend.startswith("triton") or device.type == "cuda":
         return
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         return

@@ -20,8 +20,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._checks import (check_bool, check_cu_seqlens, check_same_device, check_tensor, describe, per_sequence,
-                      resolve_backend, state_dtype)
+from ._checks import (check_bool, check_cu_seqlens, check_same_device, check_tensor, check_triton_runnable, describe,
+                      per_sequence, resolve_backend, state_dtype)
 
 MAX_KERNEL_SIZE = 4096
 CONV_BACKENDS = ("auto", "triton", "naive")
@@ -120,9 +120,10 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, *, initial_state: Optiona
         (y, final_state): y (B, T, D) in x's dtype; final_state None unless asked for.
     """
     dev = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
-    bk = resolve_backend(backend, dev, CONV_BACKENDS, cpu_default="naive")
+    bk = resolve_backend(backend, dev, CONV_BACKENDS, cpu_default="naive", check_runnable=False)
     _check_conv_args(x, weight, initial_state, cu_seqlens)
     check_bool("output_final_state", output_final_state)
+    check_triton_runnable(bk, dev)          # after the argument checks: the same error for a bad call anywhere
     fn = triton_causal_conv if bk == "triton" else naive_causal_conv
     return fn(x, weight, initial_state=initial_state, output_final_state=output_final_state,
               cu_seqlens=cu_seqlens)

@@ -36,7 +36,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._checks import BACKENDS, check_bool, resolve_backend
+from ._checks import BACKENDS, check_bool, check_triton_runnable, resolve_backend
 from .scan_chunked import CPU_CHUNK
 from .conv import naive_causal_conv
 from .k2_triton import _check_k2_args, _split_state, k2_triton_backward, k2_triton_forward
@@ -208,9 +208,10 @@ def k2_mixer(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, alpha: torch.Ten
         (y, final_state): y (B, T, D) in x's dtype; final_state a tuple or None.
     """
     dev = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
-    bk = resolve_backend(backend, dev, K2_BACKENDS)
+    bk = resolve_backend(backend, dev, K2_BACKENDS, check_runnable=False)
     check_bool("output_final_state", output_final_state)
     if bk == "triton" and torch.compiler.is_compiling():
+        check_triton_runnable(bk, dev)
         # under torch.compile: the torch.library op, one opaque graph node (no graph break);
         # its eager implementation runs the argument checks, which read gamma and cu_seqlens
         from .library import k2_mixer_triton_op
@@ -219,6 +220,7 @@ def k2_mixer(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, alpha: torch.Ten
         return y, ((s1, c1) if output_final_state else None)
     _check_k2_args(x, u, v, alpha, gamma, kernel, gate_logit, initial_state, cu_seqlens,
                    "triton" if bk.startswith("triton") else bk)
+    check_triton_runnable(bk, dev)          # after the argument checks: the same error for a bad call anywhere
     if bk == "triton_unfused":
         return triton_unfused_k2_mixer(x, u, v, alpha, gamma, kernel, gate_logit, initial_state=initial_state,
                                        output_final_state=output_final_state, cu_seqlens=cu_seqlens)

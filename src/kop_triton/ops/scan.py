@@ -24,7 +24,8 @@ from kop_triton.kernels.config import CHUNK
 
 from .scan_chunked import CPU_CHUNK, chunked_scan
 from ._checks import (check_bool, check_cu_seqlens, check_gamma_range, check_same_device, check_same_dtype,
-                      check_tensor, describe, per_sequence, resolve_backend, state_dtype)
+                      check_tensor, check_triton_runnable, describe, per_sequence, resolve_backend,
+                      state_dtype)
 
 MAX_TRITON_RANK = 128
 
@@ -240,9 +241,11 @@ def decayed_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch
     Returns:
         (o, final_state): o is (B, T, D) in v's dtype; final_state is None unless asked for.
     """
-    bk = resolve_backend(backend, q.device if isinstance(q, torch.Tensor) else torch.device("cpu"))
+    dev = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+    bk = resolve_backend(backend, dev, check_runnable=False)
     _check_scan_args(q, k, v, gamma, initial_state, cu_seqlens, bk)
     check_bool("output_final_state", output_final_state)
+    check_triton_runnable(bk, dev)          # after the argument checks: the same error for a bad call anywhere
     fn = triton_decayed_scan if bk == "triton" else SCAN_BACKENDS[bk]
     return fn(q, k, v, gamma, initial_state=initial_state, output_final_state=output_final_state,
               cu_seqlens=cu_seqlens)
