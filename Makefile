@@ -14,8 +14,16 @@ NODEPS := lm-eval==0.4.13
 STAMP  := $(VENV)/.kop-installed
 JOBS   ?= 2
 BENCH_FLAGS ?=
+# The newest Triton release, compile-gated beside the pinned one (tests/test_gpu_compile.py runs
+# its gate with this venv's python): a second small venv with the same torch (the on-disk CPU build:
+# pinned, so pip never fetches a CUDA torch), that Triton and numpy.  The gate runs no interpreter,
+# so numpy is not capped here (numpy 2.4 works with it).
+VENV39 ?= .venv-triton39
+PY39   := $(VENV39)/bin/python
+DEPS39 := "setuptools>=64" torch==2.13.0 triton==3.9.0 numpy
+STAMP39 := $(VENV39)/.kop-installed
 
-.PHONY: install test bench clean
+.PHONY: install install-triton39 test bench clean
 
 CC     ?= cc
 
@@ -31,8 +39,17 @@ $(STAMP): setup.py Makefile src/kop_triton/_rosa.c
 
 install: $(STAMP)
 
+$(STAMP39): setup.py Makefile src/kop_triton/_rosa.c
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV39)
+	$(PY39) -m pip install -q $(DEPS39)
+	$(PY39) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP39)
+
+install-triton39: $(STAMP39)
+
 # `make test` runs three things:
-#  1. the whole suite (on a machine without CUDA the Triton kernels run through the interpreter);
+#  1. the whole suite (on a machine without CUDA the Triton kernels run through the interpreter), with
+#     the offline compile gate under the pinned Triton and, in .venv-triton39, the newest one;
 #  2. the files whose behaviour depends on the mode, as on a GPU machine (TRITON_INTERPRET=0): on a
 #     machine without CUDA the kernel tests skip, and any skip whose reason is not CUDA fails;
 #  3. the race check: the tests marked `race` (every kernel and flag at small sizes) through the
@@ -44,8 +61,8 @@ GPU_MODE_TESTS := tests/test_scan.py tests/test_conv.py tests/test_k2.py tests/t
 RACE_TESTS     := tests/test_scan.py tests/test_conv.py tests/test_k2.py tests/test_flat_grids.py
 RACE_SEED      ?= 1
 
-test: $(STAMP)
-	$(PY) -m pytest -q -n $(JOBS) tests
+test: $(STAMP) $(STAMP39)
+	KOP_TRITON_NEWEST_PYTHON=$(PY39) $(PY) -m pytest -q -n $(JOBS) tests
 	TRITON_INTERPRET=0 $(PY) -m pytest -q -n $(JOBS) -rs --only-cuda-skips $(GPU_MODE_TESTS)
 	TRITON_INTERPRET=1 KOP_GRID_ORDER=reverse $(PY) -m pytest -q -n $(JOBS) -m race --race-coverage $(RACE_TESTS)
 	TRITON_INTERPRET=1 KOP_GRID_ORDER=shuffle:$(RACE_SEED) $(PY) -m pytest -q -n $(JOBS) -m race --race-coverage $(RACE_TESTS)
@@ -54,4 +71,4 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.run $(BENCH_FLAGS)
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info src/kop_triton/_rosa*.so
+	rm -rf $(VENV) $(VENV39) build src/*.egg-info src/kop_triton/_rosa*.so

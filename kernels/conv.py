@@ -30,27 +30,15 @@ import triton
 import triton.language as tl
 
 from ._common import dot, dot_mode, f32, state_arg, tile_ids
-from .launch import grid_of, launch
+from .launch import grid_of, launch, target_arch
+from .settings import kernel_settings
 from .varlen import Layout, seq_block
 
-# Tile sizes.  BT = BS = 64 feeds the tensor cores with 64 x 64 x BD products; BD <= 64
-# keeps a fp32 (BT, BD) accumulator at 32 registers per thread with 4 warps.
-# These constants and DOT_MIN_TAPS are first choices by that arithmetic, not yet measured
-# on a GPU (the session that wrote them had none); the benchmarks should settle them.
-BLOCK_T = 64
-BLOCK_S = 64
-MAX_BLOCK_D = 64
+# Tile sizes and warps of the three kernels: kernels/settings.py.
 # Shared kernels with more taps than this use the Toeplitz product (the taps loop costs a
 # shifted tile load per tap; the product costs 2*(K+BT) flops per output on tensor cores).
+# A first choice by that arithmetic, not yet measured on a GPU; the benchmarks should settle it.
 DOT_MIN_TAPS = 32
-# conv forward / dx: 8 warps (at 4, the (BT, BD) fp32 tiles spilled 4-12 B on sm_80 / sm_100,
-# offline compile report 2026-12-02)
-CONV_WARPS = 8
-# dw: lags per program
-BLOCK_L = 32
-# dw: 8 warps, for its two (BLOCK_T, BD) fp32 tiles live per lag (4 warps spilled 16 B at
-# BL = 8, BD = 64, sm_90, offline compile report 2026-12-02)
-DW_WARPS = 8
 
 
 # --------------------------------------------------------------------------------------
@@ -273,10 +261,6 @@ def _conv_bwd_dw_kernel(x, h0, dy, dw_part, cu, table, n_blocks, NT, T, D, K,
 # --------------------------------------------------------------------------------------
 
 
-def block_d(D: int) -> int:
-    return min(MAX_BLOCK_D, max(16, triton.next_power_of_2(D)))
-
-
 def _use_dot(weight: torch.Tensor, K: int, force=None) -> bool:
     if weight.dim() != 1:
         return False
@@ -292,15 +276,16 @@ def conv_fwd(x, weight, initial_state, output_final_state, cu_seqlens, use_dot=N
     x2, w = lay.rows(x), f32(weight)
     use_h0, h0 = state_arg(initial_state, K, x2)
     y = torch.empty(B * T, D, dtype=x.dtype, device=x.device)
-    BD = block_d(D)
+    st = kernel_settings("_conv_fwd_kernel", x.dtype, D=D, K=K, arch=target_arch(x.device))
     dot = _use_dot(weight, K, use_dot)
     if B * T > 0:
-        gt, gb, tab = lay.grid_t(BLOCK_T)
-        grid, fl = grid_of((gt, triton.cdiv(D, BD), gb), (triton.cdiv(D, BD), gt, gb))
+        gt, gb, tab = lay.grid_t(st["BT"])
+        nd = triton.cdiv(D, st["BD"])
+        grid, fl = grid_of((gt, nd, gb), (nd, gt, gb))
         launch(_conv_fwd_kernel, grid, FLAT=fl,
-               x=x2, w=w, h0=h0, y=y, cu=lay.cu, table=tab, T=T, D=D, K=K, BT=BLOCK_T, BS=BLOCK_S,
-               BD=BD, PER_CHANNEL=weight.dim() == 2, USE_H0=use_h0, USE_DOT=dot, IS_VARLEN=lay.varlen,
-               DOT_MODE=dot_mode(x.dtype), num_warps=CONV_WARPS)
+               x=x2, w=w, h0=h0, y=y, cu=lay.cu, table=tab, T=T, D=D, K=K,
+               PER_CHANNEL=weight.dim() == 2, USE_H0=use_h0, USE_DOT=dot, IS_VARLEN=lay.varlen,
+               DOT_MODE=dot_mode(x.dtype), **st)
     final = lay.final_rows(x2, initial_state if K > 1 else None, K) if output_final_state else None
     return y.view(B, T, D), final
 
@@ -321,23 +306,23 @@ def conv_bwd_dx(dy, weight, dfinal, need_dh0, cu_seqlens, dx_dtype, dh0_dtype, u
           else scale.detach().to(torch.float32).reshape(1).contiguous())
     dx = g2 if dh0_only else torch.empty(B * T, D, dtype=dx_dtype, device=dy.device)
     dh0 = (torch.empty(lay.N, K - 1, D, dtype=dh0_dtype, device=dy.device) if need_dh0 else dx)
-    BD = block_d(D)
     extra = K - 1 if need_dh0 else 0
-    BT = BLOCK_T
+    dot = _use_dot(weight, K, use_dot)
+    # dh0_only: a tile of K - 1 rows (kernels/settings.py)
+    st = kernel_settings("_conv_bwd_dx_kernel", dy.dtype, D=D, K=K, arch=target_arch(dy.device),
+                         dh0_only=dh0_only, use_dot=dot)
     if dh0_only:
-        # K - 1 rows per sequence: a tile of their size (the (64, BD) one of this variant spilled
-        # 16 B on sm_80, fp32, offline compile report 2026-12-02); 64 rows for the Toeplitz product
-        BT = BLOCK_T if _use_dot(weight, K, use_dot) else max(16, min(BLOCK_T, triton.next_power_of_2(K - 1)))
-        gt, gb, tab = (lay.grid_t(BT, rows_of=lambda L, k=K - 1: k) if need_dh0 else (0, 0, None))
+        gt, gb, tab = (lay.grid_t(st["BT"], rows_of=lambda L, k=K - 1: k) if need_dh0 else (0, 0, None))
     else:
-        gt, gb, tab = lay.grid_t(BLOCK_T, extra)
+        gt, gb, tab = lay.grid_t(st["BT"], extra)
     if gt * gb > 0:
-        grid, fl = grid_of((gt, triton.cdiv(D, BD), gb), (triton.cdiv(D, BD), gt, gb))
+        nd = triton.cdiv(D, st["BD"])
+        grid, fl = grid_of((gt, nd, gb), (nd, gt, gb))
         launch(_conv_bwd_dx_kernel, grid, FLAT=fl,
                dy=g2, w=w, dfin=dfin, dx=dx, dh0=dh0, cu=lay.cu, table=tab, scale=sc, T=T, D=D, K=K,
-               BT=BT, BS=BLOCK_S, BD=BD, PER_CHANNEL=weight.dim() == 2, USE_DFIN=use_dfin,
-               NEED_DH0=need_dh0, STORE_DX=not dh0_only, USE_DOT=_use_dot(weight, K, use_dot),
-               IS_VARLEN=lay.varlen, DOT_MODE=dot_mode(dy.dtype), num_warps=CONV_WARPS)
+               PER_CHANNEL=weight.dim() == 2, USE_DFIN=use_dfin,
+               NEED_DH0=need_dh0, STORE_DX=not dh0_only, USE_DOT=dot,
+               IS_VARLEN=lay.varlen, DOT_MODE=dot_mode(dy.dtype), **st)
     dx = None if dh0_only else dx.view(B, T, D)
     if need_dh0:
         return dx, dh0
@@ -352,11 +337,10 @@ def conv_bwd_dw(x, initial_state, dy, K, shared, cu_seqlens):
     lay = Layout(x, cu_seqlens)
     x2, g2 = lay.rows(x), lay.rows(dy)
     use_h0, h0 = state_arg(initial_state, K, x2)
-    BD = block_d(D)
-    BL = min(BLOCK_L, triton.next_power_of_2(K))
-    gt, gb, tab = lay.grid_t(BLOCK_T)
+    st = kernel_settings("_conv_bwd_dw_kernel", x.dtype, D=D, K=K, arch=target_arch(x.device))
+    gt, gb, tab = lay.grid_t(st["BT"])
     n_blocks = gt * gb
-    n_ld = triton.cdiv(K, BL) * triton.cdiv(D, BD)
+    n_ld = triton.cdiv(K, st["BL"]) * triton.cdiv(D, st["BD"])
     # time splits: enough programs to fill a GPU (~4 waves of 132 SMs), at most one per block;
     # depends on shapes only, so the summation order is fixed.
     NS = max(1, min(n_blocks, 512 // n_ld))
@@ -364,10 +348,9 @@ def conv_bwd_dw(x, initial_state, dy, K, shared, cu_seqlens):
     if n_blocks == 0:
         part.zero_()
     else:
-        grid, fl = grid_of((triton.cdiv(K, BL), triton.cdiv(D, BD), NS))
+        grid, fl = grid_of((triton.cdiv(K, st["BL"]), triton.cdiv(D, st["BD"]), NS))
         launch(_conv_bwd_dw_kernel, grid, FLAT=fl,
                x=x2, h0=h0, dy=g2, dw_part=part, cu=lay.cu, table=tab, n_blocks=n_blocks, NT=gt, T=T,
-               D=D, K=K, BT=BLOCK_T, BL=BL, BD=BD, USE_H0=use_h0, IS_VARLEN=lay.varlen,
-               num_warps=DW_WARPS)
+               D=D, K=K, USE_H0=use_h0, IS_VARLEN=lay.varlen, **st)
     dw = part.sum(0)                                                  # (K, D)
     return dw.sum(1) if shared else dw.t().contiguous()

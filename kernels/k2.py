@@ -64,11 +64,10 @@ from .config import CHUNK, SUB_CHUNK
 from .conv import _load_xe, conv_bwd_dw, conv_bwd_dx, conv_t_tile, conv_tile
 from .launch import grid_of, launch, target_arch
 from .scan import ChunkPlan, score_cols, score_rows
+from .settings import kernel_settings
 from .varlen import Layout, chunk_bounds, chunk_program, chunk_tile, seq_length
 
 NORM_EPS = tl.constexpr(1e-8)   # a constexpr: the compiler rejects a plain Python float global
-# rows per program of the O(R)-per-token kernels: (BM, BR) float32 tiles of <= 2048 elements
-QK_TILE = 2048
 # _k2_dx_kernel forms [du | dv] = x^T dp (its two (BD, R) float32 accumulators) for R <= 32, and
 # the conv's weight gradient for kernels of up to 64 taps (one pass over the taps per sub-chunk),
 # for 16-bit inputs; beyond, and for fp32 (whose CUDA-core products leave no registers for them),
@@ -88,16 +87,6 @@ def dx_group(NC: int, nd: int) -> int:
     if DX_GROUP is not None:
         return DX_GROUP
     return max(1, min(MAX_DX_GROUP, (NC * nd) // DX_TARGET_PROGRAMS))
-
-
-def _block_m(BR: int) -> int:
-    return max(16, min(64, QK_TILE // BR))
-
-
-def _block_dq(BR: int, BD: int) -> int:
-    """Channels per step of _k2_qk_kernel's loop over D: its (BD, BR) u and v tiles stay <= 2048
-    elements (64 x 128 fp32 tiles spilled ~1.1 KB per thread on sm_80 / sm_90 / sm_100)."""
-    return min(BD, max(16, QK_TILE // BR))
 
 
 # --------------------------------------------------------------------------------------
@@ -316,31 +305,18 @@ def _k2_dx_kernel(x, dy, q, k, lg, ds, dp, u, v, gate, w, c0, dfin, dx, duv_part
 
 
 class _Plan(ChunkPlan):
-    """The scan's chunk plan plus the K2 launch settings shared by the forward and backward."""
+    """The scan's chunk plan plus what the K2 forward and backward share: the conv's kind (K taps,
+    shared or per channel, taps loop or Toeplitz product); launch settings come from
+    ``kernels/settings.py`` (``self.settings(kernel, K=...)``)."""
 
     def __init__(self, x, R, kernel, cu_seqlens):
         B, T, D = x.shape
         self.lay = Layout(x, cu_seqlens)
         # the chunk tables on cu_seqlens' own device (x's, but for the gate's meta-tensor workloads)
         cu = None if cu_seqlens is None else cu_seqlens.to(torch.int64).contiguous()
-        super().__init__(B, T, R, D, x.dtype, cu, CHUNK)
+        super().__init__(B, T, R, D, x.dtype, cu, CHUNK, x.device)
         self.K = kernel.shape[-1]
-        # launch settings of the K2 tile kernels, from the offline compile gate (2026-12-02; every
-        # alternative named spilled on sm_80, sm_90 or sm_100):
-        #   _k2_out_kernel  R > 32: 16 channels, 8 warps for fp32, 4 for 16-bit (32 channels: 8 B;
-        #                   the other warp count: 12-16 B); else 64 channels, 8 warps;
-        #   _k2_dx_kernel   16-bit: 32 channels (64: 8-100 B), 8 warps; R > 32: 16 channels and
-        #                   32-wide R slices (16-wide: 8 B; 2 or 4 warps: 56 B); fp32 on CUDA cores:
-        #                   4 warps, 16 channels (32 on sm_80: 16 spilled 8 B there, 32 spilled on
-        #                   sm_90; 8 warps 4-12 B) and the weight gradients left to their own passes (fused,
-        #                   every warp count and channel block tried spilled 8-68 B)
-        big_r = self.cfg.BR > 32
-        self.fp32 = fp32 = self.dot_mode == 0
-        self.out_cfg = (16, 8 if fp32 else 4) if big_r else (self.cfg.BD, self.cfg.warps)   # (BD, warps)
-        sm80 = (target_arch(x.device) or 90) < 90
-        self.dx_cfg = (((16, 16, 8) if big_r else (32, 16, 4) if sm80 else (16, 16, 4)) if fp32   # (BD, BK, warps)
-                       else (16, 32, 8) if big_r else (min(self.cfg.BD, 32), self.cfg.BK, 8))
-        self.BM = _block_m(self.cfg.BR)
+        self.fp32 = self.dot_mode == 0
         self.per_channel = kernel.dim() == 2
         self.conv_dot = kernel.dim() == 1 and self.K > _conv.DOT_MIN_TAPS
 
@@ -361,7 +337,7 @@ def k2_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
     B, T, D = x.shape
     R = u.shape[1]
     P = _Plan(x, R, kernel, cu_seqlens)
-    cfg, fp = P.cfg, dict(dtype=torch.float32, device=x.device)
+    fp = dict(dtype=torch.float32, device=x.device)
     x2 = P.lay.rows(x)
     lg = log2_gamma(gamma)
     s0 = f32(scan_state)
@@ -376,20 +352,20 @@ def k2_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
     else:
         qkn = torch.empty(B * T * (3 * R + 2), **fp)
         q, k, qhn = qk_planes(qkn, R)
-        launch(_k2_qk_kernel, (triton.cdiv(B * T, P.BM),),
-               x=x2, u=f32(u), v=f32(v), alpha=f32(alpha), q=q, k=k, qhn=qhn, M=B * T, D=D, R=R, BM=P.BM,
-               BD=_block_dq(cfg.BR, cfg.BD), BR=cfg.BR, DOT_MODE=P.dot_mode, num_warps=cfg.warps)
+        st = P.settings("_k2_qk_kernel")
+        launch(_k2_qk_kernel, (triton.cdiv(B * T, st["BM"]),),
+               x=x2, u=f32(u), v=f32(v), alpha=f32(alpha), q=q, k=k, qhn=qhn, M=B * T, D=D, R=R,
+               BR=P.BR, DOT_MODE=P.dot_mode, **st)
         states = P.chunk_states(k, x2, lg, reverse=False)
         sT = P.state_pass(states, lg, s0, output_final_state, reverse=False)
         gate = torch.sigmoid(f32(gate_logit).reshape(1))
-        BD_out, warps_out = P.out_cfg
-        grid, fl = grid_of((triton.cdiv(D, BD_out), *P.grid_t))
+        st = P.settings("_k2_out_kernel", K=P.K)
+        grid, fl = grid_of((triton.cdiv(D, st["BD"]), *P.grid_t))
         launch(_k2_out_kernel, grid, FLAT=fl, **P.chunk_args(),
                x=x2, q=q, k=k, lg=lg, gate=gate, w=f32(kernel), c0=c0,
-               s=states, y=y, D=D, R=R, K=P.K, BT=CHUNK, BC=SUB_CHUNK, BR=cfg.BR, BRS=cfg.BRS_A, BD=BD_out,
-               BK=cfg.BK, DIAG_LOOP=cfg.diag_loop, PER_CHANNEL=P.per_channel, CONV_DOT=P.conv_dot,
-               USE_C0=use_c0, IS_VARLEN=P.varlen, DOT_MODE=P.dot_mode, STATE_DOT_MODE=P.state_dot_mode,
-               num_warps=warps_out)
+               s=states, y=y, D=D, R=R, K=P.K, BT=CHUNK, BC=SUB_CHUNK, BR=P.BR,
+               PER_CHANNEL=P.per_channel, CONV_DOT=P.conv_dot,
+               USE_C0=use_c0, IS_VARLEN=P.varlen, DOT_MODE=P.dot_mode, STATE_DOT_MODE=P.state_dot_mode, **st)
         if not store_chunk_states:
             states = qkn = None
     cT = P.lay.final_rows(x2, conv_state if P.K > 1 else None, P.K) if output_final_state else None
@@ -411,13 +387,13 @@ def k2_dp(qhn, k, alpha, dq, dk):
     and k (M, R) (``qk_planes``) -> (dp (M, 2R) = [dp_u | dp_v], dalpha (R,)), float32; dq, dk (M, R)."""
     M, R = dq.shape
     BR = max(16, triton.next_power_of_2(R))
-    BM = _block_m(BR)
-    n_m = triton.cdiv(M, BM)
+    st = kernel_settings("_k2_dp_kernel", torch.float32, R=R, arch=target_arch(dq.device))
+    n_m = triton.cdiv(M, st["BM"])
     dp = torch.empty(M, 2 * R, dtype=torch.float32, device=dq.device)
     da = torch.empty(n_m, R, dtype=torch.float32, device=dq.device)
     if M:
         launch(_k2_dp_kernel, (n_m,), qhn=qhn, k=k, alpha=f32(alpha), dq=dq.contiguous(),
-               dk=dk.contiguous(), dp=dp, dalpha=da, M=M, R=R, BM=BM, BR=BR, num_warps=4)
+               dk=dk.contiguous(), dp=dp, dalpha=da, M=M, R=R, BR=BR, **st)
     return dp, da.sum(dim=0, dtype=torch.float64).to(torch.float32)                # fixed order
 
 
@@ -432,7 +408,7 @@ def k2_bwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu
     B, T, D = x.shape
     R = u.shape[1]
     P = _Plan(x, R, kernel, cu_seqlens)
-    cfg, K, fp = P.cfg, P.K, dict(dtype=torch.float32, device=x.device)
+    K, fp = P.K, dict(dtype=torch.float32, device=x.device)
     x2 = P.lay.rows(x)
     dy2 = torch.zeros_like(x2) if dy is None else P.lay.rows(dy.to(x.dtype))
     g = torch.sigmoid(f32(gate_logit).reshape(1))
@@ -462,10 +438,10 @@ def k2_bwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu
     use_c0, c0 = state_arg(conv_state, K, x2)
     dx = torch.empty(B * T, D, dtype=x.dtype, device=x.device)
     fuse = (not P.fp32) if FUSE_WEIGHT_GRADS is None else FUSE_WEIGHT_GRADS
-    fuse_duv = cfg.BR <= MAX_FUSED_R and fuse
+    fuse_duv = P.BR <= MAX_FUSED_R and fuse
     fuse_dw = K <= MAX_FUSED_TAPS and fuse
-    BD_dx, BK_dx, warps_dx = P.dx_cfg
-    nd = triton.cdiv(D, BD_dx)
+    st = P.settings("_k2_dx_kernel", K=K)
+    nd = triton.cdiv(D, st["BD"])
     G = dx_group(P.NC, nd)
     NG = triton.cdiv(P.NC, G)
     BW = max(16, triton.next_power_of_2(K)) if fuse_dw else 16
@@ -477,10 +453,10 @@ def k2_bwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu
            x=x2, dy=dy2, q=q, k=k, lg=lg, ds=dstates, dp=dp, u=uf, v=vf, gate=g, w=f32(kernel),
            c0=c0, dfin=dfin, dx=dx, duv_part=duv_part, dw_part=dw_part,
            cu_seqlens=P.cu, chunk_indices=P.chunk_indices, T=T, D=D, R=R, K=K, NT=P.NT, NC=P.NC, G=G,
-           BT=CHUNK, BC=SUB_CHUNK, BR=cfg.BR, BRS=cfg.BRS_A, BD=BD_dx, BK=BK_dx, BW=BW,
-           DIAG_LOOP=cfg.diag_loop, PER_CHANNEL=P.per_channel, CONV_DOT=P.conv_dot, USE_C0=use_c0,
+           BT=CHUNK, BC=SUB_CHUNK, BR=P.BR, BW=BW,
+           PER_CHANNEL=P.per_channel, CONV_DOT=P.conv_dot, USE_C0=use_c0,
            USE_DFIN=use_dfin, FUSE_DUV=fuse_duv, FUSE_DW=fuse_dw, IS_VARLEN=P.varlen,
-           DOT_MODE=P.dot_mode, STATE_DOT_MODE=P.state_dot_mode, num_warps=warps_dx)
+           DOT_MODE=P.dot_mode, STATE_DOT_MODE=P.state_dot_mode, **st)
     if fuse_duv:
         duv = duv_part.sum(0)                                               # fixed order
     else:

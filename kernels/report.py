@@ -95,6 +95,45 @@ class Case:
                 + (" flat" if self.flat else ""))
 
 
+def newest_workload() -> List[Case]:
+    """The CI set of the second Triton gated (the newest release, in its own venv; ``--set
+    newest``): every kernel x dtype x flag, at the tiles whose launch settings depend on the Triton
+    version or the target (kernels/settings.py) or that spilled under Triton 3.9 before those
+    settings -- R = 4 / 16 and 128 (either side of R = 32), D = 24 (partial channel blocks) and
+    1024, states, packed sequences, the taps conv and the Toeplitz product, and ci's flat grids."""
+    cases: List[Case] = []
+    for dt in DTYPES:
+        for R in (4, 128):
+            cases.append(Case("scan", dt, 2, 2048, 24, R=R))
+            cases.append(Case("k2", dt, 2, 2048, 24, R=R, K=8))
+        cases.append(Case("scan", dt, 2, 2048, 1024, R=128))
+        cases.append(Case("k2", dt, 2, 2048, 1024, R=128, K=8))
+        cases.append(Case("scan", dt, 1, 300, 64, R=4, states=True, varlen=True))
+        cases.append(Case("scan", dt, 1, 1 << 20, 1024, R=16, states=True))
+        cases.append(Case("k2", dt, 1, 1 << 20, 1024, R=16, K=8, states=True))
+        cases.append(Case("k2", dt, 1, 300, 64, R=16, K=8, per_channel=True, states=True, varlen=True))
+        for K in (8, 4096):
+            cases.append(Case("conv", dt, 2, 4096, 256, K=K))
+            cases.append(Case("conv", dt, 2, 4096, 24, K=K, per_channel=True, states=True))
+            cases.append(Case("conv", dt, 1, 300, 64, K=K, states=True, varlen=True))
+        cases += _flat_cases(dt)
+    return cases
+
+
+def _flat_cases(dt: str) -> List[Case]:
+    """The flat grids (sizes past CUDA's y / z limits), with the smallest and largest tiles."""
+    cases: List[Case] = []
+    for R in (4, 128):
+        cases.append(Case("scan", dt, 2, 2048, 1024, R=R, states=True, flat=True))
+        cases.append(Case("k2", dt, 2, 2048, 1024, R=R, K=8, states=True, flat=True))
+        cases.append(Case("k2", dt, 1, 300, 64, R=R, K=8, per_channel=True, states=True, varlen=True,
+                          flat=True))
+    for K in (8, 4096):
+        cases.append(Case("conv", dt, 2, 4096, 256, K=K, per_channel=K == 8, states=True, flat=True))
+        cases.append(Case("conv", dt, 1, 300, 64, K=K, states=True, varlen=True, flat=True))
+    return cases
+
+
 def workload(which: str = "full") -> List[Case]:
     """The cases of the gate.  "full": every kernel x fp32 / bf16 / fp16 x R in {1, 4, 16, 64,
     128} x D in {1, 24, 64, 256, 1024, 4096} (8192 for the K2 mixer at T = 1M) x K from 1 to
@@ -102,6 +141,8 @@ def workload(which: str = "full") -> List[Case]:
     and backward.  "ci": every kernel, dtype and flag with the smallest and the largest tiles the
     launchers pick (R in {4, 128}, D in {24, 1024}, the taps and the Toeplitz conv), sized for
     the 2-core CI machine."""
+    if which == "newest":
+        return newest_workload()
     full = which == "full"
     cases: List[Case] = []
     Rs = (1, 4, 16, 64, 128) if full else (4, 128)
@@ -124,15 +165,7 @@ def workload(which: str = "full") -> List[Case]:
             cases.append(Case("conv", dt, 1, 300, 64, K=K, states=True, varlen=True))
             cases.append(Case("k2", dt, 1, 300, 64, R=16, K=K, per_channel=K % 2 == 0, states=True,
                               varlen=True))
-        # the flat grids (sizes past CUDA's y / z limits), with the smallest and largest tiles
-        for R in (4, 128):
-            cases.append(Case("scan", dt, 2, 2048, 1024, R=R, states=True, flat=True))
-            cases.append(Case("k2", dt, 2, 2048, 1024, R=R, K=8, states=True, flat=True))
-            cases.append(Case("k2", dt, 1, 300, 64, R=R, K=8, per_channel=True, states=True, varlen=True,
-                              flat=True))
-        for K in (8, 4096):
-            cases.append(Case("conv", dt, 2, 4096, 256, K=K, per_channel=K == 8, states=True, flat=True))
-            cases.append(Case("conv", dt, 1, 300, 64, K=K, states=True, varlen=True, flat=True))
+        cases += _flat_cases(dt)
     return cases
 
 
@@ -356,7 +389,24 @@ def dots_16bit(ttir: str) -> bool:
     return any(re.search(r"x(bf16|f16)>", ln) for ln in _TTIR_DOT.findall(ttir))
 
 
-def ptxas(ptx: str, arch: int) -> str:
+def ptxas(ptx: str, arch: int, backend=None, options=None) -> str:
+    """``ptxas -v`` on ``ptx`` for sm_<arch> -> its log.  With Triton's ``backend`` and ``options``:
+    through the backend's own ``make_cubin``, i.e. with the flags that Triton version passes (they
+    change between releases: 3.9 adds ``--regAllocOptLevel=2``, under which some kernels spill that
+    do not without it); otherwise (or if that is not callable) plain ``-lineinfo -v``."""
+    if backend is not None:
+        log = io.StringIO()
+        knobs = triton.knobs.nvidia
+        dump, knobs.dump_ptxas_log = knobs.dump_ptxas_log, True
+        try:
+            with contextlib.redirect_stdout(log):
+                backend.make_cubin(ptx, {}, options, arch)
+        except TypeError:               # another make_cubin signature: fall back to our own command
+            pass
+        finally:
+            knobs.dump_ptxas_log = dump
+        if _PTXAS_REGS.search(log.getvalue()):
+            return log.getvalue()
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
@@ -392,8 +442,8 @@ def compile_one(kernel_path: str, kwargs: Dict, arch: int, on_device: bool = Fal
         finally:
             knobs.dump_ptxas_log = dump
         text = log.getvalue()
-        # a binary from Triton's cache ran no ptxas: run it on the cached PTX
-        row = parse_ptxas(text if _PTXAS_REGS.search(text) else ptxas(k.asm["ptx"], arch))
+        # a binary from Triton's cache ran no ptxas: run it on the cached PTX, as Triton would
+        row = parse_ptxas(text if _PTXAS_REGS.search(text) else ptxas(k.asm["ptx"], arch, backend, options))
         row.update(count_mma(k.asm["ptx"]))
         row["dots_16bit"] = dots_16bit(k.asm["ttir"])
         row["smem"] = max(int(k.metadata.shared), row["ptxas_smem"])
@@ -543,7 +593,8 @@ def markdown(rows: List[Dict], meta: Dict, limits: Optional[List[Dict]] = None) 
 def main(argv: Optional[List[str]] = None) -> int:
     from kop_triton.cli import ArgumentParser          # the tools' one-line usage errors, exit status 2
     ap = ArgumentParser(prog="python -m kop_triton.kernels.report", description=__doc__.split("\n")[0])
-    ap.add_argument("--set", choices=("full", "ci"), default="full", help="workload (default: full)")
+    ap.add_argument("--set", choices=("full", "ci", "newest"), default="full",
+                    help="workload (default: full; newest: the CI set of the second Triton gated)")
     ap.add_argument("--targets", default="sm_80,sm_90,sm_100",
                     help="comma-separated, of " + ", ".join(TARGETS) + " (default: all)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")

@@ -68,7 +68,6 @@ the initial state (zeros when None) for c = 0.  The final state is not part of i
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional, Tuple
 
 import torch
@@ -77,7 +76,8 @@ import triton.language as tl
 
 from ._common import block, dot, dot_mode, load_rows, log2_gamma, tile_ids
 from .config import CHUNK, SUB_CHUNK
-from .launch import grid_of, launch
+from .launch import grid_of, launch, target_arch
+from .settings import kernel_settings
 from .varlen import chunk_bounds, chunk_tables, chunk_tile
 
 # The state pass: flat (R*D) elements per program (a small block gives more programs at B = 1)
@@ -233,7 +233,7 @@ def _chunk_state_kernel(x, y, lg, s, cu_seqlens, chunk_indices, T, R, D, NT,
     forward  (REVERSE=False): x = k, y = v,  n = L-1-j   -> dS[c], the chunk's own contribution
     backward (REVERSE=True):  x = q, y = do, n = i+1     -> dH[c], the gradient it sends back
     x: (B*T, R), y: (B*T, D), s: (NC, R, D) float32.  The contraction over the chunk's tokens
-    runs in BK-token slices (see ``ScanConfig``: one (BT, BD) operand of an fp32 dot on CUDA
+    runs in BK-token slices (see ``kernels/settings.py``: one (BT, BD) operand of an fp32 dot on CUDA
     cores does not fit in registers).
     """
     if FLAT:
@@ -561,53 +561,6 @@ def _check_chunk_size(chunk_size: int) -> int:
     return bt
 
 
-@dataclasses.dataclass(frozen=True)
-class ScanConfig:
-    """Launch settings of the scan kernels for one (R, D, dtype) -- the one place they are chosen.
-
-    BR   R as one block (R <= 128), padded to a power of two >= 16 (the smallest tl.dot tile).
-    BD   channels per program of the tile kernels (_chunk_state / _chunk_out).
-    BK   slice of every contraction inside the tile kernels (tokens, or R).  An fp32 IEEE dot
-         runs on CUDA cores, where each thread holds its rows and columns of both operands over
-         the whole contraction: with K = 64 that spilled up to 15 KB per thread (compile report
-         of 2026-12-02, sm_90); 16-wide slices keep every operand in registers.
-    BRS  key channels per step of the loops over R in _bwd_dqk (its (BT, R) fp32 tiles spilled
-         0.8 KB per thread at R = 128 when held whole); BRS_A the same in _intra_A (1.8 KB whole at
-         R = 128; slices of 32 still spilled 4 B at R = 64 on sm_90 / sm_100, 16-bit).
-    BDQ  channels per step of _bwd_dqk's loops over D.
-    diag_loop  the exact diagonal sub-blocks one position at a time (R > 32), not as (BC, BC, R)
-         broadcasts (R <= 32: they fit in registers, and the interpreter runs them 4x faster).
-    warps / warps_sub  num_warps of the tile kernels / of _intra_A and _bwd_dqk.  8 for the tile
-         kernels (at 4, _chunk_out spilled 4 B on sm_80 at R <= 16, bf16, and up to 4 B at R = 64),
-         8 for fp32 inputs or R > 32 in the others (at 4, _bwd_dqk spilled 64 B at R <= 16, fp32).
-         _bwd_dqk runs with 1 pipeline stage (its loads are consumed at once; at the default 3 it
-         spilled 4-20 B on sm_80 at R = 1, fp32).
-    Every value is checked by the offline compile gate (``kop_triton.kernels.report``: zero
-    spills for every dtype and R up to 128); none is tuned by GPU timing yet.
-    """
-    BR: int
-    BD: int
-    BK: int
-    BRS: int
-    BRS_A: int
-    BDQ: int
-    diag_loop: bool
-    warps: int
-    warps_sub: int
-
-
-def scan_config(R: int, D: int, dtype: torch.dtype) -> ScanConfig:
-    if R > 128:
-        raise ValueError(f"the triton scan supports R <= 128, got R = {R}")
-    BR = max(16, triton.next_power_of_2(R))
-    BD = min(64, max(16, triton.next_power_of_2(D)))
-    # BRS 16 for fp32 at R > 32: 32-wide slices spilled 20 B on sm_90 / sm_100 (compile gate, 2026-12-02)
-    return ScanConfig(BR=BR, BD=BD, BK=16, BRS=16 if BR > 32 and dtype == torch.float32 else min(BR, 32),
-                      BRS_A=16, BDQ=min(BD, 32 if dtype == torch.bfloat16 else 16), diag_loop=BR > 32,
-                      warps=8,
-                      warps_sub=4 if BR <= 32 and dtype != torch.float32 else 8)
-
-
 class ChunkPlan:
     """What every chunked launcher of one call shares: chunk tables, tile settings, operand modes
     and the (chunks, batch rows) part of the grids -- NC and 1 with packed sequences, NT and B
@@ -615,16 +568,24 @@ class ChunkPlan:
     back to back."""
 
     def __init__(self, B: int, T: int, R: int, D: int, dtype: torch.dtype,
-                 cu_seqlens: Optional[torch.Tensor], BT: int = CHUNK):
+                 cu_seqlens: Optional[torch.Tensor], BT: int = CHUNK, device: Optional[torch.device] = None):
+        if R > 128:
+            raise ValueError(f"the triton scan supports R <= 128, got R = {R}")
         self.B, self.T, self.R, self.D, self.BT = B, T, R, D, BT
+        self.dtype = dtype
+        self.BR = max(16, triton.next_power_of_2(R))          # R as one block, >= the smallest tl.dot tile
+        self.arch = target_arch(device) if device is not None else None
         self.varlen = cu_seqlens is not None
         self.cu = None if cu_seqlens is None else cu_seqlens.contiguous()
         self.N = cu_seqlens.numel() - 1 if self.varlen else B
         self.NT = triton.cdiv(T, BT)
         self.NC, self.chunk_indices, self.chunk_offsets = chunk_tables(self.cu, B, T, BT)
-        self.cfg = scan_config(R, D, dtype)
         self.dot_mode, self.state_dot_mode = _dot_modes(dtype)
         self.grid_t = (self.NC, 1) if self.varlen else (self.NT, B)
+
+    def settings(self, kernel: str, K: int = 1, **flags):
+        """Launch settings of ``kernel`` for this plan's dtype, R, D and target (kernels/settings.py)."""
+        return kernel_settings(kernel, self.dtype, R=self.R, D=self.D, K=K, arch=self.arch, **flags)
 
     def chunk_args(self):
         return dict(cu_seqlens=self.cu, chunk_indices=self.chunk_indices, T=self.T, NT=self.NT)
@@ -635,12 +596,12 @@ class ChunkPlan:
 
     def chunk_states(self, x, y, lg, reverse: bool):
         """(NC, R, D) float32 chunk-local states (forward: x = k, y = v; reverse: x = q, y = do)."""
-        cfg = self.cfg
+        st = self.settings("_chunk_state_kernel")
         s = torch.empty(self.NC, self.R, self.D, dtype=torch.float32, device=y.device)
-        grid, fl = grid_of((triton.cdiv(self.D, cfg.BD), *self.grid_t))
+        grid, fl = grid_of((triton.cdiv(self.D, st["BD"]), *self.grid_t))
         launch(_chunk_state_kernel, grid, FLAT=fl, **self.chunk_args(),
-               x=x, y=y, lg=lg, s=s, R=self.R, D=self.D, BT=self.BT, BR=cfg.BR, BD=cfg.BD, BK=cfg.BK,
-               REVERSE=reverse, IS_VARLEN=self.varlen, DOT_MODE=self.dot_mode, num_warps=cfg.warps)
+               x=x, y=y, lg=lg, s=s, R=self.R, D=self.D, BT=self.BT, BR=self.BR,
+               REVERSE=reverse, IS_VARLEN=self.varlen, DOT_MODE=self.dot_mode, **st)
         return s
 
     def state_pass(self, s, lg, h0, store_final: bool, reverse: bool):
@@ -656,37 +617,34 @@ class ChunkPlan:
 
     def intra_A(self, q, k, lg):
         """(B*T, BT) float32 intra-chunk scores A[i, j] of every chunk."""
-        cfg = self.cfg
         A = torch.empty(self.B * self.T, self.BT, dtype=torch.float32, device=q.device)
         grid, fl = grid_of((self.grid_t[0], self.BT // SUB_CHUNK, self.grid_t[1]), (self.BT // SUB_CHUNK, *self.grid_t))
         launch(_intra_A_kernel, grid, FLAT=fl, **self.chunk_args(),
-               q=q, k=k, lg=lg, A=A, R=self.R, BT=self.BT, BC=SUB_CHUNK, BR=cfg.BR, BRS=cfg.BRS_A,
-               DIAG_LOOP=cfg.diag_loop, IS_VARLEN=self.varlen, DOT_MODE=self.dot_mode, num_warps=cfg.warps_sub)
+               q=q, k=k, lg=lg, A=A, R=self.R, BT=self.BT, BC=SUB_CHUNK, BR=self.BR,
+               IS_VARLEN=self.varlen, DOT_MODE=self.dot_mode, **self.settings("_intra_A_kernel"))
         return A
 
     def chunk_out(self, x, y, lg, A, s, reverse: bool):
         """forward: o = A @ v + (q g^(i+1)) @ S_prev; reverse: dv = A^T @ do + (k g^(L-1-j)) @ G."""
-        cfg = self.cfg
+        st = self.settings("_chunk_out_kernel")
         out = torch.empty_like(y)
-        grid, fl = grid_of((triton.cdiv(self.D, cfg.BD), *self.grid_t))
+        grid, fl = grid_of((triton.cdiv(self.D, st["BD"]), *self.grid_t))
         launch(_chunk_out_kernel, grid, FLAT=fl, **self.chunk_args(),
-               x=x, y=y, lg=lg, A=A, s=s, out=out, R=self.R, D=self.D, BT=self.BT, BR=cfg.BR, BD=cfg.BD,
-               BK=cfg.BK, REVERSE=reverse, IS_VARLEN=self.varlen, DOT_MODE=self.dot_mode,
-               STATE_DOT_MODE=self.state_dot_mode, num_warps=cfg.warps)
+               x=x, y=y, lg=lg, A=A, s=s, out=out, R=self.R, D=self.D, BT=self.BT, BR=self.BR,
+               REVERSE=reverse, IS_VARLEN=self.varlen, DOT_MODE=self.dot_mode,
+               STATE_DOT_MODE=self.state_dot_mode, **st)
         return out
 
     def dqk(self, q, k, v, do, lg, states, dstates):
         """dq, dk (like q, k) and the (NC * BT/BC, R) float32 partials of dgamma."""
-        cfg = self.cfg
         n_sub = self.BT // SUB_CHUNK
         dq, dk = torch.empty_like(q), torch.empty_like(k)
         dg = torch.empty(self.NC * n_sub, self.R, dtype=torch.float32, device=q.device)
         grid, fl = grid_of((n_sub, *self.grid_t))
         launch(_bwd_dqk_kernel, grid, FLAT=fl, **self.chunk_args(),
                q=q, k=k, v=v, do=do, lg=lg, s=states, ds=dstates, dq=dq, dk=dk, dg=dg, R=self.R, D=self.D,
-               BT=self.BT, BC=SUB_CHUNK, BR=cfg.BR, BRS=cfg.BRS, BD=cfg.BDQ, DIAG_LOOP=cfg.diag_loop,
-               IS_VARLEN=self.varlen, DOT_MODE=self.dot_mode, STATE_DOT_MODE=self.state_dot_mode,
-               num_warps=cfg.warps_sub, num_stages=1)
+               BT=self.BT, BC=SUB_CHUNK, BR=self.BR, IS_VARLEN=self.varlen, DOT_MODE=self.dot_mode,
+               STATE_DOT_MODE=self.state_dot_mode, **self.settings("_bwd_dqk_kernel"))
         return dq, dk, dg
 
 
@@ -712,7 +670,7 @@ def scan_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
             final = (torch.zeros(N, R, D, dtype=torch.float32, device=q.device) if initial_state is None
                      else initial_state.to(torch.float32).clone())
         return torch.empty_like(v), final, torch.zeros(0, R, D, dtype=torch.float32, device=q.device)
-    P = ChunkPlan(B, T, R, D, v.dtype, cu_seqlens, BT)
+    P = ChunkPlan(B, T, R, D, v.dtype, cu_seqlens, BT, q.device)
     lg = log2_gamma(gamma)
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
     A = P.intra_A(q, k, lg)
@@ -744,7 +702,7 @@ def scan_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
                    else dfinal_state.to(torch.float32).clone())
         return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
                 torch.zeros(R, dtype=torch.float32, device=q.device), dh0)
-    P = ChunkPlan(B, T, R, D, v.dtype, cu_seqlens, BT)
+    P = ChunkPlan(B, T, R, D, v.dtype, cu_seqlens, BT, q.device)
     if tuple(chunk_states.shape) != (P.NC, R, D):
         raise ValueError(f"chunk_states must have shape (NC, R, D) = {(P.NC, R, D)} for chunk_size "
                          f"{BT}, got {tuple(chunk_states.shape)}")

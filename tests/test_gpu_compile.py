@@ -6,7 +6,10 @@ every compile happens in a child process without TRITON_INTERPRET.
 
 The CI workload (``--set ci``) covers every kernel, every dtype, every flag and the largest
 tiles the launchers pick; ``--set full`` (the committed report, benchmarks/results/kernels-*.md)
-adds the rest of the R / D / K grid."""
+adds the rest of the R / D / K grid.  Two Triton versions are gated: the pinned one (this
+process's, the lent GPU machine's 3.6) on ``ci``, and the newest release (3.9, its own venv made
+by ``make test``) on ``--set newest``; kernels/settings.py holds the launch settings that differ
+between them."""
 import json
 import os
 import subprocess
@@ -142,12 +145,16 @@ print(json.dumps(check_limits()))
 # the gate itself
 # --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("target", ["sm_80", "sm_90", "sm_100"])
-def test_compile_gate(target, tmp_path):
-    """Every specialisation of the CI workload compiles for ``target`` with zero spills, shared
-    memory within the limit, MMA instructions wherever 16-bit operands are multiplied, no TF32."""
+KERNELS = {"_intra_A_kernel", "_chunk_state_kernel", "_state_pass_kernel", "_chunk_out_kernel", "_bwd_dqk_kernel",
+           "_conv_fwd_kernel", "_conv_bwd_dx_kernel", "_conv_bwd_dw_kernel", "_k2_qk_kernel", "_k2_out_kernel",
+           "_k2_dp_kernel", "_k2_dx_kernel"}
+
+
+def _gate(python: str, which: str, target: str, tmp_path) -> list:
+    """Run the gate's ``which`` workload for ``target`` under ``python`` -> its rows, after the
+    checks every gate run must pass."""
     out = tmp_path / "gate.json"
-    proc = subprocess.run([sys.executable, "-m", "kop_triton.kernels.report", "--set", "ci", "--targets", target,
+    proc = subprocess.run([python, "-m", "kop_triton.kernels.report", "--set", which, "--targets", target,
                            "--jobs", "1", "--json", str(out), "--no-limits"], env=_env(), capture_output=True, text=True,
                           timeout=1500)
     assert out.exists(), proc.stderr[-4000:]
@@ -157,12 +164,51 @@ def test_compile_gate(target, tmp_path):
     assert not failing, "\n".join(failing)
     assert proc.returncode == 0, proc.stdout[-2000:]
     kernels = {r["kernel"].split(":")[-1] for r in rows}
-    assert kernels == {"_intra_A_kernel", "_chunk_state_kernel", "_state_pass_kernel", "_chunk_out_kernel",
-                       "_bwd_dqk_kernel", "_conv_fwd_kernel", "_conv_bwd_dx_kernel", "_conv_bwd_dw_kernel",
-                       "_k2_qk_kernel", "_k2_out_kernel", "_k2_dp_kernel", "_k2_dx_kernel"}, kernels
+    assert kernels == KERNELS, kernels
     mma16 = [r for r in rows if r["dots_16bit"]]
     assert mma16 and all(r["mma"] > 0 for r in mma16)
     assert any(not r["dots_16bit"] and r["mma"] == 0 for r in rows)    # fp32 stays off tensor cores
+    return rows
+
+
+@pytest.mark.parametrize("target", ["sm_80", "sm_90", "sm_100"])
+def test_compile_gate(target, tmp_path):
+    """Every specialisation of the CI workload compiles for ``target`` with zero spills, shared
+    memory within the limit, MMA instructions wherever 16-bit operands are multiplied, no TF32."""
+    _gate(sys.executable, "ci", target, tmp_path)
+
+
+# The newest Triton release (3.9), gated beside the pinned one: `make test` makes its venv
+# (.venv-triton39: the same torch, that Triton, numpy) and names its python here.
+ROOT = os.path.dirname(HERE)
+NEWEST_ENV = "KOP_TRITON_NEWEST_PYTHON"
+
+
+def _newest_python() -> str:
+    named = os.environ.get(NEWEST_ENV)
+    if named:
+        assert os.path.exists(named), f"{NEWEST_ENV}={named} does not exist: `make install-triton39` makes it"
+        return named
+    default = os.path.join(ROOT, ".venv-triton39", "bin", "python")
+    if not os.path.exists(default):
+        pytest.skip("no venv with the newest Triton (.venv-triton39): `make install-triton39` makes it, "
+                    "`make test` makes it and runs this gate")
+    return default
+
+
+@pytest.mark.parametrize("target", ["sm_80", "sm_90", "sm_100"])
+def test_compile_gate_newest_triton(target, tmp_path):
+    """The gate under the newest Triton release, in its own venv, on its CI set (``--set newest``:
+    every kernel, dtype and flag at the tiles whose settings depend on the version or target, or
+    that spilled under it): zero compile errors, zero spills, MMA for 16-bit dots, no TF32."""
+    python = _newest_python()
+    version = subprocess.run([python, "-c", "import triton; print(triton.__version__)"], env=_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert version.returncode == 0, version.stderr[-2000:]
+    from kop_triton.kernels.settings import TRITON, parse_version
+    newest = parse_version(version.stdout.strip().splitlines()[-1])
+    assert newest > TRITON, f"{python} has Triton {newest}, not newer than this process's {TRITON}"
+    _gate(python, "newest", target, tmp_path)
 
 
 # --------------------------------------------------------------------------------------

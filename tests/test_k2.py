@@ -318,12 +318,35 @@ def test_fused_rank_one():
 def test_fused_narrow_channel_blocks(monkeypatch, nan_empty):
     """BD = 16: D = 40 in three channel blocks (the last one partial), by every kernel of the
     fused forward and backward, and the q, k projection over D in three slices."""
-    import dataclasses
-    from kop_triton.kernels import scan as scan_k                # the chunk plan K2 shares with the scan
-    cfg = scan_k.scan_config
-    monkeypatch.setattr(scan_k, "scan_config", lambda R, D, dt: dataclasses.replace(cfg(R, D, dt), BD=16, BDQ=16))
+    from kop_triton.kernels import settings
+    monkeypatch.setattr(settings, "FORCE", {"BD": 16})           # every kernel's channel block
     args = k2_inputs(1, 40, 40, 3, 5, True, dtype=torch.float32, device=DEVICE)
     check_all(run("triton", args), run("naive", f64(args)), TOL[("triton", torch.float32)])
+
+
+TARGET_TILES = {
+    # name: (Triton version, target, dtype, the settings that differ from the interpreter's own)
+    "3.9-sm_90-bf16": ((3, 9), 90, torch.bfloat16, ("_bwd_dqk_kernel", "DIAG_LOOP", True)),
+    "3.9-sm_80-fp16": ((3, 9), 80, torch.float16, ("_bwd_dqk_kernel", "DIAG_LOOP", True)),
+    "3.6-sm_80-fp32": ((3, 6), 80, torch.float32, ("_k2_dx_kernel", "BD", 32)),
+    "3.9-sm_80-fp32": ((3, 9), 80, torch.float32, ("_k2_dx_kernel", "BD", 16)),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("case", list(TARGET_TILES))
+def test_fused_with_the_tiles_of_other_targets(monkeypatch, case, nan_empty):
+    """The tiles and code paths kernels/settings.py picks for another Triton version and GPU
+    target (the interpreter runs the pinned Triton, as sm_90), run here: the diagonal sub-blocks
+    one position at a time at R <= 32 (Triton 3.9, 16-bit), the dx kernel's 32 / 16 channels
+    (sm_80, fp32)."""
+    from kop_triton.kernels import settings
+    version, arch, dtype, (kernel, name, value) = TARGET_TILES[case]
+    monkeypatch.setattr(settings, "AS_FOR", {"triton": version, "arch": arch})
+    assert settings.kernel_settings(kernel, dtype, R=4, D=40)[name] == value
+    args = k2_inputs(2, 80, 40, 4, 5, True, dtype=dtype, device=DEVICE)
+    got = run("triton", args)
+    check_all(got, run("naive", f64(args)), TOL[("triton", dtype)])
 
 
 @needs_triton

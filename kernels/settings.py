@@ -1,0 +1,271 @@
+"""Launch settings of every Triton kernel, in one table: tile sizes (channels per program BD,
+contraction slices BK, key-channel slices BRS, rows per program BM / BT, ...), code-path switches
+that trade registers for instructions (DIAG_LOOP), num_warps and num_stages.
+
+    kernel_settings("_chunk_out_kernel", torch.bfloat16, R=16, D=1024, arch=90)
+    -> {"BD": 64, "BK": 16, "num_warps": 8}
+
+A launcher passes the result as keyword arguments (``launch(kernel, grid, ..., **settings)``).
+The settings of a kernel start from its BASE entry and then every RULES entry that matches, in
+order, overrides what it names.  Rules are keyed by what the choice depends on:
+
+  triton  the Triton version range ``[from, before)`` (``TRITON``, parsed from
+          ``triton.__version__``: "3.9.0", "3.6.0+git1a2b3c", "3.10.0rc1" all parse);
+  arch    the target, 10 * major + minor of the compute capability, range ``[from, before)``
+          (``launch.target_arch(device)``: the recorder answers for the target it models; None --
+          the interpreter, or no CUDA device -- counts as sm_90, the lent GPU machine's);
+  dtype   "fp32" | "16-bit" | "bf16" | "fp16", the input's;
+  BR      R padded to a power of two >= 16 (the kernels' R block), range ``[lo, hi]``;
+  when    exact values of a launcher's flags (e.g. ``dh0_only=True``).
+
+Every rule carries the ptxas figures that chose it: the offline compile gate
+(``python -m kop_triton.kernels.report``; registers and spills per thread) under each Triton
+version gated -- 3.6 (pinned: the lent GPU machine's) and 3.9 (the newest release, gated in CI by
+``make test`` in its own venv).  Triton versions between them (3.7, 3.8) are not gated: they take
+the rules of their range below as written.  Nothing here is tuned by GPU timing yet.
+
+Importing this module imports Triton only for its version string.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Dict, Optional, Tuple, Union
+
+import torch
+
+Version = Tuple[int, int]
+
+
+def parse_version(text: str) -> Version:
+    """(major, minor) of a Triton version string: "3.9.0", "3.6.0+git1a2b3c", "3.10.0rc1",
+    "3.4" -> (3, 9), (3, 6), (3, 10), (3, 4)."""
+    m = re.match(r"\s*v?(\d+)\.(\d+)", str(text))
+    if m is None:
+        raise ValueError(f"cannot read a Triton version from {text!r}: expected 'MAJOR.MINOR[...]' "
+                         "such as '3.6.0'")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _installed_triton() -> Version:
+    try:
+        import triton
+    except ImportError:              # the table is still readable without Triton (nothing launches)
+        return (0, 0)
+    return parse_version(triton.__version__)
+
+
+TRITON: Version = _installed_triton()
+DEFAULT_ARCH = 90          # an unknown target (the interpreter, no CUDA device): as sm_90
+ANY = (0, 10 ** 6)
+
+# Tests: evaluate the table as for another Triton version / target (e.g. {"triton": (3, 9),
+# "arch": 80}, under the interpreter, to run the tiles chosen for them), or force settings on every
+# kernel that has them (e.g. {"BD": 16}).
+AS_FOR: Dict[str, Any] = {}
+FORCE: Dict[str, Any] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Ctx:
+    """What a setting may depend on."""
+    kernel: str
+    dtype: str               # fp32 | bf16 | fp16
+    R: int
+    D: int
+    K: int
+    arch: int
+    triton: Version
+    flags: Dict[str, Any]
+
+    @property
+    def BR(self) -> int:
+        return max(16, 1 << max(0, self.R - 1).bit_length())
+
+    @property
+    def fp32(self) -> bool:
+        return self.dtype == "fp32"
+
+
+Value = Union[int, bool, Callable[[Ctx], Union[int, bool]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    kernels: Tuple[str, ...]
+    set: Dict[str, Value]
+    why: str                                  # the ptxas figures that chose it
+    triton: Tuple[Version, Version] = ((0, 0), (10 ** 6, 0))
+    arch: Tuple[int, int] = ANY
+    dtype: Optional[str] = None               # fp32 | 16-bit | bf16 | fp16
+    BR: Tuple[int, int] = ANY                 # inclusive
+    when: Optional[Dict[str, Any]] = None
+
+    def matches(self, c: Ctx) -> bool:
+        if c.kernel not in self.kernels:
+            return False
+        if not (self.triton[0] <= c.triton < self.triton[1] and self.arch[0] <= c.arch < self.arch[1]):
+            return False
+        if self.dtype is not None and self.dtype != c.dtype and not (self.dtype == "16-bit" and not c.fp32):
+            return False
+        if not self.BR[0] <= c.BR <= self.BR[1]:
+            return False
+        return all(c.flags.get(k) == v for k, v in (self.when or {}).items())
+
+
+def since(v: Version) -> Tuple[Version, Version]:
+    return (v, (10 ** 6, 0))
+
+
+def before(v: Version) -> Tuple[Version, Version]:
+    return ((0, 0), v)
+
+
+SM80 = (0, 90)             # Ampere / Ada (sm_80 .. sm_89) and older
+SMALL_R = (0, 32)          # BR <= 32 (R <= 32)
+BIG_R = (33, 10 ** 6)      # BR 64, 128
+
+
+def _np2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def tile_d(c: Ctx) -> int:
+    """Channels per program of the chunk tile kernels: D padded to a power of two, 16 to 64."""
+    return min(64, max(16, _np2(c.D)))
+
+
+# rows per program of the O(R)-per-token K2 kernels: (BM, BR) float32 tiles of <= 2048 elements
+QK_TILE = 2048
+
+
+def _block_m(c: Ctx) -> int:
+    return max(16, min(64, QK_TILE // c.BR))
+
+
+TILE_KERNELS = ("_chunk_state_kernel", "_chunk_out_kernel")
+
+# The settings every kernel starts from, with the reasons that hold on every target and version.
+BASE: Dict[str, Dict[str, Value]] = {
+    # ---- scan (kernels/scan.py; the chunk plan the K2 mixer shares) ----
+    # BD: channels per program; BK: every contraction in 16-wide slices (an fp32 IEEE dot runs on
+    # CUDA cores, each thread holding its rows and columns of both operands over the whole
+    # contraction: K = 64 spilled up to 15 KB per thread, gate 12-02, sm_90); 8 warps (at 4,
+    # _chunk_out spilled 4 B on sm_80 at R <= 16, bf16, and up to 4 B at R = 64, gate 12-02)
+    "_chunk_state_kernel": dict(BD=tile_d, BK=16, num_warps=8),
+    "_chunk_out_kernel": dict(BD=tile_d, BK=16, num_warps=8),
+    # BRS: key channels in 16-wide slices (whole (BT, R) tiles spilled 1.8 KB at R = 128; slices of
+    # 32 still 4 B at R = 64 on sm_90 / sm_100, 16-bit, gate 12-02); DIAG_LOOP: the exact diagonal
+    # sub-blocks one position at a time for R > 32, as (BC, BC, R) broadcasts below (they fit in
+    # registers, and the interpreter runs them 4x faster)
+    "_intra_A_kernel": dict(BRS=16, DIAG_LOOP=lambda c: c.BR > 32, num_warps=4),
+    # BRS: key channels per step of its loops over R (whole (BT, R) fp32 tiles spilled 0.8 KB at
+    # R = 128); BD: channels per step of its loops over D; 1 pipeline stage (its loads are consumed
+    # at once; at the default 3 it spilled 4-20 B on sm_80 at R = 1, fp32, gate 12-02)
+    "_bwd_dqk_kernel": dict(BRS=lambda c: min(c.BR, 32), BD=lambda c: min(tile_d(c), 16),
+                            DIAG_LOOP=lambda c: c.BR > 32, num_warps=4, num_stages=1),
+    # ---- K2 (kernels/k2.py) ----
+    # BM: rows per program, (BM, BR) float32 tiles of <= 2048 elements; BD: its (BD, BR) u and v
+    # tiles stay <= 2048 elements (64 x 128 fp32 tiles spilled ~1.1 KB per thread on sm_80 / sm_90 /
+    # sm_100, gate 12-02)
+    "_k2_qk_kernel": dict(BM=_block_m, BD=lambda c: min(tile_d(c), max(16, QK_TILE // c.BR)), num_warps=8),
+    "_k2_dp_kernel": dict(BM=_block_m, num_warps=4),
+    "_k2_out_kernel": dict(BD=tile_d, BK=16, BRS=16, DIAG_LOOP=lambda c: c.BR > 32, num_warps=8),
+    # 16-bit, R <= 32: 32 channels (64: 8-100 B, gate 12-02), 8 warps
+    "_k2_dx_kernel": dict(BD=lambda c: min(tile_d(c), 32), BK=16, BRS=16, DIAG_LOOP=lambda c: c.BR > 32,
+                          num_warps=8),
+    # ---- conv (kernels/conv.py) ----
+    # BT = BS = 64 feeds the tensor cores with 64 x 64 x BD products, BD <= 64 keeps a fp32 (BT, BD)
+    # accumulator at 32 registers per thread with 4 warps (first choices by that arithmetic, not
+    # measured on a GPU); 8 warps (at 4, the (BT, BD) fp32 tiles spilled 4-12 B on sm_80 / sm_100;
+    # dw, whose two (BT, BD) fp32 tiles live per lag, 16 B at BL = 8, BD = 64, sm_90; gate 12-02);
+    # BL: lags per program of dw
+    "_conv_fwd_kernel": dict(BT=64, BS=64, BD=tile_d, num_warps=8),
+    "_conv_bwd_dx_kernel": dict(BT=64, BS=64, BD=tile_d, num_warps=8),
+    "_conv_bwd_dw_kernel": dict(BT=64, BL=lambda c: min(32, _np2(c.K)), BD=tile_d, num_warps=8),
+}
+
+# Exceptions to BASE, applied in order (a later match overrides an earlier one).  "gate 12-02":
+# the compile report of 2026-12-02 (Triton 3.6); "gate 12-06": the gate runs of 2026-12-06 under
+# Triton 3.6.0 and 3.9.0 (ci workload, sm_80 / sm_90 / sm_100; registers and spills per thread
+# from ptxas as each Triton version runs it), which also tried the alternatives named.
+RULES: Tuple[Rule, ...] = (
+    # ---- scan ----
+    Rule(TILE_KERNELS, dict(num_stages=2), dtype="fp32", BR=BIG_R,
+         why="fp32, R = 128, 3 stages (the default) under 3.9: _chunk_state spilled 4 B on sm_90 (D = 24, "
+             "BD = 32), _chunk_out reversed 8 B on sm_90 and 4 B on sm_100 (BD = 64); 2 stages: 0 B, "
+             "<= 126 regs under 3.9 and <= 115 under 3.6 on all three targets; 4 warps instead: "
+             "8-16 B (gate 12-06)"),
+    Rule(("_intra_A_kernel", "_bwd_dqk_kernel"), dict(num_warps=8), dtype="fp32",
+         why="fp32: 8 warps (at 4, _bwd_dqk spilled 64 B at R <= 16, gate 12-02)"),
+    Rule(("_intra_A_kernel", "_bwd_dqk_kernel"), dict(num_warps=8), BR=BIG_R, why="R > 32: 8 warps (gate 12-02)"),
+    Rule(("_bwd_dqk_kernel",), dict(BRS=16), dtype="fp32", BR=BIG_R,
+         why="fp32, R > 32: 16-wide key-channel slices (32-wide spilled 20 B on sm_90 / sm_100, gate 12-02)"),
+    Rule(("_bwd_dqk_kernel",), dict(BD=lambda c: min(tile_d(c), 32)), dtype="bf16",
+         why="bf16: 32 channels per step of the loops over D (16 for fp16 / fp32; gate 12-02)"),
+    Rule(("_bwd_dqk_kernel",), dict(DIAG_LOOP=True), triton=since((3, 9)), dtype="16-bit", BR=SMALL_R,
+         why="3.9, 16-bit, R <= 32: the diagonal sub-block as (BC, BC, R) broadcasts spilled 8-12 B on "
+             "sm_90 (bf16 / fp16, packed sequences; 4 warps, 255 regs); one position at a time: 0 B, "
+             "135-255 regs on sm_80 / sm_90 / sm_100; 8 warps instead still 4 B (bf16, sm_90), 16 "
+             "channels per step 12 B (gate 12-06).  Under 3.6 the broadcasts spill nothing"),
+    # ---- K2 ----
+    Rule(("_k2_out_kernel",), dict(BD=16, num_warps=4), dtype="16-bit", BR=BIG_R,
+         why="R > 32, 16-bit: 16 channels, 4 warps (32 channels: 8 B; 8 warps: 12-16 B; gate 12-02)"),
+    Rule(("_k2_out_kernel",), dict(BD=16, num_warps=8), dtype="fp32", BR=BIG_R,
+         why="R > 32, fp32: 16 channels, 8 warps (32 channels: 8 B; 4 warps: 12-16 B; gate 12-02)"),
+    Rule(("_k2_out_kernel",), dict(BD=lambda c: min(tile_d(c), 32)), dtype="fp32", BR=SMALL_R,
+         why="fp32, R <= 32: 64 channels spilled 4 B under 3.9 on sm_90 and sm_100 with initial states "
+             "(8 warps, 128 regs; 2 or 1 stages the same, 4 warps 4 B on sm_100 per-channel); 32 "
+             "channels: 0 B, <= 118 regs under 3.9 and <= 128 under 3.6 on all three targets (gate 12-06)"),
+    Rule(("_k2_dx_kernel",), dict(BD=16, BK=32), dtype="16-bit", BR=BIG_R,
+         why="R > 32, 16-bit: 16 channels (32: 8-100 B), 32-wide R slices (16-wide: 8 B; 2 or 4 "
+             "warps: 56 B) (gate 12-02)"),
+    Rule(("_k2_dx_kernel",), dict(num_warps=4, num_stages=2), arch=SM80, dtype="16-bit", BR=BIG_R,
+         why="sm_80, R = 128, 16-bit, 8 warps: 36-64 B under 3.9 (bf16, fp16); 4 warps and 2 stages: "
+             "0 B, <= 168 regs under 3.9 and 3.6 (4 warps, 3 stages: 16 B under 3.9; 16-wide R "
+             "slices: 44 B, bf16, D = 24) (gate 12-06)"),
+    Rule(("_k2_dx_kernel",), dict(BD=16, BK=16, num_warps=4), dtype="fp32",
+         why="fp32 on CUDA cores: 16 channels, 4 warps (32 channels spilled on sm_90; 8 warps 4-12 B; "
+             "gate 12-02)"),
+    Rule(("_k2_dx_kernel",), dict(num_warps=8), dtype="fp32", BR=BIG_R, why="fp32, R > 32: 8 warps (gate 12-02)"),
+    Rule(("_k2_dx_kernel",), dict(BD=32), triton=before((3, 9)), arch=SM80, dtype="fp32", BR=SMALL_R,
+         why="sm_80, fp32, R <= 32, before 3.9: 32 channels (16 spilled 8 B under 3.6; gate 12-02, "
+             "12-06).  Under 3.9 the other way round: 32 channels spilled 4 B (D = 24), 16 channels "
+             "0 B, 168 regs (gate 12-06)"),
+    # ---- conv ----
+    Rule(("_conv_bwd_dx_kernel",), dict(BT=lambda c: max(16, min(64, _np2(c.K - 1)))),
+         when=dict(dh0_only=True, use_dot=False),
+         why="only the K - 1 initial-state rows of each sequence: a tile of their size (the (64, BD) "
+             "tile of this variant spilled 16 B on sm_80, fp32; gate 12-02); 64 rows for the Toeplitz product"),
+)
+
+
+def _dtype_name(dtype) -> str:
+    if isinstance(dtype, str):
+        if dtype not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"dtype must be fp32, bf16 or fp16, got {dtype!r}")
+        return dtype
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    if dtype not in names:
+        raise ValueError(f"the Triton kernels take float32, bfloat16 or float16 inputs, got {dtype}")
+    return names[dtype]
+
+
+def kernel_settings(kernel: str, dtype, *, R: int = 1, D: int = 1, K: int = 1, arch: Optional[int] = None,
+                    **flags) -> Dict[str, Any]:
+    """The launch settings of ``kernel`` for inputs of ``dtype`` (torch dtype or fp32 / bf16 /
+    fp16), R, D, K, the target ``arch`` (``launch.target_arch``; None: sm_90) and the
+    launcher's ``flags`` -> keyword arguments for ``launch``."""
+    if kernel not in BASE:
+        raise ValueError(f"no launch settings for kernel {kernel!r}; known: {sorted(BASE)}")
+    c = Ctx(kernel, _dtype_name(dtype), int(R), int(D), int(K),
+            int(AS_FOR.get("arch", arch if arch is not None else DEFAULT_ARCH)),
+            tuple(AS_FOR.get("triton", TRITON)), flags)
+    vals: Dict[str, Value] = dict(BASE[kernel])
+    for rule in RULES:
+        if rule.matches(c):
+            vals.update(rule.set)
+    out = {k: (v(c) if callable(v) else v) for k, v in vals.items()}
+    out.update({k: v for k, v in FORCE.items() if k in out})
+    return out
+

@@ -1,0 +1,104 @@
+"""The launch-settings table (kernels/settings.py): Triton version strings, which rule applies to
+which version / target / dtype / R, and clear errors.  What the settings compile to is the offline
+compile gate's (tests/test_gpu_compile.py, and the Triton 3.9 gate of ``make test``)."""
+import pytest
+import torch
+
+from kop_triton.kernels import settings as S
+from kop_triton.kernels.settings import kernel_settings, parse_version
+
+
+@pytest.mark.parametrize("text,want", [("3.9.0", (3, 9)), ("3.6.0", (3, 6)), ("3.6.0+git1a2b3c4", (3, 6)),
+                                       ("3.10.0rc1", (3, 10)), ("3.4", (3, 4)), (" 4.0.1.post2", (4, 0))])
+def test_parse_version(text, want):
+    assert parse_version(text) == want
+
+
+def test_parse_version_rejects_garbage():
+    with pytest.raises(ValueError, match=r"cannot read a Triton version from 'nightly'.*'3\.6\.0'"):
+        parse_version("nightly")
+
+
+def test_installed_version_is_parsed():
+    import triton
+    assert S.TRITON == parse_version(triton.__version__) and S.TRITON >= (3, 4)
+
+
+def at(monkeypatch, version, arch):
+    monkeypatch.setattr(S, "AS_FOR", {"triton": version, "arch": arch})
+
+
+@pytest.mark.parametrize("version,arch,BD", [((3, 6), 80, 32), ((3, 8), 86, 32), ((3, 9), 80, 16), ((3, 10), 80, 16),
+                                             ((3, 6), 90, 16), ((3, 9), 100, 16)])
+def test_dx_fp32_channels_by_version_and_target(monkeypatch, version, arch, BD):
+    """sm_80, fp32, R <= 32: 32 channels before Triton 3.9, 16 from it (ptxas spilled the other)."""
+    at(monkeypatch, version, arch)
+    assert kernel_settings("_k2_dx_kernel", torch.float32, R=16, D=1024) == \
+        dict(BD=BD, BK=16, BRS=16, DIAG_LOOP=False, num_warps=4)
+    # R > 32 is not affected
+    assert kernel_settings("_k2_dx_kernel", torch.float32, R=64, D=1024)["BD"] == 16
+
+
+@pytest.mark.parametrize("version,dtype,R,loop", [((3, 6), torch.bfloat16, 16, False), ((3, 9), torch.bfloat16, 16, True),
+                                                  ((3, 9), torch.float16, 32, True), ((3, 9), torch.float32, 16, False),
+                                                  ((3, 6), torch.bfloat16, 64, True), ((3, 9), torch.bfloat16, 128, True)])
+def test_dqk_diagonal_loop(monkeypatch, version, dtype, R, loop):
+    at(monkeypatch, version, 90)
+    assert kernel_settings("_bwd_dqk_kernel", dtype, R=R, D=64)["DIAG_LOOP"] is loop
+    assert kernel_settings("_intra_A_kernel", dtype, R=R, D=64)["DIAG_LOOP"] is (R > 32)   # only dqk's changes
+
+
+def test_settings_of_the_pinned_version_on_sm_90(monkeypatch):
+    at(monkeypatch, (3, 6), 90)
+    bf, f32 = torch.bfloat16, torch.float32
+    assert kernel_settings("_chunk_out_kernel", bf, R=16, D=1024) == dict(BD=64, BK=16, num_warps=8)
+    assert kernel_settings("_chunk_out_kernel", f32, R=128, D=24) == dict(BD=32, BK=16, num_warps=8, num_stages=2)
+    assert kernel_settings("_bwd_dqk_kernel", bf, R=16, D=1024) == \
+        dict(BRS=16, BD=32, DIAG_LOOP=False, num_warps=4, num_stages=1)
+    assert kernel_settings("_bwd_dqk_kernel", f32, R=128, D=1024) == \
+        dict(BRS=16, BD=16, DIAG_LOOP=True, num_warps=8, num_stages=1)
+    assert kernel_settings("_k2_out_kernel", bf, R=128, D=1024) == \
+        dict(BD=16, BK=16, BRS=16, DIAG_LOOP=True, num_warps=4)
+    assert kernel_settings("_k2_out_kernel", f32, R=16, D=1024)["BD"] == 32
+    assert kernel_settings("_k2_dx_kernel", bf, R=128, D=1024) == \
+        dict(BD=16, BK=32, BRS=16, DIAG_LOOP=True, num_warps=8)
+    assert kernel_settings("_k2_qk_kernel", bf, R=128, D=1024) == dict(BM=16, BD=16, num_warps=8)
+    assert kernel_settings("_conv_bwd_dw_kernel", bf, D=24, K=8) == dict(BT=64, BL=8, BD=32, num_warps=8)
+    assert kernel_settings("_conv_bwd_dx_kernel", bf, D=24, K=8, dh0_only=True, use_dot=False)["BT"] == 16
+    assert kernel_settings("_conv_bwd_dx_kernel", bf, D=24, K=8, dh0_only=False, use_dot=False)["BT"] == 64
+
+
+def test_sm_80_dx_warps_and_stages(monkeypatch):
+    for version in ((3, 6), (3, 9)):
+        at(monkeypatch, version, 80)
+        got = kernel_settings("_k2_dx_kernel", torch.float16, R=128, D=1024)
+        assert (got["num_warps"], got["num_stages"]) == (4, 2)
+    at(monkeypatch, (3, 9), 90)
+    assert "num_stages" not in kernel_settings("_k2_dx_kernel", torch.float16, R=128, D=1024)
+
+
+def test_unknown_target_counts_as_sm_90(monkeypatch):
+    monkeypatch.setattr(S, "AS_FOR", {"triton": (3, 6)})
+    assert kernel_settings("_k2_dx_kernel", torch.float32, R=4, D=64, arch=None)["BD"] == 16
+    assert kernel_settings("_k2_dx_kernel", torch.float32, R=4, D=64, arch=80)["BD"] == 32
+
+
+def test_force(monkeypatch):
+    monkeypatch.setattr(S, "FORCE", {"BD": 16, "BM": 32})
+    assert kernel_settings("_chunk_state_kernel", torch.float32, R=4, D=1024)["BD"] == 16
+    assert "BM" not in kernel_settings("_chunk_state_kernel", torch.float32, R=4, D=1024)   # only what a kernel has
+
+
+def test_every_rule_names_known_kernels_and_says_why():
+    for rule in S.RULES:
+        assert set(rule.kernels) <= set(S.BASE), rule.kernels
+        known = set().union(*(S.BASE[k] for k in rule.kernels)) | {"num_warps", "num_stages"}
+        assert set(rule.set) <= known, (rule.kernels, rule.set)       # no misspelt setting
+        assert len(rule.why) > 20 and ("gate 12-02" in rule.why or "gate 12-06" in rule.why), rule.why
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match=r"no launch settings for kernel '_nope'; known: \["):
+        kernel_settings("_nope", torch.float32)
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16 inputs, got torch.float64"):
+        kernel_settings("_chunk_out_kernel", torch.float64)
