@@ -408,8 +408,8 @@ class ProgressBar:
             return
         self.bar.update(1)
         if step % 10 == 0 or step == total:
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{self.clock.recent_tokens_per_s():,.0f}",
-                                 eta=eta, refresh=False)
+            self.bar.set_postfix({"loss": f"{loss:.4f}", "lr": f"{lr:.2e}",
+                                  "tok_s": f"{self.clock.recent_tokens_per_s():,.0f}", "eta": eta}, refresh=False)
 
     def say(self, msg: str) -> None:
         if self.bar is not None:
