@@ -7,7 +7,10 @@ PY     := $(VENV)/bin/python
 # and the Triton kernels run through the interpreter.  On a CUDA machine with its own torch, use
 # benchmarks/device_check.sh (CUDA tests + benchmarks, no venv).
 DEPS   := "setuptools>=64" torch==2.13.0 triton==3.6.0 "numpy<2.4" safetensors tqdm sentencepiece matplotlib pytest hypothesis pytest-xdist \
+          tensorboard \
           "transformers>=5.23,<5.24" "accelerate>=1.10,<2" requests
+# tensorboard: only the tests need it, to read kop-train's event files back with TensorBoard's own reader
+# (kop-train writes them itself, without it).
 # lm-evaluation-harness for tests/test_hf.py, without its task dependencies (datasets, pandas, pyarrow,
 # scikit-learn, ...): its HFLM path imports only transformers, accelerate, requests, jinja2, tqdm and numpy.
 NODEPS := lm-eval==0.4.13

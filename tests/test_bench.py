@@ -2,6 +2,7 @@
 checks every method against the float64 reference before timing it.  No timing is asserted."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -268,3 +269,32 @@ def test_bench_decode_small(tmp_path, capsys):
         assert r["window_equal_recurrent"] is True                  # re-running the window == the state
         assert r["recurrent_tokens_per_s"] > 0 and r["window_tokens_per_s"] > 0 and r["hf_tokens_per_s"] > 0
     assert res["first_token_s"] > 0 and "| batch | context |" in capsys.readouterr().out
+
+
+def test_recipe_check_compare_and_a_missing_reference(tmp_path):
+    """benchmarks/recipe_check.py compare on two small records: the schedule difference is measured
+    at every step, the curves drawn; without the reference's package, one clear line."""
+    from benchmarks import recipe_check as rc
+    from kop_triton.train import lr_factor
+
+    def doc(kind, factors, losses):
+        return {"kind": kind, "argv": ["--seed", "42"], "schedule_factor": factors, "params": 10,
+                "train_tokens": 90, "val_tokens": 10, "clip_grad_norm": 1.0, "dropouts": [["d", 0.1]],
+                "init": {"gate": 0.5}, "groups": [{"name": "decay", "params": 3, "lr": 1e-5, "weight_decay": 0.02,
+                                                   "members": ["w"]}],
+                "steps": [{"step": i + 1, "loss": v, "lr": factors[i] * 1e-2, "grad_norm": 0.5 + i}
+                          for i, v in enumerate(losses)],
+                "evals": [{"step": 0, "val_ce": 4.2}, {"step": 3, "val_ce": 3.9}]}
+
+    ours = [lr_factor(s, 2000, 3500, 0.035) for s in range(3500)]
+    shifted = [(s + 1) / 2000 if s < 2000 else f for s, f in enumerate(ours)]  # warmup one update ahead
+    (tmp_path / "reference.json").write_text(json.dumps(doc("reference", ours, [4.1, 4.0, 3.9])))
+    (tmp_path / "ours.json").write_text(json.dumps(doc("ours", shifted, [4.2, 4.0, 3.8])))
+    res = rc.compare(argparse.Namespace(dir=str(tmp_path)))
+    assert res["schedule"]["max_abs_diff_lr"] == pytest.approx(1e-2 / 2000)     # a warmup step's increment
+    assert res["schedule"]["steps_compared"] == 3500 and res["schedule"]["steps_differing_over_1e-12"] == 1999
+    assert res["curves"]["steps_compared"] == 3 and res["curves"]["ours"]["steps_clipped"] == 2   # 1.5 and 2.5 > 1
+    assert json.loads((tmp_path / "comparison.json").read_text())["schedule"] == res["schedule"]
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="k_language_model"):
+        rc.main(["reference", "--reference-dir", str(tmp_path), "--data-path", "x", "--json", str(tmp_path / "r.json")])

@@ -224,6 +224,44 @@ def test_dropout_only_in_training():
     assert not torch.equal(m(ids), m(ids))
 
 
+@pytest.mark.parametrize("head", ["gelu", "adaptive"])
+def test_head_dropout_acts_where_the_reference_puts_it(head):
+    """gelu head: on the GELU output, before the last Linear; adaptive head: on its input (the
+    final-normed hidden state); training only, the other dropouts unaffected."""
+    with torch.random.fork_rng():       # the global RNG as the tests after this one expect it
+        _check_head_dropout(head)
+
+
+def _check_head_dropout(head):
+    torch.manual_seed(0)
+    p = 0.4
+    m = KStackLM(KStackConfig(vocab_size=40, d_model=16, n_k2=1, rank=2, head=head, head_mult=4, head_dropout=p,
+                              adaptive_cutoffs=[10, 20], backend="chunked"))
+    ids = torch.randint(0, 40, (3, 50))
+    seen = []
+    target = m.head.down if head == "gelu" else m.head
+    target.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    for mode in ("eval", "train"):
+        getattr(m, mode)()
+        seen.clear()
+        m(ids, ids) if head == "adaptive" else m(ids)
+        with torch.no_grad():
+            h = m.hidden(ids)                       # no other dropout is on: the same hidden state
+            clean = F.gelu(m.head.up(m.head.norm(h))) if head == "gelu" else h.reshape(-1, h.shape[-1])
+        got = seen[0].reshape(clean.shape)
+        if mode == "eval":
+            assert torch.equal(got, clean)
+            continue
+        kept = got != 0
+        scale = got[kept] / clean[kept]
+        assert torch.allclose(scale, torch.full_like(scale, 1 / (1 - p)), rtol=1e-4)
+        assert abs((~kept).float().mean().item() - p) < 0.05
+    with pytest.raises(ValueError, match="head_dropout"):
+        KStackConfig(vocab_size=9, head="linear", head_dropout=0.1)
+    with pytest.raises(ValueError, match="head_dropout"):
+        KStackConfig(vocab_size=9, head="gelu", head_dropout=1.0)
+
+
 def test_refinement_uses_learned_eta():
     m = _model("gelu-head-refine")
     assert_close("eta init", torch.sigmoid(KStackLM(m.config).eta_logit), torch.tensor(0.3), 1e-6)

@@ -8,7 +8,10 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -17,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kop_triton import curves as kcurves
 from kop_triton import train as ktrain
 from kop_triton.checkpoint import load_checkpoint
 from kop_triton.data import encode, split_text
@@ -54,6 +58,23 @@ def make_text(n_chars: int = 30_000, seed: int = 0) -> str:
     return "".join(out)
 
 
+def make_wiki_text(n_chars: int, seed: int = 0, n_words: int = 1500) -> str:
+    """WikiText-like lines (headings, sentences) over ``n_words`` made-up words: enough distinct
+    pieces for a SentencePiece vocabulary of several hundred."""
+    rng = random.Random(1234)
+    syl = ["ka", "to", "ri", "mu", "sen", "dal", "vo", "pe", "lin", "gor", "ash", "eth", "qu", "ir", "bo", "zan"]
+    words = sorted({"".join(rng.choice(syl) for _ in range(rng.randint(2, 4))) for _ in range(n_words)})
+    rng = random.Random(seed)
+    out, size = [], 0
+    while size < n_chars:
+        n = rng.randint(5, 20)
+        line = (" = " + " ".join(rng.choices(words, k=3)) + " = \n") if rng.random() < 0.05 else \
+            (" ".join(rng.choices(words, k=n)) + " . \n")
+        out.append(line)
+        size += len(line)
+    return "".join(out)
+
+
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
@@ -80,7 +101,9 @@ def run_cli(args, **kw):
 def test_lr_schedule_warmup_cosine_floor():
     W, N, floor = 10, 110, 0.01
     f = [ktrain.lr_factor(s, W, N, floor) for s in range(N + 5)]
-    assert f[0] == pytest.approx(1 / W) and f[4] == pytest.approx(5 / W) and f[W - 1] == pytest.approx(1.0)
+    # the reference's LambdaLR values, update for update: max(s, 1) / W, so updates 0 and 1 share 1 / W
+    assert f[0] == f[1] == pytest.approx(1 / W) and f[4] == pytest.approx(4 / W)
+    assert f[W - 1] == pytest.approx((W - 1) / W)
     assert f[W] == pytest.approx(1.0)                                     # cosine starts at the peak
     assert f[W + 50] == pytest.approx(floor + (1 - floor) * 0.5)         # half way: cos(pi/2) = 0
     assert f[W + 25] == pytest.approx(floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi / 4)))
@@ -145,6 +168,9 @@ def test_preset_sets_defaults_and_flags_override():
     wt = ktrain.model_config(ktrain.parse_args(["--preset", "paper-wikitext2-sp8192"]), vocab_size=8192)
     assert (wt.d_model, wt.emb_dim, wt.rank, wt.window, wt.head) == (256, 64, 32, 512, "adaptive")
     assert list(wt.adaptive_cutoffs) == [1024, 4096] and (wt.gamma_min, wt.gamma_max) == (0.15, 0.995)
+    assert wt.head_dropout == 0.3                                          # its sweep's --head-dropout
+    ts = ktrain.model_config(ktrain.parse_args(["--preset", "paper-shakespeare-char"]), vocab_size=65)
+    assert (ts.head, ts.head_mult, ts.head_dropout, ts.refine_steps, ts.alpha_cap) == ("gelu", 1, 0.15, 1, 0.8)
 
 
 # ------------------------------------------------------------------------------- end to end
@@ -178,6 +204,58 @@ def test_end_to_end_loss_falls_checkpoint_loads_eval_matches(trained_run, text_f
                                                                                                         rel=1e-6)
     state = json.loads((trained_run / "last" / "trainer.json").read_text())
     assert state["step"] == 60 and state["skipped_steps"] == 0 and state["sampler"]["step"] == 60
+
+
+def f32(x: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def tb_scalars(logdir) -> dict:
+    """tag -> [(step, value)] as TensorBoard's own reader shows them."""
+    ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator").EventAccumulator(
+        str(logdir), size_guidance={"scalars": 0})
+    ea.Reload()
+    return {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
+
+
+def log_scalars(out: Path) -> dict:
+    """The same, from log.jsonl (float32, as TensorBoard stores them)."""
+    want = {}
+    for rec in read_log(out):
+        for tag, v in kcurves.tensorboard_scalars(rec).items():
+            want.setdefault(tag, []).append((rec["step"], f32(v)))
+    return want
+
+
+def png_size(path: Path) -> tuple:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", path
+    return struct.unpack(">II", data[16:24])
+
+
+def test_tensorboard_events_hold_the_log_and_the_grad_norm_is_the_gradients(trained_run, text_file):
+    got = tb_scalars(trained_run / "tensorboard")
+    assert set(got) == {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "val/ce", "val/ppl",
+                        "val/best_ppl"}
+    assert got == log_scalars(trained_run)
+    assert [s for s, _ in got["train/loss"]] == list(range(1, 61)) and [s for s, _ in got["val/ce"]] == [20, 40, 60]
+    assert all(v > 0 for _, v in got["train/tokens_per_s"])
+    assert png_size(trained_run / "curves.png") == (1100, 420)
+    # the logged gradient norm of update 1 is the norm of the gradient of its batch (before clipping)
+    log = read_log(trained_run)
+    cfg, args = log[0]["config"], log[0]["args"]
+    torch.manual_seed(args["seed"])
+    model = KStackLM(KStackConfig(**cfg))
+    train, _ = split_text(Path(text_file).read_text(encoding="utf-8"), 0.1)
+    from kop_triton.data import BatchSampler
+    _, tok = load_checkpoint(trained_run / "last")
+    x, y = BatchSampler(encode(tok, train), cfg["window"], args["batch_size"], args["seed"]).batch(0)
+    loss = model(x, y)
+    loss.backward()
+    norm = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters() if p.grad is not None))
+    first = [r for r in log if r["event"] == "train"][0]
+    assert first["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    assert first["grad_norm"] == pytest.approx(norm, rel=1e-5) and norm > 1.0   # clipped afterwards, logged before
 
 
 def test_generate_cli(trained_run, capsys):
@@ -250,6 +328,89 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_losses(tmp_path, text_
     ev_a = [(x["step"], x["val_ce"]) for x in read_log(ref) if x["event"] == "eval"]
     ev_b = [(x["step"], x["val_ce"]) for x in read_log(cut) if x["event"] == "eval"]
     assert ev_a == ev_b
+
+
+def test_resume_adds_event_files_and_every_step_shows_once(tmp_path, text_file, monkeypatch):
+    """A run to step 4, resumed to 8; then, as if killed after logging step 8 but before its
+    checkpoint, resumed again from the step-4 checkpoint: the earlier event files stay as they were,
+    TensorBoard and curves.png show every step once, with the values of the (truncated) log.jsonl;
+    curves.png is redrawn, a valid PNG, at every evaluation."""
+    drawn = []
+    real_plot = kcurves.plot_run
+
+    def spy(run_dir, out=None):
+        path = real_plot(run_dir, out)
+        drawn.append(([r["step"] for r in read_log(Path(run_dir)) if r["event"] == "eval"][-1], png_size(path)))
+        return path
+
+    monkeypatch.setattr(kcurves, "plot_run", spy)
+    out = tmp_path / "r"
+    base = ["--text", text_file, *TINY, "--eval-interval", "4", "--log-interval", "1", "--max-eval-tokens", "300"]
+    assert ktrain.main([*base, "--out", out, "--steps", "4"]) == 0
+    shutil.copytree(out / "last", tmp_path / "last-4")
+    assert ktrain.main(["--out", out, "--resume", "--steps", "8"]) == 0
+    tb_dir = out / "tensorboard"
+    before = {p.name: p.read_bytes() for p in tb_dir.iterdir()}
+    assert len(before) == 2
+    first_pass = log_scalars(out)
+    shutil.rmtree(out / "last")
+    shutil.copytree(tmp_path / "last-4", out / "last")
+    assert ktrain.main(["--out", out, "--resume", "--steps", "8"]) == 0
+    files = sorted(tb_dir.iterdir())
+    assert len(files) == 3 and {p.name: p.read_bytes() for p in files[:2]} == before
+    got = tb_scalars(tb_dir)
+    assert got == log_scalars(out)
+    timed = "train/tokens_per_s"                                   # a measurement; everything else is deterministic
+    assert {k: v for k, v in got.items() if k != timed} == {k: v for k, v in first_pass.items() if k != timed}
+    for tag, pts in got.items():
+        steps = [s for s, _ in pts]
+        assert steps == sorted(set(steps)), tag                    # no step twice
+    assert [s for s, _ in got["train/loss"]] == list(range(1, 9))
+    assert drawn == [(4, (1100, 420)), (8, (1100, 420)), (8, (1100, 420))]
+
+
+def test_eta_clock_and_duration_format():
+    c = ktrain.EtaClock(total=100, eval_interval=30, tokens_per_step=10)
+    assert c.eta_s(0) is None
+    for _ in range(10):
+        c.stepped(0.5)
+    assert c.eta_s(10) == pytest.approx(90 * 0.5)                # no evaluation timed yet
+    assert c.window_tokens_per_s() == pytest.approx(100 / 5.0)
+    c.stepped(1.0)
+    assert c.window_tokens_per_s() == pytest.approx(10.0)        # the window restarts at every call
+    c.evaluated(4.0)
+    assert [c.evals_left(s) for s in (0, 29, 30, 89, 90, 99, 100)] == [4, 4, 3, 2, 1, 1, 0]   # 30, 60, 90, 100
+    assert c.eta_s(11) == pytest.approx(89 * 6.0 / 11 + 4 * 4.0)          # 6 s over 11 steps; 4 evaluations
+    assert ktrain.EtaClock(100, 50, 1).evals_left(0) == 2 and ktrain.EtaClock(100, 50, 1).evals_left(50) == 1
+    assert [ktrain.format_duration(x) for x in (3725, 754, 9.4, 0, None, float("inf"))] == \
+        ["1h02m", "12m34s", "9s", "0s", "?", "?"]
+
+
+def test_progress_lines_and_bar_show_the_eta(tmp_path, text_file, capsys, monkeypatch):
+    monkeypatch.setattr(ktrain, "PROGRESS_LINE_EVERY_S", 0.0)
+    base = ["--text", text_file, *TINY, "--steps", "6", "--eval-interval", "3", "--max-eval-tokens", "200"]
+    assert ktrain.main([*base, "--out", tmp_path / "a"]) == 0                         # TINY has --no-progress
+    err = capsys.readouterr().err.splitlines()
+    lines = [x for x in err if x.startswith("step ")]
+    assert [x.split(":")[0] for x in lines] == ["step 1/6", "step 2/6", "step 3/6", "step 3/6", "step 4/6", "step 5/6",
+                                                "step 6/6"]
+    assert all(re.search(r"\| ETA (\d+h\d\dm|\d+m\d\ds|\d+s)$", x) for x in lines[:-1]), lines
+    assert "val_ce" in lines[3] and "val_ce" in lines[-1] and "ETA" not in lines[-1]    # none after the last step
+    assert ktrain.main([*base, "--out", tmp_path / "b", "--progress"]) == 0
+    assert re.search(r"eta=(\d+h\d\dm|\d+m\d\ds|\d+s)", capsys.readouterr().err)
+
+
+def test_plot_flag_draws_an_existing_run_and_refuses_other_flags(trained_run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    copy.mkdir()
+    shutil.copy(trained_run / "log.jsonl", copy / "log.jsonl")
+    assert ktrain.main(["--plot", str(copy)]) == 0
+    assert capsys.readouterr().out.strip() == str(copy / "curves.png") and png_size(copy / "curves.png") == (1100, 420)
+    assert ktrain.main(["--plot", str(tmp_path / "nope")]) == 2
+    assert "log.jsonl not found" in _one_error_line(capsys)
+    assert ktrain.main(["--plot", str(copy), "--steps", "3"]) == 2
+    line = _one_error_line(capsys)
+    assert "--plot only draws" in line and line.endswith("drop --steps"), line
 
 
 def test_corrupt_checkpoint_is_reported_not_used(tmp_path, text_file, capsys):
@@ -366,6 +527,40 @@ def test_wikitext2_layout_with_sentencepiece(tmp_path):
     assert res["val_ce"] == pytest.approx(ev["val_ce"], rel=1e-6) and res["tokens"] == ev["val_tokens"]
     losses = train_losses(out)
     assert losses[12] < losses[1]
+
+
+def test_paper_wikitext2_preset_runs_end_to_end_on_a_generated_corpus(tmp_path):
+    """Smoke test of --preset paper-wikitext2-sp8192 (its training split is not on these machines;
+    the README says how to run the real thing): a generated corpus in the WikiText-2 layout, the
+    preset's model and recipe, changed only where a small corpus and a CPU test need it: 3 steps of
+    2 windows, and a SentencePiece vocabulary of 600 with adaptive cutoffs inside it (a corpus this
+    small gives fewer than the 4,097 pieces the preset's cutoffs 1024,4096 need)."""
+    root = tmp_path / "data" / "wikitext-2"
+    root.mkdir(parents=True)
+    for i, split in enumerate(("train", "valid", "test")):
+        (root / f"{split}.txt").write_text(make_wiki_text(80_000 if split == "train" else 12_000, seed=i),
+                                           encoding="utf-8")
+    out = tmp_path / "r"
+    assert ktrain.main(["--preset", "paper-wikitext2-sp8192", "--data-dir", tmp_path / "data", "--out", out,
+                        "--steps", "3", "--batch-size", "2", "--eval-interval", "3", "--log-interval", "1",
+                        "--sp-vocab-size", "600", "--adaptive-cutoffs", "150,400", "--max-eval-tokens", "1100",
+                        "--no-progress", "--device", "cpu"]) == 0
+    log = read_log(out)
+    cfg = log[0]["config"]
+    preset = ktrain.get_preset("paper-wikitext2-sp8192")
+    for key in ("d_model", "emb_dim", "n_k2", "rank", "window", "head", "adaptive_div_value", "shared_kernel",
+                "kernel_size", "refine_steps", "alpha_cap", "gamma_min", "gamma_max", "emb_dropout", "mlp_dropout",
+                "residual_dropout", "head_dropout"):
+        assert cfg[key] == preset[key], key
+    assert log[0]["args"]["optimizer_groups"] == "grouped" and log[0]["args"]["tokenizer"] == "sentencepiece"
+    assert cfg["adaptive_cutoffs"] == [150, 400] and 400 < cfg["vocab_size"] <= 600
+    losses = train_losses(out)
+    assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
+    model, tok = load_checkpoint(out / "last")
+    ev = [r for r in log if r["event"] == "eval"][-1]
+    res = evaluate(model, encode(tok, (root / "valid.txt").read_text(encoding="utf-8"))[:1101], window=512,
+                   batch_size=8)
+    assert res["val_ce"] == pytest.approx(ev["val_ce"], rel=1e-6) and ev["val_tokens"] == 1024 == res["tokens"]
 
 
 def test_sigint_saves_and_resume_continues_in_process(tmp_path, text_file, monkeypatch, capsys):

@@ -87,6 +87,7 @@ class KStackHFConfig(PreTrainedConfig):
     emb_dropout: float = 0.0
     mlp_dropout: float = 0.0
     residual_dropout: float = 0.0
+    head_dropout: float = 0.0
     refine_steps: int = 0
     backend: str = "auto"
     window: int = 2048
@@ -110,7 +111,7 @@ class KStackHFConfig(PreTrainedConfig):
     def to_kstack_config(self) -> KStackConfig:
         d = {name: getattr(self, name) for name in _FIELDS if hasattr(self, name)}
         for name in ("gamma_min", "gamma_max", "alpha_cap", "adaptive_div_value", "emb_dropout", "mlp_dropout",
-                     "residual_dropout"):
+                     "residual_dropout", "head_dropout"):
             if isinstance(d[name], int) and not isinstance(d[name], bool):
                 d[name] = float(d[name])
         for name in ("adaptive_cutoffs", "rosa_layers"):

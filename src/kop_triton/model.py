@@ -4,6 +4,11 @@
         -> stack [K1, K2 x n_k2, K1, K0]      (optionally refined: h <- h + eta (Stack(h) - h))
         -> RMSNorm -> head: "linear" (tied to the embedding), "gelu" or "adaptive" (adaptive softmax)
 
+Dropouts (training only): ``emb_dropout`` after the embedding, ``mlp_dropout`` after the GELU of
+every MLP, ``residual_dropout`` on each K2 mixer's output, ``head_dropout`` after the GELU of the
+gelu head / on the input of the adaptive head (the reference's ``--head-dropout``; none on the
+tied linear head).
+
 No positional encoding and no context limit: ``forward`` runs the parallel (chunked / fused)
 form from a zero state; ``prefill`` / ``step`` / ``generate`` carry the recurrent state of
 every K2 mixer, O(1) time and memory per generated token.
@@ -30,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .modules import INIT_STD, K0Block, K1Block, K2Block, KOperator, RMSNorm, init_kernel
+from .modules import INIT_STD, Dropout, K0Block, K1Block, K2Block, KOperator, RMSNorm, init_kernel
 from .ops.conv import MAX_KERNEL_SIZE
 from .ops._checks import BACKENDS, check_int, check_token_ids, describe, is_int
 from .rosa import MODES as ROSA_MODES
@@ -59,6 +64,7 @@ class KStackConfig:
     emb_dropout: float = 0.0
     mlp_dropout: float = 0.0
     residual_dropout: float = 0.0
+    head_dropout: float = 0.0              # gelu head: after its GELU; adaptive head: on its input
     refine_steps: int = 0                  # 0: one plain pass through the stack
     backend: str = "auto"
     window: int = 2048                     # default training / evaluation window (no model limit)
@@ -80,10 +86,14 @@ class KStackConfig:
             raise ValueError(f"KStackConfig.head must be one of {list(HEADS)}, got {self.head!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"KStackConfig.backend must be one of {list(BACKENDS)}, got {self.backend!r}")
-        for name in ("emb_dropout", "mlp_dropout", "residual_dropout"):
+        for name in ("emb_dropout", "mlp_dropout", "residual_dropout", "head_dropout"):
             p = getattr(self, name)
             if not (isinstance(p, (int, float)) and 0.0 <= p < 1.0):
                 raise ValueError(f"KStackConfig.{name} must be in [0, 1), got {p!r}")
+        if self.head_dropout > 0 and self.head == "linear":
+            raise ValueError(f"KStackConfig.head_dropout applies to the gelu and adaptive heads (the tied linear "
+                             f"head has no hidden layer to drop); got head_dropout={self.head_dropout!r} with "
+                             f"head='linear'")
         if not (isinstance(self.adaptive_div_value, (int, float)) and self.adaptive_div_value > 0):
             raise ValueError(f"KStackConfig.adaptive_div_value must be > 0, got {self.adaptive_div_value!r}")
         if self.rosa not in ROSA_MODES:
@@ -159,17 +169,18 @@ class TiedHead(nn.Module):
 
 
 class GeluHead(nn.Module):
-    """RMSNorm -> Linear(D, max(D, mult * D)) -> GELU -> Linear(-> V, no bias); untied."""
+    """RMSNorm -> Linear(D, max(D, mult * D)) -> GELU -> dropout -> Linear(-> V, no bias); untied."""
 
-    def __init__(self, d: int, vocab_size: int, mult: int):
+    def __init__(self, d: int, vocab_size: int, mult: int, dropout: float = 0.0):
         super().__init__()
         hidden = max(d, mult * d)
         self.norm = RMSNorm(d)
         self.up = nn.Linear(d, hidden)
+        self.drop = Dropout(dropout)
         self.down = nn.Linear(hidden, vocab_size, bias=False)
 
     def forward(self, h):
-        return self.down(F.gelu(self.up(self.norm(h))))
+        return self.down(self.drop(F.gelu(self.up(self.norm(h)))))
 
 
 # --------------------------------------------------------------------------------------
@@ -252,10 +263,12 @@ class KStackLM(nn.Module):
         if cfg.head == "linear":
             self.head = TiedHead(D, E)
         elif cfg.head == "gelu":
-            self.head = GeluHead(D, V, cfg.head_mult)
+            self.head = GeluHead(D, V, cfg.head_mult, cfg.head_dropout)
         else:
             self.head = nn.AdaptiveLogSoftmaxWithLoss(D, V, cfg.resolved_cutoffs(),
                                                       div_value=float(cfg.adaptive_div_value), head_bias=False)
+        # the adaptive head's input dropout (the gelu head holds its own; the linear head has none)
+        self.head_drop = Dropout(cfg.head_dropout) if cfg.head == "adaptive" else None
         if cfg.refine_steps > 0:
             self.eta_logit = nn.Parameter(torch.tensor(math.log(0.3 / 0.7)))
         else:
@@ -390,7 +403,7 @@ class KStackLM(nn.Module):
             return self.head(h, self.emb.weight)
         if self.config.head == "gelu":
             return self.head(h)
-        lp = self.head.log_prob(h.reshape(-1, h.shape[-1]))
+        lp = self.head.log_prob(self.head_drop(h).reshape(-1, h.shape[-1]))
         return lp.view(*h.shape[:-1], self.config.vocab_size)
 
     def loss_from_hidden(self, h, targets):
@@ -398,7 +411,7 @@ class KStackLM(nn.Module):
         if not isinstance(targets, torch.Tensor) or targets.shape != h.shape[:-1]:
             raise ValueError(f"targets must have shape {tuple(h.shape[:-1])} (the ids' shape), got {describe(targets)}")
         if self.config.head == "adaptive":
-            return self.head(h.reshape(-1, h.shape[-1]), targets.reshape(-1)).loss
+            return self.head(self.head_drop(h).reshape(-1, h.shape[-1]), targets.reshape(-1)).loss
         logits = self.logits_from_hidden(h)
         if logits.dtype in (torch.float16, torch.bfloat16):   # the softmax reduction in float32
             logits = logits.float()

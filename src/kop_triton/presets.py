@@ -15,7 +15,13 @@ Differences from the reference that no flag here can remove (state them with any
   + 256 x 256 = 810,383 (the paper's 0.81M); paper-wikitext2-sp8192 builds 3,819,406, + 512 x 512
   = 4,081,550 (the paper's 4.08M); shakespeare-char-v2 builds 174,462 = the v2 README's 178,692
   less its unused ROSA embedding (66 x 64) and 6 rho logits; shakespeare-char-v2-rosa builds 178,692;
-- the reference's ``--head-dropout`` has no counterpart in KStackConfig and is left out;
+- the paper-era Tiny Shakespeare sweep (RESULTS_V1.md's 7 seeds, mean val PPL 4.43) ran the reference
+  at its commits of 2026-03-13 (e28bb2b..8ce45ce), whose K2 layers each own a dense 256 x 256 K_base
+  (1,137,869 parameters); the one dense K_base shared by all layers (``--k-base-rank 0 --share-k-base``,
+  810,189 parameters, the paper's 0.81M) came with commit f552bdf (2026-03-20);
+- v1 initialisation (this project follows v2): the v1 decays start at gamma 0.9925..0.99925 (linear in
+  gamma), this project's log-spaced time constants span [gamma_min, gamma_max]; the v1 K_base gate
+  starts at sigmoid(8) = 0.9997, here at 0.5; v1 has one alpha per layer, here one per rank;
 - the reference remaps token ids by frequency for the adaptive head; this project keeps the
   tokenizer's ids (SentencePiece unigram ids are already ordered by piece score).
 """
@@ -62,6 +68,7 @@ PRESETS: dict[str, dict] = {
         gamma_min=0.85, gamma_max=1.0,                                # ref train_app.py defaults (not set by the sweep)
         kernel_size=8, shared_kernel=True,                            # this project's K_base (see module doc)
         emb_dropout=0.08, mlp_dropout=0.10, residual_dropout=0.05,    # ref train_app.py defaults
+        head_dropout=0.15,                                            # sweep: --head-dropout 0.15
         weight_decay=0.02, beta1=0.8, beta2=0.999,                    # ref train_app.py defaults
     ),
     # Paper, WikiText-2 SentencePiece-8192 (4.08M params, val PPL 19.99 +- 0.09 over 5 seeds,
@@ -75,6 +82,7 @@ PRESETS: dict[str, dict] = {
         lr=1e-2, warmup_steps=3000, lr_floor=1e-4, alpha_cap=0.95,            # sweep
         gamma_min=0.15, gamma_max=0.995,                                      # sweep (paper: "uncapped" gamma)
         residual_dropout=0.1, emb_dropout=0.16, mlp_dropout=0.2,              # sweep
+        head_dropout=0.3,                                                     # sweep: --head-dropout 0.3
         weight_decay=0.02, beta1=0.8, beta2=0.999,                            # ref train_app.py defaults
     ),
     # Reduced Tiny Shakespeare run that fits ~10 minutes of a 2-core CPU with one thread

@@ -4,22 +4,26 @@
     python -m kop_triton.train --dataset wikitext2 --tokenizer sentencepiece --sp-vocab-size 8192 ...
     python -m kop_triton.train --text notes.txt --val-frac 0.05 --tokenizer byte --steps 2000
     python -m kop_triton.train --out runs/v2 --resume          # continue the run in runs/v2
+    python -m kop_triton.train --plot runs/v2                  # runs/v2/curves.png from its log.jsonl
     torchrun --nproc_per_node 4 -m kop_triton.train ...          # DDP (add --fsdp for FSDP2)
 
 Recipe (the reference's): AdamW with betas (0.8, 0.999); parameter groups -- decay/alpha/gate
 logits, biases and norms at 0.5 x lr without weight decay, embeddings at 0.75 x lr without weight
-decay, everything else with weight decay 0.02; linear warmup, then cosine down to ``--lr-floor``;
+decay, everything else with weight decay 0.02; linear warmup, then cosine down to ``--lr-floor``
+(update ``s`` runs at ``lr * lr_factor(s)``, the reference's LambdaLR values step for step);
 gradient-norm clip 1.0; a step whose loss or gradient norm is not finite is skipped and counted;
 bf16 autocast on CUDA; optional ``torch.compile``.
 
 Output directory (``--out``): ``last/`` and ``best/`` checkpoints (our model directory format,
-with the optimiser state, RNG states and trainer state as extra files, ``checkpoint.py``) and
+with the optimiser state, RNG states and trainer state as extra files, ``checkpoint.py``),
 ``log.jsonl``, one JSON object per line for every evaluation (and every ``--log-interval``
-training steps).  SIGINT/SIGTERM finish the current step, save ``last/`` and exit; ``--resume``
-continues from it with model, optimiser, schedule, data position and RNG restored, so the losses
-are those of an uninterrupted run.  On ``--resume`` the run's settings come from its checkpoint:
-only the flags of ``RESUME_OVERRIDABLE`` may be given anew; any other flag given with a value
-different from the run's is refused, naming it.
+training steps: loss, lr, gradient norm before clipping, tokens/s), the same scalars as
+TensorBoard event files in ``tensorboard/`` (``--no-tensorboard``: none) and ``curves.png``,
+redrawn at every evaluation (``curves.py``).  SIGINT/SIGTERM finish the current step, save
+``last/`` and exit; ``--resume`` continues from it with model, optimiser, schedule, data position
+and RNG restored, so the losses are those of an uninterrupted run.  On ``--resume`` the run's
+settings come from its checkpoint: only the flags of ``RESUME_OVERRIDABLE`` may be given anew;
+any other flag given with a value different from the run's is refused, naming it.
 
 Reading order: ``train`` -> ``build_run`` (``prepare_args``, ``restore``) -> ``train_loop``
 (``train_step``, ``evaluate_and_save``, ``save``).  A ``Run`` holds everything one run owns,
@@ -45,6 +49,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from . import curves as kcurves
 from . import data as kdata
 from . import distributed as kdist
 from .checkpoint import (CheckpointError, atomic_write_files, find_resume_dir, full_tensor, load_checkpoint,
@@ -55,6 +60,7 @@ from .model import KStackConfig, KStackLM
 from .presets import PRESETS, get_preset
 
 PROG = "kop-train"
+PROGRESS_LINE_EVERY_S = 30.0     # --no-progress: a progress line at most this often
 LOGIT_NAMES = ("decay_logit", "alpha_logit", "gate_logit", "eta_logit", "rho_logit")
 
 # model flags: KStackConfig field -> (type, help); defaults come from KStackConfig itself
@@ -77,13 +83,14 @@ MODEL_FLAGS = {
     "emb_dropout": (float, "dropout after the embedding"),
     "mlp_dropout": (float, "dropout inside the MLPs"),
     "residual_dropout": (float, "dropout on the K2 mixer output"),
+    "head_dropout": (float, "dropout after the GELU of the gelu head / on the adaptive head's input"),
     "refine_steps": (int, "equilibrium refinement steps (paper option; 0 = off)"),
     "backend": (str, "op backend: auto, triton, chunked, recurrent, naive"),
     "window": (int, "training / evaluation context length T"),
 }
 # flags that may differ between a run and its --resume (everything else comes from the checkpoint)
 RESUME_OVERRIDABLE = ("steps", "eval_interval", "log_interval", "progress", "device", "compile", "amp", "threads",
-                      "eval_batch_size", "data_path", "data_dir", "text", "fsdp")
+                      "eval_batch_size", "data_path", "data_dir", "text", "fsdp", "tensorboard", "curves")
 
 
 class UsageError(Exception):
@@ -135,7 +142,15 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     add("--compile", action="store_true", default=False, help="torch.compile the model for training")
     add("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     add("--fsdp", action="store_true", default=False, help="under torchrun: FSDP2 instead of DDP")
-    add("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
+    add("--progress", action=argparse.BooleanOptionalAction, default=True,
+        help="tqdm progress bar (without it: a progress line with the ETA at most every 30 s)")
+    add("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
+        help="TensorBoard event files in OUT/tensorboard (train loss, lr, gradient norm, tokens/s; val CE / PPL): "
+             "written by kop-train itself, no TensorBoard install needed to write them")
+    add("--curves", action=argparse.BooleanOptionalAction, default=True,
+        help="redraw OUT/curves.png (loss and perplexity curves) at every evaluation (needs matplotlib)")
+    add("--plot", metavar="RUN_DIR", default=None,
+        help="only draw RUN_DIR/curves.png from RUN_DIR/log.jsonl (any kop-train run) and exit")
     add("--log-interval", type=int, default=50, help="training-loss log record every N steps (0 = none)")
     add("--eval-interval", type=int, default=250, help="evaluate every N steps (and at the end)")
     add("--eval-batch-size", type=int, default=8, help="windows per evaluation batch")
@@ -243,10 +258,15 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.02, mode: 
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, floor_ratio: float) -> float:
-    """Schedule multiplier of update ``step`` (0-based): ``(step+1)/warmup`` during warmup, then a cosine
-    from 1 to ``floor_ratio`` over the remaining steps (``floor_ratio`` after ``total_steps``)."""
+    """Schedule multiplier of update ``step`` (0-based): ``max(step, 1) / warmup`` during warmup, then a
+    cosine from 1 to ``floor_ratio`` over the remaining steps (``floor_ratio`` after ``total_steps``).
+
+    These are the reference trainer's values update for update: its LambdaLR sets the lr of its
+    training step k (1-based) to ``lr * lr_lambda(k - 1)`` with ``lr_lambda(s) = max(s, 1) / warmup``
+    in warmup, so its first two updates both run at ``lr / warmup`` and the peak comes at update
+    ``warmup`` (benchmarks/recipe_check.py compares the two schedules at every step)."""
     if step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return max(step, 1) / warmup_steps
     t = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
     t = min(max(t, 0.0), 1.0)
     return floor_ratio + (1.0 - floor_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
@@ -303,25 +323,93 @@ def _say(info: kdist.DistInfo, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def format_duration(seconds: Optional[float]) -> str:
+    """``3725`` -> ``1h02m``, ``754`` -> ``12m34s``, ``9.4`` -> ``9s``; None -> ``?``."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    s = int(round(max(seconds, 0.0)))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+class EtaClock:
+    """This session's step and evaluation times: tokens/s and the time left of the run.
+
+    ETA = mean training-step time x steps left + mean evaluation time x evaluations left (every
+    ``eval_interval`` steps and at the end), both measured in this session (the evaluations are
+    left out until one has run)."""
+
+    def __init__(self, total: int, eval_interval: int, tokens_per_step: int):
+        self.total, self.every, self.tokens_per_step = total, eval_interval, tokens_per_step
+        self.train_s = self.eval_s = 0.0
+        self.steps = self.evals = 0
+        self.window_s, self.window_steps = 0.0, 0        # since the last log record
+        self.ema_s: Optional[float] = None              # recent step time, for the bar
+
+    def stepped(self, seconds: float) -> None:
+        self.train_s += seconds
+        self.steps += 1
+        self.window_s += seconds
+        self.window_steps += 1
+        self.ema_s = seconds if self.ema_s is None else 0.9 * self.ema_s + 0.1 * seconds
+
+    def evaluated(self, seconds: float) -> None:
+        self.eval_s += seconds
+        self.evals += 1
+
+    def window_tokens_per_s(self) -> float:
+        """Training tokens/s over the steps since the last call (evaluation time not counted)."""
+        tps = self.window_steps * self.tokens_per_step / max(self.window_s, 1e-9)
+        self.window_s, self.window_steps = 0.0, 0
+        return tps
+
+    def recent_tokens_per_s(self) -> float:
+        return self.tokens_per_step / max(self.ema_s or 0.0, 1e-9)
+
+    def evals_left(self, step: int) -> int:
+        n = self.total // self.every - step // self.every
+        return n + (1 if self.total % self.every and step < self.total else 0)
+
+    def eta_s(self, step: int) -> Optional[float]:
+        if not self.steps:
+            return None
+        eta = self.train_s / self.steps * max(self.total - step, 0)
+        if self.evals:
+            eta += self.eval_s / self.evals * self.evals_left(step)
+        return eta
+
+
 class ProgressBar:
-    """The tqdm bar of rank 0 (none elsewhere or with ``--no-progress``): loss, lr and tokens/s
-    every 10 steps; ``say`` prints a line above it (or plainly without a bar)."""
+    """The tqdm bar of rank 0 (none elsewhere or with ``--no-progress``): loss, lr, tokens/s and the
+    ETA (``EtaClock``: evaluations included) every 10 steps.  Without a bar, rank 0 prints a
+    progress line with the same numbers at most every ``line_every_s`` seconds (default
+    ``PROGRESS_LINE_EVERY_S``).  ``say`` prints a line above the bar (or plainly without one)."""
 
-    def __init__(self, enabled: bool, info: kdist.DistInfo, total: int, step: int, tokens_seen: int):
-        self.info = info
-        self.bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, file=sys.stderr) \
-            if enabled and info.is_main else None
-        self.t_last, self.tok_last = time.perf_counter(), tokens_seen
+    def __init__(self, enabled: bool, info: kdist.DistInfo, total: int, step: int, clock: EtaClock,
+                 line_every_s: Optional[float] = None):
+        self.info, self.clock = info, clock
+        self.line_every_s = PROGRESS_LINE_EVERY_S if line_every_s is None else line_every_s
+        fmt = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]"
+        self.bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True, file=sys.stderr,
+                        bar_format=fmt) if enabled and info.is_main else None
+        self.t_line = time.perf_counter()
 
-    def update(self, step: int, total: int, tokens_seen: int, loss: float, lr: float) -> None:
+    def update(self, step: int, total: int, loss: float, lr: float) -> None:
+        eta = format_duration(self.clock.eta_s(step))
         if self.bar is None:
+            now = time.perf_counter()
+            if self.info.is_main and (now - self.t_line >= self.line_every_s) and step < total:
+                self.t_line = now
+                _say(self.info, f"step {step}/{total}: loss {loss:.4f} lr {lr:.2e} "
+                                f"{self.clock.recent_tokens_per_s():,.0f} tok/s | ETA {eta}")
             return
-        now = time.perf_counter()
         self.bar.update(1)
         if step % 10 == 0 or step == total:
-            tps = (tokens_seen - self.tok_last) / max(now - self.t_last, 1e-9)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
-            self.t_last, self.tok_last = now, tokens_seen
+            self.bar.set_postfix({"loss": f"{loss:.4f}", "lr": f"{lr:.2e}",
+                                  "tok_s": f"{self.clock.recent_tokens_per_s():,.0f}", "eta": eta}, refresh=False)
 
     def say(self, msg: str) -> None:
         if self.bar is not None:
@@ -523,6 +611,8 @@ class Run:
     fsdp: bool
     log: JsonlLog
     progress: Progress
+    tb: Optional[kcurves.TensorBoardWriter] = None   # rank 0 with --tensorboard, while the loop runs
+    curves_failed: bool = False                        # curves.png could not be drawn: not tried again
 
     @property
     def device(self) -> torch.device:
@@ -533,7 +623,7 @@ class Run:
 
 
 def _saved_args(args) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in ("explicit", "resume")}
+    return {k: v for k, v in vars(args).items() if k not in ("explicit", "resume", "plot")}
 
 
 def apply_saved_args(args, saved: dict) -> None:
@@ -686,7 +776,8 @@ def _log_start(run: Run, splits, train_ids: torch.Tensor, resumed: bool) -> None
 
 def train_step(run: Run, batch) -> tuple:
     """One optimiser step at ``run.progress.step`` on ``batch``: schedule, forward, backward, clip,
-    update; a step whose loss or gradient norm is not finite is skipped and counted.  -> (loss, lr)."""
+    update; a step whose loss or gradient norm is not finite is skipped and counted.
+    -> (loss, lr, gradient norm before clipping; None when the loss was not finite)."""
     args, info, p = run.args, run.info, run.progress
     lr = set_lr(run.optimizer, args.lr, lr_factor(p.step, args.warmup_steps, args.steps, args.lr_floor / args.lr))
     x, y = batch[0].to(run.device, non_blocking=True), batch[1].to(run.device, non_blocking=True)
@@ -696,12 +787,13 @@ def train_step(run: Run, batch) -> tuple:
         loss = run.train_model(x, y, **extra)
     loss_value = float((kdist.all_reduce(loss.detach().float().reshape(1).cpu(), info) / info.world).item())
     run.optimizer.zero_grad(set_to_none=True)
-    stepped = False
+    stepped, gnorm = False, None
     if math.isfinite(loss_value):
         loss.backward()
         kdist.sync_replicated_grads(run.model, info)
-        gnorm = kdist.clip_grad_norm(run.model.parameters(), args.clip_grad_norm, info) if args.clip_grad_norm > 0 \
-            else 0.0
+        # --clip-grad-norm 0: the norm is still measured (logged, and a non-finite one skips the step)
+        gnorm = kdist.clip_grad_norm(run.model.parameters(),
+                                     args.clip_grad_norm if args.clip_grad_norm > 0 else math.inf, info)
         if math.isfinite(gnorm):
             run.optimizer.step()
             stepped = True
@@ -709,7 +801,7 @@ def train_step(run: Run, batch) -> tuple:
     p.skipped_steps += not stepped
     p.step += 1
     p.tokens_seen += args.batch_size * int(run.model.config.window)
-    return loss_value, lr
+    return loss_value, lr, gnorm
 
 
 def save(run: Run, which: str) -> None:
@@ -730,8 +822,32 @@ def save(run: Run, which: str) -> None:
     kdist.barrier(run.info)
 
 
-def evaluate_and_save(run: Run, loss: float, lr: float, elapsed: float, bar: ProgressBar) -> None:
-    """Score the validation split, log and print it, save ``best/`` when it improved and ``last/``."""
+def record(run: Run, **rec) -> None:
+    """One log.jsonl record, and its scalars in the TensorBoard file (``curves.tensorboard_scalars``)."""
+    run.log.write(**rec)
+    if run.tb is not None:
+        run.tb.scalars(rec["step"], kcurves.tensorboard_scalars(rec))
+
+
+def draw_curves(run: Run, bar: ProgressBar) -> None:
+    """Redraw ``out/curves.png`` (rank 0, --curves); a failure to draw is said once and drawing stops,
+    training goes on."""
+    if not (run.args.curves and run.info.is_main) or run.curves_failed:
+        return
+    try:
+        kcurves.plot_run(run.out)
+    except Exception as exc:  # noqa: BLE001 - a picture must never end a training run
+        why = "matplotlib is not installed (pip install matplotlib)" if isinstance(exc, ImportError) else \
+            f"{type(exc).__name__}: {exc}"
+        bar.say(f"{PROG}: note: {run.out / 'curves.png'} not drawn: {why}; training goes on without it "
+                f"(--no-curves silences this)")
+        run.curves_failed = True
+
+
+def evaluate_and_save(run: Run, loss: float, lr: float, elapsed: float, bar: ProgressBar,
+                      clock: Optional[EtaClock] = None) -> None:
+    """Score the validation split, log and print it, save ``best/`` when it improved and ``last/``,
+    redraw the curves."""
     p = run.progress
     res = run_eval(run.model, run.val_ids, run.eval_window, run.args.eval_batch_size, run.info, run.amp,
                    sharded_model=run.fsdp)
@@ -739,14 +855,15 @@ def evaluate_and_save(run: Run, loss: float, lr: float, elapsed: float, bar: Pro
         kdist.reshard(run.model)
     improved = res["val_ce"] < p.best_val_ce
     p.best_val_ce = min(p.best_val_ce, res["val_ce"])
-    run.log.write(event="eval", step=p.step, train_loss=loss, lr=lr, skipped_steps=p.skipped_steps,
-                  tokens_seen=p.tokens_seen, elapsed_s=round(elapsed, 3), best_val_ppl=perplexity(p.best_val_ce),
-                  **res)
-    bar.say(f"step {p.step}: val_ce {res['val_ce']:.4f} val_ppl {res['val_ppl']:.3f} "
-            f"(best {p.best_ppl_text()}) train_loss {loss:.4f}")
+    record(run, event="eval", step=p.step, train_loss=loss, lr=lr, skipped_steps=p.skipped_steps,
+           tokens_seen=p.tokens_seen, elapsed_s=round(elapsed, 3), best_val_ppl=perplexity(p.best_val_ce), **res)
+    eta = "" if clock is None or p.step >= run.args.steps else f" | ETA {format_duration(clock.eta_s(p.step))}"
+    bar.say(f"step {p.step}/{run.args.steps}: val_ce {res['val_ce']:.4f} val_ppl {res['val_ppl']:.3f} "
+            f"(best {p.best_ppl_text()}) train_loss {loss:.4f}{eta}")
     if improved:
         save(run, "best")
     save(run, "last")
+    draw_curves(run, bar)
 
 
 def train_loop(run: Run, stop: StopFlag) -> int:
@@ -756,7 +873,11 @@ def train_loop(run: Run, stop: StopFlag) -> int:
         _say(run.info, f"{PROG}: the run in {run.out} is already at step {p.step} of --steps {args.steps}: nothing to "
                        f"train (pass a larger --steps to continue it); best val_ppl {p.best_ppl_text()}")
         return 0
-    bar = ProgressBar(args.progress, run.info, args.steps, p.step, p.tokens_seen)
+    clock = EtaClock(args.steps, args.eval_interval, args.batch_size * int(run.model.config.window))
+    bar = ProgressBar(args.progress, run.info, args.steps, p.step, clock)
+    if args.tensorboard and run.info.is_main:
+        # a resumed session hides, in TensorBoard, what a killed one logged past the checkpoint
+        run.tb = kcurves.TensorBoardWriter(run.out / "tensorboard", purge_step=p.step + 1 if p.step else None)
     prefetch = BatchPrefetcher(run.sampler, run.info, pin=run.device.type == "cuda")
     t_start, stop_signum = time.perf_counter(), 0
     try:
@@ -765,14 +886,21 @@ def train_loop(run: Run, stop: StopFlag) -> int:
             stop_signum = int(kdist.all_reduce(torch.tensor([float(stop.signum)]), run.info, op="max").item())
             if stop_signum:
                 break
-            loss, lr = train_step(run, prefetch.get(p.step, args.steps))
+            t0 = time.perf_counter()
+            loss, lr, gnorm = train_step(run, prefetch.get(p.step, args.steps))
+            clock.stepped(time.perf_counter() - t0)
             if args.log_interval and p.step % args.log_interval == 0:
-                run.log.write(event="train", step=p.step, loss=loss, lr=lr, skipped_steps=p.skipped_steps)
-            bar.update(p.step, args.steps, p.tokens_seen, loss, lr)
+                record(run, event="train", step=p.step, loss=loss, lr=lr, grad_norm=gnorm,
+                       tokens_per_s=round(clock.window_tokens_per_s(), 1), skipped_steps=p.skipped_steps)
+            bar.update(p.step, args.steps, loss, lr)
             if p.step % args.eval_interval == 0 or p.step == args.steps:
-                evaluate_and_save(run, loss, lr, time.perf_counter() - t_start, bar)
+                t0 = time.perf_counter()
+                evaluate_and_save(run, loss, lr, time.perf_counter() - t_start, bar, clock)
+                clock.evaluated(time.perf_counter() - t0)
     finally:
         prefetch.close()
+        if run.tb is not None:
+            run.tb.close()
     if p.step < args.steps:  # stopped by a signal
         save(run, "last")
         signum = stop_signum or stop.signum or signal.SIGTERM
@@ -808,9 +936,27 @@ def train(args) -> int:
         stop.restore()
 
 
+def plot_only(args) -> int:
+    """``--plot RUN_DIR``: draw RUN_DIR/curves.png and exit."""
+    others = [k for k in args.explicit if k != "plot"]
+    if others:
+        raise UsageError(f"--plot only draws the curves of an existing run and trains nothing; drop "
+                         f"{', '.join(flag(k) for k in others)}")
+    try:
+        path = kcurves.plot_run(args.plot)
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from None
+    except ImportError:
+        raise UsageError("--plot needs matplotlib (pip install matplotlib)") from None
+    print(path)
+    return 0
+
+
 def main(argv: Optional[list] = None) -> int:
     args = parse_args(argv)
     try:
+        if args.plot is not None:
+            return plot_only(args)
         return train(args)
     except (UsageError, kdata.DataError, CheckpointError) as exc:
         return fail(PROG, exc)
