@@ -196,6 +196,11 @@ RULES: Tuple[Rule, ...] = (
              "BD = 32), _chunk_out reversed 8 B on sm_90 and 4 B on sm_100 (BD = 64); 2 stages: 0 B, "
              "<= 126 regs under 3.9 and <= 115 under 3.6 on all three targets; 4 warps instead: "
              "8-16 B (gate 12-06)"),
+    Rule(("_chunk_out_kernel",), dict(num_warps=4), dtype="fp32", BR=(16, 16), triton=since((3, 9)),
+         arch=(90, 100),
+         why="fp32, R <= 16 under 3.9 on sm_90: 8 warps spilled 8 B at 80 registers (scan T = 1M, D = 1024, "
+             "BD = 64; gate 12-06, make test); 4 warps: 137 registers, 0 B; BD = 32 also 0 B (64 registers) "
+             "but twice the A-tile reads"),
     Rule(("_intra_A_kernel", "_bwd_dqk_kernel"), dict(num_warps=8), dtype="fp32",
          why="fp32: 8 warps (at 4, _bwd_dqk spilled 64 B at R <= 16, gate 12-02)"),
     Rule(("_intra_A_kernel", "_bwd_dqk_kernel"), dict(num_warps=8), BR=BIG_R, why="R > 32: 8 warps (gate 12-02)"),
@@ -245,7 +250,8 @@ def _dtype_name(dtype) -> str:
         if dtype not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"dtype must be fp32, bf16 or fp16, got {dtype!r}")
         return dtype
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    # float64 inputs (the conv's Triton path takes them) run the fp32 IEEE code, as float32
+    names = {torch.float32: "fp32", torch.float64: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     if dtype not in names:
         raise ValueError(f"the Triton kernels take float32, bfloat16 or float16 inputs, got {dtype}")
     return names[dtype]

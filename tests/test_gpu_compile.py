@@ -255,3 +255,17 @@ def test_committed_report_names_every_kernel_of_today():
         assert rows == kernels, (f"{os.path.basename(path)} (Triton {version}) is stale: kernels without rows "
                                  f"{sorted(kernels - rows)}, rows of kernels that no longer exist "
                                  f"{sorted(rows - kernels)}; regenerate it with python -m kop_triton.kernels.report")
+
+
+def test_flat_grid_spills_are_reported_not_failed():
+    """The flat grids (FLAT=True) report spills apart; every other rule, and spills on the natural
+    grids, fail the gate."""
+    from kop_triton.kernels.report import _verdict
+    row = {"error": None, "spill_stores": 8, "spill_loads": 8, "smem": 0, "dots_16bit": True, "mma": 0,
+           "tf32_mma": 0}
+    nat = _verdict(row, 90, "BD=64, FLAT=False, num_warps=8")
+    flat = _verdict(row, 90, "BD=64, FLAT=True, num_warps=8")
+    assert any(p.startswith("spills") for p in nat["problems"]) and nat["notes"] == []
+    assert flat["notes"] == ["spills 8 B stores / 8 B loads"]
+    assert flat["problems"] == ["16-bit dot without MMA instructions"]
+    assert _verdict({"error": "boom"}, 90, "FLAT=True")["problems"] == ["does not compile"]
