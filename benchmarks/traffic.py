@@ -65,7 +65,7 @@ class Shape:
 
     @property
     def BD(self) -> int:             # channel block of the tile kernels (kernels/settings.py, sm_90)
-        return min(64, max(16, 1 << (self.D - 1).bit_length()))
+        return min(32 if self.s == F32 and self.BR > 32 else 64, max(16, 1 << (self.D - 1).bit_length()))
 
     @property
     def nd(self) -> int:
