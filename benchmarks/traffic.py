@@ -64,16 +64,16 @@ class Shape:
         return max(16, 1 << (self.R - 1).bit_length())
 
     @property
-    def BD(self) -> int:             # channel block of the tile kernels (scan_config)
-        return min(64, max(16, 1 << (self.D - 1).bit_length()))
+    def BD(self) -> int:             # channel block of the tile kernels (kernels/settings.py, sm_90)
+        return min(32 if self.s == F32 and self.BR > 32 else 64, max(16, 1 << (self.D - 1).bit_length()))
 
     @property
     def nd(self) -> int:
         return math.ceil(self.D / self.BD)
 
     @property
-    def nd_out(self) -> int:         # channel blocks of _k2_out_kernel / _k2_dx_kernel (kernels/k2.py)
-        return math.ceil(self.D / (16 if self.BR > 32 else self.BD))
+    def nd_out(self) -> int:         # channel blocks of _k2_out_kernel (kernels/settings.py, sm_90)
+        return math.ceil(self.D / (16 if self.BR > 32 else min(self.BD, 32) if self.s == F32 else self.BD))
 
     @property
     def nd_dx(self) -> int:

@@ -612,7 +612,7 @@ class ChunkPlan:
         grid, fl = grid_of((self.N, ne), (ne, self.N))
         launch(_state_pass_kernel, grid, FLAT=fl, **self.pass_args(),
                s=s, lg=lg, h0=h0, ht=ht, USE_INITIAL_STATE=h0 is not None, STORE_FINAL_STATE=store_final,
-               REVERSE=reverse)
+               REVERSE=reverse, **self.settings("_state_pass_kernel"))
         return ht
 
     def intra_A(self, q, k, lg):

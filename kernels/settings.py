@@ -164,6 +164,10 @@ BASE: Dict[str, Dict[str, Value]] = {
     # at once; at the default 3 it spilled 4-20 B on sm_80 at R = 1, fp32, gate 12-02)
     "_bwd_dqk_kernel": dict(BRS=lambda c: min(c.BR, 32), BD=lambda c: min(tile_d(c), 16),
                             DIAG_LOOP=lambda c: c.BR > 32, num_warps=4, num_stages=1),
+    # the state pass (its BLOCK and CB: kernels/scan.py): 8 warps (at 4, the flat-grid variant over
+    # packed sequences spilled 12-24 B on sm_100 under 3.9; 8 warps: 0 B, <= 80 regs under 3.9 and 3.6,
+    # all three targets; 2 warps: 0 B at up to 255 regs; gate 12-06)
+    "_state_pass_kernel": dict(num_warps=8),
     # ---- K2 (kernels/k2.py) ----
     # BM: rows per program, (BM, BR) float32 tiles of <= 2048 elements; BD: its (BD, BR) u and v
     # tiles stay <= 2048 elements (64 x 128 fp32 tiles spilled ~1.1 KB per thread on sm_80 / sm_90 /
@@ -191,11 +195,12 @@ BASE: Dict[str, Dict[str, Value]] = {
 # from ptxas as each Triton version runs it), which also tried the alternatives named.
 RULES: Tuple[Rule, ...] = (
     # ---- scan ----
-    Rule(TILE_KERNELS, dict(num_stages=2), dtype="fp32", BR=BIG_R,
-         why="fp32, R = 128, 3 stages (the default) under 3.9: _chunk_state spilled 4 B on sm_90 (D = 24, "
-             "BD = 32), _chunk_out reversed 8 B on sm_90 and 4 B on sm_100 (BD = 64); 2 stages: 0 B, "
-             "<= 126 regs under 3.9 and <= 115 under 3.6 on all three targets; 4 warps instead: "
-             "8-16 B (gate 12-06)"),
+    Rule(TILE_KERNELS, dict(BD=lambda c: min(tile_d(c), 32), num_stages=1), dtype="fp32", BR=BIG_R,
+         why="fp32, R = 128, 64 channels and 3 stages (the default) spilled under 3.9: _chunk_state 4 B on "
+             "sm_90 (D = 24), _chunk_out reversed 8 B on sm_90 and 4 B on sm_100; 2 stages then spilled "
+             "4-16 B in the flat-grid variants (sm_80, sm_90), 1 stage 16 B in one (_chunk_out, sm_80; "
+             "_chunk_state under 3.6); 32 channels and 1 stage: 0 B, <= 80 regs under 3.9 and 3.6 on all "
+             "three targets, flat grids included (gate 12-06)"),
     Rule(("_chunk_out_kernel",), dict(num_warps=4), dtype="fp32", BR=(16, 16), triton=since((3, 9)),
          arch=(90, 100),
          why="fp32, R <= 16 under 3.9 on sm_90: 8 warps spilled 8 B at 80 registers (scan T = 1M, D = 1024, "
@@ -204,6 +209,10 @@ RULES: Tuple[Rule, ...] = (
     Rule(("_intra_A_kernel", "_bwd_dqk_kernel"), dict(num_warps=8), dtype="fp32",
          why="fp32: 8 warps (at 4, _bwd_dqk spilled 64 B at R <= 16, gate 12-02)"),
     Rule(("_intra_A_kernel", "_bwd_dqk_kernel"), dict(num_warps=8), BR=BIG_R, why="R > 32: 8 warps (gate 12-02)"),
+    Rule(("_bwd_dqk_kernel",), dict(num_stages=2), dtype="fp32", BR=BIG_R,
+         why="fp32, R = 128: 1 stage spilled 8-16 B in the flat-grid variants under 3.9 (sm_90 packed, "
+             "sm_100); 2 stages: 0 B, <= 176 regs under 3.9, <= 182 under 3.6, all three targets; 32 "
+             "channels per step instead: 16-32 B at D = 24 (sm_80, sm_100) (gate 12-06)"),
     Rule(("_bwd_dqk_kernel",), dict(BRS=16), dtype="fp32", BR=BIG_R,
          why="fp32, R > 32: 16-wide key-channel slices (32-wide spilled 20 B on sm_90 / sm_100, gate 12-02)"),
     Rule(("_bwd_dqk_kernel",), dict(BD=lambda c: min(tile_d(c), 32)), dtype="bf16",
@@ -225,10 +234,11 @@ RULES: Tuple[Rule, ...] = (
     Rule(("_k2_dx_kernel",), dict(BD=16, BK=32), dtype="16-bit", BR=BIG_R,
          why="R > 32, 16-bit: 16 channels (32: 8-100 B), 32-wide R slices (16-wide: 8 B; 2 or 4 "
              "warps: 56 B) (gate 12-02)"),
-    Rule(("_k2_dx_kernel",), dict(num_warps=4, num_stages=2), arch=SM80, dtype="16-bit", BR=BIG_R,
-         why="sm_80, R = 128, 16-bit, 8 warps: 36-64 B under 3.9 (bf16, fp16); 4 warps and 2 stages: "
-             "0 B, <= 168 regs under 3.9 and 3.6 (4 warps, 3 stages: 16 B under 3.9; 16-wide R "
-             "slices: 44 B, bf16, D = 24) (gate 12-06)"),
+    Rule(("_k2_dx_kernel",), dict(BK=16, num_warps=4, num_stages=2), arch=SM80, dtype="16-bit", BR=BIG_R,
+         why="sm_80, R = 128, 16-bit, 32-wide R slices and 8 warps: 36-64 B under 3.9 (bf16, fp16); with 4 "
+             "warps and 2 stages still 12-52 B in the flat-grid variant (bf16, 3.9 and 3.6); 16-wide slices, "
+             "4 warps, 2 stages: 0 B, <= 230 regs under 3.9 and 3.6, flat grids included (8 warps and 2 "
+             "stages: 32-120 B) (gate 12-06)"),
     Rule(("_k2_dx_kernel",), dict(BD=16, BK=16, num_warps=4), dtype="fp32",
          why="fp32 on CUDA cores: 16 channels, 4 warps (32 channels spilled on sm_90; 8 warps 4-12 B; "
              "gate 12-02)"),
@@ -238,6 +248,11 @@ RULES: Tuple[Rule, ...] = (
              "12-06).  Under 3.9 the other way round: 32 channels spilled 4 B (D = 24), 16 channels "
              "0 B, 168 regs (gate 12-06)"),
     # ---- conv ----
+    Rule(("_conv_bwd_dx_kernel",), dict(BD=lambda c: min(tile_d(c), 32), num_stages=1), dtype="fp32",
+         when=dict(use_dot=True),
+         why="fp32 Toeplitz product, 64 channels: the flat-grid variant spilled 16 B on sm_90 and 28 B on "
+             "sm_100 under 3.9; 1 stage alone: 8 B under 3.6 (sm_100); 32 channels and 1 stage: 0 B, <= 128 "
+             "regs under 3.9 and 3.6 (16-row source blocks also 0 B, but they regroup the sums) (gate 12-06)"),
     Rule(("_conv_bwd_dx_kernel",), dict(BT=lambda c: max(16, min(64, _np2(c.K - 1)))),
          when=dict(dh0_only=True, use_dot=False),
          why="only the K - 1 initial-state rows of each sequence: a tile of their size (the (64, BD) "

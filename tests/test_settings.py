@@ -52,11 +52,13 @@ def test_settings_of_the_pinned_version_on_sm_90(monkeypatch):
     at(monkeypatch, (3, 6), 90)
     bf, f32 = torch.bfloat16, torch.float32
     assert kernel_settings("_chunk_out_kernel", bf, R=16, D=1024) == dict(BD=64, BK=16, num_warps=8)
-    assert kernel_settings("_chunk_out_kernel", f32, R=128, D=24) == dict(BD=32, BK=16, num_warps=8, num_stages=2)
+    assert kernel_settings("_chunk_out_kernel", f32, R=128, D=1024) == dict(BD=32, BK=16, num_warps=8, num_stages=1)
+    assert kernel_settings("_chunk_state_kernel", f32, R=16, D=1024) == dict(BD=64, BK=16, num_warps=8)
     assert kernel_settings("_bwd_dqk_kernel", bf, R=16, D=1024) == \
         dict(BRS=16, BD=32, DIAG_LOOP=False, num_warps=4, num_stages=1)
     assert kernel_settings("_bwd_dqk_kernel", f32, R=128, D=1024) == \
-        dict(BRS=16, BD=16, DIAG_LOOP=True, num_warps=8, num_stages=1)
+        dict(BRS=16, BD=16, DIAG_LOOP=True, num_warps=8, num_stages=2)
+    assert kernel_settings("_state_pass_kernel", f32, R=128, D=1024) == dict(num_warps=8)
     assert kernel_settings("_k2_out_kernel", bf, R=128, D=1024) == \
         dict(BD=16, BK=16, BRS=16, DIAG_LOOP=True, num_warps=4)
     assert kernel_settings("_k2_out_kernel", f32, R=16, D=1024)["BD"] == 32
@@ -66,13 +68,16 @@ def test_settings_of_the_pinned_version_on_sm_90(monkeypatch):
     assert kernel_settings("_conv_bwd_dw_kernel", bf, D=24, K=8) == dict(BT=64, BL=8, BD=32, num_warps=8)
     assert kernel_settings("_conv_bwd_dx_kernel", bf, D=24, K=8, dh0_only=True, use_dot=False)["BT"] == 16
     assert kernel_settings("_conv_bwd_dx_kernel", bf, D=24, K=8, dh0_only=False, use_dot=False)["BT"] == 64
+    assert kernel_settings("_conv_bwd_dx_kernel", f32, D=256, K=64, dh0_only=False, use_dot=True) == \
+        dict(BT=64, BS=64, BD=32, num_warps=8, num_stages=1)
+    assert kernel_settings("_conv_bwd_dx_kernel", bf, D=256, K=64, dh0_only=False, use_dot=True)["BD"] == 64
 
 
 def test_sm_80_dx_warps_and_stages(monkeypatch):
     for version in ((3, 6), (3, 9)):
         at(monkeypatch, version, 80)
         got = kernel_settings("_k2_dx_kernel", torch.float16, R=128, D=1024)
-        assert (got["num_warps"], got["num_stages"]) == (4, 2)
+        assert (got["BK"], got["num_warps"], got["num_stages"]) == (16, 4, 2)
     at(monkeypatch, (3, 9), 90)
     assert "num_stages" not in kernel_settings("_k2_dx_kernel", torch.float16, R=128, D=1024)
 
@@ -100,5 +105,8 @@ def test_every_rule_names_known_kernels_and_says_why():
 def test_clear_errors():
     with pytest.raises(ValueError, match=r"no launch settings for kernel '_nope'; known: \["):
         kernel_settings("_nope", torch.float32)
-    with pytest.raises(ValueError, match="float32, bfloat16 or float16 inputs, got torch.float64"):
-        kernel_settings("_chunk_out_kernel", torch.float64)
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16 inputs, got torch.int32"):
+        kernel_settings("_chunk_out_kernel", torch.int32)
+    # float64 inputs (the conv's Triton path takes them) run the fp32 code: the fp32 settings
+    assert kernel_settings("_conv_bwd_dx_kernel", torch.float64, D=256, K=64, use_dot=True) == \
+        kernel_settings("_conv_bwd_dx_kernel", torch.float32, D=256, K=64, use_dot=True)
