@@ -39,10 +39,10 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "kop-train=kop_triton.train:main",
-            "kop-eval=kop_triton.eval:main",
-            "kop-generate=kop_triton.generate:main",
-            "kop-convert=kop_triton.convert:main",
+            "kop-train=kop_triton.cli:kop_train",
+            "kop-eval=kop_triton.cli:kop_eval",
+            "kop-generate=kop_triton.cli:kop_generate",
+            "kop-convert=kop_triton.cli:kop_convert",
         ]
     },
 )

@@ -50,8 +50,20 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress log on stderr")
 
 
+def check_common(args) -> None:
+    """The common flags' values, else a ValueError naming the flag (before anything is measured)."""
+    import math
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads} (leave it out to use every core)")
+    for flag, v in (("--time-budget", args.time_budget), ("--mem-budget", args.mem_budget),
+                    ("--max-minutes", args.max_minutes)):
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"{flag} must be a finite number > 0, got {v} (leave it out for no limit of your own)")
+
+
 def setup(args):
     """Device, threads, budget from the common arguments."""
+    check_common(args)
     device = H.pick_device(args.device)
     threads = H.set_threads(args.threads)
     if device.type == "cuda":

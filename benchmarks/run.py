@@ -53,6 +53,36 @@ def default_plan(kind: str, quick: bool) -> dict:
                 extra_dtypes=["bf16"], extra_T=[512, 2048, 8192])
 
 
+from .sweep import DTYPES as _SWEEP_DTYPES
+
+DTYPES = tuple(_SWEEP_DTYPES)
+
+
+def results_dir(out, device_type: str) -> str:
+    """The run's results folder, created here: ``out`` must be new or empty (a run never overwrites
+    or mixes into another's files); the default is a new scratch folder per run, named by date and
+    time (a second run the same day gets its own).  A ValueError says why ``out`` cannot be used."""
+    if out is None:
+        base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "_scratch",
+                            f"{device_type}-{time.strftime('%Y-%m-%d-%H%M%S')}")
+        out, n = base, 1
+        while os.path.exists(out):
+            n += 1
+            out = f"{base}-{n}"
+    elif os.path.isfile(out):
+        raise ValueError(f"--out {out} is a file; --out names the results folder (a new or empty one)")
+    elif os.path.isdir(out) and os.listdir(out):
+        raise ValueError(f"--out {out} already holds files ({', '.join(sorted(os.listdir(out))[:4])}); a run "
+                         f"writes into a new or empty folder, so it never overwrites another run: choose another")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create the results folder ({e.strerror or e})") from None
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"--out {out}: the folder is not writable")
+    return out
+
+
 def lm_throughput(device: torch.device, batch: int, T: int, steps: int, backend: str, log,
                   autocast_bf16: bool = False) -> dict:
     """Training throughput (tokens/s) of KStackLM in the reference v2 configuration: forward,
@@ -112,10 +142,13 @@ def lm_throughput(device: torch.device, batch: int, T: int, steps: int, backend:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from kop_triton.cli import ArgumentParser   # one-line usage errors, exit status 2
+    p = ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="CPU / CI-sized sweep (about a minute)")
     p.add_argument("--out", default=None,
-                   help="results directory (default benchmarks/results/_scratch/<cpu|cuda>-<date>, not committed)")
+                   help="results directory, new or empty (default: a new benchmarks/results/_scratch/<cpu|cuda>-<date>-<time>, "
+                        "not committed)")
     p.add_argument("--methods", type=cli.str_list, default=None,
                    help=f"methods of the T sweep (default all): {', '.join(m.name for m in METHODS)}")
     p.add_argument("--T", type=cli.int_list, default=None, help="T sweep (e.g. 512,1k,64k)")
@@ -139,7 +172,21 @@ def main(argv=None) -> dict:
     # --quiet (cli.add_common) silences the progress log; the short summary at the end is always printed
     cli.add_common(p)
     args = p.parse_args(argv)
-    device, threads, budget = cli.setup(args)
+    try:
+        for k in ("tokens", "shape_tokens", "lm_batch", "lm_T", "lm_steps"):
+            if getattr(args, k) is not None and getattr(args, k) < 1:
+                raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
+        for k, known in (("modes", ("fwd", "fwd_bwd")), ("dtypes", DTYPES), ("shape_dtypes", DTYPES)):
+            bad = [v for v in (getattr(args, k) or []) if v not in known]
+            if bad or getattr(args, k) == []:
+                raise ValueError(f"--{k.replace('_', '-')} takes a comma-separated list of {', '.join(known)}, "
+                                 f"got {getattr(args, k)!r}")
+        if args.methods is not None:
+            select(args.methods)
+        device, threads, budget = cli.setup(args)
+        out = results_dir(args.out, device.type)
+    except ValueError as e:
+        p.error(str(e))
     if args.quick and args.time_budget is None:
         budget.time_s = 0.5
     plan = default_plan(device.type, args.quick)
@@ -149,9 +196,6 @@ def main(argv=None) -> dict:
             plan[k] = getattr(args, k)
     if args.long_T is not None:
         plan["long_T"] = args.long_T
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "_scratch",
-                                   f"{device.type}-{time.strftime('%Y-%m-%d')}")
-    os.makedirs(out, exist_ok=True)
     log = Log(args.quiet)
     t_start = time.perf_counter()
     log(f"device {device}, torch threads {threads}, budget {budget.time_s:g} s / "
@@ -219,7 +263,10 @@ def summary(doc: dict, out: str) -> list:
         lines.append(f"{what}: " + (f"{r['tokens_per_s']:,.0f} tokens/s (batch {r['batch']} x T {r['T']})"
                                     if r["status"] == "ok" else r.get("reason", r["status"])))
     ours = [sl for sl in doc["slopes"] if sl["sweep"] == "T-sweep" and sl["mode"] == "fwd_bwd"]
-    if ours:
+    if ours and doc.get("quick"):
+        lines.append("log-log slopes vs T not shown: at --quick sizes (T <= 1024) fixed per-call costs dominate, "
+                     "so they say nothing about scaling; run without --quick for them")
+    elif ours:
         lines.append("time per sequence vs T, log-log slope (fwd+bwd; 1 = linear, 2 = quadratic): "
                      + ", ".join(f"{sl['method']} {sl['time_slope']:.2f}" for sl in ours))
     for c in doc["crossovers"]:
@@ -251,6 +298,9 @@ def render_markdown(doc: dict, pngs, out: str) -> str:
              "(predicted from the previous T; runs over it are recorded, not started)"]
     if doc.get("note"):
         lines.append(f"- note: {doc['note']}")
+    if doc.get("quick"):
+        lines.append("- **--quick run**: T <= 1024, where fixed per-call costs dominate; the log-log slopes in the "
+                     "tables do not measure scaling at these sizes (run without --quick for that)")
     lines += ["", "## LM training throughput", "", doc["lm_throughput"]["note"], ""]
     for r in doc["lm_throughput"]["runs"]:
         desc = f"backend `{r['config']['backend']}`" + (", bf16 autocast" if r["autocast_bf16"] else "")
@@ -288,4 +338,9 @@ def render_markdown(doc: dict, pngs, out: str) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("python -m benchmarks.run: interrupted (Ctrl-C); results.json holds the sweeps finished so far",
+              file=sys.stderr)
+        sys.exit(130)

@@ -485,7 +485,13 @@ def gate_pool(jobs: int) -> ProcessPoolExecutor:
     binaries through the CUDA driver, and a child forked from a parent that touched CUDA (even
     ``torch.cuda.is_available()``) cannot initialise it: every row would read "does not
     compile".  Spawned workers start clean (a few seconds of imports each, on any machine)."""
-    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint)
+
+
+def _ignore_sigint():
+    """Workers leave a Ctrl-C to the parent (one line, exit 130) instead of each printing a traceback."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class UnknownKernel(ValueError):
@@ -639,6 +645,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         ap.error(f"--jobs: got {args.jobs}; give 1 or more parallel compiles")
     if args.kernel is not None and not any(k.strip() for k in args.kernel.split(",")):
         ap.error(f"--kernel: got {args.kernel!r}, no kernel name; give part of a kernel's name, e.g. _k2_qk")
+    for flag_, path in (("--json", args.json), ("--md", args.md)):
+        if path is not None:   # checked before the compiles (minutes), not after them
+            problem = _unwritable(path)
+            if problem:
+                ap.error(f"{flag_} {path}: {problem}")
     t0 = time.time()
     cases = workload(args.set)
     # (the workers are spawned, not forked: this CUDA query in the parent cannot break them)
@@ -652,12 +663,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     meta = {"date": time.strftime("%Y-%m-%d"), "triton": triton.__version__, "torch": torch.__version__,
             "set": args.set, "cases": len(cases), "targets": targets, "seconds": time.time() - t0,
             "machine": f"{os.cpu_count()}-core CPU", "argv": " ".join(argv if argv is not None else sys.argv[1:])}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "summary": summary(rows), "rows": rows, "limits": limits}, f, indent=1)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(markdown(rows, meta, limits))
+    try:
+        if args.json:
+            _write_atomic(args.json, json.dumps({"meta": meta, "summary": summary(rows), "rows": rows,
+                                                 "limits": limits}, indent=1))
+        if args.md:
+            _write_atomic(args.md, markdown(rows, meta, limits))
+    except OSError as e:
+        print(f"{ap.prog}: error: cannot write the report: {e}", file=sys.stderr)
+        return 2
     for s in summary(rows):
         print(json.dumps(s))
     failing = [r for r in rows if r["problems"]]
@@ -670,8 +684,45 @@ def main(argv: Optional[List[str]] = None) -> int:
     if limits:
         print(f"launch limits: {len(limits) - len(over)} of {len(limits)} sizes launch within CUDA's grid limits")
     print(f"gate: {len(rows) - len(failing)} specialisations pass, {len(failing)} fail")
+    if not rows:
+        print("gate: FAIL, no specialisation was compiled (nothing matched the set, --kernel and --targets): "
+              "a gate that checked nothing does not pass")
+        return 1
     return 1 if failing or over else 0
 
 
+def _unwritable(path) -> str:
+    """Why ``path`` cannot be written as a report file, or "" when it can."""
+    p = os.path.abspath(path)
+    if os.path.isdir(p):
+        return "is a directory; give a file name"
+    parent = os.path.dirname(p)
+    if not os.path.isdir(parent):
+        return f"its directory {parent} does not exist"
+    if not os.access(parent, os.W_OK) or (os.path.exists(p) and not os.access(p, os.W_OK)):
+        return "is not writable here"
+    return ""
+
+
+def _write_atomic(path, text: str) -> None:
+    """``text`` into ``path`` through a temp file and a rename: never a half-written report."""
+    import tempfile
+    parent = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".report.", suffix=".tmp", dir=parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("python -m kop_triton.kernels.report: interrupted (Ctrl-C); no report written", file=sys.stderr)
+        sys.exit(130)

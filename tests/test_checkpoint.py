@@ -27,7 +27,7 @@ def _snapshot(directory):
 
 
 @pytest.mark.parametrize("kw", [{}, dict(head="gelu", head_mult=2, emb_dim=5, shared_kernel=False),
-                                dict(vocab_size=40, head="adaptive", adaptive_cutoffs=[8, 20], adaptive_div_value=2.0, refine_steps=1)],
+                                dict(head="adaptive", adaptive_cutoffs=[8, 20], adaptive_div_value=2.0, refine_steps=1)],
                          ids=["linear", "gelu-per-layer-kernel", "adaptive-refine"])
 def test_round_trip(tmp_path, kw):
     m = _model(**kw)

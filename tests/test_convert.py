@@ -153,7 +153,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(_args(src, out, text)) == 0
     capsys.readouterr()
     before = (out / "model.safetensors").read_bytes()
-    _expect_error(capsys, _args(src, out, text), "already holds a checkpoint")
+    _expect_error(capsys, _args(src, out, text), "already holds a kop-triton checkpoint")
     assert (out / "model.safetensors").read_bytes() == before
     assert main(_args(src, out, text, "--overwrite")) == 0
 

@@ -88,7 +88,7 @@ def test_cli(tmp_path, capsys):
     _expect_error(capsys, ["--checkpoint", ck, "--text", tmp_path / "bin.txt"], "not UTF-8")
     _expect_error(capsys, ["--checkpoint", ck, "--text", t, "--device", "tpu:x"], "--device")
     if not torch.cuda.is_available():
-        _expect_error(capsys, ["--checkpoint", ck, "--text", t, "--device", "cuda"], "CUDA is not available")
+        _expect_error(capsys, ["--checkpoint", ck, "--text", t, "--device", "cuda"], "no CUDA device is available")
     for argv, needle in ((["--text", str(t)], "required: --checkpoint"),
                          (["--checkpoint", str(ck), "--text", str(t), "--window", "lots"], "invalid int value")):
         with pytest.raises(SystemExit) as e:

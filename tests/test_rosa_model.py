@@ -135,7 +135,7 @@ def test_config_and_argument_errors():
         KStackConfig(vocab_size=5, n_k2=2, rosa="exact", rosa_layers=[0, 0])
     m, off = _model("exact"), _model("off")
     ids = _ids()
-    with pytest.raises(ValueError, match="rosa_ids must have"):
+    with pytest.raises(ValueError, match="rosa_ids must be an int32/int64 tensor of the ids. shape"):
         m(ids, rosa_ids=torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="stateless"):
         m.hidden(ids, return_state=True, rosa_ids=rosa_next_ids(ids))

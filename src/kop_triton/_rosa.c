@@ -36,6 +36,9 @@
 #include <string.h>
 
 #define ROSA_DENSE_VOCAB 256
+/* the largest vocabulary: tokens are stored as int32 and the root's dense row takes 4 V bytes
+   (64 MiB at this limit); rosa.py refuses larger ones with a clear error before calling here */
+#define ROSA_MAX_VOCAB (1 << 24)
 
 #define ROSA_EXACT 0
 #define ROSA_REFERENCE 1
@@ -61,6 +64,7 @@ typedef struct {
 
 /* *p resized to n elements of `size` bytes; 0 (and *p untouched) when out of memory */
 static int grow(void **p, int64_t n, size_t size) {
+    if (n <= 0 || (uint64_t)n > (uint64_t)SIZE_MAX / size) return 0;   /* n * size would overflow */
     void *q = realloc(*p, (size_t)n * size);
     if (!q) return 0;
     *p = q;
@@ -74,7 +78,9 @@ static int ensure_states(rosa_sam *a, int64_t need) {
     if (need <= a->cap_states) return 1;
     int64_t cap = next_cap(a->cap_states, need);
     if (!grow((void **)&a->st, cap, sizeof(rosa_state))) return 0;
-    if (a->dense && !grow((void **)&a->tr, cap * a->vocab, sizeof(int32_t))) return 0;
+    if (cap > INT32_MAX) return 0;                          /* state ids are int32 */
+    if (a->dense && (cap > INT64_MAX / a->vocab || !grow((void **)&a->tr, cap * a->vocab, sizeof(int32_t))))
+        return 0;
     a->cap_states = cap;
     return 1;
 }
@@ -120,8 +126,9 @@ void rosa_free(rosa_sam *a) {
    the dense transition table when vocab <= ROSA_DENSE_VOCAB (4 V bytes per state, the fast
    choice for a bounded window), else edge lists (about 60 bytes per token whatever V). */
 rosa_sam *rosa_new(int64_t vocab, int mode, int64_t capacity, int allow_dense) {
-    if (vocab < 1 || (mode != ROSA_EXACT && mode != ROSA_REFERENCE)) return NULL;
+    if (vocab < 1 || vocab > ROSA_MAX_VOCAB || (mode != ROSA_EXACT && mode != ROSA_REFERENCE)) return NULL;
     if (capacity < 16) capacity = 16;
+    if (capacity > INT32_MAX / 4) return NULL;                 /* state and edge ids are int32 */
     rosa_sam *a = (rosa_sam *)calloc(1, sizeof(rosa_sam));
     if (!a) return NULL;
     a->vocab = vocab;
@@ -257,6 +264,8 @@ int64_t rosa_push(rosa_sam *a, int64_t token) {
    Returns 0, or an error code (< -1) and stops at the first bad token. */
 int64_t rosa_batch(const int64_t *ids, int64_t *out, int64_t rows, int64_t T, int64_t vocab, int mode) {
     if (rows <= 0 || T <= 0) return 0;
+    if (vocab < 1 || vocab > ROSA_MAX_VOCAB) return ROSA_ERR_TOKEN;
+    if (T >= INT32_MAX / 4) return ROSA_ERR_NOMEM;
     rosa_sam *a = rosa_new(vocab, mode, T, 1);
     if (!a) return ROSA_ERR_NOMEM;
     int64_t status = 0;

@@ -21,6 +21,7 @@ The two ``.pt`` files hold tensors only and are read with ``weights_only=True``.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -94,6 +95,94 @@ def atomic_write_files(directory, files: Dict[str, bytes]) -> None:
         pass
 
 
+# ------------------------------------------------------------------------------- destinations
+
+_KIND_NAMES = {"kop": "a kop-triton checkpoint", "hf": "a transformers (HF) model directory",
+               "run": "a kop-train run"}
+
+
+def directory_kind(path) -> str:
+    """What ``path`` holds: "missing", "file", "empty", "kop" (a kop-triton checkpoint: its
+    config.json says so), "hf" (a transformers directory of a kstack model), "run" (a kop-train
+    run: log.jsonl or last/), or "other" (anything else, e.g. a lone model.safetensors)."""
+    path = Path(path)
+    if not path.exists():
+        return "missing"
+    if not path.is_dir():
+        return "file"
+    names = {p.name for p in path.iterdir()}
+    if not names:
+        return "empty"
+    if names & {"last", "last.tmp", "last.old", "log.jsonl"}:
+        return "run"
+    if CONFIG_FILE in names:
+        try:
+            cfg = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return "other"
+        if isinstance(cfg, dict) and cfg.get("format") == FORMAT:
+            return "kop"
+        if isinstance(cfg, dict) and cfg.get("model_type") == "kstack":
+            return "hf"
+    return "other"
+
+
+def check_destination(path, flag: str, writes: str, overwrite: bool = False, replace_flag: str = "--overwrite") -> None:
+    """Refuse to write ``writes`` ("kop", "hf" or "run") into ``path`` (named by ``flag`` in the
+    message) unless it is missing or empty, or holds the same kind and ``overwrite`` says to
+    replace it.  A directory holding anything else is never written into: nothing a command did not
+    create is overwritten or mixed with its output."""
+    kind = directory_kind(path)
+    what = _KIND_NAMES[writes]
+    if kind in ("missing", "empty"):
+        return
+    if kind == "file":
+        raise CheckpointError(f"{flag} {path} is a file; it must name a directory (a new or empty one)")
+    if kind == writes:
+        if overwrite:
+            return
+        raise CheckpointError(f"{flag} {path} already holds {what}; pass {replace_flag} to replace it, or choose "
+                              f"another directory")
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in Path(path).iterdir())
+    held = _KIND_NAMES.get(kind, "files this command did not write")
+    raise CheckpointError(f"{flag} {path} holds {held} ({', '.join(names[:6])}{' ...' if len(names) > 6 else ''}); "
+                          f"it would be mixed with or overwrite them, so nothing was written: choose a new or "
+                          f"empty directory")
+
+
+@contextlib.contextmanager
+def staged_directory(directory):
+    """Write a whole directory atomically: yields a fresh sibling temp directory to fill; on success
+    it replaces ``directory`` (renames only: the old one is moved aside, then removed), on any
+    error or interrupt it is deleted and ``directory`` is left byte-identical."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)          # mkdtemp makes 0700; give the usual directory mode
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    try:
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
+            os.replace(directory, old / "d")
+        os.replace(tmp, directory)
+    except BaseException:
+        if old is not None and (old / "d").exists() and not directory.exists():
+            os.replace(old / "d", directory)          # put the old one back
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _state_dict_bytes(model: KStackLM) -> bytes:
     from safetensors.torch import save
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -112,9 +201,10 @@ def save_checkpoint(directory, model: KStackLM, tokenizer, extra: Optional[Dict[
         raise TypeError(f"model must be a KStackLM, got {type(model).__name__}")
     if not hasattr(tokenizer, "to_config") or not hasattr(tokenizer, "vocab_size"):
         raise TypeError(f"tokenizer must be a kop_triton tokenizer, got {type(tokenizer).__name__}")
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer vocab_size {tokenizer.vocab_size} exceeds the model's "
-                         f"vocab_size {model.config.vocab_size}")
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                         f"{model.config.vocab_size}: every id the model can produce needs a token (and every token an "
+                         f"id); save it with the tokenizer it was trained with")
     extra = dict(extra or {})
     for name, data in extra.items():
         if (not isinstance(name, str) or not name or name in (CONFIG_FILE, WEIGHTS_FILE) or "/" in name
@@ -144,6 +234,16 @@ def save_checkpoint(directory, model: KStackLM, tokenizer, extra: Optional[Dict[
 def read_config(directory) -> dict:
     """Parse and check config.json of a checkpoint directory."""
     directory = Path(directory)
+    if directory.is_file():
+        if directory.suffix in (".pt", ".pth", ".bin"):
+            why = (f"a torch file (a reference K-language-model checkpoint? convert it first: kop-convert "
+                   f"{directory} OUT_DIR --tokenizer ... , then pass OUT_DIR)")
+        elif directory.name in (CONFIG_FILE, WEIGHTS_FILE):
+            why = f"a file of a checkpoint: pass its directory, {str(directory.parent)!r}"
+        else:
+            why = "a file"
+        raise CheckpointError(f"checkpoint {str(directory)!r} is {why}; a checkpoint is a directory with "
+                              f"{CONFIG_FILE} and {WEIGHTS_FILE}")
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {str(directory)!r} does not exist")
     path = directory / CONFIG_FILE
@@ -182,8 +282,10 @@ def load_checkpoint(directory, map_location="cpu"):
         tokenizer = tokenizer_from_config(cfg["tokenizer"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{directory / CONFIG_FILE}: bad tokenizer config: {e}") from None
-    if tokenizer.vocab_size > config.vocab_size:
-        raise CheckpointError(f"tokenizer vocab_size {tokenizer.vocab_size} exceeds the model's {config.vocab_size}")
+    if tokenizer.vocab_size != config.vocab_size:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: the tokenizer has {tokenizer.vocab_size} tokens but the "
+                              f"model's vocab_size is {config.vocab_size} (ids without text, or text without ids): "
+                              f"the config was edited or written by other code")
     wpath = directory / WEIGHTS_FILE
     try:
         data = wpath.read_bytes()

@@ -25,6 +25,11 @@ are dropped (``--rosa exact|reference`` is then an error).
 """
 from __future__ import annotations
 
+if __name__ == "__main__":   # python -m kop_triton.convert: run as the console script does, before the slow
+    import sys               # imports, so that a Ctrl-C even during them ends with one line, exit 130
+    from kop_triton.cli import run_tool
+    sys.exit(run_tool("kop-convert", "kop_triton.convert"))
+
 import re
 import sys
 from pathlib import Path
@@ -32,7 +37,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from .checkpoint import CheckpointError, check_state_dict, save_checkpoint
+from .checkpoint import CheckpointError, check_destination, check_state_dict, save_checkpoint
 from .cli import ArgumentParser, fail
 from .data import read_text
 from .model import KStackConfig, KStackLM
@@ -80,8 +85,18 @@ def _short_reason(e: Exception) -> str:
 def load_reference_state_dict(path) -> Tuple[Dict[str, torch.Tensor], dict]:
     """Safely load a reference checkpoint: (state dict without prefixes, {step, best_ppl} info)."""
     path = Path(path)
+    if path.is_dir():
+        hint = (" (it is a kop-triton checkpoint already: load it, no conversion needed)"
+                if (path / "config.json").is_file() else "")
+        raise ConvertError(f"SRC {str(path)!r} is a directory{hint}; SRC is the reference implementation's .pt "
+                           f"checkpoint file")
     if not path.is_file():
-        raise ConvertError(f"source checkpoint {str(path)!r} does not exist")
+        raise ConvertError(f"SRC {str(path)!r} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{" and not head.startswith(b"PK")):
+        raise ConvertError(f"SRC {str(path)!r} is a safetensors file (a kop-triton or transformers checkpoint's "
+                           f"weights: load its directory directly); SRC is the reference implementation's .pt file")
     allowed = _numpy_allow_list()
     try:
         if hasattr(torch.serialization, "safe_globals"):
@@ -109,6 +124,10 @@ def load_reference_state_dict(path) -> Tuple[Dict[str, torch.Tensor], dict]:
             if k.startswith(p):
                 k = k[len(p):]
         out[k] = v
+    if not any(k.startswith("k_stack.layers.") for k in out):
+        raise ConvertError(f"{str(path)!r} holds no K-Stack layers (keys k_stack.layers.N.*; it has "
+                           f"{sorted(out)[:4]}{' ...' if len(out) > 4 else ''}): not a reference K-language-model v2 "
+                           f"checkpoint")
     return out, info
 
 
@@ -280,12 +299,14 @@ def convert(src, out_dir, *, tokenizer: str, text=None, gamma_min, alpha_cap, ga
     if format not in ("kop", "hf"):
         raise ConvertError(f"--format must be 'kop' or 'hf', got {format!r}")
     out_dir = Path(out_dir)
-    if (out_dir / "config.json").exists() and not overwrite:
-        raise ConvertError(f"{str(out_dir)!r} already holds a checkpoint (pass --overwrite to replace it)")
+    check_destination(out_dir, "OUT_DIR", "hf" if format == "hf" else "kop", overwrite=overwrite)
     if tokenizer == "char":
         if text is None:
             raise ConvertError("--tokenizer char needs --text FILE (the whole training text) for its vocabulary")
-        tok = CharTokenizer(read_text(text, "--text", ConvertError))
+        chars = read_text(text, "--text", ConvertError)
+        if not chars:
+            raise ConvertError(f"--text {text} is empty; give the whole training text the model was trained on")
+        tok = CharTokenizer(chars)
     elif tokenizer == "byte":
         tok = ByteTokenizer()
     else:
@@ -307,7 +328,7 @@ def convert(src, out_dir, *, tokenizer: str, text=None, gamma_min, alpha_cap, ga
     model.load_state_dict(ours, strict=True)
     if format == "hf":
         from .hf import save_hf
-        save_hf(out_dir, model, tok)
+        save_hf(out_dir, model, tok, overwrite=overwrite)
         return model.eval(), tok
     meta = {"converted_from": Path(src).name, **{f"source_{k}": v for k, v in info.items()}}
     save_checkpoint(out_dir, model, tok, meta=meta)
@@ -346,6 +367,3 @@ def main(argv=None) -> int:
           f"{model.num_parameters()} parameters")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -104,12 +104,16 @@ def read_text(path, what: str, error: type = DataError) -> str:
     """The UTF-8 text of the file ``path``; ``error`` naming ``what`` (a flag or a dataset) when it is
     missing or not UTF-8 (every tool reads its text files through here)."""
     path = Path(path)
+    if path.is_dir():
+        raise error(f"{what} {path} is a directory; give a UTF-8 text file")
     if not path.is_file():
         raise error(f"{what} file not found: {path}")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise error(f"{what} file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise error(f"{what} file {path} cannot be read: {exc.strerror or exc}") from None
 
 
 def split_text(text: str, val_frac: float) -> tuple[str, str]:

@@ -33,13 +33,16 @@ class DistInfo:
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
+    if name == "cuda" or (isinstance(name, str) and name.startswith("cuda:") and name[5:].isdigit()):
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but no CUDA device is available")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+            raise ValueError(f"--device {name} was asked for but no CUDA device is available (use --device cpu)")
+        n = torch.cuda.device_count()
+        if name != "cuda" and int(name[5:]) >= n:
+            raise ValueError(f"--device {name}: this machine has {n} CUDA device(s), cuda:0 .. cuda:{n - 1}")
+        return torch.device("cuda", local_rank % n if name == "cuda" else int(name[5:]))
     if name == "cpu":
         return torch.device("cpu")
-    raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
+    raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
 
 
 def init(device: str = "auto") -> DistInfo:

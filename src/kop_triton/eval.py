@@ -16,6 +16,11 @@ the reference implementation's automaton and the exact definition (same weights)
 """
 from __future__ import annotations
 
+if __name__ == "__main__":   # python -m kop_triton.eval: run as the console script does, before the slow
+    import sys               # imports, so that a Ctrl-C even during them ends with one line, exit 130
+    from kop_triton.cli import run_tool
+    sys.exit(run_tool("kop-eval", "kop_triton.eval"))
+
 import json
 import math
 import sys
@@ -83,7 +88,7 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--backend", default=None, choices=BACKENDS, help="override the checkpoint's backend")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--rosa", default=None, choices=("exact", "reference"),
                    help="override how a ROSA model computes ROSA")
     a = p.parse_args(argv)
@@ -93,12 +98,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--val-fraction must be in (0, 1], got {a.val_fraction}")
         if a.window < 1 or a.batch_size < 1:
             raise ValueError(f"--window and --batch-size must be positive, got {a.window} and {a.batch_size}")
-        try:
-            device = torch.device(a.device)
-        except RuntimeError:
-            raise ValueError(f"--device: unknown device {a.device!r}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {a.device}: CUDA is not available on this machine")
+        from .distributed import resolve_device
+        device = resolve_device(a.device)
         text = read_text(a.text, "--text", ValueError)
         model, tok = load_checkpoint(a.checkpoint, map_location=device)
         if a.backend is not None:
@@ -111,6 +112,3 @@ def main(argv=None) -> int:
     print(json.dumps(res))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

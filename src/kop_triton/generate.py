@@ -7,6 +7,11 @@ suffix automata in the state: over the whole history by default, or restarted ev
 """
 from __future__ import annotations
 
+if __name__ == "__main__":   # python -m kop_triton.generate: run as the console script does, before the slow
+    import sys               # imports, so that a Ctrl-C even during them ends with one line, exit 130
+    from kop_triton.cli import run_tool
+    sys.exit(run_tool("kop-generate", "kop_triton.generate"))
+
 import argparse
 import math
 import sys
@@ -81,6 +86,3 @@ def main(argv: Optional[list] = None) -> int:
     sys.stdout.write(text + ("" if text.endswith("\n") else "\n"))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

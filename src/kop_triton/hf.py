@@ -513,8 +513,12 @@ class KStackCharTokenizer(PreTrainedTokenizer):
         if chars is None:
             if vocab_file is None:
                 raise ValueError("KStackCharTokenizer needs chars or a vocab_file")
-            with open(vocab_file, encoding="utf-8") as f:
-                chars = json.load(f)["chars"]
+            try:
+                with open(vocab_file, encoding="utf-8") as f:
+                    chars = json.load(f)["chars"]
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{vocab_file}: not a kstack char vocabulary (UTF-8 JSON with a 'chars' string): "
+                                 f"{type(e).__name__}: {e}") from None
         self._tok = CharTokenizer(chars)
         if self._tok.chars != chars:
             raise ValueError("chars must be a string of sorted unique characters")
@@ -596,12 +600,19 @@ def hf_tokenizer(tokenizer, **kwargs):
                      f"{type(tokenizer).__name__}")
 
 
-def save_hf(directory, model: KStackLM, tokenizer) -> "KStackForCausalLM":
-    """Write ``model`` + ``tokenizer`` (kop-triton char/byte) as a transformers directory; returns the HF model."""
+def save_hf(directory, model: KStackLM, tokenizer, overwrite: bool = False) -> "KStackForCausalLM":
+    """Write ``model`` + ``tokenizer`` (kop-triton char/byte) as a transformers directory; returns the HF model.
+
+    ``directory`` must be new or empty, or (``overwrite=True``) hold an HF kstack model, which is
+    then replaced atomically: the files are written to a temporary sibling first, so a failure
+    leaves the old directory byte-identical."""
+    from .checkpoint import check_destination, staged_directory
+    check_destination(directory, "directory", "hf", overwrite=overwrite, replace_flag="overwrite=True")
     hf = KStackForCausalLM.from_kstack(model)
     tok = tokenizer if isinstance(tokenizer, PreTrainedTokenizer) else hf_tokenizer(tokenizer)
-    hf.save_pretrained(directory)
-    tok.save_pretrained(directory)
+    with staged_directory(directory) as tmp:
+        hf.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return hf
 
 

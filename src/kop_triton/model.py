@@ -98,6 +98,9 @@ class KStackConfig:
             raise ValueError(f"KStackConfig.adaptive_div_value must be > 0, got {self.adaptive_div_value!r}")
         if self.rosa not in ROSA_MODES:
             raise ValueError(f"KStackConfig.rosa must be one of {list(ROSA_MODES)}, got {self.rosa!r}")
+        if self.rosa_layers is not None and self.rosa == "off":
+            raise ValueError(f"KStackConfig.rosa_layers={self.rosa_layers!r} given with rosa='off': the layers "
+                             f"would get no ROSA term; set rosa to 'exact' or 'reference', or leave rosa_layers out")
         if self.rosa_layers is not None:
             rl = self.rosa_layers
             if (not isinstance(rl, (list, tuple)) or not rl
@@ -346,17 +349,24 @@ class KStackLM(nn.Module):
 
     def _rosa_inputs(self, ids, state, return_state, rosa_ids, rosa_window):
         """(rosa_h or None, the RosaStream to carry or None) for a parallel call."""
+        if rosa_window is not None:
+            check_int("rosa_window (None or an int)", rosa_window, low=1)
         if self.config.rosa == "off":
             if rosa_ids is not None:
                 raise ValueError("rosa_ids given but this model has ROSA off")
+            if rosa_window is not None:
+                raise ValueError(f"rosa_window={rosa_window} given but this model has ROSA off (leave it out)")
             return None, None
         stream = state[-1] if state and isinstance(state[-1], RosaStream) else None
         if rosa_ids is not None:
             if state is not None or return_state:
                 raise ValueError("rosa_ids can only be given to a stateless call (training / scoring); a "
                                  "stateful one computes ROSA with its RosaStream")
-            if not isinstance(rosa_ids, torch.Tensor) or rosa_ids.shape != ids.shape:
-                raise ValueError(f"rosa_ids must have the ids' shape {tuple(ids.shape)}, got {describe(rosa_ids)}")
+            if (not isinstance(rosa_ids, torch.Tensor) or rosa_ids.shape != ids.shape
+                    or rosa_ids.dtype not in (torch.int32, torch.int64)):
+                raise ValueError(f"rosa_ids must be an int32/int64 tensor of the ids' shape {tuple(ids.shape)} "
+                                 f"(kop_triton.rosa.rosa_next_ids computes it), got {describe(rosa_ids)}")
+            _check_range("rosa_ids", rosa_ids, -1, self.config.vocab_size, "(-1: no recurring suffix)")
         elif stream is not None or return_state:
             if stream is None:
                 stream = RosaStream(ids.shape[0], self.config.vocab_size, self.config.rosa, window=rosa_window)
@@ -408,8 +418,22 @@ class KStackLM(nn.Module):
 
     def loss_from_hidden(self, h, targets):
         """Mean cross-entropy of targets (B, T) given hidden states (B, T, D)."""
-        if not isinstance(targets, torch.Tensor) or targets.shape != h.shape[:-1]:
-            raise ValueError(f"targets must have shape {tuple(h.shape[:-1])} (the ids' shape), got {describe(targets)}")
+        if (not isinstance(targets, torch.Tensor) or targets.shape != h.shape[:-1]
+                or targets.dtype not in (torch.int32, torch.int64)):
+            raise ValueError(f"targets must be an int32/int64 tensor of shape {tuple(h.shape[:-1])} (the ids' "
+                             f"shape), got {describe(targets)}")
+        V = self.config.vocab_size
+        if self.config.head == "adaptive":
+            _check_range("targets", targets, 0, V, "(the adaptive head has no ignore index)")
+        else:
+            _check_range("targets", targets, 0, V, f"or {IGNORE_INDEX} (ignored)", ignore=IGNORE_INDEX)
+            if targets.numel():
+                msg = (f"targets: every target is {IGNORE_INDEX} (ignored), so the mean loss is 0/0; give at least "
+                       f"one scored target or skip this batch")
+                try:   # a ValueError on the CPU, a device-side assert elsewhere (no host sync; compiles)
+                    torch._assert_async((targets != IGNORE_INDEX).any(), msg)
+                except RuntimeError:
+                    raise ValueError(msg) from None
         if self.config.head == "adaptive":
             return self.head(self.head_drop(h).reshape(-1, h.shape[-1]), targets.reshape(-1)).loss
         logits = self.logits_from_hidden(h)
@@ -513,8 +537,14 @@ class KStackLM(nn.Module):
         squeeze = isinstance(ids, torch.Tensor) and ids.dim() == 1
         if squeeze:
             ids = ids[None]
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] < 1:
-            raise ValueError(f"ids must be a non-empty prompt of shape (B, T) or (T,), got {describe(ids)}")
+        if (not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] < 1
+                or ids.dtype not in (torch.int32, torch.int64)):
+            raise ValueError(f"ids must be a non-empty int32/int64 prompt of shape (B, T) or (T,), got {describe(ids)}")
+        check_token_ids("ids", ids, self.config.vocab_size)   # also when max_new_tokens = 0
+        if rosa_window is not None:
+            check_int("rosa_window (None or an int)", rosa_window, low=1)
+            if self.config.rosa == "off":
+                raise ValueError(f"rosa_window={rosa_window} given but this model has ROSA off (leave it out)")
         was_training = self.training
         self.eval()
         try:
@@ -530,6 +560,24 @@ class KStackLM(nn.Module):
             self.train(was_training)
         res = torch.cat(out, dim=1)
         return res[0] if squeeze else res
+
+
+IGNORE_INDEX = -100     # a target of this value is not scored (torch's cross_entropy default)
+
+
+def _check_range(name, t, low, high, note="", ignore=None):
+    """Every value of the integer tensor ``t`` in [low, high) (or == ``ignore``): a ValueError on the
+    CPU, an asynchronous device-side assert elsewhere (no host sync)."""
+    if t.numel() == 0:
+        return
+    ok = (t >= low) & (t < high)
+    if ignore is not None:
+        ok |= t == ignore
+    msg = f"{name} must lie in [{low}, {high}) {note}".rstrip()
+    try:   # a ValueError on the CPU, a device-side assert elsewhere (no host sync; compiles)
+        torch._assert_async(ok.all(), msg)
+    except RuntimeError:
+        raise ValueError(f"{msg}, got values in [{int(t.min())}, {int(t.max())}]") from None
 
 
 @torch.compiler.disable

@@ -55,6 +55,9 @@ def init_kernel(kernel_size: int) -> torch.Tensor:
 def _autocast_input(x: torch.Tensor, param_dtype: torch.dtype, name: str) -> torch.Tensor:
     """Under autocast, run the mixer in the autocast dtype (fp32 states are kept inside); without
     autocast the input must have the parameters' dtype (a TypeError naming both otherwise)."""
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (token features; embed token ids first, e.g. "
+                        f"with nn.Embedding), got dtype {x.dtype}")
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         return x.to(torch.get_autocast_dtype(dev)) if x.dtype == torch.float32 else x

@@ -36,7 +36,9 @@ from .ops._checks import check_int, describe
 
 MODES = ("off", "exact", "reference")
 _MODE_CODE = {"exact": 0, "reference": 1}
-_ERRORS = {-2: "out of memory", -3: "a token id outside [0, vocab_size)"}
+_ERRORS = {-2: "out of memory (a shorter sequence or fewer rows per call needs less)",
+           -3: "a token id outside [0, vocab_size)"}
+MAX_VOCAB = 1 << 24      # _rosa.c's ROSA_MAX_VOCAB: tokens are int32 there, the root row 4 V bytes
 
 
 class RosaUnavailable(RuntimeError):
@@ -94,17 +96,27 @@ def check_mode(mode, allow_off: bool = False) -> str:
 _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
+def check_vocab_size(name, vocab_size):
+    """``vocab_size`` an int in [1, MAX_VOCAB] (the C helper's limit), else a ValueError naming ``name``."""
+    check_int(name, vocab_size, low=1)
+    if vocab_size > MAX_VOCAB:
+        raise ValueError(f"{name} must be at most {MAX_VOCAB:,} for ROSA (its automaton stores int32 tokens and a "
+                         f"dense root row of 4 x vocab_size bytes), got {vocab_size:,}")
+    return vocab_size
+
+
 def _check_ids(ids, vocab_size):
     if not isinstance(ids, torch.Tensor) or ids.dim() not in (1, 2) or ids.dtype not in _INT_DTYPES:
         raise ValueError(f"ids must be an integer tensor of shape (B, T) or (T,), got {describe(ids)}")
-    x = ids.detach().to("cpu", torch.int64).contiguous()
     if vocab_size is not None:
-        check_int("vocab_size (None or an int)", vocab_size, low=1)
+        check_vocab_size("vocab_size (None or an int)", vocab_size)
+    x = ids.detach().to("cpu", torch.int64).contiguous()
     if x.numel():
         lo, hi = int(x.min()), int(x.max())
-        if lo < 0 or (vocab_size is not None and hi >= vocab_size):
-            raise ValueError(f"ids must lie in [0, {vocab_size if vocab_size is not None else 'inf'}), got "
-                             f"values in [{lo}, {hi}]")
+        limit = vocab_size if vocab_size is not None else MAX_VOCAB
+        if lo < 0 or hi >= limit:
+            what = f"vocab_size = {vocab_size:,}" if vocab_size is not None else "ROSA's largest vocabulary"
+            raise ValueError(f"ids must lie in [0, {limit:,}) ({what}), got values in [{lo:,}, {hi:,}]")
         if vocab_size is None:
             vocab_size = hi + 1
     return x, (vocab_size or 1)
@@ -195,7 +207,7 @@ class RosaStream:
 
     def __init__(self, batch_size: int, vocab_size: int, mode: str = "exact", window: Optional[int] = None):
         check_int("batch_size", batch_size, low=1)
-        check_int("vocab_size", vocab_size, low=1)
+        check_vocab_size("vocab_size", vocab_size)
         if window is not None:
             check_int("window (None or an int)", window, low=1)
         self.mode, self.vocab_size, self.window = check_mode(mode), vocab_size, window

@@ -31,6 +31,11 @@ Reading order: ``train`` -> ``build_run`` (``prepare_args``, ``restore``) -> ``t
 """
 from __future__ import annotations
 
+if __name__ == "__main__":   # python -m kop_triton.train: run as the console script does, before the slow
+    import sys               # imports, so that a Ctrl-C even during them ends with one line, exit 130
+    from kop_triton.cli import run_tool
+    sys.exit(run_tool("kop-train", "kop_triton.train"))
+
 import argparse
 import contextlib
 import dataclasses
@@ -52,7 +57,8 @@ from tqdm import tqdm
 from . import curves as kcurves
 from . import data as kdata
 from . import distributed as kdist
-from .checkpoint import (CheckpointError, atomic_write_files, find_resume_dir, full_tensor, load_checkpoint,
+from .checkpoint import (CheckpointError, atomic_write_files, check_destination, find_resume_dir, full_tensor,
+                         load_checkpoint,
                          load_optimizer_state, load_training_state, optimizer_state, save_training_checkpoint)
 from .cli import ArgumentParser, fail
 from .eval import evaluate, perplexity
@@ -650,8 +656,23 @@ def check_args(args, info: kdist.DistInfo) -> None:
     for k, v in positive.items():
         if v is None or v < 1:
             raise UsageError(f"{flag(k)} must be >= 1, got {v}")
-    if args.warmup_steps < 0 or args.log_interval < 0:
-        raise UsageError("--warmup-steps and --log-interval must be >= 0")
+    for k in ("warmup_steps", "log_interval"):
+        if getattr(args, k) < 0:
+            raise UsageError(f"{flag(k)} must be >= 0, got {getattr(args, k)}")
+    if not (args.clip_grad_norm >= 0 and math.isfinite(args.clip_grad_norm)):
+        raise UsageError(f"--clip-grad-norm must be a finite number >= 0 (0 = no clipping), got {args.clip_grad_norm}")
+    if not 0 <= args.seed < 2 ** 63:
+        raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads} (leave it out for torch's choice)")
+    for k in ("beta1", "beta2"):
+        if not 0.0 <= getattr(args, k) < 1.0:
+            raise UsageError(f"{flag(k)} must be in [0, 1), got {getattr(args, k)}")
+    for k in ("weight_decay", "logit_lr_mult", "bias_lr_mult", "norm_lr_mult", "emb_lr_mult"):
+        if not (getattr(args, k) >= 0 and math.isfinite(getattr(args, k))):
+            raise UsageError(f"{flag(k)} must be a finite number >= 0, got {getattr(args, k)}")
+    if not 0.0 < args.val_frac < 1.0:
+        raise UsageError(f"--val-frac must be in (0, 1), got {args.val_frac}")
     if not args.lr > 0 or args.lr_floor < 0 or args.lr_floor > args.lr:
         raise UsageError(f"need 0 <= --lr-floor <= --lr and --lr > 0, got lr={args.lr}, lr_floor={args.lr_floor}")
     if args.max_eval_tokens is not None and args.max_eval_tokens < 1:
@@ -685,8 +706,8 @@ def prepare_args(args, info: kdist.DistInfo) -> Optional[Resumed]:
         directory = find_resume_dir(out)
         resumed = Resumed(directory, *load_training_state(directory))
         apply_saved_args(args, resumed.trainer.get("args", {}))
-    elif (out / "last").exists() or (out / "last.tmp").exists():
-        raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    else:   # a new run: only into a new or empty directory (never mixed into a model folder or another run)
+        check_destination(out, "--out", "run", replace_flag="--resume to continue it")
     check_args(args, info)
     return resumed
 
@@ -723,6 +744,11 @@ def build_run(args, info: kdist.DistInfo) -> Run:
         model, tokenizer = load_checkpoint(resumed.directory) if resumed else (None, None)
         splits, tokenizer, train_ids, val_ids = load_data(args, info, tokenizer)
         if model is None:
+            if (args.tokenizer == "sentencepiece" and args.sp_model is None
+                    and tokenizer.vocab_size < args.sp_vocab_size):
+                _say(info, f"{PROG}: note: SentencePiece found only {tokenizer.vocab_size:,} pieces in the training "
+                           f"text, fewer than --sp-vocab-size {args.sp_vocab_size:,}; the model's vocabulary is "
+                           f"{tokenizer.vocab_size:,} (more text gives more pieces)")
             model = KStackLM(model_config(args, tokenizer.vocab_size))
         sampler = kdata.BatchSampler(train_ids, int(model.config.window), args.batch_size, args.seed,
                                      rosa=model.config.rosa, vocab_size=model.config.vocab_size)
@@ -960,7 +986,6 @@ def main(argv: Optional[list] = None) -> int:
         return train(args)
     except (UsageError, kdata.DataError, CheckpointError) as exc:
         return fail(PROG, exc)
+    except OSError as exc:   # e.g. an --out that cannot be created or written
+        return fail(PROG, f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}")
 
-
-if __name__ == "__main__":
-    sys.exit(main())

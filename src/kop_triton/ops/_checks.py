@@ -192,7 +192,8 @@ def check_gamma_range(gamma: torch.Tensor) -> None:
         return
     ok = ((gamma > 0) & (gamma <= 1)).all()
     try:
-        torch._assert_async(ok, "gamma must lie in (0, 1]")
+        torch._assert_async(ok, "gamma must lie in (0, 1]: some value is NaN, <= 0 or > 1 (raised by a device-side "
+                                "or compiled check, which cannot show it: call eagerly on the CPU to see the values)")
     except RuntimeError:
         g = gamma.detach()
         raise ValueError(f"gamma must lie in (0, 1], got values in [{float(g.min())}, {float(g.max())}]"
