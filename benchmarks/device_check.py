@@ -551,8 +551,8 @@ class Run:
                "--note", f"{PROG} ({self.summary['mode']})"]
         if self.rehearse:
             cmd += ["--quick", "--threads", "1", "--no-plots"]
-        os.makedirs(self.path("bench"), exist_ok=True)
-        res = run_cmds([cmd], [self.path("bench", "bench.log")], self.env, deadline)
+        # benchmarks.run writes only into a new or empty folder: its log goes beside it
+        res = run_cmds([cmd], [self.path("bench.log")], self.env, deadline)
         figures = bench_figures(_load_json(self.path("bench", "results.json")))
         figures["max_minutes"] = round(minutes, 2)
         return res, figures

@@ -122,7 +122,7 @@ def test_cpu_rehearsal_runs_every_step(tmp_path):
         k2_log = tar.extractfile("device_check/k2.log").read().decode()
     expected = {"machine.txt", "install.log", "tests.log", "tests_parallel.log", "tests_cuda_serial.log",
                 "tests_parallel.xml", "tests_cuda_serial.xml", "k2.json", "k2.log", "gate.json", "gate.md",
-                "gate.log", "bench/results.json", "bench/results.md", "bench/bench.log", "summary.json"}
+                "gate.log", "bench/results.json", "bench/results.md", "bench.log", "summary.json"}
     assert {f"device_check/{n}" for n in expected} <= names, expected - {n[len("device_check/"):] for n in names}
     from_log = {(p["method"], p["mode"], p["T"]): p for p in DC.k2_points(None, k2_log)}
     assert set(from_log) == set(by)
