@@ -1,0 +1,189 @@
+"""Context parallelism (kop_triton.context_parallel): a sequence split over 2 and 3 gloo ranks on the
+CPU (spawned here) gives the single-process outputs, loss and every gradient (parameters summed over
+ranks, inputs concatenated) within 1e-5 relative RMS in float32.
+
+One spawn per world size runs every case (mixer, KOperator, KStackLM; uneven shards, shards shorter
+than the conv's K - 1, packed documents across shard boundaries); the parent computes the references.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import zlib
+import tempfile
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from helpers import TRITON_OK
+
+TOL = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# (name, kind, B, sizes per world size, K, cu_seqlens or None, backend)
+def _cases(world: int):
+    cases = [
+        ("mixer_even", "mixer", 2, {2: [12, 12], 3: [8, 8, 8]}, 4, None, "chunked"),
+        ("mixer_uneven", "mixer", 2, {2: [5, 19], 3: [11, 4, 9]}, 4, None, "chunked"),
+        # shards shorter than K - 1 = 7: the conv state chains over several ranks
+        ("mixer_short", "mixer", 1, {2: [3, 14], 3: [3, 2, 12]}, 8, None, "chunked"),
+        # documents across boundaries: [0,4) [4,13) [13,16) [16,22); 3 ranks: 13 starts rank 2 exactly
+        ("mixer_packed", "mixer", 1, {2: [9, 13], 3: [7, 6, 9]}, 4, [0, 4, 13, 16, 22], "chunked"),
+        # one document over every shard, short middle shard
+        ("mixer_packed_long", "mixer", 1, {2: [10, 12], 3: [6, 2, 14]}, 8, [0, 5, 22], "chunked"),
+        ("module", "module", 2, {2: [7, 13], 3: [6, 9, 5]}, 4, None, "chunked"),
+        ("module_packed", "module", 1, {2: [11, 9], 3: [3, 9, 8]}, 4, [0, 2, 12, 20], "chunked"),
+        ("lm", "lm", 2, {2: [9, 15], 3: [10, 3, 11]}, 4, None, "chunked"),
+    ]
+    if TRITON_OK and world == 2:
+        cases.append(("mixer_triton", "mixer", 1, {2: [21, 19]}, 4, [0, 30, 40], "triton"))
+    return [(n, k, b, s[world], K, cu, bk) for n, k, b, s, K, cu, bk in cases if world in s]
+
+
+def _build(case):
+    """Deterministic inputs and parameters of a case (the same in the parent and every worker)."""
+    from kop_triton.model import KStackConfig, KStackLM
+    from kop_triton.modules import KOperator
+    name, kind, B, sizes, K, cu, bk = case
+    T, D, R = sum(sizes), 8, 4
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    if kind == "mixer":
+        params = dict(u=torch.randn(D, R, generator=gen) * 0.5, v=torch.randn(D, R, generator=gen) * 0.5,
+                      alpha=torch.rand(R, generator=gen) + 0.5,
+                      gamma=torch.tensor([0.3, 0.8, 0.97, 1.0]),
+                      kernel=torch.rand(K, generator=gen), gate_logit=torch.randn((), generator=gen))
+        x = torch.randn(B, T, D, generator=gen)
+        wout = torch.randn(B, T, D, generator=gen)
+        return dict(params=params, x=x, wout=wout, cu=cu_t, backend=bk)
+    torch.manual_seed(zlib.crc32(name.encode()))
+    if kind == "module":
+        mod = KOperator(D, rank=R, kernel_size=K, backend=bk)
+        with torch.no_grad():
+            mod.gate_logit.fill_(0.3)
+        x = torch.randn(B, T, D, generator=gen)
+        wout = torch.randn(B, T, D, generator=gen)
+        return dict(mod=mod, x=x, wout=wout, cu=cu_t)
+    model = KStackLM(KStackConfig(vocab_size=13, d_model=D, n_k2=2, rank=R, kernel_size=K, backend=bk,
+                                  head="gelu", head_mult=2))
+    ids = torch.randint(0, 13, (B, T), generator=gen)
+    tgt = torch.randint(0, 13, (B, T), generator=gen)
+    return dict(model=model, ids=ids, tgt=tgt)
+
+
+def _run(case, d, cp=None):
+    """-> dict of tensors: out, the inputs' gradient (or None) and every parameter gradient.  With
+    ``cp`` the inputs are this rank's shard and the loss its share."""
+    from kop_triton.context_parallel import context_parallel, cp_k2_mixer
+    from kop_triton.ops import k2_mixer
+    kind = case[1]
+    sl = (lambda t: t) if cp is None else (lambda t: cp.shard(t, 1))
+    if kind == "mixer":
+        p = {k: t.clone().requires_grad_() for k, t in d["params"].items()}
+        x = sl(d["x"]).clone().requires_grad_()
+        args = (x, p["u"], p["v"], p["alpha"], p["gamma"], p["kernel"], p["gate_logit"])
+        if cp is None:
+            y, fin = k2_mixer(*args, output_final_state=True, cu_seqlens=d["cu"], backend=d["backend"])
+        else:
+            y, fin = cp_k2_mixer(*args, cp=cp, output_final_state=True, cu_seqlens=d["cu"], backend=d["backend"])
+        (y * sl(d["wout"])).sum().backward()
+        res = {"out": y.detach(), "dx": x.grad, "final_scan": fin[0].detach()[-1:], "final_conv": fin[1].detach()[-1:]}
+        res.update({"d" + k: t.grad for k, t in p.items()})
+        return res
+    if kind == "module":
+        mod = d["mod"]
+        x = sl(d["x"]).clone().requires_grad_()
+        if cp is None:
+            y = mod(x, cu_seqlens=d["cu"])
+        else:
+            with context_parallel(mod, cp):
+                y = mod(x, cu_seqlens=d["cu"])
+        (y * sl(d["wout"])).sum().backward()
+        res = {"out": y.detach(), "dx": x.grad}
+    else:
+        mod = d["model"]
+        if cp is None:
+            loss = mod(d["ids"], d["tgt"])
+        else:
+            with context_parallel(mod, cp):
+                loss = cp.scale_loss(mod(sl(d["ids"]), sl(d["tgt"])))
+        loss.backward()
+        res = {"out": loss.detach().reshape(1)}
+    res.update({"d." + n: p.grad for n, p in mod.named_parameters()})
+    return res
+
+
+def _worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+    from kop_triton.context_parallel import ContextParallel
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = {}
+        for case in _cases(world):
+            cp = ContextParallel(sizes=case[3])
+            results[case[0]] = _run(case, _build(case), cp)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _rel_rms(a, b) -> float:
+    a, b = a.double(), b.double()
+    den = b.norm()
+    return float((a - b).norm() / den) if den > 0 else float((a - b).norm())
+
+
+_RESULTS = {}
+
+
+def _cp_results(world):
+    if world not in _RESULTS:
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.start_processes(_worker, args=(world, _free_port(), tmp), nprocs=world, start_method="spawn")
+            _RESULTS[world] = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
+    return _RESULTS[world]
+
+
+def _compare(case, ranks):
+    """Max relative RMS error of the CP run against the single process, per quantity."""
+    ref = _run(case, _build(case))
+    loc = [r[case[0]] for r in ranks]
+    errs = {}
+    for key, want in ref.items():
+        if want is None:
+            continue
+        if key == "out" and case[1] == "lm":
+            got = sum(rr[key] for rr in loc)                       # loss shares add up
+        elif key in ("out", "dx"):
+            got = torch.cat([rr[key] for rr in loc], 1)            # the shards, in order
+        elif key.startswith("final"):
+            got = loc[-1][key]                                     # the last rank ends the sequence
+        else:
+            assert all(rr[key] is not None for rr in loc), f"{case[0]}: rank without gradient {key}"
+            got = sum(rr[key] for rr in loc)                       # parameter gradients: each rank's share
+        assert got.shape == want.shape, (case[0], key, got.shape, want.shape)
+        errs[key] = _rel_rms(got, want)
+    return errs
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_context_parallel_matches_single_process(world):
+    ranks = _cp_results(world)
+    worst = {}
+    for case in _cases(world):
+        errs = _compare(case, ranks)
+        bad = {k: e for k, e in errs.items() if not e <= TOL}
+        assert not bad, f"world {world}, case {case[0]}: relative RMS errors above {TOL}: {bad}"
+        # every quantity is checked, and not trivially (nonzero references)
+        assert len(errs) >= (3 if case[1] == "lm" else 5), (case[0], sorted(errs))
+        worst[case[0]] = max(errs.values())
+    print(f"\ncontext parallel, world {world}: max relative RMS per case {worst}; overall {max(worst.values()):.2e}")
