@@ -187,3 +187,66 @@ def test_context_parallel_matches_single_process(world):
         assert len(errs) >= (3 if case[1] == "lm" else 5), (case[0], sorted(errs))
         worst[case[0]] = max(errs.values())
     print(f"\ncontext parallel, world {world}: max relative RMS per case {worst}; overall {max(worst.values()):.2e}")
+
+
+# ------------------------------------------------------------------------------- kop-train --context-parallel
+
+def _train_cli(args, torchrun: int = 0):
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "kop_triton.train"]
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun),
+               "-m", "kop_triton.train"]
+    return subprocess.run([*cmd, *map(str, args)], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _losses(out):
+    import json
+    recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return ({r["step"]: r["loss"] for r in recs if r["event"] == "train"},
+            [r["val_ce"] for r in recs if r["event"] == "eval"])
+
+
+def test_kop_train_context_parallel_matches_one_process_and_resumes(tmp_path):
+    """torchrun, 2 gloo ranks, --context-parallel 2 (each 32-token window split 16 + 16): 4 steps,
+    batch size 3, which 2 data-parallel ranks could not split: both ranks take every row, each half
+    of every window.  Then --resume under CP to 8 (the warmup covers the first 4 updates, so a 4-step run shares the
+    8-step run's schedule); the losses (and evaluations) are the single process's."""
+    import random
+    rng = random.Random(0)
+    words = ["the", "king", "queen", "sword", "night", "takes", "loves", "dark", "fair", "old"]
+    text = " ".join(rng.choice(words) for _ in range(4000))
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    common = ["--text", tmp_path / "t.txt", "--d-model", "16", "--n-k2", "2", "--rank", "4", "--kernel-size", "4",
+              "--window", "32", "--batch-size", "3", "--warmup-steps", "4", "--lr", "1e-2", "--no-progress",
+              "--device", "cpu", "--log-interval", "1", "--eval-interval", "4", "--max-eval-tokens", "200",
+              "--seed", "5", "--no-tensorboard", "--no-curves"]
+    r = _train_cli([*common, "--steps", "8", "--out", tmp_path / "one"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _train_cli([*common, "--steps", "4", "--out", tmp_path / "cp", "--context-parallel", "2"], torchrun=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _train_cli(["--out", tmp_path / "cp", "--resume", "--steps", "8", "--no-progress"], torchrun=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (a, ev_a), (b, ev_b) = _losses(tmp_path / "one"), _losses(tmp_path / "cp")
+    assert sorted(b) == list(range(1, 9))
+    for s in range(1, 9):
+        assert b[s] == pytest.approx(a[s], rel=2e-5, abs=2e-5), (s, a[s], b[s])
+    assert len(ev_a) == len(ev_b) == 2 and ev_b == pytest.approx(ev_a, rel=2e-5)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--context-parallel", "2"], "must divide the number of processes 1"),
+    (["--context-parallel", "0"], "--context-parallel must be an int >= 1"),
+])
+def test_kop_train_context_parallel_bad_flags(argv, needle, tmp_path, capsys):
+    from kop_triton import train as ktrain
+    (tmp_path / "t.txt").write_text("abc " * 500, encoding="utf-8")
+    code = ktrain.main(["--text", tmp_path / "t.txt", "--out", tmp_path / "o", "--device", "cpu", "--no-progress",
+                        "--steps", "1", *argv])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err

@@ -323,3 +323,70 @@ def all_reduce_gradients(model: nn.Module, cp: ContextParallel, params=None) -> 
     dist.all_reduce(flat, group=cp.group)
     for p, val in zip(params, flat.split([p.numel() for p in params])):
         p.grad = val.to(p.dtype).view_as(p).clone()
+
+
+# --------------------------------------------------------------------------------------
+# training: kop-train --context-parallel W
+# --------------------------------------------------------------------------------------
+
+
+class ContextParallelLM(nn.Module):
+    """Training wrapper of a KStackLM under context parallelism: ``forward(ids, targets)`` takes the
+    full rows (B, T) (the same on every rank of the CP group), runs this rank's contiguous shard with
+    the state exchange, and returns the rank's loss term for AVERAGING over the ranks, as DDP does:
+    local mean * L_r * W / T (with equal shards, the local mean).  Averaged over the W ranks of the
+    group these give the whole rows' mean loss, and their gradients its gradient, so DDP over all the
+    ranks (CP x DP) yields the gradient of the global batch.  Without targets: this rank's logits."""
+
+    def __init__(self, model: nn.Module, cp: ContextParallel):
+        super().__init__()
+        if not isinstance(cp, ContextParallel):
+            raise TypeError(f"cp must be a ContextParallel, got {describe(cp)}")
+        self.model = model
+        self.cp = cp
+        cfg = getattr(model, "config", None)
+        if getattr(cfg, "rosa", "off") != "off":
+            raise ValueError(f"context parallelism does not support ROSA (config.rosa={cfg.rosa!r})")
+
+    def forward(self, ids, targets=None, **kw):
+        if kw:
+            raise ValueError(f"ContextParallelLM takes ids and targets only, got {sorted(kw)}")
+        cp = self.cp
+        cp.set_sizes(shard_sizes(int(ids.shape[1]), cp.world))
+        with context_parallel(self.model, cp):
+            if targets is None:
+                return self.model(cp.shard(ids))
+            loss = self.model(cp.shard(ids), cp.shard(targets))
+        return cp.scale_loss(loss) * cp.world
+
+
+class GroupBatches:
+    """A BatchSampler as the ranks of CP groups of ``cp_size`` consecutive ranks see it: every rank of
+    a group gets the rows of its data-parallel rank (``rank // cp_size`` of ``world // cp_size``)."""
+
+    def __init__(self, sampler, cp_size: int):
+        self.sampler, self.cp_size = sampler, int(cp_size)
+
+    def batch(self, step: int, rank: int = 0, world: int = 1):
+        return self.sampler.batch(step, rank // self.cp_size, world // self.cp_size)
+
+    def __getattr__(self, name):
+        if name in ("sampler", "cp_size"):
+            raise AttributeError(name)
+        return getattr(self.sampler, name)
+
+
+def make_groups(cp_size: int) -> ContextParallel:
+    """Split the default group (world = DP x CP) into CP groups of ``cp_size`` consecutive ranks
+    (under torchrun the GPUs of one machine, so a group talks over NVLink); every rank creates every
+    group, in the same order.  -> this rank's ContextParallel."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if cp_size < 1 or world % cp_size:
+        raise ValueError(f"the context-parallel size {cp_size} must divide the number of processes {world}")
+    mine = None
+    for d in range(world // cp_size):
+        ranks = list(range(d * cp_size, (d + 1) * cp_size))
+        g = dist.new_group(ranks)
+        if rank in ranks:
+            mine = g
+    return ContextParallel(mine)
