@@ -41,6 +41,8 @@ def _cases(world: int):
         ("module", "module", 2, {2: [7, 13], 3: [6, 9, 5]}, 4, None, "chunked"),
         ("module_packed", "module", 1, {2: [11, 9], 3: [3, 9, 8]}, 4, [0, 2, 12, 20], "chunked"),
         ("lm", "lm", 2, {2: [9, 15], 3: [10, 3, 11]}, 4, None, "chunked"),
+        # torch.compile (aot_eager: no C++ build): the exchanging mixer is left out of the graph
+        ("module_compiled", "module", 1, {2: [10, 6]}, 4, None, "chunked"),
     ]
     if TRITON_OK and world == 2:
         cases.append(("mixer_triton", "mixer", 1, {2: [21, 19]}, 4, [0, 30, 40], "triton"))
@@ -100,11 +102,12 @@ def _run(case, d, cp=None):
     if kind == "module":
         mod = d["mod"]
         x = sl(d["x"]).clone().requires_grad_()
+        run = torch.compile(mod, backend="aot_eager") if case[0].endswith("compiled") and cp is not None else mod
         if cp is None:
-            y = mod(x, cu_seqlens=d["cu"])
+            y = run(x, cu_seqlens=d["cu"])
         else:
             with context_parallel(mod, cp):
-                y = mod(x, cu_seqlens=d["cu"])
+                y = run(x, cu_seqlens=d["cu"])
         (y * sl(d["wout"])).sum().backward()
         res = {"out": y.detach(), "dx": x.grad}
     else:
@@ -211,20 +214,23 @@ def _losses(out):
             [r["val_ce"] for r in recs if r["event"] == "eval"])
 
 
+def _corpus(tmp_path):
+    import random
+    rng = random.Random(0)
+    words = ["the", "king", "queen", "sword", "night", "takes", "loves", "dark", "fair", "old"]
+    (tmp_path / "t.txt").write_text(" ".join(rng.choice(words) for _ in range(4000)), encoding="utf-8")
+    return ["--text", tmp_path / "t.txt", "--d-model", "16", "--n-k2", "2", "--rank", "4", "--kernel-size", "4",
+            "--window", "32", "--warmup-steps", "4", "--lr", "1e-2", "--no-progress", "--device", "cpu",
+            "--log-interval", "1", "--eval-interval", "4", "--max-eval-tokens", "200", "--seed", "5",
+            "--no-tensorboard", "--no-curves"]
+
+
 def test_kop_train_context_parallel_matches_one_process_and_resumes(tmp_path):
     """torchrun, 2 gloo ranks, --context-parallel 2 (each 32-token window split 16 + 16): 4 steps,
     batch size 3, which 2 data-parallel ranks could not split: both ranks take every row, each half
     of every window.  Then --resume under CP to 8 (the warmup covers the first 4 updates, so a 4-step run shares the
     8-step run's schedule); the losses (and evaluations) are the single process's."""
-    import random
-    rng = random.Random(0)
-    words = ["the", "king", "queen", "sword", "night", "takes", "loves", "dark", "fair", "old"]
-    text = " ".join(rng.choice(words) for _ in range(4000))
-    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
-    common = ["--text", tmp_path / "t.txt", "--d-model", "16", "--n-k2", "2", "--rank", "4", "--kernel-size", "4",
-              "--window", "32", "--batch-size", "3", "--warmup-steps", "4", "--lr", "1e-2", "--no-progress",
-              "--device", "cpu", "--log-interval", "1", "--eval-interval", "4", "--max-eval-tokens", "200",
-              "--seed", "5", "--no-tensorboard", "--no-curves"]
+    common = [*_corpus(tmp_path), "--batch-size", "3"]
     r = _train_cli([*common, "--steps", "8", "--out", tmp_path / "one"])
     assert r.returncode == 0, r.stderr[-2000:]
     r = _train_cli([*common, "--steps", "4", "--out", tmp_path / "cp", "--context-parallel", "2"], torchrun=2)
@@ -236,6 +242,21 @@ def test_kop_train_context_parallel_matches_one_process_and_resumes(tmp_path):
     for s in range(1, 9):
         assert b[s] == pytest.approx(a[s], rel=2e-5, abs=2e-5), (s, a[s], b[s])
     assert len(ev_a) == len(ev_b) == 2 and ev_b == pytest.approx(ev_a, rel=2e-5)
+
+
+def test_kop_train_context_parallel_times_data_parallel(tmp_path):
+    """4 gloo ranks, --context-parallel 2: two CP groups {0, 1} and {2, 3}, DDP over all four (batch 2: one
+    row per group, each window split 16 + 16); 4 steps == one process."""
+    common = [*_corpus(tmp_path), "--batch-size", "2", "--steps", "4"]
+    r = _train_cli([*common, "--out", tmp_path / "one"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _train_cli([*common, "--out", tmp_path / "cpdp", "--context-parallel", "2"], torchrun=4)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (a, ev_a), (b, ev_b) = _losses(tmp_path / "one"), _losses(tmp_path / "cpdp")
+    assert sorted(b) == [1, 2, 3, 4]
+    for s in range(1, 5):
+        assert b[s] == pytest.approx(a[s], rel=2e-5, abs=2e-5), (s, a[s], b[s])
+    assert len(ev_b) == 1 and ev_b == pytest.approx(ev_a, rel=2e-5)
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -250,3 +271,57 @@ def test_kop_train_context_parallel_bad_flags(argv, needle, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
+
+
+# ------------------------------------------------------------------------------- world of one, errors
+
+@pytest.fixture
+def world_of_one():
+    import torch.distributed as dist
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_world_of_one_is_the_plain_model(world_of_one):
+    from kop_triton.context_parallel import ContextParallel, ContextParallelLM
+    case = ("lm", "lm", 2, [24], 4, None, "chunked")
+    d = _build(case)
+    ref = d["model"](d["ids"], d["tgt"])
+    got = ContextParallelLM(d["model"], ContextParallel())(d["ids"], d["tgt"])
+    assert torch.equal(got, ref)
+
+
+def test_context_parallel_errors(world_of_one):
+    import torch.distributed as dist
+    from kop_triton.context_parallel import ContextParallel, ContextParallelLM, cp_k2_mixer, enable, shard_sizes
+    from kop_triton.model import KStackConfig, KStackLM
+    assert shard_sizes(7, 3) == [3, 2, 2]
+    with pytest.raises(ValueError, match="need T >= world"):
+        shard_sizes(2, 3)
+    with pytest.raises(ValueError, match="sizes must list 1 shard lengths >= 1"):
+        ContextParallel(sizes=[4, 4])
+    cp = ContextParallel(sizes=[5])
+    d = _build(("mixer_even", "mixer", 1, [6], 4, None, "chunked"))
+    p = d["params"]
+    args = (d["x"], p["u"], p["v"], p["alpha"], p["gamma"], p["kernel"], p["gate_logit"])
+    with pytest.raises(ValueError, match="holds 6 tokens but the ContextParallel sizes say 5"):
+        cp_k2_mixer(*args, cp=cp)
+    with pytest.raises(ValueError, match="initial_state is not supported"):
+        cp_k2_mixer(*args, cp=cp, initial_state=(None, None))
+    with pytest.raises(TypeError, match="cp must be a ContextParallel"):
+        cp_k2_mixer(*args, cp="group")
+    rosa = KStackLM(KStackConfig(vocab_size=13, d_model=8, n_k2=1, rank=2, kernel_size=4, rosa="exact"))
+    with pytest.raises(ValueError, match="does not support ROSA"):
+        enable(rosa, cp)
+    with pytest.raises(ValueError, match="does not support ROSA"):
+        ContextParallelLM(rosa, cp)
+    dist.destroy_process_group()
+    try:
+        with pytest.raises(RuntimeError, match="needs an initialised torch.distributed process group"):
+            ContextParallel()
+    finally:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)

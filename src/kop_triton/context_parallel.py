@@ -123,6 +123,8 @@ class ContextParallel:
                 raise ValueError(f"this rank ({self.rank}) holds {L} tokens but the ContextParallel sizes say "
                                  f"{self.sizes[self.rank]} (sizes {self.sizes}); pass the local shard or fix sizes")
             return self.sizes
+        if self.world == 1:
+            return [L]
         t = torch.tensor([L], dtype=torch.int64, device=device)
         out = [torch.empty_like(t) for _ in range(self.world)]
         dist.all_gather(out, t, group=self.group)
@@ -209,10 +211,10 @@ def cp_k2_mixer(x, u, v, alpha, gamma, kernel, gate_logit, *, cp: ContextParalle
     B, L, D = x.shape
     if L < 1:
         raise ValueError(f"every rank needs a shard of at least one token, rank {cp.rank} got x {describe(x)}")
+    sizes = cp._sizes_for(L, x.device)
     if cp.world == 1:
         return k2_mixer(x, u, v, alpha, gamma, kernel, gate_logit, output_final_state=output_final_state,
                         cu_seqlens=cu_seqlens, backend=backend)
-    sizes = cp._sizes_for(L, x.device)
     bounds = shard_bounds(sizes)
     T = bounds[-1][1]
     r, W = cp.rank, cp.world
