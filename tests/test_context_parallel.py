@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from helpers import TRITON_OK
+from helpers import INTERPRET, TRITON_OK
 
 TOL = 1e-5
 
@@ -44,7 +44,7 @@ def _cases(world: int):
         # torch.compile (aot_eager: no C++ build): the exchanging mixer is left out of the graph
         ("module_compiled", "module", 1, {2: [10, 6]}, 4, None, "chunked"),
     ]
-    if TRITON_OK and world == 2:
+    if TRITON_OK and INTERPRET and world == 2:      # CPU tensors: the Triton kernels through the interpreter
         cases.append(("mixer_triton", "mixer", 1, {2: [21, 19]}, 4, [0, 30, 40], "triton"))
     return [(n, k, b, s[world], K, cu, bk) for n, k, b, s, K, cu, bk in cases if world in s]
 
