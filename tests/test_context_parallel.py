@@ -38,6 +38,8 @@ def _cases(world: int):
         ("mixer_packed", "mixer", 1, {2: [9, 13], 3: [7, 6, 9]}, 4, [0, 4, 13, 16, 22], "chunked"),
         # one document over every shard, short middle shard
         ("mixer_packed_long", "mixer", 1, {2: [10, 12], 3: [6, 2, 14]}, 8, [0, 5, 22], "chunked"),
+        # float64 end to end: the composition is exact, not merely within float32 tolerance
+        ("mixer_packed_f64", "mixer", 1, {2: [5, 17], 3: [3, 2, 17]}, 8, [0, 4, 6, 22], "chunked"),
         ("module", "module", 2, {2: [7, 13], 3: [6, 9, 5]}, 4, None, "chunked"),
         ("module_packed", "module", 1, {2: [11, 9], 3: [3, 9, 8]}, 4, [0, 2, 12, 20], "chunked"),
         ("lm", "lm", 2, {2: [9, 15], 3: [10, 3, 11]}, 4, None, "chunked"),
@@ -64,6 +66,9 @@ def _build(case):
                       kernel=torch.rand(K, generator=gen), gate_logit=torch.randn((), generator=gen))
         x = torch.randn(B, T, D, generator=gen)
         wout = torch.randn(B, T, D, generator=gen)
+        if name.endswith("_f64"):
+            params = {k: t.double() for k, t in params.items()}
+            x, wout = x.double(), wout.double()
         return dict(params=params, x=x, wout=wout, cu=cu_t, backend=bk)
     torch.manual_seed(zlib.crc32(name.encode()))
     if kind == "module":
@@ -184,12 +189,15 @@ def test_context_parallel_matches_single_process(world):
     worst = {}
     for case in _cases(world):
         errs = _compare(case, ranks)
-        bad = {k: e for k, e in errs.items() if not e <= TOL}
-        assert not bad, f"world {world}, case {case[0]}: relative RMS errors above {TOL}: {bad}"
+        tol = 1e-12 if case[0].endswith("_f64") else TOL
+        bad = {k: e for k, e in errs.items() if not e <= tol}
+        assert not bad, f"world {world}, case {case[0]}: relative RMS errors above {tol}: {bad}"
         # every quantity is checked, and not trivially (nonzero references)
         assert len(errs) >= (3 if case[1] == "lm" else 5), (case[0], sorted(errs))
         worst[case[0]] = max(errs.values())
-    print(f"\ncontext parallel, world {world}: max relative RMS per case {worst}; overall {max(worst.values()):.2e}")
+    f64 = worst.pop("mixer_packed_f64")
+    print(f"\ncontext parallel, world {world}: max relative RMS per float32 case {worst}; "
+          f"overall {max(worst.values()):.2e}; float64 case {f64:.2e}")
 
 
 # ------------------------------------------------------------------------------- kop-train --context-parallel
