@@ -65,6 +65,10 @@ def shard_bounds(sizes: Sequence[int]) -> List[tuple]:
     return out
 
 
+# newer torch names it all_gather_single and deprecates all_gather_into_tensor (torch 2.13 warns)
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class _GatherStates(torch.autograd.Function):
     """(n,) on every rank -> (W, n), rank order.  Backward: all-to-all of the (W, n) gradients and a
     fixed-order sum of the W received rows (a deterministic reduce-scatter)."""
@@ -72,10 +76,10 @@ class _GatherStates(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t, group):
         W = dist.get_world_size(group)
-        out = t.new_empty(W, t.numel())
-        dist.all_gather(list(out.unbind(0)), t.contiguous(), group=group)
+        out = t.new_empty(W * t.numel())                # flat: gloo's gather-into-one-tensor takes (W*n,)
+        _all_gather_single(out, t.contiguous().reshape(-1), group=group)
         ctx.group = group
-        return out
+        return out.view(W, t.numel())
 
     @staticmethod
     @torch.autograd.function.once_differentiable
