@@ -17,6 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 from helpers import INTERPRET, TRITON_OK
+from kop_triton.context_parallel import EXCHANGES
 
 TOL = 1e-5
 
@@ -136,9 +137,10 @@ def _worker(rank, world, port, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         results = {}
-        for case in _cases(world):
-            cp = ContextParallel(sizes=case[3])
-            results[case[0]] = _run(case, _build(case), cp)
+        for exchange in EXCHANGES:
+            for case in _cases(world):
+                cp = ContextParallel(sizes=case[3], exchange=exchange)
+                results[f"{exchange}:{case[0]}"] = _run(case, _build(case), cp)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -161,10 +163,10 @@ def _cp_results(world):
     return _RESULTS[world]
 
 
-def _compare(case, ranks):
+def _compare(case, ranks, exchange):
     """Max relative RMS error of the CP run against the single process, per quantity."""
     ref = _run(case, _build(case))
-    loc = [r[case[0]] for r in ranks]
+    loc = [r[f"{exchange}:{case[0]}"] for r in ranks]
     errs = {}
     for key, want in ref.items():
         if want is None:
@@ -184,19 +186,20 @@ def _compare(case, ranks):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_context_parallel_matches_single_process(world):
-    ranks = _cp_results(world)
+@pytest.mark.parametrize("exchange", EXCHANGES)
+def test_context_parallel_matches_single_process(world, exchange):
+    ranks = _cp_results(world)                     # one spawn per world size runs both exchanges
     worst = {}
     for case in _cases(world):
-        errs = _compare(case, ranks)
+        errs = _compare(case, ranks, exchange)
         tol = 1e-12 if case[0].endswith("_f64") else TOL
         bad = {k: e for k, e in errs.items() if not e <= tol}
-        assert not bad, f"world {world}, case {case[0]}: relative RMS errors above {tol}: {bad}"
+        assert not bad, f"world {world}, {exchange}, case {case[0]}: relative RMS errors above {tol}: {bad}"
         # every quantity is checked, and not trivially (nonzero references)
         assert len(errs) >= (3 if case[1] == "lm" else 5), (case[0], sorted(errs))
         worst[case[0]] = max(errs.values())
     f64 = worst.pop("mixer_packed_f64")
-    print(f"\ncontext parallel, world {world}: max relative RMS per float32 case {worst}; "
+    print(f"\ncontext parallel, world {world}, {exchange}: max relative RMS per float32 case {worst}; "
           f"overall {max(worst.values()):.2e}; float64 case {f64:.2e}")
 
 

@@ -12,12 +12,15 @@ K - 1 inputs (SPEC section 6).  Per mixer call:
    S <- A_j * S + S_loc_j with A_j = gamma^(L_j) (0 when a document starts inside shard j), and
    the conv state from the tails of the nearest predecessors (several when shards are shorter than
    K - 1), zero before the start of the document the shard begins in;
+   (``exchange="pipeline"`` replaces 2-3 by a send/recv chain: rank r receives the composed state
+   from r - 1 and sends A_r * S_in + S_loc_r and the conv's last K - 1 inputs on to r + 1; the same
+   composition in the same order, W - 1 hops, n bytes per rank instead of (W - 1) n)
 4. the ordinary mixer (``k2_mixer``, any backend: "chunked" on CPU, "triton" on CUDA) runs on the
    shard from that initial state.
 
 The backward of step 2 is the only cross-rank step of the backward: an all-to-all of the gradients
 of the gathered payloads, each rank summing what it receives in fixed rank order (a deterministic
-reduce-scatter); everything else is local autograd (including the gradient of gamma through the
+reduce-scatter; the pipeline's is the reverse chain); everything else is local autograd (including the gradient of gamma through the
 decay products A_j).  A rank's output and its gradients are those of the whole sequence to float
 rounding; the gradients of the parameters are each rank's share of the total (sum them over the
 group: ``all_reduce_gradients``).
@@ -93,6 +96,63 @@ class _GatherStates(torch.autograd.Function):
         return total, None
 
 
+def _global_rank(group, r: int) -> int:
+    return r if group is None else dist.get_global_rank(group, r)
+
+
+class _ChainStates(torch.autograd.Function):
+    """The pipelined exchange: rank r receives the composed state entering its shard from rank r-1,
+    sends the state leaving it, A_r * S_in + S_loc (and the conv's last K-1 inputs), to rank r+1, and
+    returns the incoming state (zero where its first token starts a document).  The backward runs the
+    chain in reverse: dS_out from rank r+1, dS_in = A_r * dS_out + (the local op's dS_in) to rank r-1.
+
+    Inputs: S_loc (B, R, D), A (R,) (gamma^L, or 0 when a document starts inside the shard), tail
+    (B, K-1, D) (the last m inputs at its end); ``keep`` (K-1,) masks the outgoing conv rows that lie
+    before the document of the shard's last token."""
+
+    @staticmethod
+    def forward(ctx, S_loc, A, tail, group, rank, world, m, cont, keep):
+        K1, n_s = tail.shape[1], S_loc.numel()
+        if rank > 0:
+            buf = S_loc.new_empty(n_s + tail.numel())
+            dist.recv(buf, src=_global_rank(group, rank - 1), group=group)
+            S_in, C_in = buf[:n_s].view_as(S_loc), buf[n_s:].view_as(tail)
+        else:
+            S_in, C_in = torch.zeros_like(S_loc), torch.zeros_like(tail)
+        if rank < world - 1:
+            S_out = A[:, None] * S_in + S_loc
+            C_out = torch.cat([C_in[:, m:], tail[:, K1 - m:]], 1) * keep[None, :, None]
+            dist.send(torch.cat([S_out.reshape(-1), C_out.reshape(-1)]), dst=_global_rank(group, rank + 1),
+                      group=group)
+        ctx.save_for_backward(S_in, A, keep)
+        ctx.meta = (group, rank, world, m, cont)
+        return S_in * cont, C_in * cont
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dS_use, dC_use):
+        S_in, A, keep = ctx.saved_tensors
+        group, rank, world, m, cont = ctx.meta
+        K1, n_s = dC_use.shape[1], S_in.numel()
+        if rank < world - 1:
+            buf = S_in.new_empty(n_s + dC_use.numel())
+            dist.recv(buf, src=_global_rank(group, rank + 1), group=group)
+            gS, gC = buf[:n_s].view_as(S_in), buf[n_s:].view_as(dC_use) * keep[None, :, None]
+        else:
+            gS, gC = torch.zeros_like(S_in), torch.zeros_like(dC_use)
+        dA = (gS * S_in).sum((0, 2))
+        dtail = torch.cat([torch.zeros_like(gC[:, :K1 - m]), gC[:, K1 - m:]], 1)
+        if rank > 0:
+            dS_in = A[:, None] * gS + cont * dS_use
+            dC_in = torch.cat([torch.zeros_like(gC[:, :m]), gC[:, :K1 - m]], 1) + cont * dC_use
+            dist.send(torch.cat([dS_in.reshape(-1), dC_in.reshape(-1)]), dst=_global_rank(group, rank - 1),
+                      group=group)
+        return gS, dA, dtail, None, None, None, None, None, None
+
+
+EXCHANGES = ("allgather", "pipeline")
+
+
 class ContextParallel:
     """A process group over which sequences are split contiguously (rank order = sequence order).
 
@@ -100,12 +160,18 @@ class ContextParallel:
         group: a ``torch.distributed`` process group (None: the default group).
         sizes: the shard lengths of every rank for the calls to come (None: all-gathered at every
             call, one small extra collective).  ``set_sizes`` changes them.
+        exchange: "allgather" (one all-gather of every rank's summary, local composition; backward an
+            all-to-all) or "pipeline" (a send/recv chain rank 0 -> 1 -> ... carrying the composed
+            state; backward the reverse chain).  Same results; ``benchmarks/cp_model.py`` compares them.
     """
 
-    def __init__(self, group=None, sizes: Optional[Sequence[int]] = None):
+    def __init__(self, group=None, sizes: Optional[Sequence[int]] = None, exchange: str = "allgather"):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ContextParallel needs an initialised torch.distributed process group "
                                "(torchrun, or dist.init_process_group); none is initialised")
+        if exchange not in EXCHANGES:
+            raise ValueError(f"exchange must be one of {list(EXCHANGES)}, got {exchange!r}")
+        self.exchange = exchange
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -239,8 +305,18 @@ def cp_k2_mixer(x, u, v, alpha, gamma, kernel, gate_logit, *, cp: ContextParalle
         docs = [dict(resets=(j == 0), s_last=0, continues=(j > 0), local_cu=None, first_doc=0) for j in range(W)]
     me = docs[r]
 
-    # 1-2. own summary, one all-gather
     S_loc, tail = _local_summary(x, v, gamma, K, me["s_last"], dt)
+    if cp.exchange == "pipeline":
+        A = torch.pow(gamma.to(dt), float(L)) * (0.0 if me["resets"] else 1.0)
+        last_doc = me["first_doc"] if me["local_cu"] is None or not me["resets"] else me["s_last"] + bounds[r][0]
+        pos = range(bounds[r][1] - (K - 1), bounds[r][1])
+        keep = torch.tensor([p >= last_doc for p in pos], dtype=dt, device=x.device)
+        S_in, C_in = _ChainStates.apply(S_loc, A, tail, cp.group, r, W, min(L, K - 1),
+                                        1.0 if me["continues"] else 0.0, keep)
+        return _run_local(x, u, v, alpha, gamma, kernel, gate_logit, S_in, C_in, me, cu_seqlens,
+                          output_final_state, backend)
+
+    # 1-2. own summary, one all-gather
     n_s = S_loc.numel()
     gathered = _GatherStates.apply(torch.cat([S_loc.reshape(-1), tail.reshape(-1)]), cp.group)   # (W, n)
     anchor = gathered[:, :0].sum()       # 0 with a graph edge: every rank runs the gather's backward
@@ -269,7 +345,13 @@ def cp_k2_mixer(x, u, v, alpha, gamma, kernel, gate_logit, *, cp: ContextParalle
             C_in = C_in[:, :K - 1 - len(pos)]
             C_in = torch.cat([C_in, prev * keep[None, :, None] + anchor], 1)
 
-    # 4. the ordinary op from that state
+    return _run_local(x, u, v, alpha, gamma, kernel, gate_logit, S_in, C_in, me, cu_seqlens,
+                      output_final_state, backend)
+
+
+def _run_local(x, u, v, alpha, gamma, kernel, gate_logit, S_in, C_in, me, cu_seqlens, output_final_state, backend):
+    """4. the ordinary op on the shard from its incoming state (one row per local document)."""
+    R, D, K = S_in.shape[1], S_in.shape[2], C_in.shape[1] + 1
     local_cu = None
     if me["local_cu"] is not None:
         local_cu = torch.tensor(me["local_cu"], dtype=cu_seqlens.dtype, device=x.device)
