@@ -9,7 +9,8 @@ payloads' gradients.  Modelled as rings in the alpha-beta model: each of the two
 (W - 1) * (alpha + n / beta) and moves (W - 1) * n bytes per rank and direction.  Compared:
 
   allgather   what the code does (above);
-  pipeline    a send/recv chain rank 0 -> 1 -> ... -> W-1 (composed state forward, its gradient back):
+  pipeline    ``exchange="pipeline"``: a send/recv chain rank 0 -> 1 -> ... -> W-1 (composed state
+              forward, its gradient back):
               the same (W - 1) * (alpha + n / beta) critical path (each hop waits for the previous
               one), but n bytes per rank and direction instead of (W - 1) * n;
   logscan     a log-depth (Kogge-Stone) prefix scan over send/recv, not implemented: ceil(log2 W)

@@ -2,10 +2,10 @@
 ranks (``kop_triton.context_parallel``) against the same sequence in one process.
 
 Rounds alternate: rank 0 alone runs the whole sequence (the other ranks wait at a barrier), then every
-rank runs its shard with the state exchange; each rank uses ``--threads`` torch threads (1 by default,
+rank runs its shard with the state exchange, once per exchange ("allgather", "pipeline"); each rank uses ``--threads`` torch threads (1 by default,
 so W ranks use W cores).  CPU seconds (``time.process_time``) are recorded beside the wall times: on a
-shared machine the wall time also measures how many cores the ranks got.  Also timed: the exchange alone (the all-gather of the per-rank state payload
-and its backward all-to-all).  A CP time is the slowest rank's.  Medians over the rounds.
+shared machine the wall time also measures how many cores the ranks got.  Also timed: the exchange alone (the all-gather of the per-rank state payload and
+its backward all-to-all; or the send/recv chain forward and back), 20 times per round.  A CP time is the slowest rank's.  Medians over the rounds.
 
     python -m benchmarks.cp_timing --T 16384 --D 256 --R 16 --world 2 --json out.json
 """
@@ -40,7 +40,8 @@ def _step(mod, x):
 
 
 def _worker(rank, world, port, a, out_dir):
-    from kop_triton.context_parallel import ContextParallel, _GatherStates, context_parallel, shard_sizes
+    from kop_triton.context_parallel import EXCHANGES, ContextParallel, _ChainStates, _GatherStates, context_parallel, \
+        shard_sizes
     from kop_triton.modules import KOperator
     torch.set_num_threads(a.threads)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -48,11 +49,25 @@ def _worker(rank, world, port, a, out_dir):
     torch.manual_seed(0)
     mod = KOperator(a.D, rank=a.R, kernel_size=a.K, backend="chunked")
     x = torch.randn(1, a.T, a.D)
-    cp = ContextParallel(sizes=shard_sizes(a.T, world))
-    xs = cp.shard(x)
+    cps = {e: ContextParallel(sizes=shard_sizes(a.T, world), exchange=e) for e in EXCHANGES}
+    xs = cps["allgather"].shard(x)
     n_payload = a.R * a.D + (a.K - 1) * a.D
     payload = torch.randn(n_payload, requires_grad=True)
-    single, cpt, exch, single_cpu, cp_cpu = [], [], [], [], []
+    S_loc = torch.randn(1, a.R, a.D, requires_grad=True)
+    tail = torch.randn(1, a.K - 1, a.D, requires_grad=True)
+    A = torch.rand(a.R, requires_grad=True)
+    keep = torch.ones(a.K - 1)
+    m = min(a.T // world, a.K - 1)
+
+    def exchange_once(e):
+        if e == "allgather":
+            _GatherStates.apply(payload, None).sum().backward()
+        else:
+            s_in, c_in = _ChainStates.apply(S_loc, A, tail, None, rank, world, m, 1.0, keep)
+            (s_in.sum() + c_in.sum()).backward()
+
+    single, single_cpu = [], []
+    cpt, exch, cp_cpu = ({e: [] for e in EXCHANGES} for _ in range(3))
     for rnd in range(a.rounds + 1):                 # round 0: warm-up, not recorded
         dist.barrier()
         if rank == 0:
@@ -64,33 +79,36 @@ def _worker(rank, world, port, a, out_dir):
             single.append(dt if rank == 0 else 0.0)
             single_cpu.append(dc if rank == 0 else 0.0)
         mod.zero_grad(set_to_none=True)
-        dist.barrier()
-        t0, c0 = time.perf_counter(), time.process_time()
-        with context_parallel(mod, cp):
-            _step(mod, xs)
-        dt, dc = time.perf_counter() - t0, time.process_time() - c0
-        mod.zero_grad(set_to_none=True)
-        if rnd:
-            cpt.append(dt)
-            cp_cpu.append(dc)
-        dist.barrier()
-        t0 = time.perf_counter()
-        for _ in range(10):
-            _GatherStates.apply(payload, None).sum().backward()
-        if rnd:
-            exch.append((time.perf_counter() - t0) / 10)
-    worst = torch.tensor([cpt, exch], dtype=torch.float64)
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    cpu_sum = torch.tensor(cp_cpu, dtype=torch.float64)
-    cpu_max = cpu_sum.clone()
-    dist.all_reduce(cpu_sum)                       # CPU seconds of all ranks together, per round
-    dist.all_reduce(cpu_max, op=dist.ReduceOp.MAX)  # and of the busiest rank
+        for e in EXCHANGES:
+            dist.barrier()
+            t0, c0 = time.perf_counter(), time.process_time()
+            with context_parallel(mod, cps[e]):
+                _step(mod, xs)
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            mod.zero_grad(set_to_none=True)
+            if rnd:
+                cpt[e].append(dt)
+                cp_cpu[e].append(dc)
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(20):
+                exchange_once(e)
+            if rnd:
+                exch[e].append((time.perf_counter() - t0) / 20)
+    res = dict(single_s=statistics.median(single) if rank == 0 else None, single_all=single,
+               single_cpu_s=statistics.median(single_cpu) if rank == 0 else None, payload_bytes=4 * n_payload)
+    for e in EXCHANGES:
+        worst = torch.tensor([cpt[e], exch[e]], dtype=torch.float64)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        cpu_sum = torch.tensor(cp_cpu[e], dtype=torch.float64)
+        cpu_max = cpu_sum.clone()
+        dist.all_reduce(cpu_sum)                       # CPU seconds of all ranks together, per round
+        dist.all_reduce(cpu_max, op=dist.ReduceOp.MAX)  # and of the busiest rank
+        res[e] = dict(cp_s=statistics.median(worst[0].tolist()), exchange_s=statistics.median(worst[1].tolist()),
+                      cp_all=worst[0].tolist(), exchange_all=worst[1].tolist(),
+                      cp_cpu_s_all_ranks=statistics.median(cpu_sum.tolist()),
+                      cp_cpu_s_busiest_rank=statistics.median(cpu_max.tolist()))
     if rank == 0:
-        res = dict(single_s=statistics.median(single), cp_s=statistics.median(worst[0].tolist()),
-                   exchange_s=statistics.median(worst[1].tolist()), single_all=single, cp_all=worst[0].tolist(),
-                   payload_bytes=4 * n_payload, single_cpu_s=statistics.median(single_cpu),
-                   cp_cpu_s_all_ranks=statistics.median(cpu_sum.tolist()),
-                   cp_cpu_s_busiest_rank=statistics.median(cpu_max.tolist()))
         with open(os.path.join(out_dir, "res.json"), "w") as f:
             json.dump(res, f)
     dist.destroy_process_group()
@@ -112,11 +130,14 @@ def main(argv=None):
         mp.start_processes(_worker, args=(a.world, _port(), a, tmp), nprocs=a.world, start_method="spawn")
         with open(os.path.join(tmp, "res.json")) as f:
             res = json.load(f)
+    for e in ("allgather", "pipeline"):
+        r = res[e]
+        r.update(ratio_cp_over_single=r["cp_s"] / res["single_s"],
+                 cpu_ratio_all_ranks_over_single=r["cp_cpu_s_all_ranks"] / res["single_cpu_s"],
+                 cpu_ratio_busiest_rank_over_single=r["cp_cpu_s_busiest_rank"] / res["single_cpu_s"],
+                 exchange_fraction_of_cp=r["exchange_s"] / r["cp_s"])
     res.update(shape=dict(B=1, T=a.T, D=a.D, R=a.R, K=a.K), world=a.world, threads_per_rank=a.threads,
-               backend="chunked", ratio_cp_over_single=res["cp_s"] / res["single_s"],
-               cpu_ratio_all_ranks_over_single=res["cp_cpu_s_all_ranks"] / res["single_cpu_s"],
-               cpu_ratio_busiest_rank_over_single=res["cp_cpu_s_busiest_rank"] / res["single_cpu_s"],
-               exchange_fraction_of_cp=res["exchange_s"] / res["cp_s"], load_average=os.getloadavg(),
+               backend="chunked", load_average=os.getloadavg(),
                machine=dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count()),
                torch=torch.__version__, note=a.note, command="python -m benchmarks.cp_timing " + " ".join(
                    sys.argv[1:] if argv is None else argv))
@@ -126,10 +147,13 @@ def main(argv=None):
     else:
         with open(a.json, "w") as f:
             f.write(text + "\n")
-    print(f"T={a.T} D={a.D} R={a.R} W={a.world}: single {res['single_s'] * 1e3:.1f} ms, CP {res['cp_s'] * 1e3:.1f} ms "
-          f"(ratio {res['ratio_cp_over_single']:.3f}); CPU s: single {res['single_cpu_s']:.3f}, CP all ranks "
-          f"{res['cp_cpu_s_all_ranks']:.3f} (ratio {res['cpu_ratio_all_ranks_over_single']:.3f}), busiest rank {res['cp_cpu_s_busiest_rank']:.3f} "
-          f"(ratio {res['cpu_ratio_busiest_rank_over_single']:.3f}); exchange alone {res['exchange_s'] * 1e3:.2f} ms", file=sys.stderr)
+    for e in ("allgather", "pipeline"):
+        r = res[e]
+        print(f"T={a.T} D={a.D} R={a.R} W={a.world} {e}: single {res['single_s'] * 1e3:.1f} ms, CP {r['cp_s'] * 1e3:.1f} "
+              f"ms (ratio {r['ratio_cp_over_single']:.3f}); CPU s: single {res['single_cpu_s']:.3f}, CP all ranks "
+              f"{r['cp_cpu_s_all_ranks']:.3f} (ratio {r['cpu_ratio_all_ranks_over_single']:.3f}), busiest rank "
+              f"{r['cp_cpu_s_busiest_rank']:.3f} (ratio {r['cpu_ratio_busiest_rank_over_single']:.3f}); exchange "
+              f"alone {r['exchange_s'] * 1e3:.3f} ms", file=sys.stderr)
 
 
 if __name__ == "__main__":
