@@ -2,10 +2,12 @@
 ranks (``kop_triton.context_parallel``) against the same sequence in one process.
 
 Rounds alternate: rank 0 alone runs the whole sequence (the other ranks wait at a barrier), then every
-rank runs its shard with the state exchange, once per exchange ("allgather", "pipeline"); each rank uses ``--threads`` torch threads (1 by default,
-so W ranks use W cores).  CPU seconds (``time.process_time``) are recorded beside the wall times: on a
-shared machine the wall time also measures how many cores the ranks got.  Also timed: the exchange alone (the all-gather of the per-rank state payload and
-its backward all-to-all; or the send/recv chain forward and back), 20 times per round.  A CP time is the slowest rank's.  Medians over the rounds.
+rank runs its shard with the state exchange, once per exchange ("allgather", "pipeline"); each rank
+uses ``--threads`` torch threads (1 by default, so W ranks use W cores).  CPU seconds
+(``time.process_time``) are recorded beside the wall times: on a shared machine the wall time also
+measures how many cores the ranks got.  Also timed: the exchange alone (the all-gather of the
+per-rank state payload and its backward all-to-all; or the send/recv chain forward and back), 20
+times per round.  A CP time is the slowest rank's.  Medians over the rounds.
 
     python -m benchmarks.cp_timing --T 16384 --D 256 --R 16 --world 2 --json out.json
 """
@@ -149,9 +151,9 @@ def main(argv=None):
             f.write(text + "\n")
     for e in ("allgather", "pipeline"):
         r = res[e]
-        print(f"T={a.T} D={a.D} R={a.R} W={a.world} {e}: single {res['single_s'] * 1e3:.1f} ms, CP {r['cp_s'] * 1e3:.1f} "
-              f"ms (ratio {r['ratio_cp_over_single']:.3f}); CPU s: single {res['single_cpu_s']:.3f}, CP all ranks "
-              f"{r['cp_cpu_s_all_ranks']:.3f} (ratio {r['cpu_ratio_all_ranks_over_single']:.3f}), busiest rank "
+        print(f"T={a.T} D={a.D} R={a.R} W={a.world} {e}: single {res['single_s'] * 1e3:.1f} ms, "
+              f"CP {r['cp_s'] * 1e3:.1f} ms (ratio {r['ratio_cp_over_single']:.3f}); CPU s: single "
+              f"{res['single_cpu_s']:.3f}, CP all ranks {r['cp_cpu_s_all_ranks']:.3f} (ratio {r['cpu_ratio_all_ranks_over_single']:.3f}), busiest rank "
               f"{r['cp_cpu_s_busiest_rank']:.3f} (ratio {r['cpu_ratio_busiest_rank_over_single']:.3f}); exchange "
               f"alone {r['exchange_s'] * 1e3:.3f} ms", file=sys.stderr)
 

@@ -20,20 +20,24 @@ K - 1 inputs (SPEC section 6).  Per mixer call:
 
 The backward of step 2 is the only cross-rank step of the backward: an all-to-all of the gradients
 of the gathered payloads, each rank summing what it receives in fixed rank order (a deterministic
-reduce-scatter; the pipeline's is the reverse chain); everything else is local autograd (including the gradient of gamma through the
-decay products A_j).  A rank's output and its gradients are those of the whole sequence to float
-rounding; the gradients of the parameters are each rank's share of the total (sum them over the
-group: ``all_reduce_gradients``).
+reduce-scatter; the pipeline's is the reverse chain); everything else is local autograd (including
+the gradient of gamma through the decay products A_j).  A rank's output and its gradients are those
+of the whole sequence to float rounding; the gradients of the parameters are each rank's share of
+the total (sum them over the group: ``all_reduce_gradients``).
 
 Messages are O(W * B * (R + K - 1) * D) floats per mixer call and rank, independent of T;
 ``benchmarks/cp_model.py`` models the cost against the compute and compares a pipelined send/recv.
 
 Use::
 
-    cp = ContextParallel(group)                      # None: the default (WORLD) group
+    cp = ContextParallel(group, sizes=shard_sizes(T, W))   # group None: the default (WORLD) group
     with context_parallel(model, cp):                # every KOperator of the model exchanges states
-        loss = cp.scale_loss(model(ids_local, targets_local))   # local mean * L_r / T
+        loss = cp.scale_loss(model(cp.shard(ids), cp.shard(targets)))   # local mean * L_r / T
     loss.backward(); all_reduce_gradients(model, cp)
+
+Training (``kop-train --context-parallel W`` under torchrun): ``make_groups`` splits the world into
+CP groups of W consecutive ranks, ``ContextParallelLM`` wraps the model (the rank's loss term scaled
+for DDP's average over every rank, CP x DP), ``GroupBatches`` gives every rank of a group its rows.
 
 Under ``torch.compile`` the exchanging mixer call is left out of the graph (``torch.compiler.disable``,
 one graph break per mixer); the local op inside it is the ordinary one.

@@ -765,7 +765,8 @@ def build_run(args, info: kdist.DistInfo) -> Run:
         from . import context_parallel as kcp
         with config_errors():
             if model.config.rosa != "off":
-                raise ValueError(f"--context-parallel does not support ROSA (the model has rosa {model.config.rosa!r})")
+                raise ValueError(f"--context-parallel does not support ROSA (the model has rosa "
+                                 f"{model.config.rosa!r})")
             if int(model.config.window) < _cp_size(args):
                 raise ValueError(f"--window {model.config.window} is shorter than --context-parallel "
                                  f"{_cp_size(args)}: every rank needs at least one token")
