@@ -336,3 +336,26 @@ def test_context_parallel_errors(world_of_one):
             ContextParallel()
     finally:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+# ------------------------------------------------------------------------------- the scaling model
+
+def test_cp_scaling_model_is_labelled_current_and_monotone(tmp_path):
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    if str(repo) not in sys.path:
+        sys.path.insert(0, str(repo))                                  # the repository root holds benchmarks/
+    from benchmarks import cp_model
+    root = repo / "benchmarks" / "results" / "model"
+    cp_model.main(["--json", str(tmp_path / "m.json"), "--md", str(tmp_path / "m.md")])
+    # the committed table is what the model gives today
+    assert (tmp_path / "m.md").read_text() == (root / "cp_scaling.md").read_text()
+    assert "a MODEL, not a measurement" in (tmp_path / "m.md").read_text()
+    p = cp_model.point(1 << 20, 1024, 2)
+    assert p["payload_bytes"] == (16 + 7) * 1024 * 4                    # R = 16 scan rows + K - 1 = 7 conv rows, fp32
+    assert p["allgather_ms"] == pytest.approx(2 * (5e-6 + p["payload_bytes"] / 450e9) * 1e3)
+    for D in (1024, 8192):
+        fr = [[cp_model.point(T << 20, D, W)["allgather_frac"] for T in (1, 4, 16, 64)] for W in (2, 8, 16, 64)]
+        assert all(a > b for row in fr for a, b in zip(row, row[1:]))     # longer sequences: relatively cheaper
+        assert all(a < b for a, b in zip([r[0] for r in fr], [r[0] for r in fr][1:]))   # more ranks: dearer
