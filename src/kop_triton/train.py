@@ -688,7 +688,8 @@ def check_context_parallel(args, info: kdist.DistInfo) -> None:
         return
     if info.world % w:
         raise UsageError(f"--context-parallel {w} must divide the number of processes {info.world} (run it under "
-                         f"torchrun --nproc_per_node N with N a multiple of {w})")
+                         f"torchrun --nproc_per_node N with N a multiple of {w}, or pass --context-parallel 1; on "
+                         f"--resume it may change)")
     if args.fsdp:
         raise UsageError("--context-parallel with --fsdp is not supported yet (context parallelism runs with DDP "
                          "over the data-parallel groups); drop --fsdp")
