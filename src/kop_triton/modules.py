@@ -102,6 +102,10 @@ class KOperator(nn.Module):
     autocast dtype with float32 states; the output projection follows autocast.
     """
 
+    # ``kop_triton.context_parallel.enable`` sets a ContextParallel here: its ``k2_mixer`` (same
+    # signature) then runs instead of ``k2_mixer``, exchanging states with the other ranks of a sequence
+    context_parallel = None
+
     def __init__(self, d_model: int, rank: int = 16, kernel_size: int = 8, gamma_min: float = 0.05,
                  gamma_max: float = 1.0, alpha_cap: float = 1.0,
                  shared_kernel: Optional[nn.Parameter] = None, backend: str = "auto"):
@@ -189,9 +193,10 @@ class KOperator(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             w = self.get_kernel() if kernel is None else kernel
             # "triton": the autograd Function eagerly, the torch.library op under torch.compile
-            y, fin = k2_mixer(xm, self.u, self.v, self.alpha(), self.gamma(), w, self.gate_logit,
-                              initial_state=state, output_final_state=return_state,
-                              cu_seqlens=cu_seqlens, backend=bk)
+            mixer = k2_mixer if self.context_parallel is None else self.context_parallel.k2_mixer
+            y, fin = mixer(xm, self.u, self.v, self.alpha(), self.gamma(), w, self.gate_logit,
+                           initial_state=state, output_final_state=return_state,
+                           cu_seqlens=cu_seqlens, backend=bk)
             final = KOperatorState(*fin) if return_state else None
         if extra is not None:
             if not isinstance(extra, torch.Tensor) or extra.shape != x.shape:

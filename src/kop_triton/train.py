@@ -6,6 +6,7 @@
     python -m kop_triton.train --out runs/v2 --resume          # continue the run in runs/v2
     python -m kop_triton.train --plot runs/v2                  # runs/v2/curves.png from its log.jsonl
     torchrun --nproc_per_node 4 -m kop_triton.train ...          # DDP (add --fsdp for FSDP2)
+    torchrun --nproc_per_node 4 -m kop_triton.train --context-parallel 2 ...   # each window over 2 ranks, x 2 DP
 
 Recipe (the reference's): AdamW with betas (0.8, 0.999); parameter groups -- decay/alpha/gate
 logits, biases and norms at 0.5 x lr without weight decay, embeddings at 0.75 x lr without weight
@@ -96,7 +97,8 @@ MODEL_FLAGS = {
 }
 # flags that may differ between a run and its --resume (everything else comes from the checkpoint)
 RESUME_OVERRIDABLE = ("steps", "eval_interval", "log_interval", "progress", "device", "compile", "amp", "threads",
-                      "eval_batch_size", "data_path", "data_dir", "text", "fsdp", "tensorboard", "curves")
+                      "eval_batch_size", "data_path", "data_dir", "text", "fsdp", "tensorboard", "curves",
+                      "context_parallel")
 
 
 class UsageError(Exception):
@@ -148,6 +150,9 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     add("--compile", action="store_true", default=False, help="torch.compile the model for training")
     add("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     add("--fsdp", action="store_true", default=False, help="under torchrun: FSDP2 instead of DDP")
+    add("--context-parallel", type=int, default=1, metavar="W",
+        help="under torchrun: split every training window over W consecutive ranks (context parallelism, "
+             "exact; kop_triton.context_parallel), data parallel over the WORLD_SIZE / W groups")
     add("--progress", action=argparse.BooleanOptionalAction, default=True,
         help="tqdm progress bar (without it: a progress line with the ETA at most every 30 s)")
     add("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
@@ -684,8 +689,34 @@ def check_args(args, info: kdist.DistInfo) -> None:
         raise UsageError("--fsdp shards the model over the processes of a torchrun launch, but this is a single "
                          "process (WORLD_SIZE is not > 1); run it as torchrun --nproc_per_node N -m kop_triton.train "
                          "... --fsdp, or drop --fsdp")
-    if args.batch_size % info.world:
-        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the number of processes {info.world}")
+    check_context_parallel(args, info)
+    dp_world = info.world // _cp_size(args)
+    if args.batch_size % dp_world:
+        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the number of processes {info.world}"
+                         + (f" / --context-parallel {_cp_size(args)} = {dp_world}" if _cp_size(args) > 1 else ""))
+
+
+def _cp_size(args) -> int:
+    return int(getattr(args, "context_parallel", 1) or 1)
+
+
+def check_context_parallel(args, info: kdist.DistInfo) -> None:
+    """--context-parallel W: W >= 1 dividing the number of processes; not with --fsdp or ROSA."""
+    w = getattr(args, "context_parallel", 1)
+    if not isinstance(w, int) or w < 1:
+        raise UsageError(f"--context-parallel must be an int >= 1, got {w!r}")
+    if w == 1:
+        return
+    if info.world % w:
+        raise UsageError(f"--context-parallel {w} must divide the number of processes {info.world} (run it under "
+                         f"torchrun --nproc_per_node N with N a multiple of {w}, or pass --context-parallel 1; on "
+                         f"--resume it may change)")
+    if args.fsdp:
+        raise UsageError("--context-parallel with --fsdp is not supported yet (context parallelism runs with DDP "
+                         "over the data-parallel groups); drop --fsdp")
+    if getattr(args, "rosa", None) not in (None, "off"):
+        raise UsageError(f"--context-parallel does not support --rosa {args.rosa} (the ROSA automaton reads the "
+                         f"whole history of a window, which no rank holds); use --rosa off")
 
 
 def prepare_args(args, info: kdist.DistInfo) -> Optional[Resumed]:
@@ -756,7 +787,19 @@ def build_run(args, info: kdist.DistInfo) -> Run:
         val_ids = val_ids[: args.max_eval_tokens + 1]
     model.to(info.device)
     fsdp = bool(args.fsdp and info.enabled)
-    train_model = kdist.wrap(model, info, fsdp=fsdp)  # FSDP2 shards ``model`` in place
+    train_model = model
+    if _cp_size(args) > 1:    # CP groups of consecutive ranks; DDP averages over all of them (CP x DP)
+        from . import context_parallel as kcp
+        with config_errors():
+            if model.config.rosa != "off":
+                raise ValueError(f"--context-parallel does not support ROSA (the model has rosa "
+                                 f"{model.config.rosa!r})")
+            if int(model.config.window) < _cp_size(args):
+                raise ValueError(f"--window {model.config.window} is shorter than --context-parallel "
+                                 f"{_cp_size(args)}: every rank needs at least one token")
+            train_model = kcp.ContextParallelLM(model, kcp.make_groups(_cp_size(args)))
+        sampler = kcp.GroupBatches(sampler, _cp_size(args))
+    train_model = kdist.wrap(train_model, info, fsdp=fsdp)  # FSDP2 shards ``model`` in place
     optimizer = make_optimizer(model, args, info.device)
     if args.compile:
         train_model = torch.compile(train_model)
