@@ -41,8 +41,10 @@ Tested with transformers 5.23 (the range pinned in setup.py's ``hf`` extra).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import typing
 from typing import List, Optional
 
 import torch
@@ -73,34 +75,24 @@ _FIELDS = [f.name for f in dataclasses.fields(KStackConfig)]
 # --------------------------------------------------------------------------------------
 
 
+def _kstack_fields() -> dict:
+    """Every ``KStackConfig`` field as class-body annotations and defaults (``vocab_size`` defaults
+    to 256): the dataclass is the one definition of the model's configuration."""
+    hints = typing.get_type_hints(KStackConfig)
+    body = {"__annotations__": {}}
+    for f in dataclasses.fields(KStackConfig):
+        body["__annotations__"][f.name] = hints[f.name]
+        body[f.name] = 256 if f.name == "vocab_size" else f.default
+    return body
+
+
 @strict(accept_kwargs=True)
 class KStackHFConfig(PreTrainedConfig):
-    """Every ``KStackConfig`` field (same names and defaults; ``vocab_size`` defaults to 256)."""
+    """Every ``KStackConfig`` field (same names, types and defaults, taken from the dataclass;
+    ``vocab_size`` defaults to 256), plus transformers' ``use_cache`` and ``tie_word_embeddings``."""
 
+    vars().update(_kstack_fields())        # the class body's namespace: before the dataclass machinery reads it
     model_type = MODEL_TYPE
-    vocab_size: int = 256
-    d_model: int = 64
-    emb_dim: Optional[int] = None
-    n_k2: int = 6
-    rank: int = 4
-    kernel_size: int = 8
-    shared_kernel: bool = True
-    gamma_min: float = 0.05
-    gamma_max: float = 1.0
-    alpha_cap: float = 1.0
-    head: str = "linear"
-    head_mult: int = 6
-    adaptive_cutoffs: Optional[List[int]] = None
-    adaptive_div_value: float = 4.0
-    emb_dropout: float = 0.0
-    mlp_dropout: float = 0.0
-    residual_dropout: float = 0.0
-    head_dropout: float = 0.0
-    refine_steps: int = 0
-    backend: str = "auto"
-    window: int = 2048
-    rosa: str = "off"
-    rosa_layers: Optional[List[int]] = None
     use_cache: bool = True
     tie_word_embeddings: bool = False      # the linear head reads the embedding directly: nothing to tie
 
@@ -165,6 +157,40 @@ def _leaves(state) -> List[torch.Tensor]:
 def _rebuild(state, leaves):
     it = iter(leaves)
     return _map_state(state, lambda _t: next(it))
+
+
+CHECKSUM_FILE = "kstack_weights.sha256.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checksums(directory, subfolder: str = "") -> bool:
+    """Check the weights files of a local model directory against its ``kstack_weights.sha256.json``;
+    False when there is nothing to check (not a local directory, or no checksum file)."""
+    if not isinstance(directory, (str, os.PathLike)):
+        return False
+    d = os.path.join(os.fspath(directory), subfolder)
+    path = os.path.join(d, CHECKSUM_FILE)
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        sums = json.load(f).get("sha256", {})
+    for name, want in sums.items():
+        fp = os.path.join(d, name)
+        if not os.path.isfile(fp):
+            raise ValueError(f"{fp} is listed in {path} but missing: the model directory is incomplete")
+        got = _sha256(fp)
+        if got != want:
+            raise ValueError(f"{fp} is corrupted: its SHA-256 is {got}, {CHECKSUM_FILE} records {want}; "
+                             f"copy or convert the model again")
+    return True
 
 
 def _split_stream(state):
@@ -345,6 +371,27 @@ class KStackPreTrainedModel(PreTrainedModel):
         cfg.vocab_size = self.config.vocab_size = self.model.emb.num_embeddings
         return out
 
+    # ---- weights checksum ------------------------------------------------------------
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As ``PreTrainedModel``'s, then the SHA-256 of every weights file written beside them
+        (``kstack_weights.sha256.json``), which ``from_pretrained`` verifies."""
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            sums = {name: _sha256(os.path.join(save_directory, name)) for name in sorted(os.listdir(save_directory))
+                    if name.endswith(_WEIGHT_SUFFIXES)}
+            tmp = os.path.join(save_directory, CHECKSUM_FILE + ".tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"sha256": sums}, f, indent=1, sort_keys=True)
+            os.replace(tmp, os.path.join(save_directory, CHECKSUM_FILE))
+        return out
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As ``PreTrainedModel``'s; a local directory's weights files are first checked against the
+        SHA-256 sums ``save_pretrained`` wrote (a directory without that file loads unchecked)."""
+        verify_checksums(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     # ---- conversion ------------------------------------------------------------------
     @classmethod
     def from_kstack(cls, lm: KStackLM, **config_kwargs):
@@ -498,6 +545,11 @@ class KStackForCausalLM(KStackPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         # the linear head reads model.emb.weight (nothing separate); the gelu head's output layer
         return self.model.head.down if self.model.config.head == "gelu" else None
+
+    def set_output_embeddings(self, value):
+        if self.model.config.head != "gelu":
+            raise ValueError(f"the {self.model.config.head!r} head has no separate output embedding to set")
+        self.model.head.down = value
 
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, past_key_values=None,
                                       attention_mask=None, inputs_embeds=None, is_first_iteration=False, **kwargs):
@@ -667,12 +719,46 @@ class KStackForCausalLM(KStackPreTrainedModel, GenerationMixin):
 # --------------------------------------------------------------------------------------
 
 
-class KStackCharTokenizer(PreTrainedTokenizer):
+class _KStackTokenizer(PreTrainedTokenizer):
+    """Shared by the char and byte tokenizers.  The eos, bos and pad tokens are an ordinary character
+    of the vocabulary (newline when there is one, else the vocabulary's first character): the models
+    were trained with no special token, so none is added (an added id would be outside the model's
+    vocabulary).  They let ``pipeline(..., batch_size=N)`` pad (left padding, which the models keep
+    out of their state) and lm-evaluation-harness's ``HFLM`` prefix and pad sequences; decoding keeps
+    them (``skip_special_tokens`` has nothing to skip: they are text).  The model's generation config
+    has no eos, so generate() does not stop at a newline."""
+
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def _init_special(self, default: str, kwargs):
+        kwargs.setdefault("clean_up_tokenization_spaces", False)
+        kwargs.setdefault("padding_side", "left")
+        for key in ("eos_token", "bos_token", "pad_token"):
+            kwargs.setdefault(key, default)
+        return kwargs
+
+    def _tokenize(self, text, **kwargs):
+        if not isinstance(text, str):
+            raise TypeError(f"{type(self).__name__} encodes str, got {type(text).__name__} {text!r:.60}")
+        return self._split(text)
+
+    def _check_id(self, index):
+        if not (isinstance(index, int) and 0 <= index < self.vocab_size):
+            raise ValueError(f"token id {index!r} is outside this tokenizer's vocabulary [0, {self.vocab_size})")
+
+    def _decode(self, token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=None, **kwargs):
+        ids = [token_ids] if isinstance(token_ids, int) else list(token_ids)
+        for i in ids:
+            self._check_id(int(i))
+        return super()._decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=clean_up_tokenization_spaces,
+                               **kwargs)
+
+
+class KStackCharTokenizer(_KStackTokenizer):
     """Char vocabulary (``kop_triton.tokenizers.CharTokenizer``): id = position in the sorted chars.
     A character outside the vocabulary is an error, as in kop-triton's own tokenizer."""
 
     vocab_files_names = {"vocab_file": "kstack_chars.json"}
-    model_input_names = ["input_ids", "attention_mask"]
 
     def __init__(self, vocab_file=None, chars: Optional[str] = None, **kwargs):
         if chars is None:
@@ -683,8 +769,7 @@ class KStackCharTokenizer(PreTrainedTokenizer):
         self._tok = CharTokenizer(chars)
         if self._tok.chars != chars:
             raise ValueError("chars must be a string of sorted unique characters")
-        kwargs.setdefault("clean_up_tokenization_spaces", False)
-        super().__init__(**kwargs)
+        super().__init__(**self._init_special("\n" if "\n" in chars else chars[0], kwargs))
 
     @property
     def vocab_size(self) -> int:
@@ -695,7 +780,7 @@ class KStackCharTokenizer(PreTrainedTokenizer):
         vocab.update(self.added_tokens_encoder)
         return vocab
 
-    def _tokenize(self, text, **kwargs):
+    def _split(self, text):
         self._tok.encode(text)                                        # raises on a character outside the vocabulary
         return list(text)
 
@@ -703,6 +788,7 @@ class KStackCharTokenizer(PreTrainedTokenizer):
         return self._tok.encode(token)[0]
 
     def _convert_id_to_token(self, index):
+        self._check_id(index)
         return self._tok.chars[index]
 
     def convert_tokens_to_string(self, tokens):
@@ -715,14 +801,11 @@ class KStackCharTokenizer(PreTrainedTokenizer):
         return (path,)
 
 
-class KStackByteTokenizer(PreTrainedTokenizer):
+class KStackByteTokenizer(_KStackTokenizer):
     """UTF-8 bytes, ids 0..255 (``kop_triton.tokenizers.ByteTokenizer``); tokens are chr(byte)."""
 
-    model_input_names = ["input_ids", "attention_mask"]
-
     def __init__(self, **kwargs):
-        kwargs.setdefault("clean_up_tokenization_spaces", False)
-        super().__init__(**kwargs)
+        super().__init__(**self._init_special("\n", kwargs))
 
     @property
     def vocab_size(self) -> int:
@@ -733,7 +816,7 @@ class KStackByteTokenizer(PreTrainedTokenizer):
         vocab.update(self.added_tokens_encoder)
         return vocab
 
-    def _tokenize(self, text, **kwargs):
+    def _split(self, text):
         return [chr(b) for b in text.encode("utf-8")]
 
     def _convert_token_to_id(self, token):
@@ -742,6 +825,7 @@ class KStackByteTokenizer(PreTrainedTokenizer):
         return ord(token)
 
     def _convert_id_to_token(self, index):
+        self._check_id(index)
         return chr(index)
 
     def convert_tokens_to_string(self, tokens):
@@ -781,5 +865,5 @@ AutoModelForCausalLM.register(KStackHFConfig, KStackForCausalLM, exist_ok=True)
 AutoTokenizer.register(KStackHFConfig, tokenizer_class=KStackCharTokenizer, slow_tokenizer_class=KStackByteTokenizer,
                        exist_ok=True)
 
-__all__ = ["KStackHFConfig", "KStackModel", "KStackForCausalLM", "KStackCache", "KStackCharTokenizer",
+__all__ = ["verify_checksums", "CHECKSUM_FILE", "KStackHFConfig", "KStackModel", "KStackForCausalLM", "KStackCache", "KStackCharTokenizer",
            "KStackByteTokenizer", "hf_tokenizer", "save_hf", "transformers", "RosaStream"]
