@@ -605,6 +605,11 @@ class KStackForCausalLM(KStackPreTrainedModel, GenerationMixin):
         nb = kwargs.get("num_beams", getattr(cfg, "num_beams", 1))
         if nb is not None and not (_is_int(nb) and nb >= 1):
             raise ValueError(f"num_beams must be an int >= 1, got {nb!r}")
+        if (self.model.config.rosa != "off" and nb is not None and nb > 1
+                and kwargs.get("use_cache", getattr(cfg, "use_cache", True)) is not False):
+            raise ValueError(f"beam search (num_beams={nb}) reorders the cache's rows, and ROSA's automata (the "
+                             f"RosaStream in a ROSA model's cache) cannot be split by row: pass use_cache=False "
+                             f"(each step re-runs the sequence) or num_beams=1")
         ids = kwargs.get("input_ids", args[0] if args else None)
         mask = kwargs.get("attention_mask")
         if mask is not None:
