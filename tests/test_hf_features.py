@@ -100,14 +100,14 @@ def test_lm_eval_command_line_route_registers_kstack(saved, tmp_path):
     d, lm, kop = saved
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
     r = subprocess.run([sys.executable, "-m", "kop_triton.lm_eval", "--help"], capture_output=True, text=True,
-                       env=env, timeout=120)
+                       env=env, timeout=600)
     assert r.returncode == 0 and "run" in r.stdout, r.stderr[-2000:]
     code = ("import sys, kop_triton.lm_eval as L; L.register()\n"
             "from lm_eval.api.registry import get_model\n"
             "from lm_eval.api.instance import Instance\n"
             f"m = get_model('hf').create_from_arg_string('pretrained={d},batch_size=1,device=cpu')\n"
             "print(repr(m.loglikelihood([Instance('loglikelihood', {}, ('Speak', ', speak.'), 0)])[0][0]))\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     ll = float(r.stdout.strip().splitlines()[-1])
     assert abs(ll - _own_logprob(lm, kop.encode("Speak"), kop.encode(", speak."))) < 1e-4

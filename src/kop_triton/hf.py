@@ -36,7 +36,7 @@
   ``pipeline`` read; ``python -m kop_triton.convert ... --format hf`` writes one from a reference
   checkpoint.
 
-Tested with transformers 5.23 (the range pinned in setup.py's ``hf`` extra).
+Tested with transformers 5.17.0 and 5.23.0 (the range in setup.py's ``hf`` extra: >= 5.17, < 5.24).
 """
 from __future__ import annotations
 

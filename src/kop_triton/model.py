@@ -538,7 +538,7 @@ class KStackLM(nn.Module):
         if torch.is_grad_enabled() or self.training:
             return None
         from .decode import PreparedStep
-        prep = self._prepared
+        prep = self.__dict__.get("_prepared")          # None before the first call (or after unpickling)
         if prep is None or not prep.valid(exact):
             self._prepared = prep = None
             if not self.is_plain():
