@@ -153,6 +153,7 @@ def test_resize_token_embeddings_keeps_the_inner_config(head):
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(max_new_tokens=2.5), "max_new_tokens"),
     (dict(num_beams=0), "num_beams"), (dict(attention_mask=torch.ones(1, 7, dtype=torch.long)), "attention_mask"),
     (dict(attention_mask=torch.full((1, 5), 2)), "attention_mask"),
+    (dict(attention_mask=torch.zeros(1, 5, dtype=torch.long)), "attention_mask"),
 ])
 def test_generate_refuses_bad_arguments_naming_them(kw, match):
     m = hf.KStackForCausalLM.from_kstack(_lm(29))

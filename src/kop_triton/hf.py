@@ -462,6 +462,8 @@ class KStackPreTrainedModel(PreTrainedModel):
                 h = hr.new_zeros(B, T, hr.shape[-1])
             h[rows, T - L:] = hr
             groups.append((rows, sr))
+        if h is None:
+            raise ValueError("attention_mask has no token in any row (all zeros): nothing to run")
         if not want_state:
             return h, None
         template = groups[-1][1]
