@@ -11,9 +11,9 @@ DEPS   := "setuptools>=64" torch==2.13.0 triton==3.6.0 "numpy<2.4" safetensors t
           "transformers>=5.23,<5.24" "accelerate>=1.10,<2" requests
 # tensorboard: only the tests need it, to read kop-train's event files back with TensorBoard's own reader
 # (kop-train writes them itself, without it).
-# lm-evaluation-harness for tests/test_hf.py, without its task dependencies (datasets, pandas, pyarrow,
+# peft (LoRA through the HF model, tests/test_hf_correctness.py) and lm-evaluation-harness for tests/test_hf.py, without its task dependencies (datasets, pandas, pyarrow,
 # scikit-learn, ...): its HFLM path imports only transformers, accelerate, requests, jinja2, tqdm and numpy.
-NODEPS := lm-eval==0.4.13
+NODEPS := lm-eval==0.4.13 peft==0.21.2
 STAMP  := $(VENV)/.kop-installed
 JOBS   ?= 2
 BENCH_FLAGS ?=

@@ -34,8 +34,9 @@ setup(
         "sentencepiece": ["sentencepiece"],
         "bench": ["matplotlib"],
         "test": ["pytest", "hypothesis", "pytest-xdist"],
-        # kop_triton.hf; tested with transformers 5.23 (lm-eval 0.4.13 HFLM in the tests)
-        "hf": ["transformers>=5.23,<5.24"],
+        # kop_triton.hf; tested with transformers 5.17.0 (the GPU machine's) and 5.23.0 (the newest; make
+        # install's), lm-eval 0.4.13 HFLM and peft 0.21.2 in the tests
+        "hf": ["transformers>=5.17,<5.24"],
     },
     entry_points={
         "console_scripts": [

@@ -10,7 +10,7 @@ For each batch size and prompt length ("context"), greedy decoding, three ways:
   window     what the reference implementation does: every new token re-runs the model on the last
              ``--window`` tokens of the sequence and keeps the last logits (no state);
   hf         ``KStackForCausalLM.generate`` (transformers, ``do_sample=False``): its prefill, then its
-             cache path, whose token steps run the model's prepared step (``StepPlan.step_lists``).
+             cache path, whose token steps run the model's prepared step (``PreparedStep.step_lists``).
 tokens/s counts generated tokens over batch x time of the decode loop only (prefill timed
 separately); for hf the loop is timed by a logits processor that notes each token's score call
 (B x (N - 1) tokens between the first and the last).  Each rate is also given per CPU-second of

@@ -1,4 +1,4 @@
-"""The fast recurrent step (kop_triton.decode.StepPlan, used by KStackLM.step for inference) against the
+"""The fast recurrent step (kop_triton.decode.PreparedStep, used by KStackLM.step for inference) against the
 module step (KOperator.step through the blocks, the path autograd takes), in float64, for every
 model variant; plan invalidation when weights change; argument checks."""
 import pytest
@@ -22,7 +22,7 @@ def _model(name, dtype=torch.float64):
 
 def _module_step(m, ids_t, state):
     with torch.enable_grad():             # autograd on: KStackLM.step takes the module path
-        assert m._step_plan() is None
+        assert m.prepared_step() is None
         logits, new = m.step(ids_t, state)
     return logits.detach(), tuple(s if isinstance(s, RosaStream) else type(s)(*(t.detach() for t in s)) for s in new)
 
@@ -35,7 +35,7 @@ def test_plan_step_equals_module_step(name, B):
     with torch.no_grad():
         _, state = m.prefill(ids[:, :5])
         ref_state = state
-        assert m._step_plan() is not None
+        assert m.prepared_step() is not None
         for t in range(5, 12):
             logits, state = m.step(ids[:, t], state)
             ref_logits, ref_state = _module_step(m, ids[:, t], ref_state)
@@ -48,13 +48,10 @@ def test_plan_step_equals_module_step(name, B):
         assert_close("logits from zero state", logits, _module_step(m, ids[:, 0], None)[0], 1e-12)
 
 
-def test_blocks_are_scripted():
-    """The fast path's block functions compile with TorchScript (a silent fallback would only be slower)."""
-    from kop_triton import decode
-    fns = decode._blocks(True)
-    assert all(isinstance(f, torch.jit.ScriptFunction) for f in fns), [type(f) for f in fns]
+def test_step_is_scripted():
+    """The prepared step compiles with TorchScript (a silent fallback would only be slower)."""
     with torch.no_grad():
-        assert _model("default-linear")._step_plan().k2_fn is fns[0]
+        assert isinstance(_model("default-linear").prepared_step().walk, torch.jit.ScriptModule)
 
 
 def test_plan_follows_weight_changes():
@@ -81,7 +78,7 @@ def test_plan_follows_weight_changes():
 def test_step_with_autograd_uses_the_module_path_and_has_gradients():
     m = _model("default-linear")
     m.train()
-    assert m._step_plan() is None
+    assert m.prepared_step() is None
     logits, _ = m.step(torch.tensor([1, 2]))
     logits.sum().backward()
     assert all(p.grad is not None for p in m.mixers()[0].parameters() if p.requires_grad)
@@ -144,7 +141,7 @@ def test_plan_step_with_rosa_equals_module_step(window):
     with torch.no_grad():
         _, state = m.prefill(ids[:, :5], rosa_window=window)
         ref = state[:-1] + (state[-1].clone(),)
-        assert m._step_plan() is not None
+        assert m.prepared_step() is not None
         for t in range(5, ids.shape[1]):
             logits, state = m.step(ids[:, t], state)
             ref_logits, ref = _module_step(m, ids[:, t], ref)
@@ -155,23 +152,32 @@ def test_plan_step_with_rosa_equals_module_step(window):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_fused_step_is_one_script_module_and_step_lists_equals_step(name):
-    """Without ROSA the whole step is one scripted module (``plan.fused``); ``step_lists`` (the
-    transformers cache's entry, states as two lists, nothing checked) gives what ``step`` gives."""
+def test_step_is_one_script_module_and_step_lists_equals_step(name):
+    """The whole step is one scripted module walking the blocks' prepared steps; ``step_lists``
+    (the transformers cache's entry, states as lists, nothing checked) gives what ``step`` gives."""
     m = _model(name)
     ids = torch.randint(0, m.config.vocab_size, (3, 6))
     with torch.no_grad():
         _, state = m.prefill(ids)
-        plan = m._step_plan()
-        assert isinstance(plan.fused, torch.jit.ScriptModule)
+        prep = m.prepared_step()
+        assert isinstance(prep.walk, torch.jit.ScriptModule)
         logits, new = m.step(ids[:, -1], state)
-        l2, scan, conv = plan.step_lists(ids[:, -1], [s.scan for s in state], [s.conv for s in state])
+        l2, scan, conv = prep.step_lists(ids[:, -1], [s.scan for s in state], [s.conv for s in state])
     assert torch.equal(logits, l2)
     assert all(torch.equal(a.scan, s) and torch.equal(a.conv, c) for a, s, c in zip(new, scan, conv))
 
 
-def test_rosa_plan_has_no_fused_step():
+def test_rosa_model_steps_through_the_same_scripted_walk():
     m = KStackLM(KStackConfig(vocab_size=7, d_model=8, n_k2=1, rank=2, kernel_size=3, rosa="exact")).eval()
     with torch.no_grad():
         m.step(torch.tensor([1]))
-        assert m._step_plan().fused is None
+        assert isinstance(m.prepared_step().walk, torch.jit.ScriptModule)
+
+
+def test_blocks_own_their_prepared_steps_and_no_block_math_is_copied():
+    """decode.py walks the blocks' own prepared steps: it names no block class and folds no block weight."""
+    import inspect
+    from kop_triton import decode
+    src = inspect.getsource(decode)
+    for name in ("K1Block", "K2Block", "K0Block", "mlp", "mixer", "_k2_block", "__name__", "_rosa_step", "_step_plan"):
+        assert name not in src.replace("K*Block", ""), name

@@ -302,7 +302,8 @@ def test_lm_eval_harness_rolling_loglikelihood(reference):
 def test_rosa_model_through_transformers():
     """A ROSA model: the loss and logits through HF equal KStackLM's (ROSA from the ids); generate
     without a cache re-runs the sequence and equals KStackLM.generate greedy (its streaming
-    automaton over the whole history); asking for the cache fails at once, naming ROSA."""
+    automaton over the whole history); with the cache (the default; the RosaStream in KStackCache)
+    the same tokens, greedy and seeded-sampled; beam search with the cache is refused, naming ROSA."""
     torch.manual_seed(0)
     lm = KStackLM(KStackConfig(vocab_size=11, d_model=16, n_k2=2, rank=4, kernel_size=4, rosa="exact",
                                rosa_layers=[1])).double().eval()
@@ -315,16 +316,20 @@ def test_rosa_model_through_transformers():
     got = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)
     want = lm.generate(ids, max_new_tokens=8, temperature=0.0)
     assert torch.equal(got, want)
-    with pytest.raises(NotImplementedError, match="ROSA"):
-        model.generate(ids, max_new_tokens=2, do_sample=False)
-
-
-def test_fast_output_equals_the_constructed_one():
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-    logits, cache = torch.randn(2, 1, 5), hf.KStackCache()
-    a, b = CausalLMOutputWithPast(logits=logits, past_key_values=cache), hf._lm_output(logits, cache)
-    assert type(a) is type(b) and list(a.keys()) == list(b.keys()) and a.__dict__ == b.__dict__
-    assert b.logits is logits and b["past_key_values"] is cache and b.to_tuple() == a.to_tuple() and b.loss is None
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), want)
+    o = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(o.past_key_values.state[-1], hf.RosaStream)
+    more = torch.cat([o.sequences, torch.tensor([[3, 1]])], 1)    # continued from the returned cache
+    assert torch.equal(model.generate(more, past_key_values=o.past_key_values, max_new_tokens=4, do_sample=False),
+                       lm.generate(more, max_new_tokens=4, temperature=0.0))
+    for use_cache in (True, False):
+        torch.manual_seed(5)
+        s = model.generate(ids, max_new_tokens=6, do_sample=True, top_k=0, use_cache=use_cache)
+        if use_cache:
+            sampled = s
+    assert torch.equal(sampled, s)
+    with pytest.raises(ValueError, match="ROSA"):
+        model.generate(ids, max_new_tokens=2, do_sample=False, num_beams=2)
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["no-mask", "left-padded-mask"])

@@ -27,6 +27,7 @@ refinement pass, pass-major (index = pass * n_k2 + layer); with ROSA on, followe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -34,8 +35,9 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from .modules import INIT_STD, Dropout, K0Block, K1Block, K2Block, KOperator, RMSNorm, init_kernel
+from .modules import INIT_STD, MLP, Dropout, K0Block, K1Block, K2Block, KOperator, RMSNorm, init_kernel
 from .ops.conv import MAX_KERNEL_SIZE
 from .ops._checks import BACKENDS, check_int, check_token_ids, describe, is_int
 from .rosa import MODES as ROSA_MODES
@@ -212,21 +214,33 @@ class KStack(nn.Module):
     def k2_blocks(self) -> List[K2Block]:
         return [b for b in self.blocks if isinstance(b, K2Block)]
 
-    def forward(self, h, states=None, return_state=False, rosa_h=None):
+    gradient_checkpointing = False          # set by transformers' gradient_checkpointing_enable()
+    _gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)   # (transformers sets its own)
+
+    def forward(self, h, states=None, return_state=False, rosa_h=None, hidden_states=None, cu_seqlens=None):
         """h (B, T, D) -> (B, T, D); ``states``: one KOperatorState (or None) per K2 block;
-        ``rosa_h`` (B, T, D): the ROSA embedding, used by the blocks that have a rho_logit."""
+        ``rosa_h`` (B, T, D): the ROSA embedding, used by the blocks that have a rho_logit;
+        ``hidden_states``: a list to which each block's output is appended; ``cu_seqlens``:
+        packed sequences in a batch of one row (each K2 mixer restarts at every boundary).
+        With ``gradient_checkpointing`` (training), each block's activations are recomputed in
+        the backward instead of kept."""
         new, i = [], 0
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
             if isinstance(blk, K2Block):
                 s = None if states is None else states[i]
+                args = (h, s, return_state, self.shared_kernel, rosa_h, cu_seqlens)
+                out = self._gradient_checkpointing_func(blk.__call__, *args) if ckpt else blk(*args)
                 if return_state:
-                    h, s1 = blk(h, s, return_state=True, kernel=self.shared_kernel, rosa_h=rosa_h)
+                    h, s1 = out
                     new.append(s1)
                 else:
-                    h = blk(h, s, kernel=self.shared_kernel, rosa_h=rosa_h)
+                    h = out
                 i += 1
             else:
-                h = blk(h)
+                h = self._gradient_checkpointing_func(blk.__call__, h) if ckpt else blk(h)
+            if hidden_states is not None:
+                hidden_states.append(h)
         return (h, new) if return_state else h
 
     def step(self, h_t, states, rosa_h=None):
@@ -239,8 +253,13 @@ class KStack(nn.Module):
                 new.append(s1)
                 i += 1
             else:
-                h_t = blk(h_t)
+                h_t = blk.step(h_t)
         return h_t, new
+
+    def prepared_steps(self) -> List[nn.Module]:
+        """Every block's prepared step (``K*Block.prepared_step``), in order, for ``decode.PreparedStep``."""
+        return [blk.prepared_step(self.shared_kernel) if isinstance(blk, K2Block) else blk.prepared_step()
+                for blk in self.blocks]
 
 
 class KStackLM(nn.Module):
@@ -276,6 +295,7 @@ class KStackLM(nn.Module):
             self.eta_logit = nn.Parameter(torch.tensor(math.log(0.3 / 0.7)))
         else:
             self.register_parameter("eta_logit", None)
+        self._prepared = None                 # decode.PreparedStep, built by prepared_step()
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=INIT_STD)
@@ -383,26 +403,41 @@ class KStackLM(nn.Module):
             return h_new
         return h + torch.sigmoid(self.eta_logit).to(h.dtype) * (h_new - h)
 
-    def hidden(self, ids, state=None, return_state=False, rosa_ids=None, rosa_window=None):
+    def hidden(self, ids, state=None, return_state=False, rosa_ids=None, rosa_window=None, hidden_states=None,
+               cu_seqlens=None):
         """ids (B, T) -> final-normed hidden states (B, T, D) [and the model state after T].
 
         ``rosa_ids`` (B, T): precomputed ROSA ids (stateless calls only); ``rosa_window``: for a
-        new ROSA state, restart the automata every ``rosa_window`` tokens (None: never)."""
+        new ROSA state, restart the automata every ``rosa_window`` tokens (None: never);
+        ``hidden_states``: a list to fill with the embedding output, every block's output (every
+        pass) and the final-normed output; ``cu_seqlens`` (N + 1,) int32: packed sequences in a
+        batch of one row (no state; ROSA computed per sequence)."""
         if ids.dim() != 2:
             raise ValueError(f"ids must have shape (B, T), got {describe(ids)}")
         h = self._embed(ids)                                          # (B, T, D)
+        if cu_seqlens is not None:
+            if state is not None or return_state or ids.shape[0] != 1:
+                raise ValueError(f"cu_seqlens (packed sequences) needs one row and no state, got ids "
+                                 f"{tuple(ids.shape)}, a state: {state is not None or return_state}")
+            if self.config.rosa != "off" and rosa_ids is None:
+                cu = cu_seqlens.tolist()
+                rosa_ids = torch.cat([self.compute_rosa(ids[:, a:b]) for a, b in zip(cu[:-1], cu[1:])], 1)
         rosa_h, stream = self._rosa_inputs(ids, state, return_state, rosa_ids, rosa_window)   # (B, T, D)
+        if hidden_states is not None:
+            hidden_states.append(h)
         n = len(self.stack.k2_blocks())
         new = []
         for p in range(self.n_passes):
             st = None if state is None else state[p * n:(p + 1) * n]
             if return_state:
-                h_new, s1 = self.stack(h, st, return_state=True, rosa_h=rosa_h)
+                h_new, s1 = self.stack(h, st, return_state=True, rosa_h=rosa_h, hidden_states=hidden_states)
                 new += s1
             else:
-                h_new = self.stack(h, st, rosa_h=rosa_h)
+                h_new = self.stack(h, st, rosa_h=rosa_h, hidden_states=hidden_states, cu_seqlens=cu_seqlens)
             h = self._refine_mix(h, h_new)
         h = self.norm(h)
+        if hidden_states is not None:
+            hidden_states.append(h)
         if stream is not None:
             new.append(stream)
         return (h, tuple(new)) if return_state else h
@@ -463,12 +498,16 @@ class KStackLM(nn.Module):
         return self._step(ids_t, state)
 
     def _step(self, ids_t, state):
-        """``step`` without the argument checks (``generate`` feeds it the ids it sampled)."""
-        plan = self._step_plan()
-        if plan is not None:
-            return plan.step(ids_t, state)
+        """``step`` without the argument checks: the prepared step when it applies, else the modules."""
+        prepared = self.prepared_step()
+        if prepared is not None:
+            return prepared.step(ids_t, state)
+        return self.module_step(ids_t, state)
+
+    def module_step(self, ids_t, state):
+        """The step through the modules as they are (autograd, hooks, wrapped modules): ids_t (B,)."""
         h = self._embed(ids_t, check=False)                           # (B, D), checked by step
-        rosa_h, stream = self._rosa_step(ids_t, state)                # (B, D) or None
+        rosa_h, stream = self.rosa_step(ids_t, state)                 # (B, D) or None
         n = len(self.stack.k2_blocks())
         new = []
         for p in range(self.n_passes):
@@ -480,41 +519,58 @@ class KStackLM(nn.Module):
             new.append(stream)
         return self.logits_from_hidden(self.norm(h)), tuple(new)
 
-    def _rosa_step(self, ids_t, state):
+    def new_rosa_stream(self, batch_size: int, window: Optional[int] = None) -> RosaStream:
+        return RosaStream(batch_size, self.config.vocab_size, self.config.rosa, window=window)
+
+    def rosa_hidden(self, rosa_ids, device=None):
+        """ROSA ids (...) in [-1, V) -> rosa_h (..., D) on ``device`` (the embedding's by default)."""
+        return self._rosa_hidden(rosa_ids, self.emb.weight.device if device is None else device)
+
+    def rosa_step(self, ids_t, state):
         """Advance the state's RosaStream by ids_t (B,): (rosa_h (B, D), stream), or (None, None)."""
         if self.config.rosa == "off":
             return None, None
         stream = state[-1] if state and isinstance(state[-1], RosaStream) else None
         if stream is None:
-            stream = RosaStream(ids_t.shape[0], self.config.vocab_size, self.config.rosa)
+            stream = self.new_rosa_stream(ids_t.shape[0])
         # the automaton is on the CPU: one host copy of the new ids per step
         return self._rosa_hidden(stream.push(ids_t), self.emb.weight.device), stream
 
-    def _step_plan(self):
-        """The prepared fast step (``decode.StepPlan``) when it applies, else None: inference only
-        (no autograd, eval mode, autocast off), float32/float64 weights.  The plan is rebuilt when a
-        parameter changes in place (its version counter) and dropped by ``to()`` / ``load_state_dict``."""
+    def zero_state(self, batch_size: int):
+        """The state before any token (every K2 state zeros; a new RosaStream with ROSA on)."""
+        p = self.emb.weight
+        dt = torch.float64 if p.dtype == torch.float64 else torch.float32
+        st = tuple(m.zero_state(batch_size, device=p.device, dtype=dt) for m in self.mixers()) * self.n_passes
+        return st + ((self.new_rosa_stream(batch_size),) if self.config.rosa != "off" else ())
+
+    def is_plain(self) -> bool:
+        """Every module is of a kind the blocks' prepared steps fold (exact types: a wrapper such as
+        a PEFT LoRA layer, or a parametrized module, is not), no forward hook is registered on any
+        of them or globally, and the parameters are all float32 or all float64."""
+        from .decode import global_hooks
+        dts = {p.dtype for p in self.parameters()}
+        return (len(dts) == 1 and dts <= {torch.float32, torch.float64} and not global_hooks()
+                and all(type(m) in _PLAIN_MODULES and not (m._forward_hooks or m._forward_pre_hooks)
+                        for m in self.modules()))
+
+    def prepared_step(self, exact: bool = False):
+        """The prepared fast step (``decode.PreparedStep``) when it applies, else None (then
+        ``module_step``): inference only (no autograd, eval mode, autocast off), float32 / float64
+        weights of one dtype, every module one the blocks fold (no wrapped module, no forward hook).
+        Rebuilt when the model changes (``PreparedStep.valid``; ``exact``: also compare the
+        parameter values with a snapshot, once per ``generate`` call)."""
         if torch.is_grad_enabled() or self.training:
             return None
-        plan = self.__dict__.get("_plan")
-        if plan is None or plan.versions != plan.version_key():
-            params = list(self.parameters())
-            dt = params[0].dtype
-            if dt not in (torch.float32, torch.float64) or any(p.dtype != dt for p in params):
+        from .decode import PreparedStep
+        prep = self.__dict__.get("_prepared")          # None before the first call (or after unpickling)
+        if prep is None or not prep.valid(exact):
+            self._prepared = prep = None
+            if not self.is_plain():
                 return None
-            from .decode import StepPlan
-            plan = self.__dict__["_plan"] = StepPlan(self)
-        if torch.is_autocast_enabled(plan.device.type):
+            prep = self._prepared = PreparedStep(self)
+        if torch.is_autocast_enabled(prep.device.type):
             return None
-        return plan
-
-    def _apply(self, fn, *args, **kwargs):          # .to(), .double(), .cuda(): parameters change
-        self.__dict__.pop("_plan", None)
-        return super()._apply(fn, *args, **kwargs)
-
-    def load_state_dict(self, *args, **kwargs):
-        self.__dict__.pop("_plan", None)
-        return super().load_state_dict(*args, **kwargs)
+        return prep
 
     @torch.no_grad()
     def generate(self, ids, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
@@ -551,11 +607,13 @@ class KStackLM(nn.Module):
             out = [ids]
             if max_new_tokens > 0:
                 logits, state = self.prefill(ids, rosa_window=rosa_window)
+                prepared = self.prepared_step(exact=True)            # checked once for this call
+                step = self.module_step if prepared is None else prepared.step
                 for i in range(max_new_tokens):
                     nxt = sample_next(logits, temperature, top_k, top_p, generator)   # (B,)
                     out.append(nxt[:, None])
                     if i + 1 < max_new_tokens:
-                        logits, state = self._step(nxt, state)
+                        logits, state = step(nxt, state)
         finally:
             self.train(was_training)
         res = torch.cat(out, dim=1)
@@ -578,6 +636,11 @@ def _check_range(name, t, low, high, note="", ignore=None):
         torch._assert_async(ok.all(), msg)
     except RuntimeError:
         raise ValueError(f"{msg}, got values in [{int(t.min())}, {int(t.max())}]") from None
+
+
+_PLAIN_MODULES = (KStackLM, KStack, TiedHead, GeluHead, K1Block, K2Block, K0Block, KOperator, RMSNorm, MLP, Dropout,
+                  nn.Linear, nn.Embedding, nn.Identity, nn.Dropout, nn.ModuleList, nn.Sequential,
+                  nn.AdaptiveLogSoftmaxWithLoss)
 
 
 @torch.compiler.disable

@@ -16,7 +16,7 @@ tensors, so it passes through ``torch.compile`` and can be sliced or moved like 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .ops._checks import check_backend, check_bool, check_int, check_real, describe, resolve_backend, state_dtype
 from .ops.conv import MAX_KERNEL_SIZE
-from .ops.k2 import k2_mixer, k2_qk
+from .ops.k2 import NORM_EPS, k2_mixer, k2_qk
 
 RMS_EPS = 1e-8
 INIT_STD = 0.02
@@ -343,6 +343,14 @@ class K1Block(nn.Module):
         h = h + self.mix(self.norm1(h))
         return h + self.mlp(self.norm2(h))
 
+    def step(self, h_t):
+        """One token, (B, D) -> (B, D): the block is token-wise, so its step is its forward."""
+        return self(h_t)
+
+    def prepared_step(self) -> "PreparedK1":
+        """The step with this block's current parameters folded in (inference; see ``PreparedK1``)."""
+        return PreparedK1(self)
+
 
 ROSA_RHO_INIT = math.log(0.1 / 0.9)     # rho = sigmoid(rho_logit) starts at 0.1
 
@@ -372,9 +380,9 @@ class K2Block(nn.Module):
             return None
         return torch.sigmoid(self.rho_logit).to(rosa_h.dtype) * rosa_h
 
-    def forward(self, h, state=None, return_state=False, kernel=None, rosa_h=None):
+    def forward(self, h, state=None, return_state=False, kernel=None, rosa_h=None, cu_seqlens=None):
         m = self.mixer(self.norm1(h), state=state, return_state=return_state, kernel=kernel,
-                       extra=self._rosa_term(rosa_h))
+                       extra=self._rosa_term(rosa_h), cu_seqlens=cu_seqlens)
         m, new = m if return_state else (m, None)
         h = h + self.drop(m)
         h = h + self.mlp(self.norm2(h))
@@ -384,6 +392,11 @@ class K2Block(nn.Module):
         m, new = self.mixer.step(self.norm1(h_t), state, kernel=kernel, extra=self._rosa_term(rosa_h))
         h_t = h_t + self.drop(m)
         return h_t + self.mlp(self.norm2(h_t)), new
+
+    def prepared_step(self, kernel=None) -> "PreparedK2":
+        """The step with this block's current parameters folded in (inference; see ``PreparedK2``);
+        ``kernel``: the stack's shared Kbase kernel, as for ``step``."""
+        return PreparedK2(self, kernel)
 
 
 class K0Block(nn.Module):
@@ -397,3 +410,162 @@ class K0Block(nn.Module):
 
     def forward(self, h):
         return h + (self.norm(h) * self.gain + self.bias)
+
+    def step(self, h_t):
+        return self(h_t)
+
+    def prepared_step(self) -> "PreparedK0":
+        return PreparedK0(self)
+
+
+# --------------------------------------------------------------------------------------
+# Prepared steps: each block's token step with its current parameters folded in (inference)
+# --------------------------------------------------------------------------------------
+#
+# ``K*Block.prepared_step()`` returns a module holding, for the block's parameter values at that
+# moment, what its step derives from them (the norm scales folded into the following linear
+# weights, the transposed weights, the K2 mixer's gamma, alpha, the sigmoid gate folded into the
+# flipped kernel, [u | v] as one matrix), and running one token with a few fused ops and no
+# Python between them once scripted.  All prepared blocks share one TorchScript interface,
+#
+#     forward(h (B, D), S, C, S2, C2, rosa (B, D) or None) -> h (B, D)
+#
+# with S / C the scan and conv states of every K2 layer and pass (inputs) and S2 / C2 the new
+# ones (appended to, in order): a K2 block reads S[len(S2)], so a model's prepared step is a walk
+# over its blocks (``kop_triton.decode``).  They compute the block's ``step`` (rounding
+# differences only; tests/test_decode.py checks them against it) and are valid while the
+# parameters are unchanged: the model rebuilds them (``KStackLM.prepared_step``).
+# Measured on the dev CPU (1 thread, (1, 64) fp32): F.rms_norm 12 us, addmm of h*h with a (D, 1)
+# column of 1/D plus rsqrt 7 us; F.normalize 11 us, vector_norm + clamp + divide 5 us; exact GELU
+# 10 us with F.gelu, erf + addcmul 2.6 us: with u' = u / sqrt(2) (up-projection scaled),
+# gelu(u) = (u' + u' erf(u')) / sqrt(2), and the 1 / sqrt(2) goes into the down-projection.
+
+_SQRT1_2 = 0.7071067811865476
+
+
+def _detached(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().clone()
+
+
+def _rms_buffers(mod: nn.Module, norm: "RMSNorm", name: str, ref: torch.Tensor) -> None:
+    """``name``_eps (1, 1) and ``name``_mean (D, 1): rsqrt(addmm(eps, h*h, mean)) = 1 / rms(h)."""
+    d = norm.scale.shape[0]
+    mod.register_buffer(name + "_eps", torch.full((1, 1), norm.eps, dtype=ref.dtype, device=ref.device),
+                        persistent=False)
+    mod.register_buffer(name + "_mean", torch.full((d, 1), 1.0 / d, dtype=ref.dtype, device=ref.device),
+                        persistent=False)
+
+
+def _linear_buffers(mod: nn.Module, name: str, lin: nn.Linear, scale=None, post: float = 1.0, pre: float = 1.0):
+    """``name``_wt (in, out) = diag(scale) W^T * post * pre and ``name``_b = b * post."""
+    w = lin.weight.detach().t()
+    if scale is not None:
+        w = scale.detach()[:, None] * w
+    wt = (w * (post * pre)).contiguous()
+    b = lin.bias.detach() * post if lin.bias is not None else wt.new_zeros(wt.shape[1])
+    mod.register_buffer(name + "_wt", wt, persistent=False)
+    mod.register_buffer(name + "_b", b.clone(), persistent=False)
+
+
+def _mlp_buffers(mod: nn.Module, norm2: "RMSNorm", mlp: "MLP", ref: torch.Tensor) -> None:
+    _rms_buffers(mod, norm2, "n2", ref)
+    _linear_buffers(mod, "up", mlp.up, scale=norm2.scale, post=_SQRT1_2)
+    _linear_buffers(mod, "down", mlp.down, pre=_SQRT1_2)
+
+
+class PreparedK1(nn.Module):
+    """K1Block's step, folded: h + mix(norm1(h)), then h + MLP(norm2(h))."""
+
+    def __init__(self, blk: "K1Block"):
+        super().__init__()
+        ref = blk.mix.weight
+        _rms_buffers(self, blk.norm1, "n1", ref)
+        _linear_buffers(self, "mix", blk.mix, scale=blk.norm1.scale)
+        _mlp_buffers(self, blk.norm2, blk.mlp, ref)
+
+    def forward(self, h: torch.Tensor, S: List[torch.Tensor], C: List[torch.Tensor], S2: List[torch.Tensor],
+                C2: List[torch.Tensor], rosa: Optional[torch.Tensor]) -> torch.Tensor:
+        t = torch.addmm(self.n1_eps, h * h, self.n1_mean).rsqrt_()
+        h = torch.addcmul(self.mix_b, torch.mm(h, self.mix_wt), t).add_(h)
+        t = torch.addmm(self.n2_eps, h * h, self.n2_mean).rsqrt_()
+        u = torch.addcmul(self.up_b, torch.mm(h, self.up_wt), t)    # up(norm2(h)) / sqrt(2)
+        return torch.addmm(self.down_b, u.addcmul_(u, torch.erf(u)), self.down_wt).add_(h)
+
+
+class PreparedK0(nn.Module):
+    """K0Block's step, folded: h + norm(h) * gain + bias (the norm scale and the gain in one vector)."""
+
+    def __init__(self, blk: "K0Block"):
+        super().__init__()
+        _rms_buffers(self, blk.norm, "n", blk.gain)
+        self.register_buffer("w", (blk.norm.scale * blk.gain).detach().clone(), persistent=False)
+        self.register_buffer("b", _detached(blk.bias), persistent=False)
+
+    def forward(self, h: torch.Tensor, S: List[torch.Tensor], C: List[torch.Tensor], S2: List[torch.Tensor],
+                C2: List[torch.Tensor], rosa: Optional[torch.Tensor]) -> torch.Tensor:
+        t = torch.addmm(self.n_eps, h * h, self.n_mean).rsqrt_()
+        return (h + self.b).addcmul_(h, t * self.w)
+
+
+class PreparedK2(nn.Module):
+    """K2Block's step, folded; its states: scan S (B, R, D), conv C (B, K-1, D), oldest first.
+
+        x   = norm1(h);  qk = normalize((x @ [u|v]).view(B, 2, R)) * [alpha; 1]
+        S'  = gamma * S + k (outer) x;  win = [C | x]  (B, K, D)
+        mix = q @ S' + (g * flip(kernel)) @ win  (+ sigmoid(rho_logit) * rosa_h with ROSA)
+        h   = h + proj(mix);  h = h + MLP(norm2(h))
+
+    In-place ops only on the temporaries made here, never on h, S or C (the caller's states stay valid)."""
+
+    __constants__ = ["norm_eps", "has_rho"]
+
+    def __init__(self, blk: "K2Block", kernel=None):
+        super().__init__()
+        mixer = blk.mixer
+        kernel = mixer.get_kernel() if kernel is None else kernel
+        ref = mixer.u
+        dt = ref.dtype
+        self.norm_eps = NORM_EPS
+        self.has_rho = blk.rho_logit is not None
+        with torch.no_grad():
+            _rms_buffers(self, blk.norm1, "n1", ref)
+            self.register_buffer("n1", _detached(blk.norm1.scale), persistent=False)
+            self.register_buffer("uv", torch.cat([mixer.u, mixer.v], 1).to(dt).contiguous(), persistent=False)
+            alpha = mixer.alpha().to(dt)
+            self.register_buffer("qk_scale", torch.stack([alpha, torch.ones_like(alpha)]), persistent=False)
+            self.register_buffer("gamma", mixer.gamma().to(dt)[:, None].contiguous(), persistent=False)
+            g = torch.sigmoid(mixer.gate_logit.to(dt))
+            self.register_buffer("wg", (g * kernel.detach().to(dt).flip(0))[None, None, :].contiguous(),
+                                 persistent=False)                   # (1, 1, K), oldest first
+            rho = torch.sigmoid(blk.rho_logit.detach().to(dt)) if self.has_rho else ref.new_zeros(())
+            self.register_buffer("rho", rho.clone(), persistent=False)
+            _linear_buffers(self, "proj", mixer.proj)
+            _mlp_buffers(self, blk.norm2, blk.mlp, ref)
+
+    def forward(self, h: torch.Tensor, S: List[torch.Tensor], C: List[torch.Tensor], S2: List[torch.Tensor],
+                C2: List[torch.Tensor], rosa: Optional[torch.Tensor]) -> torch.Tensor:
+        i = len(S2)
+        B = h.shape[0]
+        t = torch.addmm(self.n1_eps, h * h, self.n1_mean).rsqrt_()      # (B, 1): 1 / rms(h)
+        x = (h * self.n1).mul_(t)                                         # (B, D), the mixer input
+        qk = torch.mm(x, self.uv).view(B, 2, -1)                          # (B, 2, R): x @ [u | v]
+        qk = qk.mul_(self.qk_scale / torch.linalg.vector_norm(qk, dim=-1, keepdim=True).clamp_min_(self.norm_eps))
+        x3 = x.unsqueeze(1)                                               # (B, 1, D)
+        # select / narrow: one view op each where indexing makes two
+        s = (S[i] * self.gamma).addcmul_(qk.select(1, 1).unsqueeze(2), x3)     # gamma * S + k (outer) x
+        win = torch.cat([C[i], x3], 1)                                    # (B, K, D), oldest first
+        wg = self.wg
+        c = torch.bmm(wg if B == 1 else wg.expand(B, 1, wg.shape[2]), win)     # (B, 1, D): g * Kbase conv
+        if B < 16:                    # + q @ S: bmm for few rows, product and sum over R for many
+            mix = c.baddbmm_(qk.narrow(1, 0, 1), s).squeeze(1)           # (B = 64: 35 us vs 26 us on the dev CPU)
+        else:
+            mix = (qk.select(1, 0).unsqueeze(2) * s).sum(1).add_(c.squeeze(1))
+        if self.has_rho and rosa is not None:
+            mix = mix + self.rho * rosa
+        h = torch.addmm(self.proj_b, mix, self.proj_wt).add_(h)
+        t = torch.addmm(self.n2_eps, h * h, self.n2_mean).rsqrt_()
+        u = torch.addcmul(self.up_b, torch.mm(h, self.up_wt), t)        # up(norm2(h)) / sqrt(2)
+        h = torch.addmm(self.down_b, u.addcmul_(u, torch.erf(u)), self.down_wt).add_(h)
+        S2.append(s)
+        C2.append(win.narrow(1, 1, win.shape[1] - 1))
+        return h
