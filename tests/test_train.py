@@ -697,3 +697,21 @@ def test_config_errors_are_a_type_not_a_file_name():
     assert issubclass(ktrain.ConfigError, ktrain.UsageError)
     with pytest.raises(ValueError):
         KStackConfig(vocab_size=5, d_model=-1)
+
+
+def test_model_flags_come_from_kstackconfig():
+    """One definition of the model's fields: kop-train's model flags (names, types, help) are derived
+    from KStackConfig's dataclass fields, as the HF config's are (tests/test_hf_correctness.py)."""
+    import dataclasses
+    from kop_triton.model import KStackConfig
+    fields = {f.name: f for f in dataclasses.fields(KStackConfig)}
+    assert set(ktrain.MODEL_FLAGS) == set(fields) - {"vocab_size", "shared_kernel"}
+    for name, (typ, help_) in ktrain.MODEL_FLAGS.items():
+        assert help_ == fields[name].metadata["help"]
+    helptext = ktrain.build_parser().format_help()
+    for name in fields:
+        if name != "vocab_size":
+            assert "--" + name.replace("_", "-") in helptext, name
+    args = ktrain.parse_args(["--emb-dim", "8", "--rosa-layers", "0,1", "--no-shared-kernel", "--rosa", "exact"])
+    cfg = ktrain.model_config(args, 11)
+    assert cfg.emb_dim == 8 and cfg.rosa_layers == [0, 1] and cfg.shared_kernel is False

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
@@ -50,28 +50,38 @@ HEADS = ("linear", "gelu", "adaptive")
 class KStackConfig:
     """Everything needed to rebuild a KStackLM (the tokenizer is stored beside it in checkpoints)."""
     vocab_size: int
-    d_model: int = 64
-    emb_dim: Optional[int] = None          # None: E = D (no projection)
-    n_k2: int = 6
-    rank: int = 4
-    kernel_size: int = 8
-    shared_kernel: bool = True             # one Kbase kernel for all K2 layers
-    gamma_min: float = 0.05
-    gamma_max: float = 1.0
-    alpha_cap: float = 1.0
-    head: str = "linear"                   # "linear" (tied) | "gelu" | "adaptive"
-    head_mult: int = 6                     # gelu head hidden width = max(D, head_mult * D)
-    adaptive_cutoffs: Optional[List[int]] = None   # None: [V // 4, V // 2] (those inside (0, V))
-    adaptive_div_value: float = 4.0
-    emb_dropout: float = 0.0
-    mlp_dropout: float = 0.0
-    residual_dropout: float = 0.0
-    head_dropout: float = 0.0              # gelu head: after its GELU; adaptive head: on its input
-    refine_steps: int = 0                  # 0: one plain pass through the stack
-    backend: str = "auto"
-    window: int = 2048                     # default training / evaluation window (no model limit)
-    rosa: str = "off"                      # "off" | "exact" | "reference" (kop_triton.rosa)
-    rosa_layers: Optional[List[int]] = None   # 0-based K2 layers given the ROSA term; None: all
+    d_model: int = field(default=64, metadata={"help": "model width D"})
+    # None: E = D (no projection)
+    emb_dim: Optional[int] = field(default=None, metadata={"help": "embedding width E (default: d_model)"})
+    n_k2: int = field(default=6, metadata={"help": "number of K2 blocks"})
+    rank: int = field(default=4, metadata={"help": "rank R of each K2 mixer (key channels)"})
+    kernel_size: int = field(default=8, metadata={"help": "taps of the causal Kbase kernel"})
+    # one Kbase kernel for all K2 layers
+    shared_kernel: bool = field(default=True, metadata={"help": "one Kbase kernel shared by all K2 blocks"})
+    gamma_min: float = field(default=0.05, metadata={"help": "lower end of the decay range"})
+    gamma_max: float = field(default=1.0, metadata={"help": "upper end of the decay range"})
+    alpha_cap: float = field(default=1.0, metadata={"help": "upper bound of the query scale alpha"})
+    # "linear" (tied) | "gelu" | "adaptive"
+    head: str = field(default="linear", metadata={"help": "output head: linear (tied), gelu or adaptive"})
+    # gelu head hidden width = max(D, head_mult * D)
+    head_mult: int = field(default=6, metadata={"help": "width multiplier of the gelu head"})
+    # None: [V // 4, V // 2] (those inside (0, V))
+    adaptive_cutoffs: Optional[List[int]] = field(default=None, metadata={"help": "comma-separated cutoffs of the adaptive head, e.g. 1024,4096"})
+    adaptive_div_value: float = field(default=4.0, metadata={"help": "adaptive head: width divisor per cluster"})
+    emb_dropout: float = field(default=0.0, metadata={"help": "dropout after the embedding"})
+    mlp_dropout: float = field(default=0.0, metadata={"help": "dropout inside the MLPs"})
+    residual_dropout: float = field(default=0.0, metadata={"help": "dropout on the K2 mixer output"})
+    # gelu head: after its GELU; adaptive head: on its input
+    head_dropout: float = field(default=0.0, metadata={"help": "dropout after the GELU of the gelu head / on the adaptive head's input"})
+    # 0: one plain pass through the stack
+    refine_steps: int = field(default=0, metadata={"help": "equilibrium refinement steps (paper option; 0 = off)"})
+    backend: str = field(default="auto", metadata={"help": "op backend: auto, triton, chunked, recurrent, naive"})
+    # default training / evaluation window (no model limit)
+    window: int = field(default=2048, metadata={"help": "training / evaluation context length T"})
+    # "off" | "exact" | "reference" (kop_triton.rosa)
+    rosa: str = field(default="off", metadata={"help": "ROSA branch: off, exact (the definition) or reference (the reference implementation's automaton, as its released ROSA checkpoints)"})
+    # 0-based K2 layers given the ROSA term; None: all
+    rosa_layers: Optional[List[int]] = field(default=None, metadata={"help": "0-based K2 layers that get ROSA, comma-separated (default: all)"})
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_k2", "rank", "kernel_size", "head_mult", "window", "refine_steps"):

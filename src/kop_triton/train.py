@@ -70,31 +70,25 @@ PROG = "kop-train"
 PROGRESS_LINE_EVERY_S = 30.0     # --no-progress: a progress line at most this often
 LOGIT_NAMES = ("decay_logit", "alpha_logit", "gate_logit", "eta_logit", "rho_logit")
 
+def _model_flags() -> dict:
+    """The model flags, derived from KStackConfig (the one definition of the fields: names, types,
+    defaults and help text, shared with the HF config): field -> (argparse type, help).  List fields
+    take comma-separated values; ``shared_kernel`` (a bool) is --shared-kernel / --no-shared-kernel."""
+    import typing
+    hints = typing.get_type_hints(KStackConfig)
+    flags = {}
+    for f in dataclasses.fields(KStackConfig):
+        if f.name in ("vocab_size", "shared_kernel"):     # vocab_size: from the tokenizer
+            continue
+        typ = hints[f.name]
+        args_ = [a for a in typing.get_args(typ) if a is not type(None)]
+        base = args_[0] if typing.get_origin(typ) is typing.Union and args_ else typ
+        flags[f.name] = (str if typing.get_origin(base) in (list, tuple) else base, f.metadata["help"])
+    return flags
+
+
 # model flags: KStackConfig field -> (type, help); defaults come from KStackConfig itself
-MODEL_FLAGS = {
-    "d_model": (int, "model width D"),
-    "emb_dim": (int, "embedding width E (default: d_model)"),
-    "n_k2": (int, "number of K2 blocks"),
-    "rank": (int, "rank R of each K2 mixer (key channels)"),
-    "kernel_size": (int, "taps of the causal Kbase kernel"),
-    "gamma_min": (float, "lower end of the decay range"),
-    "gamma_max": (float, "upper end of the decay range"),
-    "alpha_cap": (float, "upper bound of the query scale alpha"),
-    "head": (str, "output head: linear (tied), gelu or adaptive"),
-    "head_mult": (int, "width multiplier of the gelu head"),
-    "adaptive_cutoffs": (str, "comma-separated cutoffs of the adaptive head, e.g. 1024,4096"),
-    "adaptive_div_value": (float, "adaptive head: width divisor per cluster"),
-    "rosa": (str, "ROSA branch: off, exact (the definition) or reference (the reference implementation's "
-                  "automaton, as its released ROSA checkpoints)"),
-    "rosa_layers": (str, "0-based K2 layers that get ROSA, comma-separated (default: all)"),
-    "emb_dropout": (float, "dropout after the embedding"),
-    "mlp_dropout": (float, "dropout inside the MLPs"),
-    "residual_dropout": (float, "dropout on the K2 mixer output"),
-    "head_dropout": (float, "dropout after the GELU of the gelu head / on the adaptive head's input"),
-    "refine_steps": (int, "equilibrium refinement steps (paper option; 0 = off)"),
-    "backend": (str, "op backend: auto, triton, chunked, recurrent, naive"),
-    "window": (int, "training / evaluation context length T"),
-}
+MODEL_FLAGS = _model_flags()
 # flags that may differ between a run and its --resume (everything else comes from the checkpoint)
 RESUME_OVERRIDABLE = ("steps", "eval_interval", "log_interval", "progress", "device", "compile", "amp", "threads",
                       "eval_batch_size", "data_path", "data_dir", "text", "fsdp", "tensorboard", "curves",
@@ -184,7 +178,7 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     for field, (typ, help_) in MODEL_FLAGS.items():
         add("--" + field.replace("_", "-"), type=typ, default=None, help=help_)
     add("--shared-kernel", action=argparse.BooleanOptionalAction, default=None,
-        help="one Kbase kernel shared by all K2 blocks")
+        help={f.name: f for f in dataclasses.fields(KStackConfig)}["shared_kernel"].metadata["help"])
 
     add = section("optimiser and schedule")
     add("--batch-size", type=int, default=32, help="global batch size (sequences per step over all ranks)")
