@@ -90,7 +90,10 @@ def _sha_tree(paths) -> dict:
 
 def classify(case: Case, env: "Env") -> Tuple[str, str]:
     """(outcome, detail) of one case."""
-    kept = list(case.keep(env))
+    try:
+        kept = list(case.keep(env))
+    except Exception as e:  # noqa: BLE001 - setting up the files to keep failed: the code under test crashed
+        return "crash", f"setting up the case: {type(e).__name__}: {e}"
     before = _sha_tree(kept)
     try:
         res = case.run(env)
@@ -403,7 +406,8 @@ def _convert(env, out, *more, src=None, text=None):
 
 
 def _train(env, *args):
-    return cli("kop_triton.train", ["--text", env.text, *TINY, *args])
+    out = [] if "--out" in args else ["--out", env.fresh("out")]   # never the default runs/ of the cwd
+    return cli("kop_triton.train", ["--text", env.text, *TINY, *out, *args])
 
 
 def _bench(*args):
@@ -683,10 +687,10 @@ def _cases() -> list:
     add("train", "--eval-window 0", lambda e: _train(e, "--eval-window", "0"), [T, "--eval-window"])
     add("train", "--max-eval-tokens 0", lambda e: _train(e, "--max-eval-tokens", "0"), [T, "--max-eval-tokens"])
     add("train", "--log-interval -1", lambda e: _train(e, "--log-interval", "-1"), [T, "--log-interval"])
-    add("train", "--text missing", lambda e: cli("kop_triton.train", ["--text", e.root / "none.txt", *TINY]),
+    add("train", "--text missing", lambda e: cli("kop_triton.train", ["--text", e.root / "none.txt", *TINY, "--out", e.fresh("out")]),
         [T, "--text", "not found"])
-    add("train", "--text a folder", lambda e: cli("kop_triton.train", ["--text", e.root, *TINY]), [T, "--text", "directory"])
-    add("train", "--text not UTF-8", lambda e: cli("kop_triton.train", ["--text", e.file("t.txt", b"\xff\xfeab" * 50), *TINY]),
+    add("train", "--text a folder", lambda e: cli("kop_triton.train", ["--text", e.root, *TINY, "--out", e.fresh("out")]), [T, "--text", "directory"])
+    add("train", "--text not UTF-8", lambda e: cli("kop_triton.train", ["--text", e.file("t.txt", b"\xff\xfeab" * 50), *TINY, "--out", e.fresh("out")]),
         [T, "UTF-8"])
     add("train", "--dataset and --text", lambda e: _train(e, "--dataset", "tinyshakespeare"), [T, "either"])
     add("train", "--device meta", lambda e: _train(e, "--device", "meta"), [T, "--device", "meta"])
