@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .modules import INIT_STD, MLP, Dropout, K0Block, K1Block, K2Block, KOperator, RMSNorm, init_kernel
 from .ops.conv import MAX_KERNEL_SIZE
-from .ops._checks import BACKENDS, check_int, check_token_ids, describe, is_int
+from .ops._checks import BACKENDS, check_int, check_token_ids, check_values_in, describe, is_int
 from .rosa import MODES as ROSA_MODES
 from .rosa import RosaStream, rosa_next_ids
 
@@ -377,15 +377,18 @@ class KStackLM(nn.Module):
         """The ROSA ids of every row of ids (B, T), each from scratch (int64, on the CPU)."""
         return _rosa_ids_eager(ids, self.config.rosa, self.config.vocab_size)
 
-    def _rosa_inputs(self, ids, state, return_state, rosa_ids, rosa_window):
-        """(rosa_h or None, the RosaStream to carry or None) for a parallel call."""
+    def _check_rosa_window(self, rosa_window) -> None:
         if rosa_window is not None:
             check_int("rosa_window (None or an int)", rosa_window, low=1)
+            if self.config.rosa == "off":
+                raise ValueError(f"rosa_window={rosa_window} given but this model has ROSA off (leave it out)")
+
+    def _rosa_inputs(self, ids, state, return_state, rosa_ids, rosa_window):
+        """(rosa_h or None, the RosaStream to carry or None) for a parallel call."""
+        self._check_rosa_window(rosa_window)
         if self.config.rosa == "off":
             if rosa_ids is not None:
                 raise ValueError("rosa_ids given but this model has ROSA off")
-            if rosa_window is not None:
-                raise ValueError(f"rosa_window={rosa_window} given but this model has ROSA off (leave it out)")
             return None, None
         stream = state[-1] if state and isinstance(state[-1], RosaStream) else None
         if rosa_ids is not None:
@@ -396,7 +399,8 @@ class KStackLM(nn.Module):
                     or rosa_ids.dtype not in (torch.int32, torch.int64)):
                 raise ValueError(f"rosa_ids must be an int32/int64 tensor of the ids' shape {tuple(ids.shape)} "
                                  f"(kop_triton.rosa.rosa_next_ids computes it), got {describe(rosa_ids)}")
-            _check_range("rosa_ids", rosa_ids, -1, self.config.vocab_size, "(-1: no recurring suffix)")
+            check_values_in("rosa_ids", rosa_ids, -1, self.config.vocab_size,
+                            f"ROSA ids in [-1, vocab_size={self.config.vocab_size}) (-1: no recurring suffix)")
         elif stream is not None or return_state:
             if stream is None:
                 stream = RosaStream(ids.shape[0], self.config.vocab_size, self.config.rosa, window=rosa_window)
@@ -469,9 +473,11 @@ class KStackLM(nn.Module):
                              f"shape), got {describe(targets)}")
         V = self.config.vocab_size
         if self.config.head == "adaptive":
-            _check_range("targets", targets, 0, V, "(the adaptive head has no ignore index)")
+            check_values_in("targets", targets, 0, V, f"token ids in [0, vocab_size={V}) (the adaptive head has no "
+                                                      f"ignore index)")
         else:
-            _check_range("targets", targets, 0, V, f"or {IGNORE_INDEX} (ignored)", ignore=IGNORE_INDEX)
+            check_values_in("targets", targets, 0, V, f"token ids in [0, vocab_size={V}) or {IGNORE_INDEX} (ignored)",
+                            ignore=IGNORE_INDEX)
             if targets.numel():
                 msg = (f"targets: every target is {IGNORE_INDEX} (ignored), so the mean loss is 0/0; give at least "
                        f"one scored target or skip this batch")
@@ -606,11 +612,8 @@ class KStackLM(nn.Module):
         if (not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] < 1
                 or ids.dtype not in (torch.int32, torch.int64)):
             raise ValueError(f"ids must be a non-empty int32/int64 prompt of shape (B, T) or (T,), got {describe(ids)}")
-        check_token_ids("ids", ids, self.config.vocab_size)   # also when max_new_tokens = 0
-        if rosa_window is not None:
-            check_int("rosa_window (None or an int)", rosa_window, low=1)
-            if self.config.rosa == "off":
-                raise ValueError(f"rosa_window={rosa_window} given but this model has ROSA off (leave it out)")
+        check_token_ids("ids", ids, self.config.vocab_size)   # these two also when max_new_tokens = 0
+        self._check_rosa_window(rosa_window)
         was_training = self.training
         self.eval()
         try:
@@ -631,21 +634,6 @@ class KStackLM(nn.Module):
 
 
 IGNORE_INDEX = -100     # a target of this value is not scored (torch's cross_entropy default)
-
-
-def _check_range(name, t, low, high, note="", ignore=None):
-    """Every value of the integer tensor ``t`` in [low, high) (or == ``ignore``): a ValueError on the
-    CPU, an asynchronous device-side assert elsewhere (no host sync)."""
-    if t.numel() == 0:
-        return
-    ok = (t >= low) & (t < high)
-    if ignore is not None:
-        ok |= t == ignore
-    msg = f"{name} must lie in [{low}, {high}) {note}".rstrip()
-    try:   # a ValueError on the CPU, a device-side assert elsewhere (no host sync; compiles)
-        torch._assert_async(ok.all(), msg)
-    except RuntimeError:
-        raise ValueError(f"{msg}, got values in [{int(t.min())}, {int(t.max())}]") from None
 
 
 _PLAIN_MODULES = (KStackLM, KStack, TiedHead, GeluHead, K1Block, K2Block, K0Block, KOperator, RMSNorm, MLP, Dropout,

@@ -67,19 +67,27 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
-def check_token_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
-    """Token ids in [0, vocab_size), without reading ids on the host (as ``check_gamma_range``):
-    on CUDA an asynchronous device-side assert, on CPU a ValueError naming ``name``, the range and
-    the offending values."""
-    if ids.numel() == 0:
+def check_values_in(name: str, t: torch.Tensor, low: int, high: int, what: str, ignore: Optional[int] = None) -> None:
+    """Every value of the integer tensor ``t`` in [low, high) (or equal to ``ignore``), without
+    reading ``t`` on the host (as ``check_gamma_range``): on CUDA, and under ``torch.compile``, an
+    asynchronous device-side assert; on CPU a ValueError naming ``name``, ``what`` it must hold, the
+    range received and the offending values."""
+    if t.numel() == 0:
         return
-    ok = ((ids >= 0) & (ids < vocab_size)).all()
+    ok = (t >= low) & (t < high)
+    if ignore is not None:
+        ok |= t == ignore
     try:
-        torch._assert_async(ok, f"{name}: token ids must lie in [0, {vocab_size})")
+        torch._assert_async(ok.all(), f"{name} must hold {what}")
     except RuntimeError:
-        bad = ids[(ids < 0) | (ids >= vocab_size)]
-        raise ValueError(f"{name} must hold token ids in [0, vocab_size={vocab_size}), got values in "
-                         f"[{int(ids.min())}, {int(ids.max())}] ({bad.numel()} outside, e.g. {bad[:4].tolist()})") from None
+        bad = t[~ok]
+        raise ValueError(f"{name} must hold {what}, got values in [{int(t.min())}, {int(t.max())}] ({bad.numel()} "
+                         f"outside, e.g. {bad[:4].tolist()})") from None
+
+
+def check_token_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
+    """Token ids in [0, vocab_size) (``check_values_in``)."""
+    check_values_in(name, ids, 0, vocab_size, f"token ids in [0, vocab_size={vocab_size})")
 
 
 def check_same_device(**tensors) -> None:
