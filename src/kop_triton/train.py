@@ -59,8 +59,8 @@ from . import curves as kcurves
 from . import data as kdata
 from . import distributed as kdist
 from .checkpoint import (CheckpointError, atomic_write_files, check_destination, find_resume_dir, full_tensor,
-                         load_checkpoint,
-                         load_optimizer_state, load_training_state, optimizer_state, save_training_checkpoint)
+                         load_checkpoint, load_optimizer_state, load_training_state, optimizer_state,
+                         save_training_checkpoint)
 from .cli import ArgumentParser, fail
 from .eval import evaluate, perplexity
 from .model import KStackConfig, KStackLM
@@ -662,16 +662,12 @@ def check_args(args, info: kdist.DistInfo) -> None:
         raise UsageError(f"--clip-grad-norm must be a finite number >= 0 (0 = no clipping), got {args.clip_grad_norm}")
     if not 0 <= args.seed < 2 ** 63:
         raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads} (leave it out for torch's choice)")
     for k in ("beta1", "beta2"):
         if not 0.0 <= getattr(args, k) < 1.0:
             raise UsageError(f"{flag(k)} must be in [0, 1), got {getattr(args, k)}")
     for k in ("weight_decay", "logit_lr_mult", "bias_lr_mult", "norm_lr_mult", "emb_lr_mult"):
         if not (getattr(args, k) >= 0 and math.isfinite(getattr(args, k))):
             raise UsageError(f"{flag(k)} must be a finite number >= 0, got {getattr(args, k)}")
-    if not 0.0 < args.val_frac < 1.0:
-        raise UsageError(f"--val-frac must be in (0, 1), got {args.val_frac}")
     if not args.lr > 0 or args.lr_floor < 0 or args.lr_floor > args.lr:
         raise UsageError(f"need 0 <= --lr-floor <= --lr and --lr > 0, got lr={args.lr}, lr_floor={args.lr_floor}")
     if args.max_eval_tokens is not None and args.max_eval_tokens < 1:
