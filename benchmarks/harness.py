@@ -115,17 +115,9 @@ def machine_info(device: torch.device) -> dict:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name!r} asked for, but torch sees no CUDA device")
-    return dev
+    """--device: auto, cpu, cuda or cuda:N (the tools' own parser, ``kop_triton.distributed``)."""
+    from kop_triton.distributed import resolve_device
+    return resolve_device(name)
 
 
 def sync(device: torch.device) -> None:

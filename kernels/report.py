@@ -706,7 +706,6 @@ def _unwritable(path) -> str:
 
 def _write_atomic(path, text: str) -> None:
     """``text`` into ``path`` through a temp file and a rename: never a half-written report."""
-    import tempfile
     parent = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".report.", suffix=".tmp", dir=parent)
     try:
