@@ -63,7 +63,7 @@ except ImportError as e:  # pragma: no cover - the hf extra is installed by `mak
 from .model import KStackConfig, KStackLM
 from .modules import KOperatorState
 from .rosa import RosaStream
-from .ops._checks import describe
+from .ops._checks import describe, is_int
 from .tokenizers import ByteTokenizer, CharTokenizer
 
 MODEL_TYPE = "kstack"
@@ -296,10 +296,6 @@ _UNSUPPORTED = (("penalty_alpha", "contrastive search"), ("dola_layers", "DoLa d
                 ("force_words_ids", "constrained beam search"), ("assistant_model", "assisted generation"),
                 ("prompt_lookup_num_tokens", "prompt-lookup decoding"), ("assistant_early_exit", "early-exit "
                                                                          "assisted generation"))
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _check_mask_values(mask, name="attention_mask"):
@@ -602,10 +598,10 @@ class KStackForCausalLM(KStackPreTrainedModel, GenerationMixin):
             raise ValueError(f"top_p must be in (0, 1] (1: no nucleus filtering), got {top_p!r}")
         for key in ("max_new_tokens", "min_new_tokens", "max_length"):
             val = kwargs.get(key)
-            if val is not None and not (_is_int(val) and val >= 0):
+            if val is not None and not (is_int(val) and val >= 0):
                 raise ValueError(f"{key} must be an int >= 0, got {val!r}")
         nb = kwargs.get("num_beams", getattr(cfg, "num_beams", 1))
-        if nb is not None and not (_is_int(nb) and nb >= 1):
+        if nb is not None and not (is_int(nb) and nb >= 1):
             raise ValueError(f"num_beams must be an int >= 1, got {nb!r}")
         if (self.model.config.rosa != "off" and nb is not None and nb > 1
                 and kwargs.get("use_cache", getattr(cfg, "use_cache", True)) is not False):
@@ -690,7 +686,7 @@ class KStackForCausalLM(KStackPreTrainedModel, GenerationMixin):
                 raise ValueError(f"logits_to_keep must be an int or a 1-D tensor of positions, got "
                                  f"{describe(logits_to_keep)}")
             logits = lm.logits_from_hidden(h[:, logits_to_keep.to(h.device)])
-        elif labels is None and shift_labels is None and _is_int(logits_to_keep) and logits_to_keep > 0:
+        elif labels is None and shift_labels is None and is_int(logits_to_keep) and logits_to_keep > 0:
             logits = lm.logits_from_hidden(h[:, -logits_to_keep:])
         else:
             logits = lm.logits_from_hidden(h)                         # (B, T, V)
