@@ -331,29 +331,39 @@ def specializations(cases: List[Case], arch: int, exact: bool = True) -> List[Sp
     changes vector widths, not which tiles live in registers)."""
     _require_compiler()
     specs: Dict[str, Spec] = {}
-    binders = {}
+    binders: Dict = {}
     for c in cases:
         for ln in run_case(c, arch):
-            fn = ln.kernel
-            path = f"{fn.fn.__module__}:{fn.fn.__qualname__}"
-            if path not in binders:
-                binders[path] = _binder(fn, arch)
-            backend, binder = binders[path]
-            kw = {k: _portable(v) for k, v in ln.kwargs.items()}
-            _, spec, opts = binder(**kw)
-            cexpr = {p.name: kw[p.name] for p in fn.params if p.is_constexpr}
-            ints = {p.name: s for p, s in zip(fn.params, spec)
-                    if not p.is_constexpr and s[0] == "constexpr"}            # runtime-specialised (== 1, None)
-            opt = {k: v for k, v in kw.items() if k in ("num_warps", "num_stages")}
-            cfg = ", ".join(f"{k}={v}" for k, v in {**cexpr, **opt}.items())
-            if ints:
-                cfg += "; const " + ", ".join(f"{k}={v[1]}" for k, v in ints.items())
-            key = f"{path}|{spec}|{sorted(opts.items())}" if exact else f"{path}|{cfg}|{_dtype_label(kw)}"
-            if key not in specs:
-                specs[key] = Spec(path, kw, key, cfg, _dtype_label(kw), [])
-            if len(specs[key].cases) < 3:
-                specs[key].cases.append(c.label())
+            sp = launch_spec(ln, arch, exact, binders)
+            if sp.key not in specs:
+                specs[sp.key] = sp
+            if len(specs[sp.key].cases) < 3:
+                specs[sp.key].cases.append(c.label())
     return list(specs.values())
+
+
+def launch_spec(ln: Launch, arch: int, exact: bool = False, binders: Optional[Dict] = None) -> Spec:
+    """The specialisation one recorded launch compiles to for sm_<arch> (no cases yet): its
+    ``config`` and ``dtype`` are the gate rows' ``config`` / ``dtype`` columns, so a launch is
+    joined to its row of the gate's JSON by (kernel, dtype, config) (benchmarks/perf_model.py)."""
+    _require_compiler()
+    binders = {} if binders is None else binders
+    fn = ln.kernel
+    path = f"{fn.fn.__module__}:{fn.fn.__qualname__}"
+    if path not in binders:
+        binders[path] = _binder(fn, arch)
+    backend, binder = binders[path]
+    kw = {k: _portable(v) for k, v in ln.kwargs.items()}
+    _, spec, opts = binder(**kw)
+    cexpr = {p.name: kw[p.name] for p in fn.params if p.is_constexpr}
+    ints = {p.name: s for p, s in zip(fn.params, spec)
+            if not p.is_constexpr and s[0] == "constexpr"}            # runtime-specialised (== 1, None)
+    opt = {k: v for k, v in kw.items() if k in ("num_warps", "num_stages")}
+    cfg = ", ".join(f"{k}={v}" for k, v in {**cexpr, **opt}.items())
+    if ints:
+        cfg += "; const " + ", ".join(f"{k}={v[1]}" for k, v in ints.items())
+    key = f"{path}|{spec}|{sorted(opts.items())}" if exact else f"{path}|{cfg}|{_dtype_label(kw)}"
+    return Spec(path, kw, key, cfg, _dtype_label(kw), [])
 
 
 # --------------------------------------------------------------------------------------
@@ -379,6 +389,12 @@ def parse_ptxas(log: str) -> Dict[str, int]:
 def count_mma(ptx: str) -> Dict[str, int]:
     lines = [ln for ln in ptx.splitlines() if any(re.search(p, ln) for p in MMA_PATTERNS)]
     return {"mma": len(lines), "tf32_mma": sum(".tf32" in ln for ln in lines)}
+
+
+def count_cp_async(ptx: str) -> int:
+    """PTX lines issuing asynchronous global-to-shared copies (``cp.async`` / ``cp.async.bulk``,
+    the TMA): loads kept in flight across a pipelined loop's stages (num_stages > 1)."""
+    return sum(1 for ln in ptx.splitlines() if re.search(r"\bcp\.async\.(ca|cg|bulk)\b", ln))
 
 
 _TTIR_DOT = re.compile(r"tt\.dot\b[^\n]*")
@@ -445,6 +461,7 @@ def compile_one(kernel_path: str, kwargs: Dict, arch: int, on_device: bool = Fal
         # a binary from Triton's cache ran no ptxas: run it on the cached PTX, as Triton would
         row = parse_ptxas(text if _PTXAS_REGS.search(text) else ptxas(k.asm["ptx"], arch, backend, options))
         row.update(count_mma(k.asm["ptx"]))
+        row["cp_async"] = count_cp_async(k.asm["ptx"])
         row["dots_16bit"] = dots_16bit(k.asm["ttir"])
         row["smem"] = max(int(k.metadata.shared), row["ptxas_smem"])
         row["num_warps"] = int(k.metadata.num_warps)
