@@ -607,6 +607,7 @@ def probe() -> Dict:
         except Exception:  # noqa: BLE001 - absent or broken: not usable
             d[name] = None
     import kop_triton
+    import kop_triton.gate  # noqa: F401
     import kop_triton.kernels.report  # noqa: F401
     import kop_triton.rosa  # noqa: F401
     d["kop_triton"] = os.path.dirname(kop_triton.__file__)

@@ -37,7 +37,6 @@ same JSON; any gate JSON holding the launches' specialisations for sm_90 will do
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -620,18 +619,20 @@ def markdown(doc: Dict) -> str:
 
 
 def gate_cases(shapes: List[Shape]):
-    from kop_triton.kernels.report import Case
+    from kop_triton.gate import Case
     return [Case("k2", S.dtype, S.B, S.T, S.D, R=S.R, K=S.K) for S in shapes]
 
 
 def write_gate(shapes: List[Shape], path: str, jobs: int = 1) -> Dict:
     """The compile gate (sm_90, the CI set's keys) on exactly the launches of ``shapes``, written as
     the gate's own JSON document."""
-    from kop_triton.kernels import report
     import torch
     import triton
+
+    from kop_triton import gate
+    from kop_triton.kernels import report
     t0 = time.time()
-    rows = report.run_gate(gate_cases(shapes), ["sm_90"], jobs, exact=False)
+    rows = gate.run_gate(gate_cases(shapes), ["sm_90"], jobs, exact=False)
     meta = {"date": time.strftime("%Y-%m-%d"), "triton": triton.__version__, "torch": torch.__version__,
             "set": "perf_model", "cases": len(shapes), "targets": ["sm_90"], "seconds": time.time() - t0,
             "machine": f"{os.cpu_count()}-core CPU", "argv": "benchmarks.perf_model --write-gate"}
