@@ -13,10 +13,11 @@ launchers with ``kop_triton.kernels.launch.recording``: grids, warps and constex
               at most its share of the copy bandwidth: an assumption; Little's law).  Bytes in
               flight = resident CTAs (the CUDA occupancy rules for sm_90, from the registers, shared
               memory and warps that ptxas reports in the compile gate's JSON, and no more CTAs than the
-              grid has) x the bytes one CTA loads per iteration of its loop (its bytes / the iterations
-              per program, from the launch's constexprs: ``ITERATIONS``) -- the loads of an iteration
-              are issued before their first use, the next iteration's only after it -- x num_stages when
-              the PTX has ``cp.async`` (a pipelined loop), else x 1.
+              grid has) x the bytes one CTA moves per iteration of its loop (its bytes, loads and stores
+              alike, / the iterations per program, from the launch's constexprs: ``ITERATIONS``) -- the
+              loads of an iteration are issued before their first use, the next iteration's only after
+              it -- x num_stages when the PTX has ``cp.async`` (a pipelined loop), else x 1.  L2 hits
+              (traffic.py's ``cached`` bytes) are neither counted nor in flight.
   steps       the dependent steps of a walk that carries a value from step to step (the state pass:
               ceil(NT / CB) per direction), each a load, a cross-warp scan and a store: STEP_LATENCY;
               every other launch: 1 step of DRAM latency.
@@ -594,7 +595,8 @@ def markdown(doc: Dict) -> str:
                     f"{_us(w['launches'][i]['time_s'])} {ab.get(w['launches'][i]['limit'], 'in flight')}"
                     for w in sh["whatifs"]) + " |")
     L += ["", "## Per launch", "",
-          "| dtype | D | T | phase | kernel | B/token | steps | programs | regs | warps/SM (limit) | "
+          "| dtype | D | T | phase | kernel | B/token | dependent steps / loop iterations | programs | regs | "
+          "warps/SM (limit) | "
           "in flight (KB) | GB/s | us | bound | % copy speed |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for sh in doc["shapes"]:
@@ -602,7 +604,8 @@ def markdown(doc: Dict) -> str:
         for r in sh["launches"]:
             if r.get("programs"):
                 L.append(f"| {s['dtype']} | {s['D']} | {s['T']} | {r['phase']} | {r['traffic_name'] or r['kernel']} | "
-                         f"{r['bytes_per_token']:,.0f} | {r['dependent_steps']} | {r['programs']:,} | "
+                         f"{r['bytes_per_token']:,.0f} | {r['dependent_steps']} / {r['iterations_per_program']} | "
+                         f"{r['programs']:,} | "
                          f"{r['registers']} | {r['warps_per_sm']} ({r['occupancy_limiter']}) | "
                          f"{r['bytes_in_flight'] / 1024:,.0f} | {r['achievable_bw'] / 1e9:,.0f} | {_us(r['time_s'])} | "
                          f"{r['bound']}: {r['limit'].split(' (')[0]} | {r['fraction_of_copy_speed']:.0%} |")

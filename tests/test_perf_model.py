@@ -306,3 +306,23 @@ def test_model_check_without_cuda_writes_the_prediction(tmp_path):
     assert {r["kernel"] for r in sh["rows"]} >= {"_state_pass_kernel", "_k2_dx_kernel", "_k2_out_kernel"}
     walk = next(r for r in sh["rows"] if r["kernel"] == "_state_pass_kernel")
     assert walk["launches"] == 2 and walk["bounds"] == ["latency", "latency"]
+
+
+def test_cli_prices_the_kernels_checked_out(tmp_path):
+    """The whole path on today's kernels: the gate compiled on the model's launches (--write-gate),
+    its JSON read back, every launch priced, the JSON and the table written (labelled a model)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    gate, out, md = tmp_path / "gate.json", tmp_path / "m.json", tmp_path / "m.md"
+    p = subprocess.run([sys.executable, "-m", "benchmarks.perf_model", "--D", "24", "--T", "300", "--R", "4", "--K",
+                        "4", "--write-gate", str(gate), "--jobs", "2", "--json", str(out), "--md", str(md)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    g, doc = json.loads(gate.read_text()), json.loads(out.read_text())
+    assert g["summary"][0]["target"] == "sm_90" and g["summary"][0]["compile_errors"] == 0
+    (sh,) = doc["shapes"]
+    idx = PM.gate_index(g)
+    launched = [r for r in sh["launches"] if r.get("programs")]
+    assert launched and all(idx[(r["kernel"], r["dtype"], r["config"])]["registers"] == r["registers"]
+                            for r in launched)
+    assert md.read_text().startswith("# K2 fused mixer: performance model (model, not a measurement)")
+    assert "| bf16 | 24 | 300 |" in md.read_text()
