@@ -16,6 +16,9 @@ prints its summary, the benchmarks keep what they wrote), then SIGKILL after a g
              B*T*D > 2^31) one at a time beside the rest under pytest-xdist
     k2       issue 10's K2 timings: fused vs unfused Triton vs the chunked PyTorch path, B = 1,
              T = 1K..1M, D = 1024, R = 16, K = 8, bf16, forward and forward+backward
+    model    issue 20's model check (``benchmarks/model_check.py``): each Triton kernel of the fused
+             K2 mixer profiled (torch.profiler, CUDA) at D = 64, 1024 x T = 64K, 1M, bf16, beside
+             the performance model's prediction (benchmarks/perf_model.py), with the model's error
     gate     the compile gate with --device (ci workload, the GPU's arch): ptxas's counts beside
              the driver's, workers spawned
     bench    the rest of the benchmark (python -m benchmarks.run) inside what time is left
@@ -61,7 +64,7 @@ SUMMARY = "summary.json"
 MARKER = ".device_check_work"      # marks a work folder this driver made (and may empty again)
 # what $OUT holds (the device tool brings back at most 8 files): the archive, the summary and
 # the small text files a reader opens first (each also in the archive)
-OUT_FILES = (ARCHIVE, SUMMARY, "machine.txt", "tests.log", "k2.log", "gate.md", "bench.md")
+OUT_FILES = (ARCHIVE, SUMMARY, "machine.txt", "tests.log", "k2.log", "model_check.md", "gate.md", "bench.md")
 TEST_FILES = ["tests/test_scan.py", "tests/test_conv.py", "tests/test_k2.py", "tests/test_flat_grids.py",
               "tests/test_module_koperator.py"]
 K2_METHODS = ["k2/triton_fused", "k2/triton_unfused", "k2/chunked"]
@@ -79,13 +82,15 @@ class Step:
 PLAN = [
     Step("install", 30, 30, "carried wheels, pip install -e . (ROSA's C helper), machine.txt",
          "carried wheels, check the venv's package imports, machine.txt"),
-    Step("tests", 190, 90, "pytest scan/conv/K2/module vs float64 refs, -n 12, no -x; the _cuda ones serially beside",
+    Step("tests", 170, 90, "pytest scan/conv/K2/module vs float64 refs, -n 12, no -x; the _cuda ones serially beside",
          "the same, through the interpreter, on a small -k selection"),
     Step("k2", 100, 45, "bench_k2 fused/unfused/chunked, B 1, T 1K..1M, D 1024, R 16, bf16, fwd + fwd_bwd",
          "the same at T 64, 256, D 32, R 4 (Triton methods: skipped, no CUDA)"),
+    Step("model", 40, 20, "model_check: fused K2 kernels profiled vs the perf model, D 64,1024 x T 64K,1M, bf16",
+         "model_check without CUDA: the model's prediction only, D 64, T 1M"),
     Step("gate", 60, 75, "kernels.report --set ci --targets <GPU arch> --device --jobs 16",
          "kernels.report --set ci --targets sm_90 --kernel _state_pass_kernel --jobs 2"),
-    Step("bench", 80, 60, "benchmarks.run --max-minutes <what is left>",
+    Step("bench", 60, 60, "benchmarks.run --max-minutes <what is left>",
          "benchmarks.run --quick --no-plots --max-minutes <what is left>"),
 ]
 MARGIN_S = TOTAL_S - sum(s.gpu_s for s in PLAN)        # archive, summary, kill grace of the last step
@@ -291,6 +296,23 @@ def k2_table(pts: List[Dict]) -> List[str]:
     return lines
 
 
+def model_figures(doc: Optional[Dict]) -> Dict:
+    """Per shape and kernel: predicted and measured us per forward + backward, the model's error."""
+    if not doc:
+        return {"json": False, "table": []}
+    rows, table = [], ["model check (us per fwd+bwd; error = measured / predicted - 1):"]
+    for sh in doc["shapes"]:
+        table.append(f"  D={sh['D']} T={sh['T']} {sh['dtype']}: {sh['status']}")
+        for r in sh["rows"]:
+            rows.append({"D": sh["D"], "T": sh["T"], **{k: r.get(k) for k in
+                                                         ("kernel", "predicted_us", "measured_us", "error")}})
+            f = lambda v: "-" if v is None else f"{v:,.1f}"  # noqa: E731
+            table.append(f"    {r['kernel']:28s} predicted {f(r['predicted_us']):>10s}  measured "
+                         f"{f(r['measured_us']):>10s}  error {'-' if r['error'] is None else format(r['error'], '+.0%')}")
+    return {"json": True, "device": doc.get("device"), "priced_commit": doc.get("priced_commit"), "rows": rows,
+            "table": table}
+
+
 def gate_figures(doc: Optional[Dict], log: str) -> Dict:
     if not doc:
         last = [ln for ln in log.splitlines() if ln.startswith("gate:") or ": error:" in ln]
@@ -362,7 +384,8 @@ class Run:
         with open(self.path(SUMMARY), "w") as f:
             json.dump(self.summary, f, indent=1)
         sources = {"machine.txt": "machine.txt", "tests.log": "tests.log", "k2.log": "k2.log",
-                   "gate.md": "gate.md", "bench.md": os.path.join("bench", "results.md"), SUMMARY: SUMMARY}
+                   "gate.md": "gate.md", "bench.md": os.path.join("bench", "results.md"),
+                   "model_check.md": "model_check.md", SUMMARY: SUMMARY}
         for name, src in sources.items():
             if os.path.exists(self.path(src)):
                 shutil.copyfile(self.path(src), os.path.join(self.out, "." + name + ".tmp"))
@@ -432,6 +455,8 @@ class Run:
         if steps.get("k2", {}).get("table"):
             print("K2 (median ms, bf16, D 1024, R 16):" if not self.rehearse else "K2 (median ms, tiny sizes):")
             print("\n".join(steps["k2"]["table"]))
+        for ln in steps.get("model", {}).get("table", []):
+            print(ln)
         g = steps.get("gate", {})
         for s in g.get("summary") or []:
             print(f"gate: {s}")
@@ -527,6 +552,15 @@ class Run:
         return res, {"max_minutes": round(minutes, 2), "json": os.path.exists(self.path("k2.json")),
                      "points": pts, "table": k2_table(pts) if pts else []}
 
+    # -- 3b. the performance model's check ----------------------------------------------
+
+    def step_model(self, deadline: float):
+        size = ["--D", "64", "--T", "1048576"] if self.rehearse else ["--D", "64,1024", "--T", "65536,1048576"]
+        cmd = [self.py, "-m", "benchmarks.model_check", *size, "--json", self.path("model_check.json"),
+               "--md", self.path("model_check.md")]
+        res = run_cmds([cmd], [self.path("model_check.log")], self.env, deadline)
+        return res, model_figures(_load_json(self.path("model_check.json")))
+
     # -- 4. compile gate on the device --------------------------------------------------
 
     def step_gate(self, deadline: float):
@@ -573,6 +607,7 @@ def probe() -> Dict:
         except Exception:  # noqa: BLE001 - absent or broken: not usable
             d[name] = None
     import kop_triton
+    import kop_triton.gate  # noqa: F401
     import kop_triton.kernels.report  # noqa: F401
     import kop_triton.rosa  # noqa: F401
     d["kop_triton"] = os.path.dirname(kop_triton.__file__)

@@ -10,15 +10,16 @@
 # Planned budget on the GPU (s); a step may also use what earlier steps left unused:
 #   step     budget s ends by s  what
 #   install        30        30  carried wheels, pip install -e . (ROSA's C helper), machine.txt
-#   tests         190       220  pytest scan/conv/K2/module vs float64 refs, -n 12, no -x; the _cuda ones serially beside
-#   k2            100       320  bench_k2 fused/unfused/chunked, B 1, T 1K..1M, D 1024, R 16, bf16, fwd + fwd_bwd
-#   gate           60       380  kernels.report --set ci --targets <GPU arch> --device --jobs 16
-#   bench          80       460  benchmarks.run --max-minutes <what is left>
+#   tests         170       200  pytest scan/conv/K2/module vs float64 refs, -n 12, no -x; the _cuda ones serially beside
+#   k2            100       300  bench_k2 fused/unfused/chunked, B 1, T 1K..1M, D 1024, R 16, bf16, fwd + fwd_bwd
+#   model          40       340  model_check: fused K2 kernels profiled vs the perf model, D 64,1024 x T 64K,1M, bf16
+#   gate           60       400  kernels.report --set ci --targets <GPU arch> --device --jobs 16
+#   bench          60       460  benchmarks.run --max-minutes <what is left>
 #   margin         20       480  archive, summary, last step's kill grace
 #   total         480
 # $OUT after every step: device_check.tar.gz (the whole work folder: every log, JSON, report),
 # summary.json (per step: status, exit code, seconds, budget, key figures), machine.txt, tests.log,
-# k2.log, gate.md, bench.md.
+# k2.log, model_check.md, gate.md, bench.md.
 #
 # Optional peers travel as wheels in the git-ignored .whl/ (name it in carry), e.g.
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -812,7 +812,7 @@ def _cases() -> list:
     # ---------------------------------------------------------------------------- the compile gate
     def gate(*args):
         def run(env):
-            return child("import sys\nfrom kop_triton.kernels.report import main\nsys.exit(main(%r))" % (list(args),),
+            return child("import sys\nfrom kop_triton.gate import main\nsys.exit(main(%r))" % (list(args),),
                          timeout=600, env_extra={"_no_interp": True})
         return run
     R = "error"

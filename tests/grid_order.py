@@ -192,9 +192,9 @@ def launches_seen() -> Dict[str, Dict[str, list]]:
 
 def expected_launches() -> Dict[str, Dict[str, list]]:
     """Every kernel and the values of each bool flag that the offline compile gate's CI workload
-    launches (``kop_triton.kernels.report``: the ops forward and backward on meta tensors, launches
+    launches (``kop_triton.gate``: the ops forward and backward on meta tensors, launches
     recorded, nothing run): what the race run must reach."""
-    from kop_triton.kernels.report import run_case, workload
+    from kop_triton.gate import run_case, workload
     seen: Dict[str, Dict[str, Set[bool]]] = {}
     for case in workload("ci"):
         for ln in run_case(case):

@@ -117,6 +117,12 @@ def test_bench_scan_and_k2_write_json(tmp_path):
     fused = [r for r in doc["results"] if r["method"] == "k2/triton_fused"]
     unfused = [r for r in doc["results"] if r["method"] == "k2/chunked"]
     assert fused[0]["bytes_per_token_model"] < unfused[0]["bytes_per_token_model"]
+    # the performance model's per-launch prediction rides along (a model: benchmarks/perf_model.py)
+    pm = doc["perf_model"]
+    assert pm["label"].startswith("model") and pm["priced_commit"] and "error" not in pm
+    sh = next(s for s in pm["shapes"] if (s["shape"]["D"], s["shape"]["T"], s["shape"]["dtype"]) == (1024, 1 << 20, "bf16"))
+    assert {r["kernel"] for r in sh["launches"]} >= {"_k2_out_kernel", "_k2_dx_kernel", "_state_pass_kernel"}
+    assert all(r["time_s"] > 0 and r["bound"] in ("bytes", "latency", "compute") for r in sh["launches"])
 
 
 def _problem(T=37, B=2, D=6, R=3, dtype=torch.float64):

@@ -22,7 +22,7 @@ from benchmarks import device_check as DC  # noqa: E402
 def test_plan_fits_eight_minutes_and_is_the_scripts_header():
     gpu = sum(s.gpu_s for s in DC.PLAN) + DC.MARGIN_S
     assert gpu == DC.TOTAL_S <= 480 and DC.MARGIN_S >= 10
-    assert [s.name for s in DC.PLAN] == ["install", "tests", "k2", "gate", "bench"]      # order of value
+    assert [s.name for s in DC.PLAN] == ["install", "tests", "k2", "model", "gate", "bench"]      # order of value
     header = [ln[len("#   "):].rstrip() for ln in (ROOT / "benchmarks" / "device_check.sh").read_text().splitlines()
               if ln.startswith("#   ")]
     table = [ln.rstrip() for ln in DC.plan_table()]
@@ -111,6 +111,9 @@ def test_cpu_rehearsal_runs_every_step(tmp_path):
         assert p["status"] == ("ok" if m == "k2/chunked" else "skipped"), p   # Triton: CUDA only
         if p["status"] == "ok":
             assert p["ms"] > 0 and p["output_error"] < 2e-2
+    model = steps["model"]["figures"]                      # the prediction only: no CUDA here
+    assert model["json"] and model["rows"] and all(r["measured_us"] is None for r in model["rows"])
+    assert any(r["kernel"] == "_state_pass_kernel" and r["predicted_us"] > 0 for r in model["rows"])
     gate = steps["gate"]["figures"]["summary"]
     assert len(gate) == 1 and gate[0]["target"] == "sm_90" and gate[0]["specializations"] > 0
     assert gate[0]["compile_errors"] == gate[0]["failing"] == 0
@@ -121,7 +124,8 @@ def test_cpu_rehearsal_runs_every_step(tmp_path):
         names = set(tar.getnames())
         k2_log = tar.extractfile("device_check/k2.log").read().decode()
     expected = {"machine.txt", "install.log", "tests.log", "tests_parallel.log", "tests_cuda_serial.log",
-                "tests_parallel.xml", "tests_cuda_serial.xml", "k2.json", "k2.log", "gate.json", "gate.md",
+                "tests_parallel.xml", "tests_cuda_serial.xml", "k2.json", "k2.log", "model_check.json", "model_check.md",
+                "model_check.log", "gate.json", "gate.md",
                 "gate.log", "bench/results.json", "bench/results.md", "bench.log", "summary.json"}
     assert {f"device_check/{n}" for n in expected} <= names, expected - {n[len("device_check/"):] for n in names}
     from_log = {(p["method"], p["mode"], p["T"]): p for p in DC.k2_points(None, k2_log)}

@@ -28,6 +28,7 @@ def test_gate_workers_are_spawned_not_forked():
     processes are spawned: the pool is recorded instead of run (a fake executor)."""
     code = r"""
 import json
+import kop_triton.gate as G
 import kop_triton.kernels.report as R
 seen = {}
 class FakePool:
@@ -42,7 +43,7 @@ class FakePool:
         seen["jobs"] = len(work)
         return [{"error": "not compiled (recorded by the test)"} for _ in work]
 R.ProcessPoolExecutor = FakePool
-rows = R.run_gate([R.Case("conv", "fp32", 2, 4096, 24, K=8)], ["sm_90"], jobs=2, on_device=True)
+rows = G.run_gate([G.Case("conv", "fp32", 2, 4096, 24, K=8)], ["sm_90"], jobs=2, on_device=True)
 ctx = seen.get("ctx")
 print(json.dumps({"method": ctx.get_start_method() if ctx is not None else None, "jobs": seen.get("jobs"),
                   "rows": len(rows), "kernels": sorted({r["kernel"] for r in rows})}))

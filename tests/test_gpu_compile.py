@@ -87,7 +87,7 @@ def test_workload_records_every_kernel_without_running_it():
     and records every launch; each kernel of kernels/ appears, forward and backward."""
     got = _child("""
 import json, math
-from kop_triton.kernels.report import Case, run_case, workload
+from kop_triton.gate import Case, run_case, workload
 names = sorted({ln.name for c in workload("ci") for ln in run_case(c)})
 big = run_case(Case("k2", "bf16", 1, 1 << 20, 8192, R=16, K=8, states=True))
 print(json.dumps({"names": names, "big": sorted({ln.name for ln in big}),
@@ -127,7 +127,7 @@ def test_every_op_launches_within_cuda_grid_limits():
     over the y / z limit; now they run on flat grids, all on axis x."""
     got = _child("""
 import json
-from kop_triton.kernels.report import check_limits
+from kop_triton.gate import check_limits
 print(json.dumps(check_limits()))
 """)
     assert not [r for r in got if r["error"]], [r for r in got if r["error"]]
