@@ -315,19 +315,27 @@ def test_kop_train_context_parallel_matches_one_process_and_resumes(mode, cp_one
         assert gb[s] == pytest.approx(ga[s], rel=1e-5 if s <= 4 else 2e-3), (s, ga, gb)
 
 
-def test_kop_train_context_parallel_times_data_parallel(tmp_path):
-    """4 gloo ranks, --context-parallel 2: two CP groups {0, 1} and {2, 3}, DDP over all four (batch 2: one
-    row per group, each window split 16 + 16); 4 steps == one process."""
-    common = [*_corpus(tmp_path), "--batch-size", "2", "--steps", "4"]
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_kop_train_context_parallel_times_data_parallel(mode, tmp_path):
+    """4 gloo ranks, --context-parallel 2: two CP groups {0, 1} and {2, 3} (batch 2: one row per group, each
+    window split 16 + 16), DDP over all four, or FSDP2 sharded over the data-parallel pairs {0, 2} and
+    {1, 3} and replicated within each CP group; 4 steps == one process (the evaluation too: each group
+    scores half of the windows, each window over its two ranks).  The DDP run has ROSA on: the sampler's
+    ROSA ids of the full rows in training, the full rows' ROSA in the evaluation, each rank its shard."""
+    common = [*_corpus(tmp_path), "--batch-size", "2", "--steps", "4", "--clip-grad-norm", "0.05",
+              *(["--rosa", "exact"] if mode == "ddp" else [])]
     r = _train_cli([*common, "--out", tmp_path / "one"])
     assert r.returncode == 0, r.stderr[-2000:]
-    r = _train_cli([*common, "--out", tmp_path / "cpdp", "--context-parallel", "2"], torchrun=4)
+    r = _train_cli([*common, "--out", tmp_path / "cpdp", "--context-parallel", "2",
+                    *(["--fsdp"] if mode == "fsdp" else [])], torchrun=4)
     assert r.returncode == 0, r.stderr[-3000:]
     (a, ev_a), (b, ev_b) = _losses(tmp_path / "one"), _losses(tmp_path / "cpdp")
     assert sorted(b) == [1, 2, 3, 4]
     for s in range(1, 5):
         assert b[s] == pytest.approx(a[s], rel=2e-5, abs=2e-5), (s, a[s], b[s])
     assert len(ev_b) == 1 and ev_b == pytest.approx(ev_a, rel=2e-5)
+    ga, gb = _grad_norms(tmp_path / "one"), _grad_norms(tmp_path / "cpdp")
+    assert all(gb[s] == pytest.approx(ga[s], rel=1e-5) for s in range(1, 5)), (ga, gb)
 
 
 @pytest.mark.parametrize("argv, needle", [
