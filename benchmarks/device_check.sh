@@ -10,7 +10,7 @@
 # Planned budget on the GPU (s); a step may also use what earlier steps left unused:
 #   step     budget s ends by s  what
 #   install        30        30  carried wheels, pip install -e . (ROSA's C helper), machine.txt
-#   tests         190       220  pytest scan/conv/K2/module vs float64 refs, -n 12, no -x; the _cuda ones serially beside
+#   tests         190       220  pytest scan/conv/K2/module vs float64 refs, CP world of one over NCCL, -n 12, no -x; the _cuda ones serially beside
 #   k2            100       320  bench_k2 fused/unfused/chunked, B 1, T 1K..1M, D 1024, R 16, bf16, fwd + fwd_bwd
 #   gate           60       380  kernels.report --set ci --targets <GPU arch> --device --jobs 16
 #   bench          80       460  benchmarks.run --max-minutes <what is left>

@@ -38,6 +38,16 @@ Use::
 Training (``kop-train --context-parallel W`` under torchrun): ``make_groups`` splits the world into
 CP groups of W consecutive ranks, ``ContextParallelLM`` wraps the model (the rank's loss term scaled
 for DDP's average over every rank, CP x DP), ``GroupBatches`` gives every rank of a group its rows.
+With ``--fsdp`` the model is sharded by FSDP2 on the 2-D mesh ``distributed.cp_dp_mesh`` (sharded over
+the data-parallel axis, replicated within a CP group; the gradients averaged over every rank as with
+DDP).  ``ContextParallelEval`` scores validation windows the same way (the loss shares summed over the
+group).
+
+Also exact under CP: per-channel (D, K) kernels (the conv state is the last K - 1 inputs either way);
+an ``initial_state`` entering the sequence, given on rank 0 (it enters rank 0's summary, which every
+later rank composes from); ROSA models (ROSA's ids are a function of the token prefix: the wrappers
+compute them on the full rows, ``context_parallel(model, cp)`` makes the model all-gather the shard's
+ids, ``ContextParallel.rosa_ids``; the ROSA embedding is per position, so each rank keeps its part).
 
 Under ``torch.compile`` the exchanging mixer call is left out of the graph (``torch.compiler.disable``,
 one graph break per mixer); the local op inside it is the ordinary one.
