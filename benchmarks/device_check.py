@@ -66,7 +66,7 @@ MARKER = ".device_check_work"      # marks a work folder this driver made (and m
 # the small text files a reader opens first (each also in the archive)
 OUT_FILES = (ARCHIVE, SUMMARY, "machine.txt", "tests.log", "k2.log", "model_check.md", "gate.md", "bench.md")
 TEST_FILES = ["tests/test_scan.py", "tests/test_conv.py", "tests/test_k2.py", "tests/test_flat_grids.py",
-              "tests/test_module_koperator.py"]
+              "tests/test_module_koperator.py", "tests/test_context_parallel_device.py"]
 K2_METHODS = ["k2/triton_fused", "k2/triton_unfused", "k2/chunked"]
 
 
@@ -82,15 +82,16 @@ class Step:
 PLAN = [
     Step("install", 30, 30, "carried wheels, pip install -e . (ROSA's C helper), machine.txt",
          "carried wheels, check the venv's package imports, machine.txt"),
-    Step("tests", 170, 90, "pytest scan/conv/K2/module vs float64 refs, -n 12, no -x; the _cuda ones serially beside",
-         "the same, through the interpreter, on a small -k selection"),
+    Step("tests", 180, 90, "pytest scan/conv/K2/module vs float64 refs, CP world of one over NCCL, -n 12, no -x; "
+                           "the _cuda ones serially beside",
+         "the same, through the interpreter, on a small -k selection (CP over gloo)"),
     Step("k2", 100, 45, "bench_k2 fused/unfused/chunked, B 1, T 1K..1M, D 1024, R 16, bf16, fwd + fwd_bwd",
          "the same at T 64, 256, D 32, R 4 (Triton methods: skipped, no CUDA)"),
     Step("model", 40, 20, "model_check: fused K2 kernels profiled vs the perf model, D 64,1024 x T 64K,1M, bf16",
          "model_check without CUDA: the model's prediction only, D 64, T 1M"),
     Step("gate", 60, 75, "kernels.report --set ci --targets <GPU arch> --device --jobs 16",
          "kernels.report --set ci --targets sm_90 --kernel _state_pass_kernel --jobs 2"),
-    Step("bench", 60, 60, "benchmarks.run --max-minutes <what is left>",
+    Step("bench", 50, 60, "benchmarks.run --max-minutes <what is left>",
          "benchmarks.run --quick --no-plots --max-minutes <what is left>"),
 ]
 MARGIN_S = TOTAL_S - sum(s.gpu_s for s in PLAN)        # archive, summary, kill grace of the last step
@@ -518,7 +519,8 @@ class Run:
                   "--durations=15"] + TEST_FILES
         if self.rehearse:
             # a small selection through the interpreter: argument checks, a spec check, one kernel run
-            sel = ("bad_input or init_follows_spec or reference_equals_direct_loop or odd_sizes[1-1-20]")
+            sel = ("bad_input or init_follows_spec or reference_equals_direct_loop or odd_sizes[1-1-20] "
+                   "or cp_world_of_one or cp_collectives")
             par = common + ["-n", "2", "-k", f"({sel}) and not _cuda"]
         else:
             par = common + ["-n", str(min(12, max(1, self.cpus - 2))), "-k", "not _cuda"]

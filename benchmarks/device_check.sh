@@ -10,11 +10,11 @@
 # Planned budget on the GPU (s); a step may also use what earlier steps left unused:
 #   step     budget s ends by s  what
 #   install        30        30  carried wheels, pip install -e . (ROSA's C helper), machine.txt
-#   tests         170       200  pytest scan/conv/K2/module vs float64 refs, -n 12, no -x; the _cuda ones serially beside
-#   k2            100       300  bench_k2 fused/unfused/chunked, B 1, T 1K..1M, D 1024, R 16, bf16, fwd + fwd_bwd
-#   model          40       340  model_check: fused K2 kernels profiled vs the perf model, D 64,1024 x T 64K,1M, bf16
-#   gate           60       400  kernels.report --set ci --targets <GPU arch> --device --jobs 16
-#   bench          60       460  benchmarks.run --max-minutes <what is left>
+#   tests         180       210  pytest scan/conv/K2/module vs float64 refs, CP world of one over NCCL, -n 12, no -x; the _cuda ones serially beside
+#   k2            100       310  bench_k2 fused/unfused/chunked, B 1, T 1K..1M, D 1024, R 16, bf16, fwd + fwd_bwd
+#   model          40       350  model_check: fused K2 kernels profiled vs the perf model, D 64,1024 x T 64K,1M, bf16
+#   gate           60       410  kernels.report --set ci --targets <GPU arch> --device --jobs 16
+#   bench          50       460  benchmarks.run --max-minutes <what is left>
 #   margin         20       480  archive, summary, last step's kill grace
 #   total         480
 # $OUT after every step: device_check.tar.gz (the whole work folder: every log, JSON, report),

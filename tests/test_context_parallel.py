@@ -44,6 +44,16 @@ def _cases(world: int):
         ("module", "module", 2, {2: [7, 13], 3: [6, 9, 5]}, 4, None, "chunked"),
         ("module_packed", "module", 1, {2: [11, 9], 3: [3, 9, 8]}, 4, [0, 2, 12, 20], "chunked"),
         ("lm", "lm", 2, {2: [9, 15], 3: [10, 3, 11]}, 4, None, "chunked"),
+        # per-channel (D, K) conv kernels, alone and with documents across boundaries
+        ("mixer_dk", "mixer", 2, {2: [6, 15], 3: [9, 3, 9]}, 4, None, "chunked"),
+        ("mixer_dk_packed", "mixer", 1, {2: [9, 13], 3: [7, 6, 9]}, 8, [0, 4, 13, 16, 22], "chunked"),
+        # an initial state entering the sequence (given on rank 0), rank 0 shorter than K - 1 in the second
+        ("mixer_init", "mixer", 2, {2: [10, 12], 3: [7, 8, 7]}, 4, None, "chunked"),
+        ("mixer_init_short", "mixer", 1, {2: [3, 16], 3: [2, 3, 14]}, 8, None, "chunked"),
+        # ROSA: through context_parallel (the shard's ROSA from the all-gathered ids), and through
+        # ContextParallelLM (the full rows' ROSA, sharded) with the evaluation wrapper's whole-row loss
+        ("lm_rosa", "lm", 1, {2: [11, 14], 3: [9, 7, 9]}, 4, None, "chunked"),
+        ("lmw_rosa", "lmw", 2, {2: [12, 12], 3: [8, 8, 8]}, 4, None, "chunked"),
         # torch.compile (aot_eager: no C++ build): the exchanging mixer is left out of the graph
         ("module_compiled", "module", 1, {2: [10, 6]}, 4, None, "chunked"),
     ]
@@ -64,9 +74,13 @@ def _build(case):
         params = dict(u=torch.randn(D, R, generator=gen) * 0.5, v=torch.randn(D, R, generator=gen) * 0.5,
                       alpha=torch.rand(R, generator=gen) + 0.5,
                       gamma=torch.tensor([0.3, 0.8, 0.97, 1.0]),
-                      kernel=torch.rand(K, generator=gen), gate_logit=torch.randn((), generator=gen))
+                      kernel=torch.rand(*((D, K) if "_dk" in name else (K,)), generator=gen),
+                      gate_logit=torch.randn((), generator=gen))
         x = torch.randn(B, T, D, generator=gen)
         wout = torch.randn(B, T, D, generator=gen)
+        if "_init" in name:
+            params["init_scan"] = torch.randn(B, R, D, generator=gen)
+            params["init_conv"] = torch.randn(B, K - 1, D, generator=gen)
         if name.endswith("_f64"):
             params = {k: t.double() for k, t in params.items()}
             x, wout = x.double(), wout.double()
@@ -80,7 +94,11 @@ def _build(case):
         wout = torch.randn(B, T, D, generator=gen)
         return dict(mod=mod, x=x, wout=wout, cu=cu_t)
     model = KStackLM(KStackConfig(vocab_size=13, d_model=D, n_k2=2, rank=R, kernel_size=K, backend=bk,
-                                  head="gelu", head_mult=2))
+                                  head="gelu", head_mult=2, rosa="exact" if "rosa" in name else "off"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("rho_logit"):
+                p.fill_(1.0)                    # a strong ROSA term: a wrong one shows in the loss and gradients
     ids = torch.randint(0, 13, (B, T), generator=gen)
     tgt = torch.randint(0, 13, (B, T), generator=gen)
     return dict(model=model, ids=ids, tgt=tgt)
@@ -97,10 +115,13 @@ def _run(case, d, cp=None):
         p = {k: t.clone().requires_grad_() for k, t in d["params"].items()}
         x = sl(d["x"]).clone().requires_grad_()
         args = (x, p["u"], p["v"], p["alpha"], p["gamma"], p["kernel"], p["gate_logit"])
+        init = (p["init_scan"], p["init_conv"]) if "init_scan" in p else None
         if cp is None:
-            y, fin = k2_mixer(*args, output_final_state=True, cu_seqlens=d["cu"], backend=d["backend"])
-        else:
-            y, fin = cp_k2_mixer(*args, cp=cp, output_final_state=True, cu_seqlens=d["cu"], backend=d["backend"])
+            y, fin = k2_mixer(*args, initial_state=init, output_final_state=True, cu_seqlens=d["cu"],
+                              backend=d["backend"])
+        else:                                           # the initial state is given on rank 0 only
+            y, fin = cp_k2_mixer(*args, cp=cp, initial_state=init if cp.rank == 0 else None,
+                                 output_final_state=True, cu_seqlens=d["cu"], backend=d["backend"])
         (y * sl(d["wout"])).sum().backward()
         res = {"out": y.detach(), "dx": x.grad, "final_scan": fin[0].detach()[-1:], "final_conv": fin[1].detach()[-1:]}
         res.update({"d" + k: t.grad for k, t in p.items()})
@@ -117,14 +138,21 @@ def _run(case, d, cp=None):
         (y * sl(d["wout"])).sum().backward()
         res = {"out": y.detach(), "dx": x.grad}
     else:
+        from kop_triton.context_parallel import ContextParallelEval, ContextParallelLM
         mod = d["model"]
+        res = {}
         if cp is None:
             loss = mod(d["ids"], d["tgt"])
+            if kind == "lmw":
+                res["eval"] = loss.detach().double().reshape(1)
+        elif kind == "lmw":      # the training wrapper (full rows in; loss term for averaging over the ranks)
+            loss = ContextParallelLM(mod, cp)(d["ids"], d["tgt"]) / cp.world
+            res["eval"] = ContextParallelEval(mod, cp)(d["ids"], d["tgt"]).reshape(1)
         else:
             with context_parallel(mod, cp):
                 loss = cp.scale_loss(mod(sl(d["ids"]), sl(d["tgt"])))
         loss.backward()
-        res = {"out": loss.detach().reshape(1)}
+        res["out"] = loss.detach().reshape(1)
     res.update({"d." + n: p.grad for n, p in mod.named_parameters()})
     return res
 
@@ -171,8 +199,15 @@ def _compare(case, ranks, exchange):
     for key, want in ref.items():
         if want is None:
             continue
-        if key == "out" and case[1] == "lm":
+        if key == "eval":                                          # the whole rows' loss on every rank
+            for rr in loc[1:]:
+                assert torch.equal(rr[key], loc[0][key]), (case[0], [rr[key] for rr in loc])
+            got = loc[0][key]
+        elif key == "out" and case[1] in ("lm", "lmw"):
             got = sum(rr[key] for rr in loc)                       # loss shares add up
+        elif key.startswith("dinit"):
+            assert all(rr[key] is None for rr in loc[1:]), key     # only rank 0 holds the initial state
+            got = loc[0][key]
         elif key in ("out", "dx"):
             got = torch.cat([rr[key] for rr in loc], 1)            # the shards, in order
         elif key.startswith("final"):
@@ -196,7 +231,9 @@ def test_context_parallel_matches_single_process(world, exchange):
         bad = {k: e for k, e in errs.items() if not e <= tol}
         assert not bad, f"world {world}, {exchange}, case {case[0]}: relative RMS errors above {tol}: {bad}"
         # every quantity is checked, and not trivially (nonzero references)
-        assert len(errs) >= (3 if case[1] == "lm" else 5), (case[0], sorted(errs))
+        assert len(errs) >= (3 if case[1] in ("lm", "lmw") else 5), (case[0], sorted(errs))
+        if "_init" in case[0]:
+            assert {"dinit_scan", "dinit_conv"} <= set(errs), sorted(errs)
         worst[case[0]] = max(errs.values())
     f64 = worst.pop("mixer_packed_f64")
     print(f"\ncontext parallel, world {world}, {exchange}: max relative RMS per float32 case {worst}; "
@@ -225,6 +262,12 @@ def _losses(out):
             [r["val_ce"] for r in recs if r["event"] == "eval"])
 
 
+def _grad_norms(out):
+    import json
+    recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["grad_norm"] for r in recs if r["event"] == "train"}
+
+
 def _corpus(tmp_path):
     import random
     rng = random.Random(0)
@@ -236,38 +279,63 @@ def _corpus(tmp_path):
             "--no-tensorboard", "--no-curves"]
 
 
-def test_kop_train_context_parallel_matches_one_process_and_resumes(tmp_path):
+@pytest.fixture(scope="module")
+def cp_one_process(tmp_path_factory):
+    """The single-process reference run of the CP training tests: 8 steps, batch size 3."""
+    tmp = tmp_path_factory.mktemp("cp_one")
+    common = [*_corpus(tmp), "--batch-size", "3", "--clip-grad-norm", "0.05"]    # clips every step
+    r = _train_cli([*common, "--steps", "8", "--out", tmp / "one"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    return common, tmp / "one"
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_kop_train_context_parallel_matches_one_process_and_resumes(mode, cp_one_process, tmp_path):
     """torchrun, 2 gloo ranks, --context-parallel 2 (each 32-token window split 16 + 16): 4 steps,
     batch size 3, which 2 data-parallel ranks could not split: both ranks take every row, each half
     of every window.  Then --resume under CP to 8 (the warmup covers the first 4 updates, so a 4-step run shares the
-    8-step run's schedule); the losses (and evaluations) are the single process's."""
-    common = [*_corpus(tmp_path), "--batch-size", "3"]
-    r = _train_cli([*common, "--steps", "8", "--out", tmp_path / "one"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = _train_cli([*common, "--steps", "4", "--out", tmp_path / "cp", "--context-parallel", "2"], torchrun=2)
+    8-step run's schedule); the losses and the evaluations (each 32-token window scored over the 2 ranks)
+    are the single process's.  "fsdp": FSDP2 on the (cp=2, dp=1) mesh, parameters replicated over the
+    CP pair, the gradient norm counted once (the clipping is active: --clip-grad-norm 0.05)."""
+    common, one = cp_one_process
+    extra = ["--fsdp"] if mode == "fsdp" else []
+    r = _train_cli([*common, "--steps", "4", "--out", tmp_path / "cp", "--context-parallel", "2", *extra], torchrun=2)
     assert r.returncode == 0, r.stderr[-3000:]
     r = _train_cli(["--out", tmp_path / "cp", "--resume", "--steps", "8", "--no-progress"], torchrun=2)
     assert r.returncode == 0, r.stderr[-3000:]
-    (a, ev_a), (b, ev_b) = _losses(tmp_path / "one"), _losses(tmp_path / "cp")
+    (a, ev_a), (b, ev_b) = _losses(one), _losses(tmp_path / "cp")
     assert sorted(b) == list(range(1, 9))
     for s in range(1, 9):
         assert b[s] == pytest.approx(a[s], rel=2e-5, abs=2e-5), (s, a[s], b[s])
     assert len(ev_a) == len(ev_b) == 2 and ev_b == pytest.approx(ev_a, rel=2e-5)
+    ga, gb = _grad_norms(one), _grad_norms(tmp_path / "cp")
+    assert sorted(gb) == list(range(1, 9)) and sorted(ga) == list(range(1, 9))
+    for s in range(1, 9):
+        # float rounding grows through the steps (1e-7 at step 3, 2e-4 at 8); a norm counted twice: x 1.41
+        assert gb[s] == pytest.approx(ga[s], rel=1e-5 if s <= 4 else 2e-3), (s, ga, gb)
 
 
-def test_kop_train_context_parallel_times_data_parallel(tmp_path):
-    """4 gloo ranks, --context-parallel 2: two CP groups {0, 1} and {2, 3}, DDP over all four (batch 2: one
-    row per group, each window split 16 + 16); 4 steps == one process."""
-    common = [*_corpus(tmp_path), "--batch-size", "2", "--steps", "4"]
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_kop_train_context_parallel_times_data_parallel(mode, tmp_path):
+    """4 gloo ranks, --context-parallel 2: two CP groups {0, 1} and {2, 3} (batch 2: one row per group, each
+    window split 16 + 16), DDP over all four, or FSDP2 sharded over the data-parallel pairs {0, 2} and
+    {1, 3} and replicated within each CP group; 4 steps == one process (the evaluation too: each group
+    scores half of the windows, each window over its two ranks).  The DDP run has ROSA on: the sampler's
+    ROSA ids of the full rows in training, the full rows' ROSA in the evaluation, each rank its shard."""
+    common = [*_corpus(tmp_path), "--batch-size", "2", "--steps", "4", "--clip-grad-norm", "0.05",
+              *(["--rosa", "exact"] if mode == "ddp" else [])]
     r = _train_cli([*common, "--out", tmp_path / "one"])
     assert r.returncode == 0, r.stderr[-2000:]
-    r = _train_cli([*common, "--out", tmp_path / "cpdp", "--context-parallel", "2"], torchrun=4)
+    r = _train_cli([*common, "--out", tmp_path / "cpdp", "--context-parallel", "2",
+                    *(["--fsdp"] if mode == "fsdp" else [])], torchrun=4)
     assert r.returncode == 0, r.stderr[-3000:]
     (a, ev_a), (b, ev_b) = _losses(tmp_path / "one"), _losses(tmp_path / "cpdp")
     assert sorted(b) == [1, 2, 3, 4]
     for s in range(1, 5):
         assert b[s] == pytest.approx(a[s], rel=2e-5, abs=2e-5), (s, a[s], b[s])
     assert len(ev_b) == 1 and ev_b == pytest.approx(ev_a, rel=2e-5)
+    ga, gb = _grad_norms(tmp_path / "one"), _grad_norms(tmp_path / "cpdp")
+    assert all(gb[s] == pytest.approx(ga[s], rel=1e-5) for s in range(1, 5)), (ga, gb)
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -308,7 +376,7 @@ def test_world_of_one_is_the_plain_model(world_of_one):
 
 def test_context_parallel_errors(world_of_one):
     import torch.distributed as dist
-    from kop_triton.context_parallel import ContextParallel, ContextParallelLM, cp_k2_mixer, enable, shard_sizes
+    from kop_triton.context_parallel import ContextParallel, context_parallel, cp_k2_mixer, enable, shard_sizes
     from kop_triton.model import KStackConfig, KStackLM
     assert shard_sizes(7, 3) == [3, 2, 2]
     with pytest.raises(ValueError, match="need T >= world"):
@@ -321,15 +389,23 @@ def test_context_parallel_errors(world_of_one):
     args = (d["x"], p["u"], p["v"], p["alpha"], p["gamma"], p["kernel"], p["gate_logit"])
     with pytest.raises(ValueError, match="holds 6 tokens but the ContextParallel sizes say 5"):
         cp_k2_mixer(*args, cp=cp)
-    with pytest.raises(ValueError, match="initial_state is not supported"):
-        cp_k2_mixer(*args, cp=cp, initial_state=(None, None))
+    # initial states: rank 0 only, no packed documents, the right shapes (checked before any exchange)
+    from kop_triton.context_parallel import _initial_state
+    S0, C0 = torch.zeros(1, 4, 8), torch.zeros(1, 3, 8)
+    with pytest.raises(ValueError, match="read on rank 0 only, but rank 1 got one: pass None on the ranks > 0"):
+        _initial_state((S0, C0), 1, 1, 4, 4, 8, None, torch.float32)
+    with pytest.raises(ValueError, match="initial_state with cu_seqlens .* is not supported under context"):
+        _initial_state((S0, C0), 0, 1, 4, 4, 8, torch.tensor([0, 6]), torch.float32)
+    with pytest.raises(ValueError, match=r"initial_state's conv state must have shape \(1, 3, 8\)"):
+        _initial_state((S0, torch.zeros(1, 2, 8)), 0, 1, 4, 4, 8, None, torch.float32)
     with pytest.raises(TypeError, match="cp must be a ContextParallel"):
         cp_k2_mixer(*args, cp="group")
     rosa = KStackLM(KStackConfig(vocab_size=13, d_model=8, n_k2=1, rank=2, kernel_size=4, rosa="exact"))
-    with pytest.raises(ValueError, match="does not support ROSA"):
-        enable(rosa, cp)
-    with pytest.raises(ValueError, match="does not support ROSA"):
-        ContextParallelLM(rosa, cp)
+    ids = torch.randint(0, 13, (1, 5))
+    with context_parallel(rosa, cp), pytest.raises(ValueError, match="stateful ROSA call .* not supported under"):
+        rosa.prefill(ids)
+    with pytest.raises(TypeError, match="cp must be a ContextParallel or None"):
+        enable(rosa, "group")
     dist.destroy_process_group()
     try:
         with pytest.raises(RuntimeError, match="needs an initialised torch.distributed process group"):

@@ -38,6 +38,16 @@ Use::
 Training (``kop-train --context-parallel W`` under torchrun): ``make_groups`` splits the world into
 CP groups of W consecutive ranks, ``ContextParallelLM`` wraps the model (the rank's loss term scaled
 for DDP's average over every rank, CP x DP), ``GroupBatches`` gives every rank of a group its rows.
+With ``--fsdp`` the model is sharded by FSDP2 on the 2-D mesh ``distributed.cp_dp_mesh`` (sharded over
+the data-parallel axis, replicated within a CP group; the gradients averaged over every rank as with
+DDP).  ``ContextParallelEval`` scores validation windows the same way (the loss shares summed over the
+group).
+
+Also exact under CP: per-channel (D, K) kernels (the conv state is the last K - 1 inputs either way);
+an ``initial_state`` entering the sequence, given on rank 0 (it enters rank 0's summary, which every
+later rank composes from); ROSA models (ROSA's ids are a function of the token prefix: the wrappers
+compute them on the full rows, ``context_parallel(model, cp)`` makes the model all-gather the shard's
+ids, ``ContextParallel.rosa_ids``; the ROSA embedding is per position, so each rank keeps its part).
 
 Under ``torch.compile`` the exchanging mixer call is left out of the graph (``torch.compiler.disable``,
 one graph break per mixer); the local op inside it is the ordinary one.
@@ -112,17 +122,18 @@ class _ChainStates(torch.autograd.Function):
 
     Inputs: S_loc (B, R, D), A (R,) (gamma^L, or 0 when a document starts inside the shard), tail
     (B, K-1, D) (the last m inputs at its end); ``keep`` (K-1,) masks the outgoing conv rows that lie
-    before the document of the shard's last token."""
+    before the document of the shard's last token; S0 (B, R, D), C0 (B, K-1, D): rank 0's incoming
+    state (the sequence's initial state; zeros without one), None on the other ranks."""
 
     @staticmethod
-    def forward(ctx, S_loc, A, tail, group, rank, world, m, cont, keep):
+    def forward(ctx, S_loc, A, tail, S0, C0, group, rank, world, m, cont, keep):
         K1, n_s = tail.shape[1], S_loc.numel()
         if rank > 0:
             buf = S_loc.new_empty(n_s + tail.numel())
             dist.recv(buf, src=_global_rank(group, rank - 1), group=group)
             S_in, C_in = buf[:n_s].view_as(S_loc), buf[n_s:].view_as(tail)
         else:
-            S_in, C_in = torch.zeros_like(S_loc), torch.zeros_like(tail)
+            S_in, C_in = S0, C0
         if rank < world - 1:
             S_out = A[:, None] * S_in + S_loc
             C_out = torch.cat([C_in[:, m:], tail[:, K1 - m:]], 1) * keep[None, :, None]
@@ -146,12 +157,13 @@ class _ChainStates(torch.autograd.Function):
             gS, gC = torch.zeros_like(S_in), torch.zeros_like(dC_use)
         dA = (gS * S_in).sum((0, 2))
         dtail = torch.cat([torch.zeros_like(gC[:, :K1 - m]), gC[:, K1 - m:]], 1)
+        dS_in = A[:, None] * gS + cont * dS_use
+        dC_in = torch.cat([torch.zeros_like(gC[:, :m]), gC[:, :K1 - m]], 1) + cont * dC_use
         if rank > 0:
-            dS_in = A[:, None] * gS + cont * dS_use
-            dC_in = torch.cat([torch.zeros_like(gC[:, :m]), gC[:, :K1 - m]], 1) + cont * dC_use
             dist.send(torch.cat([dS_in.reshape(-1), dC_in.reshape(-1)]), dst=_global_rank(group, rank - 1),
                       group=group)
-        return gS, dA, dtail, None, None, None, None, None, None
+            dS_in = dC_in = None
+        return gS, dA, dtail, dS_in, dC_in, None, None, None, None, None, None
 
 
 EXCHANGES = ("allgather", "pipeline")
@@ -227,6 +239,32 @@ class ContextParallel:
             raise ValueError("scale_loss needs the shard sizes (ContextParallel(sizes=...) or set_sizes)")
         return local_mean * (sizes[self.rank] / sum(sizes))
 
+    def gather(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """The full-length tensor from every rank's shard ``t`` along ``dim`` (no gradient): one
+        all-gather of the shards padded to the longest."""
+        L = int(t.shape[dim])
+        sizes = self._sizes_for(L, t.device)
+        if self.world == 1:
+            return t
+        pad = max(sizes) - L
+        t = t.contiguous() if pad == 0 else torch.cat([t, t.new_zeros(*t.shape[:dim], pad, *t.shape[dim + 1:])], dim)
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(out, t, group=self.group)
+        return torch.cat([o.narrow(dim, 0, n) for o, n in zip(out, sizes)], dim)
+
+    def rosa_ids(self, model: nn.Module, ids: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+        """ROSA ids of this rank's shard of ``ids`` (B, L_r): the token ids of the whole rows are
+        all-gathered (a few bytes a token), the model's ROSA is computed on them (per packed document
+        with ``cu_seqlens`` of the whole sequence) and this rank's positions are kept."""
+        full = self.gather(ids, 1)
+        if cu_seqlens is None:
+            rosa = model.compute_rosa(full)
+        else:
+            cu = [int(c) for c in cu_seqlens.tolist()]
+            rosa = torch.cat([model.compute_rosa(full[:, a:b]) for a, b in zip(cu[:-1], cu[1:])], 1)
+        a, b = shard_bounds(self._sizes_for(int(ids.shape[1]), ids.device))[self.rank]
+        return rosa[:, a:b]
+
     # the hook KOperator calls instead of k2_mixer (same signature)
     def k2_mixer(self, x, u, v, alpha, gamma, kernel, gate_logit, *, initial_state=None,
                  output_final_state=False, cu_seqlens=None, backend="auto"):
@@ -234,10 +272,10 @@ class ContextParallel:
                            output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend=backend)
 
 
-def _local_summary(x, v, gamma, K, s_last, dt):
+def _local_summary(x, v, gamma, K, s_last, dt, C0=None):
     """(S_loc (B, R, D), tail (B, K-1, D)) of a shard from a zero state: the scan state after its last
     token counted from local position ``s_last`` (its last document start, or 0), and its last
-    min(L, K-1) inputs, zero-padded in front."""
+    min(L, K-1) inputs, zero-padded in front (preceded by the conv state ``C0`` where given)."""
     B, L, D = x.shape
     k = F.normalize(x @ v.to(x.dtype), dim=-1, eps=NORM_EPS).to(dt)            # (B, L, R), as k2_qk
     e = torch.arange(L - 1, -1, -1, device=x.device, dtype=dt)                  # L-1-t >= 0
@@ -246,9 +284,9 @@ def _local_summary(x, v, gamma, K, s_last, dt):
         wts = wts * (torch.arange(L, device=x.device) >= s_last).to(dt)[:, None]
     S = torch.einsum("btr,btd->brd", k * wts, x.to(dt))                         # (B, R, D)
     m = min(L, K - 1)
-    tail = x.new_zeros(B, K - 1, D, dtype=dt)
+    tail = x.new_zeros(B, K - 1, D, dtype=dt) if C0 is None else C0
     if m > 0:
-        tail = torch.cat([tail[:, :K - 1 - m], x[:, L - m:].to(dt)], 1)
+        tail = torch.cat([tail[:, m:], x[:, L - m:].to(dt)], 1)        # the last K-1 rows of [C0; x]
     return S, tail
 
 
@@ -265,6 +303,25 @@ def _docs(cu_seqlens, bounds):
     return out
 
 
+def _initial_state(initial_state, rank, B, R, K, D, cu_seqlens, dt):
+    """Rank 0's (S0 (B, R, D) or None, C0 (B, K-1, D) or None) in the state dtype; refusals elsewhere."""
+    if rank != 0:
+        raise ValueError(f"initial_state is the state entering the whole sequence and is read on rank 0 only, but "
+                         f"rank {rank} got one: pass None on the ranks > 0 (to continue a sequence, give the last "
+                         f"rank's final state to rank 0)")
+    if cu_seqlens is not None:
+        raise ValueError("initial_state with cu_seqlens (one state per packed document) is not supported under "
+                         "context parallelism; pack the documents without initial states, or run without cu_seqlens")
+    if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
+        raise ValueError(f"initial_state must be a (scan_state, conv_state) pair, got {describe(initial_state)}")
+    out = []
+    for name, t, shape in (("scan", initial_state[0], (B, R, D)), ("conv", initial_state[1], (B, K - 1, D))):
+        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape):
+            raise ValueError(f"initial_state's {name} state must have shape {shape}, got {describe(t)}")
+        out.append(None if t is None else t.to(dt))
+    return out
+
+
 @torch.compiler.disable
 def cp_k2_mixer(x, u, v, alpha, gamma, kernel, gate_logit, *, cp: ContextParallel, initial_state=None,
                 output_final_state=False, cu_seqlens=None, backend="auto"):
@@ -273,13 +330,12 @@ def cp_k2_mixer(x, u, v, alpha, gamma, kernel, gate_logit, *, cp: ContextParalle
     ``cu_seqlens``: optional offsets (N+1,) of packed documents in the WHOLE sequence (the same on
     every rank; B = 1); documents may cross shard boundaries.  Returns (y (B, L_r, D), final state):
     the final state is the local op's, i.e. the state after this rank's last token (per local document
-    with ``cu_seqlens``); the last rank's is the sequence's.  No ``initial_state`` (the sequence starts
-    from zero).  A world of one is ``k2_mixer`` itself."""
+    with ``cu_seqlens``); the last rank's is the sequence's.  ``initial_state``: the (scan, conv) state
+    entering the WHOLE sequence (either entry may be None), given on rank 0 only (None on the others;
+    to continue a sequence pass the last rank's final state to rank 0); its gradient arrives on rank 0.
+    ``kernel``: shared (K,) or per-channel (D, K).  A world of one is ``k2_mixer`` itself."""
     if not isinstance(cp, ContextParallel):
         raise TypeError(f"cp must be a ContextParallel, got {describe(cp)}")
-    if initial_state is not None:
-        raise ValueError("the context-parallel mixer starts the sequence from a zero state; initial_state is not "
-                         "supported (got one): run the prefix on rank 0 ... without context parallelism")
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"x must be this rank's shard of shape (B, L, D), got {describe(x)}")
     B, L, D = x.shape
@@ -287,15 +343,18 @@ def cp_k2_mixer(x, u, v, alpha, gamma, kernel, gate_logit, *, cp: ContextParalle
         raise ValueError(f"every rank needs a shard of at least one token, rank {cp.rank} got x {describe(x)}")
     sizes = cp._sizes_for(L, x.device)
     if cp.world == 1:
-        return k2_mixer(x, u, v, alpha, gamma, kernel, gate_logit, output_final_state=output_final_state,
-                        cu_seqlens=cu_seqlens, backend=backend)
+        return k2_mixer(x, u, v, alpha, gamma, kernel, gate_logit, initial_state=initial_state,
+                        output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend=backend)
     bounds = shard_bounds(sizes)
     T = bounds[-1][1]
     r, W = cp.rank, cp.world
+    if not isinstance(kernel, torch.Tensor) or kernel.dim() not in (1, 2):
+        raise ValueError(f"kernel must be a shared (K,) or per-channel (D, K) tensor, got {describe(kernel)}")
     R, K = u.shape[1], kernel.shape[-1]
-    if kernel.dim() != 1:
-        raise ValueError(f"the context-parallel mixer takes a shared (K,) kernel, got {describe(kernel)}")
     dt = state_dtype(x)
+    S0 = C0 = None
+    if initial_state is not None:
+        S0, C0 = _initial_state(initial_state, r, B, R, K, D, cu_seqlens, dt)
     if cu_seqlens is not None:
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or B != 1:
             raise ValueError(f"cu_seqlens must be the (N+1,) offsets of the whole packed sequence with B = 1, got "
@@ -305,22 +364,28 @@ def cp_k2_mixer(x, u, v, alpha, gamma, kernel, gate_logit, *, cp: ContextParalle
             raise ValueError(f"cu_seqlens must rise strictly from 0 to the whole sequence's length T={T} (the sum of "
                              f"the shard sizes {sizes}), got {c if len(c) <= 16 else c[:16]}")
         docs = _docs(cu_seqlens, bounds)
-    else:
-        docs = [dict(resets=(j == 0), s_last=0, continues=(j > 0), local_cu=None, first_doc=0) for j in range(W)]
+    else:   # one document; positions before 0 are those of rank 0's initial conv state (zeros without one)
+        docs = [dict(resets=(j == 0), s_last=0, continues=(j > 0), local_cu=None, first_doc=-K) for j in range(W)]
     me = docs[r]
 
-    S_loc, tail = _local_summary(x, v, gamma, K, me["s_last"], dt)
+    S_loc, tail = _local_summary(x, v, gamma, K, me["s_last"], dt, C0)
     if cp.exchange == "pipeline":
-        A = torch.pow(gamma.to(dt), float(L)) * (0.0 if me["resets"] else 1.0)
+        resets = me["resets"] and S0 is None        # rank 0 continues from an initial state
+        A = torch.pow(gamma.to(dt), float(L)) * (0.0 if resets else 1.0)
         last_doc = me["first_doc"] if me["local_cu"] is None or not me["resets"] else me["s_last"] + bounds[r][0]
         pos = range(bounds[r][1] - (K - 1), bounds[r][1])
         keep = torch.tensor([p >= last_doc for p in pos], dtype=dt, device=x.device)
-        S_in, C_in = _ChainStates.apply(S_loc, A, tail, cp.group, r, W, min(L, K - 1),
-                                        1.0 if me["continues"] else 0.0, keep)
+        if r == 0:
+            S0 = torch.zeros_like(S_loc) if S0 is None else S0
+            C0 = torch.zeros_like(tail) if C0 is None else C0
+        cont = 1.0 if me["continues"] or initial_state is not None else 0.0
+        S_in, C_in = _ChainStates.apply(S_loc, A, tail, S0, C0, cp.group, r, W, min(L, K - 1), cont, keep)
         return _run_local(x, u, v, alpha, gamma, kernel, gate_logit, S_in, C_in, me, cu_seqlens,
                           output_final_state, backend)
 
-    # 1-2. own summary, one all-gather
+    # 1-2. own summary (rank 0's: the state leaving its shard from the initial state), one all-gather
+    if S0 is not None:
+        S_loc = torch.pow(gamma.to(dt), float(L))[:, None] * S0 + S_loc
     n_s = S_loc.numel()
     gathered = _GatherStates.apply(torch.cat([S_loc.reshape(-1), tail.reshape(-1)]), cp.group)   # (W, n)
     anchor = gathered[:, :0].sum()       # 0 with a graph edge: every rank runs the gather's backward
@@ -331,6 +396,9 @@ def cp_k2_mixer(x, u, v, alpha, gamma, kernel, gate_logit, *, cp: ContextParalle
     g = gamma.to(dt)
     S_in = torch.zeros(B, R, D, dtype=dt, device=x.device) + anchor
     C_in = torch.zeros(B, K - 1, D, dtype=dt, device=x.device) + anchor
+    if r == 0 and initial_state is not None:
+        S_in = S_in if S0 is None else S0 + anchor
+        C_in = C_in if C0 is None else C0 + anchor
     if me["continues"]:
         first = max([j for j in range(r) if docs[j]["resets"]], default=0)
         for j in range(first, r):
@@ -339,7 +407,7 @@ def cp_k2_mixer(x, u, v, alpha, gamma, kernel, gate_logit, *, cp: ContextParalle
         if K > 1:
             rows, pos, j = [], [], r - 1
             while j >= 0 and len(pos) < K - 1:
-                m = min(sizes[j], K - 1)
+                m = K - 1 if j == 0 else min(sizes[j], K - 1)     # rank 0's tail: its initial conv state in front
                 rows.insert(0, T_all[j][:, K - 1 - m:])
                 pos[:0] = range(bounds[j][1] - m, bounds[j][1])
                 j -= 1
@@ -382,16 +450,13 @@ def enable(model: nn.Module, cp: Optional[ContextParallel]) -> nn.Module:
     if cp is not None and not isinstance(cp, ContextParallel):
         raise TypeError(f"cp must be a ContextParallel or None, got {describe(cp)}")
     cfg = getattr(model, "config", None)
-    if cp is not None and getattr(cfg, "rosa", "off") != "off":
-        raise ValueError(f"context parallelism does not support ROSA (config.rosa={cfg.rosa!r}): its automaton "
-                         f"reads the whole history of a sequence, which no rank holds")
     mixers = _koperators(model)
     if cp is not None and not mixers:
         raise ValueError(f"{type(model).__name__} has no KOperator to make context-parallel")
     for m in mixers:
-        if cp is not None and m._shared is None and m.kernel.dim() != 1:
-            raise ValueError("context parallelism needs (K,) kernels")
         m.context_parallel = cp
+    if getattr(cfg, "rosa", "off") != "off":
+        model._context_parallel = cp     # KStackLM.hidden: ROSA ids from the gathered token prefix (rosa_ids)
     return model
 
 
@@ -436,20 +501,44 @@ class ContextParallelLM(nn.Module):
             raise TypeError(f"cp must be a ContextParallel, got {describe(cp)}")
         self.model = model
         self.cp = cp
-        cfg = getattr(model, "config", None)
-        if getattr(cfg, "rosa", "off") != "off":
-            raise ValueError(f"context parallelism does not support ROSA (config.rosa={cfg.rosa!r})")
 
-    def forward(self, ids, targets=None, **kw):
-        if kw:
-            raise ValueError(f"ContextParallelLM takes ids and targets only, got {sorted(kw)}")
+    def share(self, ids, targets=None, rosa_ids=None):
+        """This rank's logits, or its share of the rows' mean loss (local mean * L_r / T).  A ROSA model
+        takes ``rosa_ids`` of the full rows (the sampler's) or computes them from the full rows here;
+        each rank keeps its positions (ROSA's embedding is per position, so this is exact)."""
         cp = self.cp
         cp.set_sizes(shard_sizes(int(ids.shape[1]), cp.world))
+        kw = {}
+        if getattr(getattr(self.model, "config", None), "rosa", "off") != "off":
+            kw["rosa_ids"] = cp.shard(self.model.compute_rosa(ids) if rosa_ids is None else rosa_ids)
+        elif rosa_ids is not None:
+            kw["rosa_ids"] = rosa_ids                     # the model refuses it with its own message
         with context_parallel(self.model, cp):
             if targets is None:
-                return self.model(cp.shard(ids))
-            loss = self.model(cp.shard(ids), cp.shard(targets))
-        return cp.scale_loss(loss) * cp.world
+                return self.model(cp.shard(ids), **kw)
+            return cp.scale_loss(self.model(cp.shard(ids), cp.shard(targets), **kw))
+
+    def forward(self, ids, targets=None, rosa_ids=None):
+        out = self.share(ids, targets, rosa_ids)
+        return out if targets is None else out * self.cp.world
+
+
+class ContextParallelEval(nn.Module):
+    """Scoring wrapper for ``kop_triton.eval.evaluate`` under context parallelism: ``forward(ids,
+    targets)`` takes the full rows (the same on every rank of the group) and returns the rows' mean
+    loss on every rank of the group, float64: the ranks' shares (each from its shard, with the state
+    exchange) summed over the group.  No gradient."""
+
+    def __init__(self, model: nn.Module, cp: ContextParallel):
+        super().__init__()
+        self.lm = ContextParallelLM(model, cp)
+
+    def forward(self, ids, targets):
+        with torch.no_grad():
+            share = self.lm.share(ids, targets).detach().double().reshape(1)
+            if self.lm.cp.world > 1:
+                dist.all_reduce(share, group=self.lm.cp.group)
+        return share[0]
 
 
 class GroupBatches:

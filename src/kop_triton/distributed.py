@@ -96,10 +96,31 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def wrap(model: nn.Module, info: DistInfo, fsdp: bool = False) -> nn.Module:
-    """DistributedDataParallel (or FSDP2 ``fully_shard`` per block, then the root) for a world > 1."""
+def cp_dp_mesh(info: DistInfo, cp_size: int):
+    """The 2-D DeviceMesh of context parallelism x data parallelism, dims ("cp", "dp"): rank
+    d * cp_size + c sits at [c, d], so the "cp" groups are ``cp_size`` consecutive ranks (those
+    ``context_parallel.make_groups`` makes: under torchrun the GPUs of one machine) and the "dp"
+    groups the ranks with the same position c in their group.  Given to ``wrap(..., mesh=)`` it makes
+    FSDP2 hybrid: parameters sharded over "dp", replicated over "cp".  Every rank must call it."""
+    from torch.distributed.device_mesh import DeviceMesh
+    if not isinstance(cp_size, int) or cp_size < 1 or info.world % cp_size:
+        raise ValueError(f"the context-parallel size must be an int >= 1 dividing the number of processes "
+                         f"{info.world}, got {cp_size!r}")
+    layout = torch.arange(info.world).view(info.world // cp_size, cp_size).t().contiguous()
+    return DeviceMesh(info.device.type, layout, mesh_dim_names=("cp", "dp"))
+
+
+def wrap(model: nn.Module, info: DistInfo, fsdp: bool = False, mesh=None) -> nn.Module:
+    """DistributedDataParallel (or FSDP2 ``fully_shard`` per block, then the root) for a world > 1.
+
+    ``mesh`` (FSDP2 only): a 2-D DeviceMesh (replicate, shard), e.g. ``cp_dp_mesh``: hybrid
+    sharding, each parameter sharded over the second dim and replicated over the first; the
+    gradients are averaged over every rank either way (reduce-scatter over the shard dim, then an
+    all-reduce over the replicate dim), as DDP does."""
     if not info.enabled:
         return model
+    if mesh is not None and not fsdp:
+        raise ValueError("wrap: a device mesh is for FSDP2 (fsdp=True); DDP runs over the default group")
     if fsdp:
         try:
             from torch.distributed.fsdp import fully_shard
@@ -114,8 +135,8 @@ def wrap(model: nn.Module, info: DistInfo, fsdp: bool = False) -> nn.Module:
         for module in list(model.modules()):
             if isinstance(module, nn.ModuleList):
                 for block in module:
-                    fully_shard(block, ignored_params=scalars)
-        fully_shard(model, ignored_params=scalars)
+                    fully_shard(block, mesh=mesh, ignored_params=scalars)
+        fully_shard(model, mesh=mesh, ignored_params=scalars)
         model._kop_replicated = replicated  # in named_parameters order: the same on every rank
         return model
     ids = [info.device.index] if info.device.type == "cuda" else None
@@ -143,6 +164,15 @@ def sync_replicated_grads(model: nn.Module, info: DistInfo) -> None:
         p.grad = v.to(p.dtype).reshape(p.shape)
 
 
+def _copies(dt) -> int:
+    """How many ranks hold the same local shard of a DTensor: the product of its Replicate mesh dims."""
+    n = 1
+    for i, pl in enumerate(dt.placements):
+        if pl.is_replicate():
+            n *= dt.device_mesh.size(i)
+    return n
+
+
 def clip_grad_norm(params, max_norm: float, info: DistInfo) -> float:
     """Clip the global gradient norm to ``max_norm`` and return the norm before clipping.
 
@@ -154,7 +184,8 @@ def clip_grad_norm(params, max_norm: float, info: DistInfo) -> float:
     if not sharded:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     plain = [p.grad for p in params if not hasattr(p.grad, "to_local")]
-    local = torch.stack([g.to_local().detach().double().pow(2).sum() for g in sharded]).sum().reshape(1)
+    # a hybrid (replicate, shard) mesh holds each shard on every rank of the replicate dim: count it once
+    local = torch.stack([g.to_local().detach().double().pow(2).sum() / _copies(g) for g in sharded]).sum().reshape(1)
     total_sq = all_reduce(local.cpu(), info)
     if plain:
         total_sq = total_sq + torch.stack([g.detach().double().pow(2).sum().cpu() for g in plain]).sum()

@@ -429,6 +429,12 @@ class KStackLM(nn.Module):
         if ids.dim() != 2:
             raise ValueError(f"ids must have shape (B, T), got {describe(ids)}")
         h = self._embed(ids)                                          # (B, T, D)
+        cp = self.__dict__.get("_context_parallel")     # set by kop_triton.context_parallel.enable
+        if cp is not None and self.config.rosa != "off" and rosa_ids is None:
+            if state is not None or return_state:
+                raise ValueError("a stateful ROSA call (RosaStream state) is not supported under context "
+                                 "parallelism: run it without context parallelism, or pass rosa_ids")
+            rosa_ids = cp.rosa_ids(self, ids, cu_seqlens)            # ROSA of the whole sequence, this shard
         if cu_seqlens is not None:
             if state is not None or return_state or ids.shape[0] != 1:
                 raise ValueError(f"cu_seqlens (packed sequences) needs one row and no state, got ids "

@@ -7,6 +7,7 @@
     python -m kop_triton.train --plot runs/v2                  # runs/v2/curves.png from its log.jsonl
     torchrun --nproc_per_node 4 -m kop_triton.train ...          # DDP (add --fsdp for FSDP2)
     torchrun --nproc_per_node 4 -m kop_triton.train --context-parallel 2 ...   # each window over 2 ranks, x 2 DP
+    torchrun --nproc_per_node 4 -m kop_triton.train --context-parallel 2 --fsdp ...   # x 2 FSDP2 (hybrid)
 
 Recipe (the reference's): AdamW with betas (0.8, 0.999); parameter groups -- decay/alpha/gate
 logits, biases and norms at 0.5 x lr without weight decay, embeddings at 0.75 x lr without weight
@@ -145,8 +146,9 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     add("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     add("--fsdp", action="store_true", default=False, help="under torchrun: FSDP2 instead of DDP")
     add("--context-parallel", type=int, default=1, metavar="W",
-        help="under torchrun: split every training window over W consecutive ranks (context parallelism, "
-             "exact; kop_triton.context_parallel), data parallel over the WORLD_SIZE / W groups")
+        help="under torchrun: split every training and evaluation window over W consecutive ranks (context "
+             "parallelism, exact; kop_triton.context_parallel), data parallel (DDP, or FSDP2 with --fsdp: sharded "
+             "over the WORLD_SIZE / W groups, replicated within a group) over the WORLD_SIZE / W groups")
     add("--progress", action=argparse.BooleanOptionalAction, default=True,
         help="tqdm progress bar (without it: a progress line with the ETA at most every 30 s)")
     add("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
@@ -485,18 +487,27 @@ def model_config(args, vocab_size: int) -> KStackConfig:
 # ------------------------------------------------------------------------------- evaluation
 
 def run_eval(model: nn.Module, val_ids: torch.Tensor, window: int, batch_size: int, info: kdist.DistInfo,
-             amp: bool, sharded_model: bool) -> dict:
+             amp: bool, sharded_model: bool, cp=None) -> dict:
     """Validation CE/PPL with the protocol of kop_triton.eval (consecutive windows, zero states).
 
     Under DDP each rank scores a contiguous share of the windows and the sums are reduced; an
-    FSDP-sharded model needs every rank in every forward, so there each rank scores them all."""
+    FSDP-sharded model needs every rank in every forward, so there each rank scores them all.
+    With context parallelism (``cp``, this rank's ContextParallel) the unit is a CP group: every window
+    is split over the group's ranks (each scores its shard, the loss shares summed over the group), and
+    the groups share the windows as the ranks do without CP."""
     n_windows = (val_ids.numel() - 1) // window
     if n_windows < 1:
         raise UsageError(f"the validation split has {val_ids.numel()} tokens, fewer than one evaluation window "
                          f"of {window} + 1; use a smaller --eval-window/--window or a larger --val-frac")
-    if info.enabled and not sharded_model:
-        lo = n_windows * info.rank // info.world
-        hi = n_windows * (info.rank + 1) // info.world
+    cp_world = 1 if cp is None else cp.world
+    dp_rank, dp_world = info.rank // cp_world, info.world // cp_world
+    if cp is not None:
+        from .context_parallel import ContextParallelEval
+        model = ContextParallelEval(model, cp)     # the whole windows' loss on every rank of the group
+    split = info.enabled and not sharded_model
+    if split:
+        lo = n_windows * dp_rank // dp_world
+        hi = n_windows * (dp_rank + 1) // dp_world
         ids = val_ids[lo * window: hi * window + 1]
     else:
         ids = val_ids
@@ -507,7 +518,9 @@ def run_eval(model: nn.Module, val_ids: torch.Tensor, window: int, batch_size: i
             res = evaluate(model, ids.to(info.device), window=window, batch_size=batch_size)
         totals += torch.tensor([float(res["val_ce"]) * float(res["tokens"]), float(res["tokens"])],
                                dtype=torch.float64)
-    if info.enabled and not sharded_model:
+    if split:
+        if cp is not None and cp.rank:          # the group's ranks hold the same sums: count them once
+            totals.zero_()
         totals = kdist.all_reduce(totals, info)
     ce = float(totals[0] / totals[1])
     return {"val_ce": ce, "val_ppl": perplexity(ce), "val_tokens": int(totals[1])}
@@ -616,6 +629,7 @@ class Run:
     fsdp: bool
     log: JsonlLog
     progress: Progress
+    cp: Optional[object] = None     # the rank's context_parallel.ContextParallel with --context-parallel W > 1
     tb: Optional[kcurves.TensorBoardWriter] = None   # rank 0 with --tensorboard, while the loop runs
     curves_failed: bool = False                        # curves.png could not be drawn: not tried again
 
@@ -691,7 +705,7 @@ def _cp_size(args) -> int:
 
 
 def check_context_parallel(args, info: kdist.DistInfo) -> None:
-    """--context-parallel W: W >= 1 dividing the number of processes; not with --fsdp or ROSA."""
+    """--context-parallel W: W >= 1 dividing the number of processes."""
     w = getattr(args, "context_parallel", 1)
     if not isinstance(w, int) or w < 1:
         raise UsageError(f"--context-parallel must be an int >= 1, got {w!r}")
@@ -701,12 +715,6 @@ def check_context_parallel(args, info: kdist.DistInfo) -> None:
         raise UsageError(f"--context-parallel {w} must divide the number of processes {info.world} (run it under "
                          f"torchrun --nproc_per_node N with N a multiple of {w}, or pass --context-parallel 1; on "
                          f"--resume it may change)")
-    if args.fsdp:
-        raise UsageError("--context-parallel with --fsdp is not supported yet (context parallelism runs with DDP "
-                         "over the data-parallel groups); drop --fsdp")
-    if getattr(args, "rosa", None) not in (None, "off"):
-        raise UsageError(f"--context-parallel does not support --rosa {args.rosa} (the ROSA automaton reads the "
-                         f"whole history of a window, which no rank holds); use --rosa off")
 
 
 def prepare_args(args, info: kdist.DistInfo) -> Optional[Resumed]:
@@ -777,19 +785,27 @@ def build_run(args, info: kdist.DistInfo) -> Run:
         val_ids = val_ids[: args.max_eval_tokens + 1]
     model.to(info.device)
     fsdp = bool(args.fsdp and info.enabled)
-    train_model = model
-    if _cp_size(args) > 1:    # CP groups of consecutive ranks; DDP averages over all of them (CP x DP)
+    train_model, cp = model, None
+    if _cp_size(args) > 1:
+        # CP groups of consecutive ranks.  DDP wraps the CP wrapper and averages over every rank (CP x DP);
+        # FSDP2 shards the model hybridly on the (cp, dp) mesh: sharded over dp, replicated over cp, the
+        # gradients averaged over every rank as well (reduce-scatter over dp, all-reduce over cp)
         from . import context_parallel as kcp
         with config_errors():
-            if model.config.rosa != "off":
-                raise ValueError(f"--context-parallel does not support ROSA (the model has rosa "
-                                 f"{model.config.rosa!r})")
-            if int(model.config.window) < _cp_size(args):
-                raise ValueError(f"--window {model.config.window} is shorter than --context-parallel "
-                                 f"{_cp_size(args)}: every rank needs at least one token")
-            train_model = kcp.ContextParallelLM(model, kcp.make_groups(_cp_size(args)))
+            for what, n in (("--window", int(model.config.window)), ("--eval-window", args.eval_window)):
+                if n is not None and n < _cp_size(args):
+                    raise ValueError(f"{what} {n} is shorter than --context-parallel {_cp_size(args)}: every rank "
+                                     f"needs at least one token of every window")
+            if fsdp:
+                mesh = kdist.cp_dp_mesh(info, _cp_size(args))
+                cp = kcp.ContextParallel(mesh.get_group("cp"))
+                train_model = kcp.ContextParallelLM(kdist.wrap(model, info, fsdp=True, mesh=mesh), cp)
+            else:
+                cp = kcp.make_groups(_cp_size(args))
+                train_model = kdist.wrap(kcp.ContextParallelLM(model, cp), info)
         sampler = kcp.GroupBatches(sampler, _cp_size(args))
-    train_model = kdist.wrap(train_model, info, fsdp=fsdp)  # FSDP2 shards ``model`` in place
+    else:
+        train_model = kdist.wrap(train_model, info, fsdp=fsdp)  # FSDP2 shards ``model`` in place
     optimizer = make_optimizer(model, args, info.device)
     if args.compile:
         train_model = torch.compile(train_model)
@@ -797,7 +813,7 @@ def build_run(args, info: kdist.DistInfo) -> Run:
     run = Run(args=args, info=info, out=out, model=model, train_model=train_model, optimizer=optimizer,
               tokenizer=tokenizer, sampler=sampler, val_ids=val_ids,
               eval_window=int(args.eval_window or model.config.window),
-              amp=bool(args.amp) and info.device.type == "cuda", fsdp=fsdp,
+              amp=bool(args.amp) and info.device.type == "cuda", fsdp=fsdp, cp=cp,
               log=JsonlLog(out / "log.jsonl", info.is_main), progress=Progress())
     if resumed is not None:
         restore(run, resumed)
@@ -909,7 +925,7 @@ def evaluate_and_save(run: Run, loss: float, lr: float, elapsed: float, bar: Pro
     redraw the curves."""
     p = run.progress
     res = run_eval(run.model, run.val_ids, run.eval_window, run.args.eval_batch_size, run.info, run.amp,
-                   sharded_model=run.fsdp)
+                   sharded_model=run.fsdp, cp=run.cp)
     if run.fsdp:
         kdist.reshard(run.model)
     improved = res["val_ce"] < p.best_val_ce
