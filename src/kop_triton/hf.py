@@ -286,6 +286,76 @@ class KStackCache(Cache):
         raise ValueError("KStackCache does not support offloading (its state is a few KB per sequence)")
 
 
+_PLAIN = torch._C._disabled_torch_function_impl      # runs an op with no subclass handling: plain results
+
+
+class _GrowingIds(torch.Tensor):
+    """The sequence (B, T) inside transformers' decoding loop, which appends each token with
+    ``input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)``: a copy of the whole
+    sequence per token (at 100k context it cost more than the model's step).  Here that ``cat``
+    writes the new columns into spare capacity of one buffer (doubled when full) and returns a
+    longer view of it: O(new tokens), not O(T).  Columns a view holds are never written again,
+    so every earlier view (a logits processor may keep one) keeps its values.  Every other op
+    runs on the plain tensor and returns plain tensors."""
+
+    @staticmethod
+    def wrap(ids: torch.Tensor, spare: int) -> "_GrowingIds":
+        B, T = ids.shape
+        buf = ids.new_empty(B, T + max(spare, 16))
+        buf[:, :T] = ids
+        out = torch.Tensor._make_subclass(_GrowingIds, buf[:, :T])
+        out._buf, out._n, out._end = buf, T, [T]          # _end: the buffer's used width, shared by its views
+        return out
+
+    def plain(self) -> torch.Tensor:
+        """A contiguous ordinary tensor holding these values (not aliasing the buffer)."""
+        return self._buf[:, :self._n].clone(memory_format=torch.contiguous_format)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.cat and len(args) == 1 and (not kwargs or kwargs.keys() == {"dim"}):
+            out = _GrowingIds._append(args[0], kwargs.get("dim", 0) if kwargs else 0)
+            if out is not None:
+                return out
+        return _PLAIN(func, types, args, kwargs or {})
+
+    @staticmethod
+    def _append(parts, dim):
+        """``torch.cat([self, new], dim=-1)`` in place when self is the newest view, else None."""
+        if not (isinstance(parts, (list, tuple)) and len(parts) == 2 and dim in (-1, 1)):
+            return None
+        ids, new = parts
+        if type(ids) is not _GrowingIds or ids._n != ids._end[0] or not isinstance(new, torch.Tensor):
+            return None
+        buf, n = ids._buf, ids._n
+        B = buf.shape[0]
+        if type(new) is not torch.Tensor or new.dim() != 2 or new.shape[0] != B or new.dtype != buf.dtype \
+                or new.device != buf.device:
+            return None                                   # not a plain append: cat decides (and raises)
+        k = new.shape[1]
+        if n + k > buf.shape[1]:                          # full: a new buffer twice as wide
+            old = buf
+            buf = buf.new_empty(B, 2 * (n + k))
+            buf[:, :n] = old[:, :n]
+            end = [n]
+        else:
+            end = ids._end
+        buf.narrow(1, n, k).copy_(new)
+        end[0] = n + k
+        out = buf.narrow(1, 0, n + k).as_subclass(_GrowingIds)
+        out._buf, out._n, out._end = buf, n + k, end
+        return out
+
+
+def _plain_sequences(result):
+    """generate()'s result with its sequences as an ordinary tensor."""
+    if isinstance(result, _GrowingIds):
+        return result.plain()
+    if isinstance(getattr(result, "sequences", None), _GrowingIds):
+        result.sequences = result.sequences.plain()
+    return result
+
+
 # --------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------
@@ -646,6 +716,15 @@ class KStackForCausalLM(KStackPreTrainedModel, GenerationMixin):
         finally:
             if cache is not None:
                 cache.prepared = cache._step_output = None
+
+    def _sample(self, input_ids, *args, **kwargs):
+        """transformers' greedy / sampling loop, with ``input_ids`` growing in place (``_GrowingIds``)
+        so that appending a token does not copy the whole sequence."""
+        if type(input_ids) is torch.Tensor and input_ids.dim() == 2:
+            cfg = kwargs.get("generation_config")
+            spare = getattr(cfg, "max_new_tokens", None) or 0
+            input_ids = _GrowingIds.wrap(input_ids, spare + 1 if is_int(spare) else 16)
+        return _plain_sequences(super()._sample(input_ids, *args, **kwargs))
 
     def _fast_step(self, prepared, input_ids, cache):
         """One generated token per row through the prepared step: (B, 1) -> CausalLMOutputWithPast."""
