@@ -69,6 +69,26 @@ def test_pipeline_batches_with_left_padding(saved):
         assert out[0]["generated_text"] == want
 
 
+def test_pipeline_non_text_prompt_is_transformers_own_type_error(saved):
+    """pipeline("text-generation")(123) fails in transformers' own preprocessing (it concatenates the
+    prompt to a str prefix) before the tokenizer or the model is reached, for any model: a GPT-2
+    from a config gives the same TypeError, naming the type received.  That is transformers'
+    behaviour, not the kstack model's."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    d, lm, kop = saved
+    tok = AutoTokenizer.from_pretrained(str(d))
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=kop.vocab_size, n_layer=1, n_embd=8, n_head=2, n_positions=32,
+                                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).eval()
+    ours = hf.KStackForCausalLM.from_pretrained(str(d)).eval()
+    for bad in (123, 1.5):
+        msgs = []
+        for model in (ours, gpt2):
+            with pytest.raises(TypeError) as e:
+                pipeline("text-generation", model=model, tokenizer=tok)(bad, max_new_tokens=2)
+            msgs.append(str(e.value))
+        assert msgs[0] == msgs[1] and type(bad).__name__ in msgs[0] and "str" in msgs[0], msgs
+
+
 # ---- lm-evaluation-harness ----------------------------------------------------------------
 
 
