@@ -954,9 +954,10 @@ def save_hf(directory, model: KStackLM, tokenizer, overwrite: bool = False) -> "
 AutoConfig.register(MODEL_TYPE, KStackHFConfig, exist_ok=True)
 AutoModel.register(KStackHFConfig, KStackModel, exist_ok=True)
 AutoModelForCausalLM.register(KStackHFConfig, KStackForCausalLM, exist_ok=True)
-# both tokenizer classes are found by the name that tokenizer_config.json records
-AutoTokenizer.register(KStackHFConfig, tokenizer_class=KStackCharTokenizer, slow_tokenizer_class=KStackByteTokenizer,
-                       exist_ok=True)
+# Each tokenizer class registered with its own name (AutoTokenizer finds the one tokenizer_config.json
+# records); the char tokenizer, registered last, is the kstack config's default.
+for _tok_cls in (KStackByteTokenizer, KStackCharTokenizer):
+    AutoTokenizer.register(KStackHFConfig, tokenizer_class=_tok_cls, exist_ok=True)
 
 __all__ = ["verify_checksums", "CHECKSUM_FILE", "KStackHFConfig", "KStackModel", "KStackForCausalLM", "KStackCache", "KStackCharTokenizer",
            "KStackByteTokenizer", "hf_tokenizer", "save_hf", "transformers", "RosaStream"]
