@@ -19,8 +19,10 @@
   live model; a LoRA-wrapped or hooked model takes the module path instead), and the attention
   mask and position ids stop growing once the state holds the prompt.  A returned cache
   continues: ``generate(sequences + more, past_key_values=cache)`` runs only the tokens it has
-  not seen.  Transformers' own loop is untouched (logits processors, stopping criteria,
-  streamers; it still appends each token to ``input_ids``, a copy that grows with the context).
+  not seen.  Transformers' own loop runs as is (logits processors, stopping criteria,
+  streamers), except that the sequence it appends each token to grows in place (``_GrowingIds``:
+  its ``torch.cat`` writes into spare columns instead of copying the whole sequence per token),
+  so a token costs the same at 100k context as at 2k.
   Beam search reorders the states (not ROSA's automata: refused); strategies that crop the
   cache (assisted / prompt-lookup decoding) or need hidden states of past tokens (contrastive
   search, DoLa) fail at once with a ``ValueError`` naming the strategy.
