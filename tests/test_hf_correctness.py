@@ -109,6 +109,7 @@ def test_growing_sequence_equals_transformers_own_append(kw, monkeypatch):
     torch.cat loop; every input_ids a processor kept keeps its values; the result is an ordinary
     contiguous tensor that does not hold the buffer."""
     from transformers import GenerationMixin, LogitsProcessorList
+    monkeypatch.setattr(hf, "GROW_IN_PLACE_FROM", 0)              # in place from any length (32k ids by default)
     m = _hf()
     P = _ids(2, 11)
     runs = []
@@ -130,6 +131,20 @@ def test_growing_sequence_equals_transformers_own_append(kw, monkeypatch):
     for (a, a_copy), (_b, b_copy) in zip(keep.seen, keep_ref.seen):
         assert torch.equal(a, a_copy) and torch.equal(a_copy, b_copy)          # never overwritten
     assert torch.equal(P, _ids(2, 11))                                          # the prompt untouched
+
+
+def test_growing_sequence_only_from_its_threshold(monkeypatch):
+    """Sequences shorter than hf.GROW_IN_PLACE_FROM ids keep transformers' own append (there the
+    copy costs less than the subclass's per-op dispatch); from it on, the in-place one."""
+    from transformers import LogitsProcessorList
+    m = _hf()
+    seen = {}
+    for limit in (11, 12):
+        monkeypatch.setattr(hf, "GROW_IN_PLACE_FROM", limit)
+        keep = _Keep()
+        seen[limit] = _gen(m, _ids(1, 11), max_new_tokens=3, logits_processor=LogitsProcessorList([keep]))
+        assert {type(a) for a, _ in keep.seen} == {hf._GrowingIds if limit == 11 else torch.Tensor}
+    assert torch.equal(seen[11], seen[12])
 
 
 def test_growing_sequence_leaves_other_cats_alone():

@@ -289,6 +289,18 @@ class KStackCache(Cache):
 
 
 _PLAIN = torch._C._disabled_torch_function_impl      # runs an op with no subclass handling: plain results
+# generate()'s sequences of fewer ids (batch x length) than this keep transformers' copying append: each op on a
+# _GrowingIds costs a Python dispatch (about 10 per token, ~40 us on the dev CPU), more than copying a short
+# sequence (the copy costs ~1.3 us per 1,000 ids there: ~130 us at 100k).
+GROW_IN_PLACE_FROM = 32768
+
+
+class _Buffer:
+    """The storage a ``_GrowingIds`` and its earlier views share; ``end``: the columns handed out."""
+    __slots__ = ("buf", "end", "rows", "dtype", "device")
+
+    def __init__(self, buf: torch.Tensor, end: int):
+        self.buf, self.end, self.rows, self.dtype, self.device = buf, end, buf.shape[0], buf.dtype, buf.device
 
 
 class _GrowingIds(torch.Tensor):
@@ -305,47 +317,48 @@ class _GrowingIds(torch.Tensor):
         B, T = ids.shape
         buf = ids.new_empty(B, T + max(spare, 16))
         buf[:, :T] = ids
-        out = torch.Tensor._make_subclass(_GrowingIds, buf[:, :T])
-        out._buf, out._n, out._end = buf, T, [T]          # _end: the buffer's used width, shared by its views
+        out = buf.narrow(1, 0, T).as_subclass(_GrowingIds)
+        out._g, out._n = _Buffer(buf, T), T
         return out
 
     def plain(self) -> torch.Tensor:
         """A contiguous ordinary tensor holding these values (not aliasing the buffer)."""
-        return self._buf[:, :self._n].clone(memory_format=torch.contiguous_format)
+        return self._g.buf.narrow(1, 0, self._n).clone(memory_format=torch.contiguous_format)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if func is torch.cat and len(args) == 1 and (not kwargs or kwargs.keys() == {"dim"}):
-            out = _GrowingIds._append(args[0], kwargs.get("dim", 0) if kwargs else 0)
+        if func is torch.cat:
+            out = _GrowingIds._append(args, kwargs)
             if out is not None:
                 return out
         return _PLAIN(func, types, args, kwargs or {})
 
     @staticmethod
-    def _append(parts, dim):
-        """``torch.cat([self, new], dim=-1)`` in place when self is the newest view, else None."""
-        if not (isinstance(parts, (list, tuple)) and len(parts) == 2 and dim in (-1, 1)):
+    def _append(args, kwargs):
+        """``torch.cat([self, new], dim=-1 or 1)`` in place when self is the newest view, else None."""
+        dim = kwargs.get("dim", 0) if kwargs else (args[1] if len(args) == 2 else 0)
+        if dim not in (-1, 1) or (kwargs and kwargs.keys() != {"dim"}) or len(args) > 2:
+            return None
+        parts = args[0]
+        if type(parts) not in (list, tuple) or len(parts) != 2:
             return None
         ids, new = parts
-        if type(ids) is not _GrowingIds or ids._n != ids._end[0] or not isinstance(new, torch.Tensor):
+        if type(ids) is not _GrowingIds or type(new) is not torch.Tensor:
             return None
-        buf, n = ids._buf, ids._n
-        B = buf.shape[0]
-        if type(new) is not torch.Tensor or new.dim() != 2 or new.shape[0] != B or new.dtype != buf.dtype \
-                or new.device != buf.device:
-            return None                                   # not a plain append: cat decides (and raises)
-        k = new.shape[1]
-        if n + k > buf.shape[1]:                          # full: a new buffer twice as wide
-            old = buf
-            buf = buf.new_empty(B, 2 * (n + k))
-            buf[:, :n] = old[:, :n]
-            end = [n]
-        else:
-            end = ids._end
-        buf.narrow(1, n, k).copy_(new)
-        end[0] = n + k
-        out = buf.narrow(1, 0, n + k).as_subclass(_GrowingIds)
-        out._buf, out._n, out._end = buf, n + k, end
+        g, n = ids._g, ids._n
+        shape = new.shape
+        if (n != g.end or len(shape) != 2 or shape[0] != g.rows or new.dtype != g.dtype
+                or new.device != g.device):
+            return None                                   # not the loop's append: cat decides (and raises)
+        k = shape[1]
+        if n + k > g.buf.shape[1]:                        # full: a new buffer twice as wide
+            buf = g.buf.new_empty(g.rows, 2 * (n + k))
+            buf.narrow(1, 0, n).copy_(g.buf.narrow(1, 0, n))
+            g = _Buffer(buf, n)
+        g.buf.narrow(1, n, k).copy_(new)
+        g.end = n + k
+        out = g.buf.narrow(1, 0, n + k).as_subclass(_GrowingIds)
+        out._g, out._n = g, n + k
         return out
 
 
@@ -722,7 +735,7 @@ class KStackForCausalLM(KStackPreTrainedModel, GenerationMixin):
     def _sample(self, input_ids, *args, **kwargs):
         """transformers' greedy / sampling loop, with ``input_ids`` growing in place (``_GrowingIds``)
         so that appending a token does not copy the whole sequence."""
-        if type(input_ids) is torch.Tensor and input_ids.dim() == 2:
+        if type(input_ids) is torch.Tensor and input_ids.dim() == 2 and input_ids.numel() >= GROW_IN_PLACE_FROM:
             cfg = kwargs.get("generation_config")
             spare = getattr(cfg, "max_new_tokens", None) or 0
             input_ids = _GrowingIds.wrap(input_ids, spare + 1 if is_int(spare) else 16)
