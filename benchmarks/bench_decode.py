@@ -3,7 +3,7 @@
     python -m benchmarks.bench_decode [--checkpoint DIR] [--contexts 2048,16384,100000] [--batches 1,64]
                                       [--new 256] [--window-new 4] [--window 2048] [--threads 1]
                                       [--repeats 3] [--out benchmarks/results/decode] [--no-hf]
-                                      [--hf-copy-append]
+                                      [--hf-copy-append] [--hf-grow-from N]
 
 For each batch size and prompt length ("context"), greedy decoding, three ways:
   recurrent  ``KStackLM.prefill`` (parallel form, once) then one ``KStackLM.step`` per token: the
@@ -177,8 +177,10 @@ def run(args):
     model, desc = _model(args.checkpoint)
     hf_model = None
     if not args.no_hf:
-        from kop_triton.hf import KStackForCausalLM
-        hf_model = KStackForCausalLM.from_kstack(model).eval()
+        from kop_triton import hf
+        if args.hf_grow_from is not None:
+            hf.GROW_IN_PLACE_FROM = args.hf_grow_from
+        hf_model = hf.KStackForCausalLM.from_kstack(model).eval()
     gen = torch.Generator().manual_seed(1)
     V = model.config.vocab_size
     first_token_s = first_tokens_s(args, hf=False)
@@ -236,9 +238,17 @@ def run(args):
             "load_average_at_start": load_start, "load_average_at_end": list(os.getloadavg()), "cpus": os.cpu_count(),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "new_tokens": args.new,
             "window": args.window, "repeats": args.repeats, "first_token_s": first_token_s,
-            "hf_first_token_s": hf_first_token_s, "note": args.note,
+            "hf_first_token_s": hf_first_token_s, "note": args.note, "hf_grow_in_place_from": _grow_from(),
             "command": "python -m benchmarks.bench_decode " + " ".join(shlex.quote(a) for a in args.argv),
             "rows": rows}
+
+
+def _grow_from():
+    try:
+        from kop_triton import hf
+    except ImportError:
+        return None
+    return hf.GROW_IN_PLACE_FROM
 
 
 def table(res) -> str:
@@ -303,6 +313,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="measurements per path and row; the best is reported")
     p.add_argument("--note", default=None, help="a remark stored in the JSON (e.g. what else ran on the machine)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers path")
+    p.add_argument("--hf-grow-from", type=int, default=None,
+                   help="set kop_triton.hf.GROW_IN_PLACE_FROM (ids from which generate's sequence grows in place; "
+                        "0: always)")
     p.add_argument("--hf-copy-append", action="store_true",
                    help="also time HF generate with transformers' own append (a copy of the sequence per token), "
                         "interleaved with the default path: hf_copy_append_* in the JSON")
