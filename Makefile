@@ -8,11 +8,15 @@ PY     := $(VENV)/bin/python
 # benchmarks/device_check.sh (CUDA tests + benchmarks, no venv).
 DEPS   := "setuptools>=64" torch==2.13.0 triton==3.6.0 "numpy<2.4" safetensors tqdm sentencepiece matplotlib pytest hypothesis pytest-xdist \
           tensorboard \
-          "transformers>=5.23,<5.24" "accelerate>=1.10,<2" requests
+          "transformers>=5.23,<5.24" "accelerate>=1.10,<2" requests \
+          "datasets>=5,<6" "sacrebleu>=2.4,<3" "pytablewriter>=1.2,<2"
 # tensorboard: only the tests need it, to read kop-train's event files back with TensorBoard's own reader
 # (kop-train writes them itself, without it).
-# peft (LoRA through the HF model, tests/test_hf_correctness.py) and lm-evaluation-harness for tests/test_hf.py, without its task dependencies (datasets, pandas, pyarrow,
-# scikit-learn, ...): its HFLM path imports only transformers, accelerate, requests, jinja2, tqdm and numpy.
+# peft (LoRA through the HF model, tests/test_hf_correctness.py) and lm-evaluation-harness for tests/test_hf*.py, without
+# the dependencies its tasks do not import (scikit-learn, evaluate, rouge-score, ...): its HFLM path imports transformers,
+# accelerate, requests, jinja2, tqdm and numpy; a task run through its command line (python -m kop_triton.lm_eval run,
+# tests/test_hf_features.py) also needs datasets (local json files), sacrebleu (imported by lm_eval.api.metrics) and
+# pytablewriter (the results table).  datasets 5 keeps transformers' huggingface_hub 2 (datasets 4 would downgrade it).
 NODEPS := lm-eval==0.4.13 peft==0.21.2
 STAMP  := $(VENV)/.kop-installed
 JOBS   ?= 2

@@ -3,6 +3,7 @@
     python -m benchmarks.bench_decode [--checkpoint DIR] [--contexts 2048,16384,100000] [--batches 1,64]
                                       [--new 256] [--window-new 4] [--window 2048] [--threads 1]
                                       [--repeats 3] [--out benchmarks/results/decode] [--no-hf]
+                                      [--hf-copy-append] [--hf-grow-from N]
 
 For each batch size and prompt length ("context"), greedy decoding, three ways:
   recurrent  ``KStackLM.prefill`` (parallel form, once) then one ``KStackLM.step`` per token: the
@@ -10,7 +11,9 @@ For each batch size and prompt length ("context"), greedy decoding, three ways:
   window     what the reference implementation does: every new token re-runs the model on the last
              ``--window`` tokens of the sequence and keeps the last logits (no state);
   hf         ``KStackForCausalLM.generate`` (transformers, ``do_sample=False``): its prefill, then its
-             cache path, whose token steps run the model's prepared step (``PreparedStep.step_lists``).
+             cache path, whose token steps run the model's prepared step (``PreparedStep.step_lists``);
+             with ``--hf-copy-append`` also with transformers' own loop as is (each token copies the
+             sequence: ``hf_copy_append_*``), interleaved with the default run.
 tokens/s counts generated tokens over batch x time of the decode loop only (prefill timed
 separately); for hf the loop is timed by a logits processor that notes each token's score call
 (B x (N - 1) tokens between the first and the last).  Each rate is also given per CPU-second of
@@ -31,6 +34,7 @@ Writes ``decode.json`` and ``decode.png`` to ``--out`` and prints a table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -120,6 +124,20 @@ def hf_generate(hf_model, prompt, new):
     return out[:, prompt.shape[1]:], time.perf_counter() - t0, w1 - w0, c1 - c0
 
 
+@contextlib.contextmanager
+def _copy_append(hf_model):
+    """generate() with transformers' own loop as is (``GenerationMixin._sample``: each token copies
+    the whole sequence with torch.cat) instead of KStackForCausalLM's in-place growing sequence."""
+    from transformers import GenerationMixin
+    cls = type(hf_model)
+    own = cls.__dict__["_sample"]
+    cls._sample = GenerationMixin._sample
+    try:
+        yield
+    finally:
+        cls._sample = own
+
+
 _FIRST = """
 import sys, time, torch
 torch.set_num_threads({threads})
@@ -159,8 +177,10 @@ def run(args):
     model, desc = _model(args.checkpoint)
     hf_model = None
     if not args.no_hf:
-        from kop_triton.hf import KStackForCausalLM
-        hf_model = KStackForCausalLM.from_kstack(model).eval()
+        from kop_triton import hf
+        if args.hf_grow_from is not None:
+            hf.GROW_IN_PLACE_FROM = args.hf_grow_from
+        hf_model = hf.KStackForCausalLM.from_kstack(model).eval()
     gen = torch.Generator().manual_seed(1)
     V = model.config.vocab_size
     first_token_s = first_tokens_s(args, hf=False)
@@ -189,14 +209,23 @@ def run(args):
             if T + args.window_new <= args.window:                                # the window sees everything
                 row["window_equal_recurrent"] = bool(torch.equal(win_toks, toks[:, :args.window_new]))
             if hf_model is not None and B * T <= args.hf_max_prompt_tokens:
-                times, equal = [], True
+                times, copy_times, equal = [], [], True
                 for _ in range(args.repeats):
                     hf_toks, t_all, t_loop, c_loop = hf_generate(hf_model, prompt, args.new)
                     times.append((t_loop, c_loop))
                     equal = equal and bool(torch.equal(hf_toks, toks))
+                    if args.hf_copy_append:                 # interleaved: the same load for both
+                        with _copy_append(hf_model):
+                            hf_toks, _, t_loop, c_loop = hf_generate(hf_model, prompt, args.new)
+                        copy_times.append((t_loop, c_loop))
+                        equal = equal and bool(torch.equal(hf_toks, toks))
                 rate, cpu_rate, rates = _best(times, B * (args.new - 1))
                 row.update(hf_tokens_per_s=rate, hf_tokens_per_cpu_s=cpu_rate, hf_tokens_per_s_all=rates,
                            hf_generate_s=t_all, hf_equal_recurrent=equal)
+                if copy_times:
+                    rate, cpu_rate, rates = _best(copy_times, B * (args.new - 1))
+                    row.update(hf_copy_append_tokens_per_s=rate, hf_copy_append_tokens_per_cpu_s=cpu_rate,
+                               hf_copy_append_tokens_per_s_all=rates)
             row["load_average"] = list(os.getloadavg())
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -209,9 +238,17 @@ def run(args):
             "load_average_at_start": load_start, "load_average_at_end": list(os.getloadavg()), "cpus": os.cpu_count(),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "new_tokens": args.new,
             "window": args.window, "repeats": args.repeats, "first_token_s": first_token_s,
-            "hf_first_token_s": hf_first_token_s, "note": args.note,
+            "hf_first_token_s": hf_first_token_s, "note": args.note, "hf_grow_in_place_from": _grow_from(),
             "command": "python -m benchmarks.bench_decode " + " ".join(shlex.quote(a) for a in args.argv),
             "rows": rows}
+
+
+def _grow_from():
+    try:
+        from kop_triton import hf
+    except ImportError:
+        return None
+    return hf.GROW_IN_PLACE_FROM
 
 
 def table(res) -> str:
@@ -221,6 +258,9 @@ def table(res) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         hf = (f"{r['hf_tokens_per_s']:,.0f} ({r['hf_tokens_per_cpu_s']:,.0f})" if "hf_tokens_per_s" in r else "-")
+        if "hf_copy_append_tokens_per_s" in r:
+            hf += (f"; copying append {r['hf_copy_append_tokens_per_s']:,.0f} "
+                   f"({r['hf_copy_append_tokens_per_cpu_s']:,.0f})")
         lines.append(f"| {r['batch']} | {r['context']:,} | {r['recurrent_tokens_per_s']:,.0f} "
                      f"({r['recurrent_tokens_per_cpu_s']:,.0f}) | {r['window_tokens_per_s']:,.1f} "
                      f"({r['window_tokens_per_cpu_s']:,.1f}) | {hf} | {r['prefill_s']:.2f} | "
@@ -273,6 +313,12 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="measurements per path and row; the best is reported")
     p.add_argument("--note", default=None, help="a remark stored in the JSON (e.g. what else ran on the machine)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers path")
+    p.add_argument("--hf-grow-from", type=int, default=None,
+                   help="set kop_triton.hf.GROW_IN_PLACE_FROM (ids from which generate's sequence grows in place; "
+                        "0: always)")
+    p.add_argument("--hf-copy-append", action="store_true",
+                   help="also time HF generate with transformers' own append (a copy of the sequence per token), "
+                        "interleaved with the default path: hf_copy_append_* in the JSON")
     p.add_argument("--out", default=None, help="directory for decode.json and decode.png")
     a = p.parse_args(argv)
     if min(a.new, a.window_new, a.window, a.threads, a.repeats) < 1 or a.new < 2:

@@ -181,3 +181,61 @@ def test_blocks_own_their_prepared_steps_and_no_block_math_is_copied():
     src = inspect.getsource(decode)
     for name in ("K1Block", "K2Block", "K0Block", "mlp", "mixer", "_k2_block", "__name__", "_rosa_step", "_step_plan"):
         assert name not in src.replace("K*Block", ""), name
+
+
+def test_fingerprint_sees_data_edits_that_leave_the_version_counter():
+    """p.data.mul_ / a swap of two values / a one-ulp change through .data bump no version counter; the
+    fingerprint (checked once per generate call through valid(exact=True)) sees each, and is equal for
+    an identical copy (so an unchanged model keeps its prepared step)."""
+    from kop_triton.decode import fingerprint
+    m = _model("default-linear")
+    with torch.no_grad():
+        prep = m.prepared_step()
+        assert prep.valid(exact=True) and m.prepared_step(exact=True) is prep
+        p = m.stack.blocks[0].mlp.up.weight
+        clone = [q.detach().clone() for q in m.parameters()]
+        assert torch.equal(fingerprint(clone), fingerprint(list(m.parameters())))
+        edits = [lambda: p.data.mul_(0.9),
+                 lambda: p.data.view(-1).__setitem__([0, 1], p.data.view(-1)[[1, 0]].clone()),
+                 lambda: p.data.view(-1)[5].copy_(torch.nextafter(p.data.view(-1)[5], torch.tensor(1e9, dtype=p.dtype)))]
+        for edit in edits:
+            v = p._version
+            edit()
+            assert p._version == v                                  # invisible to the version counter
+            assert prep.valid() and not prep.valid(exact=True)
+            new = m.prepared_step(exact=True)
+            assert new is not prep and new.valid(exact=True)
+            prep = new
+
+
+@pytest.mark.parametrize("name", ["default-linear", "gelu-head-refine"])
+def test_prepared_step_holds_no_parameter_copy_beyond_its_folded_weights(name):
+    """The prepared step keeps the live check's references to the parameters (not copies), its folded
+    weights (the scripted walk's buffers) and a (n_params, 2) fingerprint: every other tensor it reaches
+    would be memory held beside the model (an earlier value snapshot doubled the parameters)."""
+    m = _model(name)
+    with torch.no_grad():
+        prep = m.prepared_step(exact=True)
+    params = {id(p) for p in m.parameters()}
+    folded = {t.untyped_storage().data_ptr() for t in prep.walk.buffers()}
+    seen, found, todo = set(), [], [v for k, v in vars(prep).items() if k not in ("model_ref",)]
+    while todo:
+        x = todo.pop()
+        if id(x) in seen or x is m or getattr(x, "__self__", None) is m:
+            continue
+        seen.add(id(x))
+        if isinstance(x, torch.Tensor):
+            found.append(x)
+        elif isinstance(x, torch.nn.Module):                        # the walk (scripted or not) and its blocks
+            found += list(x.buffers()) + list(x.parameters())
+        elif isinstance(x, dict):
+            todo += list(x.values())
+        elif isinstance(x, (list, tuple)):
+            todo += list(x)
+        elif hasattr(x, "__self__"):                                 # a bound method: its object
+            todo.append(x.__self__)
+    extra = [t for t in found if id(t) not in params and t.untyped_storage().data_ptr() not in folded]
+    assert len(extra) == 1 and extra[0] is prep.fingerprint, [tuple(t.shape) for t in extra]
+    assert prep.fingerprint.shape == (len(params), 2) and prep.fingerprint.dtype == torch.int64
+    assert not any(t.untyped_storage().data_ptr() == p.untyped_storage().data_ptr()
+                   for t in prep.walk.buffers() for p in m.parameters())   # folded: no alias of a live weight

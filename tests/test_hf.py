@@ -6,6 +6,7 @@ pipeline, and the released checkpoint through the HF model and lm-evaluation-har
 `make test` installs transformers and lm-eval, so these tests do not skip for a missing package (they fail);
 the released-checkpoint tests skip only when ../shared is absent."""
 import functools
+import json
 import math
 
 import pytest
@@ -221,7 +222,11 @@ def test_save_pretrained_round_trip_and_pipeline(tmp_path, kind):
     for (k, a), b in zip(lm.state_dict().items(), model.model.state_dict().values()):
         assert torch.equal(a, b), k
     tok = AutoTokenizer.from_pretrained(tmp_path)
-    assert type(tok).__name__ == ("KStackCharTokenizer" if kind == "char" else "KStackByteTokenizer")
+    assert type(tok) is (hf.KStackCharTokenizer if kind == "char" else hf.KStackByteTokenizer)
+    s = "Speak, speak.\nAll:"
+    assert tok(s)["input_ids"] == kop_tok.encode(s) and tok.decode(kop_tok.encode(s)) == s
+    saved = json.load(open(tmp_path / "tokenizer_config.json"))
+    assert saved["tokenizer_class"] == type(tok).__name__
     base = AutoModel.from_pretrained(tmp_path)
     ids = torch.tensor([kop_tok.encode("Speak, speak.")])
     with torch.no_grad():

@@ -86,6 +86,82 @@ def test_b1_a_cache_longer_than_the_ids_is_refused():
         _gen(m, _ids(1, 5), past_key_values=o.past_key_values, max_new_tokens=2)
 
 
+# ---- the sequence grows in place inside transformers' loop -----------------------------------
+
+
+class _Keep:
+    """A logits processor that keeps every input_ids it is handed (not copied) and a copy of it."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, input_ids, scores):
+        self.seen.append((input_ids, input_ids.clone()))
+        return scores
+
+
+@pytest.mark.parametrize("kw", [dict(do_sample=False, repetition_penalty=1.5, no_repeat_ngram_size=2),
+                                dict(do_sample=True, top_k=5, num_return_sequences=2),
+                                dict(do_sample=False, max_length=30, return_dict_in_generate=True)])
+def test_growing_sequence_equals_transformers_own_append(kw, monkeypatch):
+    """generate's loop appends each token into spare columns (hf._GrowingIds) instead of copying the
+    sequence: the result, and what history-reading logits processors see, equal transformers' own
+    torch.cat loop; every input_ids a processor kept keeps its values; the result is an ordinary
+    contiguous tensor that does not hold the buffer."""
+    from transformers import GenerationMixin, LogitsProcessorList
+    monkeypatch.setattr(hf, "GROW_IN_PLACE_FROM", 0)              # in place from any length (32k ids by default)
+    m = _hf()
+    P = _ids(2, 11)
+    runs = []
+    for own in (False, True):
+        if own:
+            monkeypatch.setattr(hf.KStackForCausalLM, "_sample", GenerationMixin._sample)
+        keep = _Keep()
+        torch.manual_seed(3)
+        out = _gen(m, P, max_new_tokens=None if "max_length" in kw else 12, logits_processor=LogitsProcessorList([keep]),
+                   **kw)
+        runs.append((out, keep))
+    (ours, keep), (ref, keep_ref) = runs
+    seq, seq_ref = (ours.sequences, ref.sequences) if "return_dict_in_generate" in kw else (ours, ref)
+    assert type(seq) is torch.Tensor and seq.is_contiguous()
+    assert seq.untyped_storage().nbytes() == seq.numel() * seq.element_size()     # no spare columns held
+    assert torch.equal(seq, seq_ref) and seq.shape[1] == (30 if "max_length" in kw else 11 + 12)
+    assert len(keep.seen) == len(keep_ref.seen)
+    assert all(type(a) is hf._GrowingIds for a, _ in keep.seen)                 # the in-place path ran
+    for (a, a_copy), (_b, b_copy) in zip(keep.seen, keep_ref.seen):
+        assert torch.equal(a, a_copy) and torch.equal(a_copy, b_copy)          # never overwritten
+    assert torch.equal(P, _ids(2, 11))                                          # the prompt untouched
+
+
+def test_growing_sequence_only_from_its_threshold(monkeypatch):
+    """Sequences shorter than hf.GROW_IN_PLACE_FROM ids keep transformers' own append (there the
+    copy costs less than the subclass's per-op dispatch); from it on, the in-place one."""
+    from transformers import LogitsProcessorList
+    m = _hf()
+    seen = {}
+    for limit in (11, 12):
+        monkeypatch.setattr(hf, "GROW_IN_PLACE_FROM", limit)
+        keep = _Keep()
+        seen[limit] = _gen(m, _ids(1, 11), max_new_tokens=3, logits_processor=LogitsProcessorList([keep]))
+        assert {type(a) for a, _ in keep.seen} == {hf._GrowingIds if limit == 11 else torch.Tensor}
+    assert torch.equal(seen[11], seen[12])
+
+
+def test_growing_sequence_leaves_other_cats_alone():
+    """Only the loop's append of the newest sequence is done in place; a second append to an older
+    sequence, or a cat along another dim, is an ordinary copy and leaves the first appends intact."""
+    g = hf._GrowingIds.wrap(torch.arange(6).reshape(2, 3), spare=4)
+    a = torch.cat([g, torch.tensor([[7], [8]])], dim=-1)
+    b = torch.cat([g, torch.tensor([[5], [6]])], dim=-1)                   # g is no longer the newest
+    assert type(b) is torch.Tensor and b.tolist() == [[0, 1, 2, 5], [3, 4, 5, 6]]
+    assert a.tolist() == [[0, 1, 2, 7], [3, 4, 5, 8]]
+    c = torch.cat([a, torch.zeros(2, 30, dtype=torch.long)], -1)          # beyond the spare columns: a new buffer
+    assert c.shape == (2, 34) and c[:, :4].tolist() == a.tolist() and a.tolist() == [[0, 1, 2, 7], [3, 4, 5, 8]]
+    assert torch.cat([g, g], 0).shape == (4, 3) and type(g[:, -1:]) is torch.Tensor
+    with pytest.raises((RuntimeError, TypeError)):
+        torch.cat([c, torch.zeros(3, 1, dtype=torch.long)], -1)           # a wrong shape: torch's own error
+
+
 # ---- B2: the prepared step sees the live model ----------------------------------------------
 
 

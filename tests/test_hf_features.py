@@ -69,6 +69,26 @@ def test_pipeline_batches_with_left_padding(saved):
         assert out[0]["generated_text"] == want
 
 
+def test_pipeline_non_text_prompt_is_transformers_own_type_error(saved):
+    """pipeline("text-generation")(123) fails in transformers' own preprocessing (it concatenates the
+    prompt to a str prefix) before the tokenizer or the model is reached, for any model: a GPT-2
+    from a config gives the same TypeError, naming the type received.  That is transformers'
+    behaviour, not the kstack model's."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    d, lm, kop = saved
+    tok = AutoTokenizer.from_pretrained(str(d))
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=kop.vocab_size, n_layer=1, n_embd=8, n_head=2, n_positions=32,
+                                      bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).eval()
+    ours = hf.KStackForCausalLM.from_pretrained(str(d)).eval()
+    for bad in (123, 1.5):
+        msgs = []
+        for model in (ours, gpt2):
+            with pytest.raises(TypeError) as e:
+                pipeline("text-generation", model=model, tokenizer=tok)(bad, max_new_tokens=2)
+            msgs.append(str(e.value))
+        assert msgs[0] == msgs[1] and type(bad).__name__ in msgs[0] and "str" in msgs[0], msgs
+
+
 # ---- lm-evaluation-harness ----------------------------------------------------------------
 
 
@@ -94,23 +114,87 @@ def test_lm_eval_hflm_with_no_extra_arguments(saved):
     assert abs(rolling - _own_logprob(lm, nl, kop.encode(text))) < 1e-4
 
 
-def test_lm_eval_command_line_route_registers_kstack(saved, tmp_path):
-    """`python -m kop_triton.lm_eval` is lm-eval's CLI with the kstack type registered: in a fresh
-    process, lm-eval's own "hf" model class builds from the CLI's model_args string."""
+_MC_TASK = """task: kstack_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {dir}/mc.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{ctx}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+target_delimiter: ""
+metric_list:
+  - metric: acc
+"""
+_PPL_TASK = """task: kstack_ppl
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {dir}/ppl.jsonl
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+  - metric: word_perplexity
+"""
+
+
+def test_lm_eval_command_line_runs_local_tasks_with_our_log_likelihoods(saved, tmp_path):
+    """`python -m kop_triton.lm_eval run --model hf --model_args pretrained=DIR` through two local tasks
+    (json files, offline): a multiple-choice (loglikelihood) task and a perplexity (loglikelihood_rolling)
+    task.  Every log-likelihood lm-eval logs, and its aggregate metrics, equal the saved model's own
+    log-probabilities (KStackLM's forward, the model save_hf wrote)."""
+    import math
     d, lm, kop = saved
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
-    r = subprocess.run([sys.executable, "-m", "kop_triton.lm_eval", "--help"], capture_output=True, text=True,
-                       env=env, timeout=600)
-    assert r.returncode == 0 and "run" in r.stdout, r.stderr[-2000:]
-    code = ("import sys, kop_triton.lm_eval as L; L.register()\n"
-            "from lm_eval.api.registry import get_model\n"
-            "from lm_eval.api.instance import Instance\n"
-            f"m = get_model('hf').create_from_arg_string('pretrained={d},batch_size=1,device=cpu')\n"
-            "print(repr(m.loglikelihood([Instance('loglikelihood', {}, ('Speak', ', speak.'), 0)])[0][0]))\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ll = float(r.stdout.strip().splitlines()[-1])
-    assert abs(ll - _own_logprob(lm, kop.encode("Speak"), kop.encode(", speak."))) < 1e-4
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    mc = [{"ctx": "All:", "choices": ["\nSpeak", " speak", "\nhear"], "label": 0},
+          {"ctx": "Before we", "choices": [" proceed", " speak"], "label": 1},
+          {"ctx": "First Citizen:\nBefore we", "choices": [" proceed any", " hear me"], "label": 0}]
+    ppl = ["Speak, speak.\nAll:\nhear me", "First Citizen:\nBefore we proceed"]
+    (tasks / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
+    (tasks / "ppl.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ppl))
+    (tasks / "kstack_mc.yaml").write_text(_MC_TASK.format(dir=tasks))
+    (tasks / "kstack_ppl.yaml").write_text(_PPL_TASK.format(dir=tasks))
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+           "HF_DATASETS_CACHE": str(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf_home")}
+    r = subprocess.run([sys.executable, "-m", "kop_triton.lm_eval", "run", "--model", "hf", "--model_args",
+                        f"pretrained={d}", "--device", "cpu", "--batch_size", "2", "--tasks", "kstack_mc", "kstack_ppl",
+                        "--include_path", str(tasks), "--output_path", str(out), "--log_samples"],
+                       capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    assert "kstack_mc" in r.stdout and "bits_per_byte" in r.stdout         # lm-eval's results table
+    (res_file,) = out.glob("*/results_*.json")
+    results = json.loads(res_file.read_text())["results"]
+    samples = {t: [json.loads(line) for line in next(out.glob(f"*/samples_{t}_*.jsonl")).read_text().splitlines()]
+               for t in ("kstack_mc", "kstack_ppl")}
+    correct = 0
+    for s in sorted(samples["kstack_mc"], key=lambda s: s["doc_id"]):
+        doc = mc[s["doc_id"]]
+        got = [float(resp[0][0]) for resp in s["resps"]]
+        own = [_own_logprob(lm, kop.encode(doc["ctx"]), kop.encode(c)) for c in doc["choices"]]
+        assert max(abs(a - b) for a, b in zip(got, own)) < 1e-5 * max(1.0, max(map(abs, own))), (got, own)
+        correct += max(range(len(own)), key=own.__getitem__) == doc["label"]
+    assert results["kstack_mc"]["acc,none"] == correct / len(mc)
+    nl = kop.encode("\n")                                                  # the prefix token (eos = bos = "\n")
+    total = 0.0
+    for s in sorted(samples["kstack_ppl"], key=lambda s: s["doc_id"]):
+        own = _own_logprob(lm, nl, kop.encode(ppl[s["doc_id"]]))
+        got = float(s["resps"][0][0])
+        assert abs(got - own) < 1e-5 * max(1.0, abs(own)), (got, own)
+        total += own
+    n_bytes = sum(len(t.encode("utf-8")) for t in ppl)
+    n_words = sum(len(t.split()) for t in ppl)
+    want = {"bits_per_byte": -total / n_bytes / math.log(2), "byte_perplexity": math.exp(-total / n_bytes),
+            "word_perplexity": math.exp(-total / n_words)}
+    for k, v in want.items():
+        assert abs(results["kstack_ppl"][k + ",none"] - v) < 1e-4 * v, (k, results["kstack_ppl"], want)
 
 
 # ---- weights checksum -----------------------------------------------------------------------

@@ -21,10 +21,11 @@ forward hook anywhere, no global forward hook) and returns None otherwise: the c
 the module path, which runs the modules as they are.  ``PreparedStep.valid()`` (checked by
 ``KStackLM.prepared_step`` at every call) compares the module tree (each child object and its
 type), the hooks, and each parameter's object, version counter, data pointer, dtype and device
-with those at build time; ``valid(exact=True)`` (once per ``generate`` call) also compares the
-parameter values with a snapshot, which catches in-place changes that bypass the version
-counter (``p.data.mul_(...)``).  A step through ``KStackLM.step`` without generate sees those
-only after the next version-visible change or ``generate`` call.
+with those at build time; ``valid(exact=True)`` (once per ``generate`` call) also compares each
+parameter's ``fingerprint`` (two wrapping 64-bit integer sums of its bits), which catches in-place
+changes that bypass the version counter (``p.data.mul_(...)``) without holding a copy of the
+parameters.  A step through ``KStackLM.step`` without generate sees those only after the next
+version-visible change or ``generate`` call.
 """
 from __future__ import annotations
 
@@ -42,6 +43,29 @@ from .rosa import RosaStream
 
 _VERSION = operator.attrgetter("_version")          # a parameter's in-place version counter
 _DATA_PTR = torch.Tensor.data_ptr
+_LAYOUT = operator.attrgetter("shape", "dtype", "device")
+_WORDS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int32}   # element size -> integer view
+_CHUNK = 1 << 20
+
+
+def fingerprint(params: List[torch.Tensor]) -> torch.Tensor:
+    """(len(params), 2) int64 on the first parameter's device: for each tensor, the sum of its bits
+    read as integer words and the sum of word * (its index + 1), both modulo 2**64 (integer
+    addition wraps, so the result does not depend on the reduction order).  Any change of a value
+    changes the first sum unless other words cancel it exactly, and the second unless that also
+    holds for the weighted sum.  Read in chunks of 2**20 words; nothing parameter-sized is kept."""
+    rows = []
+    dev = params[0].device if params else torch.device("cpu")
+    for p in params:
+        t = p.detach()
+        words = t.contiguous().reshape(-1).view(_WORDS[t.element_size()])
+        s0 = s1 = torch.zeros((), dtype=torch.int64, device=t.device)
+        for i in range(0, words.numel(), _CHUNK):
+            w = words[i:i + _CHUNK].to(torch.int64)
+            s0 = s0 + w.sum()
+            s1 = s1 + (w * torch.arange(i + 1, i + 1 + w.numel(), dtype=torch.int64, device=w.device)).sum()
+        rows.append(torch.stack([s0, s1]).to(dev))
+    return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.int64)
 
 
 def global_hooks() -> bool:
@@ -130,14 +154,14 @@ class PreparedStep:
         self.head = model.logits_from_hidden
         self.rosa_hidden = model.rosa_hidden
         self.key = self.live_key(model)
-        self.snapshot = [p.detach().clone() for p in self.key[7]]
+        self.fingerprint = fingerprint(self.key[7])
 
     # ---- the live model ----------------------------------------------------------------
     @staticmethod
     def live_key(model):
         """What the prepared step depends on, compared cheaply (C-level maps over flat lists): every
-        module's children (objects and types), every parameter (object, version, data pointer), the
-        forward hooks."""
+        module's children (objects and types), every parameter (object, version, data pointer, shape,
+        dtype, device), the forward hooks."""
         hook_dicts, c_dicts, c_names, c_objs, p_dicts, p_names, p_objs = [], [], [], [], [], [], []
         for m in model.modules():
             hook_dicts += [m._forward_hooks, m._forward_pre_hooks]
@@ -147,20 +171,22 @@ class PreparedStep:
                 if p is not None:
                     p_dicts.append(m._parameters), p_names.append(n), p_objs.append(p)
         return (hook_dicts, c_dicts, c_names, c_objs, list(map(type, c_objs)), p_dicts, p_names, p_objs,
-                list(map(_VERSION, p_objs)), list(map(_DATA_PTR, p_objs)))
+                list(map(_VERSION, p_objs)), list(map(_DATA_PTR, p_objs)), list(map(_LAYOUT, p_objs)))
 
     def valid(self, exact: bool = False) -> bool:
-        """The model is as it was when this was built (``exact``: its parameter values compared too)."""
-        hook_dicts, c_dicts, c_names, c_objs, c_types, p_dicts, p_names, p_objs, versions, ptrs = self.key
+        """The model is as it was when this was built (``exact``: the parameters' fingerprints compared
+        too, which sees edits through ``p.data`` that leave the version counter alone)."""
+        hook_dicts, c_dicts, c_names, c_objs, c_types, p_dicts, p_names, p_objs, versions, ptrs, layouts = self.key
         if any(map(len, hook_dicts)) or global_hooks():
             return False
         got = list(map(dict.get, c_dicts, c_names))
         if got != c_objs or list(map(type, got)) != c_types or list(map(dict.get, p_dicts, p_names)) != p_objs:
             return False
-        if list(map(_VERSION, p_objs)) != versions or list(map(_DATA_PTR, p_objs)) != ptrs:
+        if (list(map(_VERSION, p_objs)) != versions or list(map(_DATA_PTR, p_objs)) != ptrs
+                or list(map(_LAYOUT, p_objs)) != layouts):
             return False
         if exact:
-            return all(map(torch.equal, p_objs, self.snapshot))
+            return torch.equal(fingerprint(p_objs), self.fingerprint)
         return True
 
     # ---- running ----------------------------------------------------------------------

@@ -19,8 +19,10 @@
   live model; a LoRA-wrapped or hooked model takes the module path instead), and the attention
   mask and position ids stop growing once the state holds the prompt.  A returned cache
   continues: ``generate(sequences + more, past_key_values=cache)`` runs only the tokens it has
-  not seen.  Transformers' own loop is untouched (logits processors, stopping criteria,
-  streamers; it still appends each token to ``input_ids``, a copy that grows with the context).
+  not seen.  Transformers' own loop runs as is (logits processors, stopping criteria,
+  streamers), except that the sequence it appends each token to grows in place (``_GrowingIds``:
+  its ``torch.cat`` writes into spare columns instead of copying the whole sequence per token),
+  so a token costs the same at 100k context as at 2k.
   Beam search reorders the states (not ROSA's automata: refused); strategies that crop the
   cache (assisted / prompt-lookup decoding) or need hidden states of past tokens (contrastive
   search, DoLa) fail at once with a ``ValueError`` naming the strategy.
@@ -284,6 +286,89 @@ class KStackCache(Cache):
 
     def offload(self, *args, **kwargs):
         raise ValueError("KStackCache does not support offloading (its state is a few KB per sequence)")
+
+
+_PLAIN = torch._C._disabled_torch_function_impl      # runs an op with no subclass handling: plain results
+# generate()'s sequences of fewer ids (batch x length) than this keep transformers' copying append: each op on a
+# _GrowingIds costs a Python dispatch (about 10 per token, ~40 us on the dev CPU), more than copying a short
+# sequence (the copy costs ~1.3 us per 1,000 ids there: ~130 us at 100k).
+GROW_IN_PLACE_FROM = 32768
+
+
+class _Buffer:
+    """The storage a ``_GrowingIds`` and its earlier views share; ``end``: the columns handed out."""
+    __slots__ = ("buf", "end", "rows", "dtype", "device")
+
+    def __init__(self, buf: torch.Tensor, end: int):
+        self.buf, self.end, self.rows, self.dtype, self.device = buf, end, buf.shape[0], buf.dtype, buf.device
+
+
+class _GrowingIds(torch.Tensor):
+    """The sequence (B, T) inside transformers' decoding loop, which appends each token with
+    ``input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)``: a copy of the whole
+    sequence per token (at 100k context it cost more than the model's step).  Here that ``cat``
+    writes the new columns into spare capacity of one buffer (doubled when full) and returns a
+    longer view of it: O(new tokens), not O(T).  Columns a view holds are never written again,
+    so every earlier view (a logits processor may keep one) keeps its values.  Every other op
+    runs on the plain tensor and returns plain tensors."""
+
+    @staticmethod
+    def wrap(ids: torch.Tensor, spare: int) -> "_GrowingIds":
+        B, T = ids.shape
+        buf = ids.new_empty(B, T + max(spare, 16))
+        buf[:, :T] = ids
+        out = buf.narrow(1, 0, T).as_subclass(_GrowingIds)
+        out._g, out._n = _Buffer(buf, T), T
+        return out
+
+    def plain(self) -> torch.Tensor:
+        """A contiguous ordinary tensor holding these values (not aliasing the buffer)."""
+        return self._g.buf.narrow(1, 0, self._n).clone(memory_format=torch.contiguous_format)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.cat:
+            out = _GrowingIds._append(args, kwargs)
+            if out is not None:
+                return out
+        return _PLAIN(func, types, args, kwargs or {})
+
+    @staticmethod
+    def _append(args, kwargs):
+        """``torch.cat([self, new], dim=-1 or 1)`` in place when self is the newest view, else None."""
+        dim = kwargs.get("dim", 0) if kwargs else (args[1] if len(args) == 2 else 0)
+        if dim not in (-1, 1) or (kwargs and kwargs.keys() != {"dim"}) or len(args) > 2:
+            return None
+        parts = args[0]
+        if type(parts) not in (list, tuple) or len(parts) != 2:
+            return None
+        ids, new = parts
+        if type(ids) is not _GrowingIds or type(new) is not torch.Tensor:
+            return None
+        g, n = ids._g, ids._n
+        shape = new.shape
+        if (n != g.end or len(shape) != 2 or shape[0] != g.rows or new.dtype != g.dtype
+                or new.device != g.device):
+            return None                                   # not the loop's append: cat decides (and raises)
+        k = shape[1]
+        if n + k > g.buf.shape[1]:                        # full: a new buffer twice as wide
+            buf = g.buf.new_empty(g.rows, 2 * (n + k))
+            buf.narrow(1, 0, n).copy_(g.buf.narrow(1, 0, n))
+            g = _Buffer(buf, n)
+        g.buf.narrow(1, n, k).copy_(new)
+        g.end = n + k
+        out = g.buf.narrow(1, 0, n + k).as_subclass(_GrowingIds)
+        out._g, out._n = g, n + k
+        return out
+
+
+def _plain_sequences(result):
+    """generate()'s result with its sequences as an ordinary tensor."""
+    if isinstance(result, _GrowingIds):
+        return result.plain()
+    if isinstance(getattr(result, "sequences", None), _GrowingIds):
+        result.sequences = result.sequences.plain()
+    return result
 
 
 # --------------------------------------------------------------------------------------
@@ -647,6 +732,15 @@ class KStackForCausalLM(KStackPreTrainedModel, GenerationMixin):
             if cache is not None:
                 cache.prepared = cache._step_output = None
 
+    def _sample(self, input_ids, *args, **kwargs):
+        """transformers' greedy / sampling loop, with ``input_ids`` growing in place (``_GrowingIds``)
+        so that appending a token does not copy the whole sequence."""
+        if type(input_ids) is torch.Tensor and input_ids.dim() == 2 and input_ids.numel() >= GROW_IN_PLACE_FROM:
+            cfg = kwargs.get("generation_config")
+            spare = getattr(cfg, "max_new_tokens", None) or 0
+            input_ids = _GrowingIds.wrap(input_ids, spare + 1 if is_int(spare) else 16)
+        return _plain_sequences(super()._sample(input_ids, *args, **kwargs))
+
     def _fast_step(self, prepared, input_ids, cache):
         """One generated token per row through the prepared step: (B, 1) -> CausalLMOutputWithPast."""
         if cache._checked is not prepared:                            # once per state handed in
@@ -875,9 +969,10 @@ def save_hf(directory, model: KStackLM, tokenizer, overwrite: bool = False) -> "
 AutoConfig.register(MODEL_TYPE, KStackHFConfig, exist_ok=True)
 AutoModel.register(KStackHFConfig, KStackModel, exist_ok=True)
 AutoModelForCausalLM.register(KStackHFConfig, KStackForCausalLM, exist_ok=True)
-# both tokenizer classes are found by the name that tokenizer_config.json records
-AutoTokenizer.register(KStackHFConfig, tokenizer_class=KStackCharTokenizer, slow_tokenizer_class=KStackByteTokenizer,
-                       exist_ok=True)
+# Each tokenizer class registered with its own name (AutoTokenizer finds the one tokenizer_config.json
+# records); the char tokenizer, registered last, is the kstack config's default.
+for _tok_cls in (KStackByteTokenizer, KStackCharTokenizer):
+    AutoTokenizer.register(KStackHFConfig, tokenizer_class=_tok_cls, exist_ok=True)
 
 __all__ = ["verify_checksums", "CHECKSUM_FILE", "KStackHFConfig", "KStackModel", "KStackForCausalLM", "KStackCache", "KStackCharTokenizer",
            "KStackByteTokenizer", "hf_tokenizer", "save_hf", "transformers", "RosaStream"]

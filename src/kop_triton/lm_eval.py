@@ -6,7 +6,9 @@
 Every argument goes to lm-eval's CLI unchanged; importing ``kop_triton.hf`` first registers the
 "kstack" model type with transformers' Auto classes, so ``--model hf`` loads a directory written
 by ``save_hf`` / ``kop-convert --format hf`` (its tokenizer has the eos and pad tokens lm-eval
-needs).  Needs ``pip install lm-eval`` (and, for its tasks, the ``datasets`` package).
+needs).  Needs ``pip install lm-eval`` and, for a task run (``run --tasks ...``), what its task path
+imports: ``datasets``, ``sacrebleu`` and ``pytablewriter`` (``make install`` installs these; a local
+task: a YAML file with ``dataset_path: json`` and ``data_files``, passed with ``--include_path``).
 """
 from __future__ import annotations
 

@@ -580,7 +580,7 @@ class KStackLM(nn.Module):
         ``module_step``): inference only (no autograd, eval mode, autocast off), float32 / float64
         weights of one dtype, every module one the blocks fold (no wrapped module, no forward hook).
         Rebuilt when the model changes (``PreparedStep.valid``; ``exact``: also compare the
-        parameter values with a snapshot, once per ``generate`` call)."""
+        parameter fingerprints (``decode.fingerprint``), once per ``generate`` call)."""
         if torch.is_grad_enabled() or self.training:
             return None
         from .decode import PreparedStep
