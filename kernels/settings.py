@@ -168,6 +168,11 @@ BASE: Dict[str, Dict[str, Value]] = {
     # packed sequences spilled 12-24 B on sm_100 under 3.9; 8 warps: 0 B, <= 80 regs under 3.9 and 3.6,
     # all three targets; 2 warps: 0 B at up to 255 regs; gate 12-06)
     "_state_pass_kernel": dict(num_warps=8),
+    # the grouped state pass's levels A (group totals: a (CB, BLOCK) fp32 accumulator; 4 warps: 0 B,
+    # 47-56 regs) and C (a group's walk, the state pass's step; 8 warps as it: 0 B, 58-72 regs), under
+    # 3.6 and 3.9, all three targets, flat grids and packed sequences included (gate 12-06)
+    "_group_sum_kernel": dict(num_warps=4),
+    "_group_apply_kernel": dict(num_warps=8),
     # ---- K2 (kernels/k2.py) ----
     # BM: rows per program, (BM, BR) float32 tiles of <= 2048 elements; BD: its (BD, BR) u and v
     # tiles stay <= 2048 elements (64 x 128 fp32 tiles spilled ~1.1 KB per thread on sm_80 / sm_90 /
