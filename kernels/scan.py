@@ -93,23 +93,30 @@ from .varlen import chunk_bounds, chunk_tables, chunk_tile
 PASS_BLOCK = 128
 PASS_CHUNKS = 16
 # Past PASS_MAX_STEPS dependent steps (a sequence of over PASS_CHUNKS * PASS_MAX_STEPS = 128 chunks,
-# 8K tokens) the pass runs in three levels over groups of G chunks (``pass_group``): A, the
-# groups' totals (parallel over groups x element blocks); B, the single-level walk over the totals
-# (ceil(NG / PASS_CHUNKS) steps); C, each group's own walk from its entry value (parallel again,
-# ceil(G / PASS_CHUNKS) steps per program).  G ~ sqrt(chunks per sequence) balances B's steps
-# against C's: at T = 1M (16,384 chunks) G = 128, 8 + 8 steps instead of 1,024.  A function of
-# shapes only (the longest sequence's chunks), so every sum has a fixed order.  Tests set
-# PASS_GROUP to force groups (0: one level) on tiny inputs.
+# 8K tokens) on fewer than PASS_LEVEL_PROGRAMS programs (N * ceil(R * D / PASS_BLOCK)) the pass runs
+# in three levels over groups of G chunks (``pass_group``): A, the groups' totals (parallel over
+# groups x element blocks); B, the single-level walk over the totals (ceil(NG / PASS_CHUNKS)
+# steps); C, each group's own walk from its entry value (parallel again, ceil(G / PASS_CHUNKS) steps
+# per program).  G ~ sqrt(chunks per sequence) balances B's steps against C's: at T = 1M (16,384
+# chunks) G = 128, 8 + 8 steps instead of 1,024.  The levels read the chunk states once more (A):
+# 1.5x the single pass's bytes, which pays only while the single pass is bound by its steps, i.e.
+# while its few programs keep too few bytes in flight: each has one step's 16 rows of BLOCK fp32
+# (8 KB) in flight per step (~1 us, an estimate), 256 programs ~2 TB/s, about 1.5x below an H100's
+# ~3 TB/s -- the break-even PASS_LEVEL_PROGRAMS (an estimate from those figures, not measured on a
+# GPU).  A function of shapes only (the longest sequence's chunks), so every sum has a fixed
+# order.  Tests set PASS_GROUP to force groups (0: one level) on tiny inputs.
 PASS_MAX_STEPS = 8
+PASS_LEVEL_PROGRAMS = 256
 PASS_GROUP = None
 
 
-def pass_group(nt_max: int) -> int:
-    """Chunks per group of the grouped state pass for sequences of at most ``nt_max`` chunks;
-    0: the single-level walk (it already takes <= PASS_MAX_STEPS dependent steps)."""
+def pass_group(nt_max: int, programs: int = 1) -> int:
+    """Chunks per group of the grouped state pass for sequences of at most ``nt_max`` chunks, the
+    single-level pass having ``programs`` programs; 0: the single-level walk (it already takes
+    <= PASS_MAX_STEPS dependent steps, or has enough programs to be bound by its bytes)."""
     if PASS_GROUP is not None:
         return PASS_GROUP
-    if triton.cdiv(nt_max, PASS_CHUNKS) <= PASS_MAX_STEPS:
+    if triton.cdiv(nt_max, PASS_CHUNKS) <= PASS_MAX_STEPS or programs >= PASS_LEVEL_PROGRAMS:
         return 0
     return max(PASS_CHUNKS, triton.next_power_of_2(math.isqrt(nt_max - 1) + 1))
 
@@ -736,7 +743,7 @@ class ChunkPlan:
         """(G, NG, group_indices, group_offsets, groups per batch row) of the grouped state pass,
         G = 0 for the single-level walk; groups are chunks of G * BT tokens (``chunk_tables``)."""
         if self._groups is None:
-            G = pass_group(self.nt_max())
+            G = pass_group(self.nt_max(), self.N * triton.cdiv(self.R * self.D, PASS_BLOCK))
             if G == 0:
                 self._groups = (0, 0, None, None, 0)
             else:

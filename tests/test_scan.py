@@ -501,14 +501,15 @@ def test_triton_state_pass_levels(monkeypatch, case, reverse, h0):
 
 @triton_test
 def test_triton_state_pass_group_rule():
-    """One level while the walk takes <= PASS_MAX_STEPS steps; past it groups of ~sqrt(chunks),
-    a power of two >= PASS_CHUNKS: 8 + 8 dependent steps at T = 1M instead of 1,024.  Packed
-    sequences: the longest one decides."""
-    assert (ks.PASS_CHUNKS, ks.PASS_MAX_STEPS) == (16, 8)
+    """One level while the walk takes <= PASS_MAX_STEPS steps or already has PASS_LEVEL_PROGRAMS
+    programs; else groups of ~sqrt(chunks), a power of two >= PASS_CHUNKS: 8 + 8 dependent steps
+    at T = 1M instead of 1,024.  Packed sequences: the longest one decides."""
+    assert (ks.PASS_CHUNKS, ks.PASS_MAX_STEPS, ks.PASS_LEVEL_PROGRAMS, ks.PASS_BLOCK) == (16, 8, 256, 128)
     steps = lambda nt, G: (-(-(-(-nt // G)) // 16), -(-G // 16))            # noqa: E731  (B, C)
     for T, G in ((64, 0), (8192, 0), (8193, 16), (16384, 16), (65536, 32), (1 << 20, 128), (1 << 22, 256)):
         nt = -(-T // 64)
-        assert ks.pass_group(nt) == G, T
+        assert ks.pass_group(nt, 8) == ks.pass_group(nt, 255) == G, T
+        assert ks.pass_group(nt, 256) == 0, T
         if G:
             assert max(steps(nt, G)) <= 16, (T, steps(nt, G))
     cu = torch.tensor([0, 100, 100 + 64 * 200, 100 + 64 * 200 + 5], dtype=torch.int32)
@@ -516,6 +517,10 @@ def test_triton_state_pass_group_rule():
     assert P.nt_max() == 200 and P.pass_groups()[:2] == (16, 1 + 13 + 1)
     P = ks.ChunkPlan(3, 64 * 128, 4, 8, F32, None, 64, torch.device("cpu"))
     assert P.pass_groups()[0] == 0
+    # B = 1, R = 16, T = 1M: levels up to D = 1024 (128 programs), one level from D = 2048 (256)
+    for D, G in ((64, 128), (1024, 128), (2048, 0)):
+        assert ks.ChunkPlan(1, 1 << 20, 16, D, F32, None, 64, torch.device("meta")).pass_groups()[0] == G, D
+    assert ks.ChunkPlan(2, 1 << 20, 16, 1024, F32, None, 64, torch.device("meta")).pass_groups()[0] == 0
 
 
 @triton_test
