@@ -46,8 +46,9 @@ B) grid below, N0 first, all on axis x):
     _state_pass_kernel    sequential pass over the chunks of a sequence, elementwise in (R, D),
                           grid (N, R*D / BLOCK), flat (R*D / BLOCK, N); forward in time, or
                           reversed for the backward; PASS_CHUNKS chunks composed per dependent step
-    sequences of over 8K tokens (``pass_group``) run the pass in three launches over groups of G
-    chunks (never across a sequence), NG groups in all, G ~ sqrt(chunks per sequence):
+    sequences of over 8K tokens on fewer than 256 programs (``pass_group``) run the pass in three
+    launches over groups of G chunks (never across a sequence), NG groups in all, G ~ sqrt(chunks
+    per sequence):
     _group_sum_kernel     A: every group's total (its maps composed from h = 0), grid (R*D / BLOCK, NG)
     _state_pass_kernel    B: the walk above over the NG totals (a group as one chunk of G*BT tokens)
                           -> the value entering every group, and the final state
