@@ -22,6 +22,9 @@ Forward, four launches (x is read three times, y written once):
   3. ``_state_pass_kernel``  (scan) grid (N, R*D / 128): the only walk over a sequence, elementwise
                              on the (R, D) chunk states, 16 chunks composed per step ->
                              S_prev[c] (the chunk states the backward reads) and the final state;
+                             past 8K tokens per sequence on few programs (N R D < 32K) three
+                             launches over groups of chunks
+                             (``kernels/scan.py``: ``pass_group``, ``ChunkPlan.state_pass``);
   4. ``_k2_out_kernel``      grid (D / BD, NC): per chunk and channel block, the scores A of the
                              chunk (recomputed from q, k: O(R) per token read), o = A @ x +
                              (q g^(i+1)) @ S_prev, the conv tile, y = gate * conv + o (reads x, its

@@ -45,7 +45,14 @@ B) grid below, N0 first, all on axis x):
     _chunk_state_kernel   chunk-local states dS[c] (forward) / dH[c] (backward), grid (D/BD, NT, B)
     _state_pass_kernel    sequential pass over the chunks of a sequence, elementwise in (R, D),
                           grid (N, R*D / BLOCK), flat (R*D / BLOCK, N); forward in time, or
-                          reversed for the backward
+                          reversed for the backward; PASS_CHUNKS chunks composed per dependent step
+    sequences of over 8K tokens on fewer than 256 programs (``pass_group``) run the pass in three
+    launches over groups of G chunks (never across a sequence), NG groups in all, G ~ sqrt(chunks
+    per sequence):
+    _group_sum_kernel     A: every group's total (its maps composed from h = 0), grid (R*D / BLOCK, NG)
+    _state_pass_kernel    B: the walk above over the NG totals (a group as one chunk of G*BT tokens)
+                          -> the value entering every group, and the final state
+    _group_apply_kernel   C: each group's walk from its entry value, in place on s, grid (R*D / BLOCK, NG)
     _chunk_out_kernel     o (forward) / dv (backward), grid (D/BD, NT, B)
     _bwd_dqk_kernel       dq, dk and per-(chunk, sub-chunk) partial dgamma, grid (BT // BC, NT, B)
 
@@ -68,6 +75,7 @@ the initial state (zeros when None) for c = 0.  The final state is not part of i
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -85,6 +93,33 @@ from .varlen import chunk_bounds, chunk_tables, chunk_tile
 # on a GPU.
 PASS_BLOCK = 128
 PASS_CHUNKS = 16
+# Past PASS_MAX_STEPS dependent steps (a sequence of over PASS_CHUNKS * PASS_MAX_STEPS = 128 chunks,
+# 8K tokens) on fewer than PASS_LEVEL_PROGRAMS programs (N * ceil(R * D / PASS_BLOCK)) the pass runs
+# in three levels over groups of G chunks (``pass_group``): A, the groups' totals (parallel over
+# groups x element blocks); B, the single-level walk over the totals (ceil(NG / PASS_CHUNKS)
+# steps); C, each group's own walk from its entry value (parallel again, ceil(G / PASS_CHUNKS) steps
+# per program).  G ~ sqrt(chunks per sequence) balances B's steps against C's: at T = 1M (16,384
+# chunks) G = 128, 8 + 8 steps instead of 1,024.  The levels read the chunk states once more (A):
+# 1.5x the single pass's bytes, which pays only while the single pass is bound by its steps, i.e.
+# while its few programs keep too few bytes in flight: each has one step's 16 rows of BLOCK fp32
+# (8 KB) in flight per step (~1 us, an estimate), 256 programs ~2 TB/s, about 1.5x below an H100's
+# ~3 TB/s -- the break-even PASS_LEVEL_PROGRAMS (an estimate from those figures, not measured on a
+# GPU).  A function of shapes only (the longest sequence's chunks), so every sum has a fixed
+# order.  Tests set PASS_GROUP to force groups (0: one level) on tiny inputs.
+PASS_MAX_STEPS = 8
+PASS_LEVEL_PROGRAMS = 256
+PASS_GROUP = None
+
+
+def pass_group(nt_max: int, programs: int = 1) -> int:
+    """Chunks per group of the grouped state pass for sequences of at most ``nt_max`` chunks, the
+    single-level pass having ``programs`` programs; 0: the single-level walk (it already takes
+    <= PASS_MAX_STEPS dependent steps, or has enough programs to be bound by its bytes)."""
+    if PASS_GROUP is not None:
+        return PASS_GROUP
+    if triton.cdiv(nt_max, PASS_CHUNKS) <= PASS_MAX_STEPS or programs >= PASS_LEVEL_PROGRAMS:
+        return 0
+    return max(PASS_CHUNKS, triton.next_power_of_2(math.isqrt(nt_max - 1) + 1))
 
 
 # --------------------------------------------------------------------------------------
@@ -267,6 +302,51 @@ def _compose(a1, b1, a2, b2):
 
 
 @triton.jit
+def _walk(s, b_h, b_lg, o_e, m_e, c0, first, cnt, T_n, R, D, BT: tl.constexpr, CB: tl.constexpr,
+          REVERSE: tl.constexpr):
+    """Walk chunks first .. first + cnt - 1 of one sequence (rows c0 + chunk of s; T_n tokens),
+    in place: each receives the running value h entering it (walk order: reversed for REVERSE),
+    and h <- g^L h + s[c] after it.  CB chunks per step: the affine maps of the step are composed
+    by ``tl.associative_scan`` (products of decays, exponents >= 0: nothing divides), so the
+    dependent steps are ceil(cnt / CB), and every step's loads are independent of h.  -> h after
+    the last chunk."""
+    o_b = tl.arange(0, CB)
+    for i0 in range(0, cnt, CB):
+        # row j of the step: the chunk at walk position i0 + j
+        i_w = i0 + o_b
+        m_w = i_w < cnt
+        if REVERSE:
+            i_c = first + cnt - 1 - i_w
+        else:
+            i_c = first + i_w
+        # the map of the chunk before row j in walk order (identity for row 0: h enters there)
+        m_p = m_w & (o_b > 0)
+        if REVERSE:
+            i_p = i_c + 1
+        else:
+            i_p = i_c - 1
+        L_p = tl.maximum(tl.minimum(T_n - i_p * BT, BT), 0)               # 0 on the masked rows
+        m_pe = m_p[:, None] & m_e[None, :]
+        b_b = tl.load(s + (c0 + i_p)[:, None] * R * D + o_e[None, :], mask=m_pe, other=0.)
+        b_a = tl.where(m_pe, tl.exp2(L_p.to(tl.float32)[:, None] * b_lg[None, :]), 1.)
+        # the step's last chunk, for the value after it (loaded before the stores below overwrite it)
+        n_w = tl.minimum(cnt - i0, CB)
+        i_l = i0 + n_w - 1
+        if REVERSE:
+            i_lc = first + cnt - 1 - i_l
+        else:
+            i_lc = first + i_l
+        L_l = tl.minimum(T_n - i_lc * BT, BT)
+        b_sl = tl.load(s + (c0 + i_lc) * R * D + o_e, mask=m_e, other=0.)
+        b_A, b_B = tl.associative_scan((b_a, b_b), 0, _compose)
+        b_in = b_A * b_h[None, :] + b_B                                 # the value entering each chunk
+        tl.store(s + (c0 + i_c)[:, None] * R * D + o_e[None, :], b_in, mask=m_w[:, None] & m_e[None, :])
+        b_last = tl.sum(tl.where((o_b == n_w - 1)[:, None], b_in, 0.), axis=0)
+        b_h = tl.exp2(L_l.to(tl.float32) * b_lg) * b_last + b_sl
+    return b_h
+
+
+@triton.jit
 def _state_pass_kernel(s, lg, h0, ht, cu_seqlens, chunk_offsets, T, R, D, NT,
                        BT: tl.constexpr, BLOCK: tl.constexpr, CB: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
                        STORE_FINAL_STATE: tl.constexpr, REVERSE: tl.constexpr,
@@ -277,11 +357,10 @@ def _state_pass_kernel(s, lg, h0, ht, cu_seqlens, chunk_offsets, T, R, D, NT,
     value h entering it, where h <- g^L(c) * h + s[c] chunk after chunk.  Forward, h starts at
     the initial state and s[c] becomes S_prev[c]; REVERSE walks from the last chunk, h starts at
     dfinal and s[c] becomes G[c].  The value after the walk (final state / dh0) goes to ht.
-    h0, ht: (N, R, D) float32.
+    h0, ht: (N, R, D) float32.  CB chunks per dependent step (``_walk``).
 
-    CB chunks per step: the affine maps h -> a h + b of chunks c-1, c-2, ... are composed by
-    ``tl.associative_scan`` (products of decays, exponents >= 0: nothing divides), so the
-    dependent steps are ceil(NT / CB), not NT, and every step's loads are independent of h.
+    Also level B of the grouped pass (``ChunkPlan.state_pass``): the same walk over the groups'
+    totals, a group of G chunks being one "chunk" of BT = G * CHUNK tokens.
     """
     if FLAT:
         i_e, _, i_n = tile_ids(tl.cdiv(R * D, BLOCK), 1)
@@ -299,45 +378,95 @@ def _state_pass_kernel(s, lg, h0, ht, cu_seqlens, chunk_offsets, T, R, D, NT,
         NT_n = NT
     o_e = i_e * BLOCK + tl.arange(0, BLOCK)
     m_e = o_e < R * D
-    o_b = tl.arange(0, CB)
     b_lg = tl.load(lg + o_e // D, mask=m_e, other=0.)
     b_h = tl.zeros([BLOCK], dtype=tl.float32)
     if USE_INITIAL_STATE:
         b_h = tl.load(h0 + i_n.to(tl.int64) * R * D + o_e, mask=m_e, other=0.).to(tl.float32)
-    for i0 in range(0, NT_n, CB):
-        # row j of the step: the chunk at walk position i0 + j (walk order: reversed for REVERSE)
-        i_w = i0 + o_b
-        m_w = i_w < NT_n
-        if REVERSE:
-            i_c = NT_n - 1 - i_w
-        else:
-            i_c = i_w
-        # the map of the chunk before row j in walk order (identity for row 0: h enters there)
-        m_p = m_w & (o_b > 0)
-        if REVERSE:
-            i_p = i_c + 1
-        else:
-            i_p = i_c - 1
-        L_p = tl.maximum(tl.minimum(T_n - i_p * BT, BT), 0)               # 0 on the masked rows
-        m_pe = m_p[:, None] & m_e[None, :]
-        b_b = tl.load(s + (c0 + i_p)[:, None] * R * D + o_e[None, :], mask=m_pe, other=0.)
-        b_a = tl.where(m_pe, tl.exp2(L_p.to(tl.float32)[:, None] * b_lg[None, :]), 1.)
-        # the step's last chunk, for the value after it (loaded before the stores below overwrite it)
-        n_w = tl.minimum(NT_n - i0, CB)
-        i_l = i0 + n_w - 1
-        if REVERSE:
-            i_lc = NT_n - 1 - i_l
-        else:
-            i_lc = i_l
-        L_l = tl.minimum(T_n - i_lc * BT, BT)
-        b_sl = tl.load(s + (c0 + i_lc) * R * D + o_e, mask=m_e, other=0.)
-        b_A, b_B = tl.associative_scan((b_a, b_b), 0, _compose)
-        b_in = b_A * b_h[None, :] + b_B                                 # the value entering each chunk
-        tl.store(s + (c0 + i_c)[:, None] * R * D + o_e[None, :], b_in, mask=m_w[:, None] & m_e[None, :])
-        b_last = tl.sum(tl.where((o_b == n_w - 1)[:, None], b_in, 0.), axis=0)
-        b_h = tl.exp2(L_l.to(tl.float32) * b_lg) * b_last + b_sl
+    b_h = _walk(s, b_h, b_lg, o_e, m_e, c0, 0, NT_n, T_n, R, D, BT, CB, REVERSE)
     if STORE_FINAL_STATE:
         tl.store(ht + i_n.to(tl.int64) * R * D + o_e, b_h, mask=m_e)
+
+
+@triton.jit
+def _group_of(i_g, cu_seqlens, chunk_offsets, group_indices, T, NT, NGR, G, BT: tl.constexpr,
+              IS_VARLEN: tl.constexpr):
+    """-> (c0, T_n, first, cnt) of group i_g of the grouped state pass: the first chunk_states row
+    of its sequence, the sequence's length, its first chunk within the sequence and its number of
+    chunks (G, fewer in a sequence's last group).  Groups never cross a sequence: with packed
+    sequences group_indices (NG, 2) holds (sequence, group within it); else NGR groups per row."""
+    if IS_VARLEN:
+        n = tl.load(group_indices + i_g * 2).to(tl.int64)
+        j = tl.load(group_indices + i_g * 2 + 1)
+        bos = tl.load(cu_seqlens + n).to(tl.int64)
+        T_n = tl.load(cu_seqlens + n + 1).to(tl.int64) - bos
+        c0 = tl.load(chunk_offsets + n).to(tl.int64)
+    else:
+        n = i_g // NGR
+        j = i_g - n * NGR
+        T_n = T
+        c0 = n.to(tl.int64) * NT
+    first = j * G
+    cnt = tl.minimum(tl.cdiv(T_n, BT) - first, G).to(tl.int32)
+    return c0, T_n, first, cnt
+
+
+@triton.jit
+def _group_sum_kernel(s, hg, lg, cu_seqlens, chunk_offsets, group_indices, T, R, D, NT, NGR, G,
+                      BT: tl.constexpr, BLOCK: tl.constexpr, CB: tl.constexpr, REVERSE: tl.constexpr,
+                      IS_VARLEN: tl.constexpr, FLAT: tl.constexpr):
+    """Level A of the grouped state pass: the total of group i_g, the value its chunks' maps
+    h -> g^L h + s[c] give from h = 0 (walk order: reversed for REVERSE), as one weighted sum
+    hg[i_g] = sum_c g^(n_c) s[c], n_c the tokens of the group after chunk c in walk order (the
+    group's own decay g^(its tokens) is recomputed where needed, not stored).  Reads s only;
+    hg: (NG, R, D) float32.  No dependent steps: the group's chunks in tiles of CB, one fixed-order
+    sum."""
+    if FLAT:
+        i_e, _, i_g = tile_ids(tl.cdiv(R * D, BLOCK), 1)
+    else:
+        i_e, i_g = tl.program_id(0), tl.program_id(1)
+    c0, T_n, first, cnt = _group_of(i_g, cu_seqlens, chunk_offsets, group_indices, T, NT, NGR, G, BT,
+                                    IS_VARLEN)
+    o_e = i_e * BLOCK + tl.arange(0, BLOCK)
+    m_e = o_e < R * D
+    o_b = tl.arange(0, CB)
+    b_lg = tl.load(lg + o_e // D, mask=m_e, other=0.)
+    if REVERSE:
+        e_g = first * BT                                    # walk order ends at the group's first token
+    else:
+        e_g = tl.minimum((first + cnt) * BT, T_n)           # ... at its last
+    b_acc = tl.zeros([CB, BLOCK], dtype=tl.float32)
+    for i0 in range(0, cnt, CB):
+        i_c = first + i0 + o_b
+        m_w = (i0 + o_b) < cnt
+        if REVERSE:
+            n_c = i_c * BT - e_g                            # the group's chunks before c
+        else:
+            n_c = e_g - tl.minimum((i_c + 1) * BT, T_n)     # ... after c
+        n_c = tl.where(m_w, n_c, 0)
+        m_we = m_w[:, None] & m_e[None, :]
+        b_s = tl.load(s + (c0 + i_c)[:, None] * R * D + o_e[None, :], mask=m_we, other=0.)
+        b_acc += tl.exp2(n_c.to(tl.float32)[:, None] * b_lg[None, :]) * b_s
+    tl.store(hg + i_g.to(tl.int64) * R * D + o_e, tl.sum(b_acc, axis=0), mask=m_e)
+
+
+@triton.jit
+def _group_apply_kernel(s, hg, lg, cu_seqlens, chunk_offsets, group_indices, T, R, D, NT, NGR, G,
+                        BT: tl.constexpr, BLOCK: tl.constexpr, CB: tl.constexpr, REVERSE: tl.constexpr,
+                        IS_VARLEN: tl.constexpr, FLAT: tl.constexpr):
+    """Level C of the grouped state pass: from the value entering group i_g (hg[i_g], level B's),
+    the walk over the group's own chunks, in place on s (``_walk``: S_prev[c] forward, G[c]
+    reversed); ceil(G / CB) dependent steps per program."""
+    if FLAT:
+        i_e, _, i_g = tile_ids(tl.cdiv(R * D, BLOCK), 1)
+    else:
+        i_e, i_g = tl.program_id(0), tl.program_id(1)
+    c0, T_n, first, cnt = _group_of(i_g, cu_seqlens, chunk_offsets, group_indices, T, NT, NGR, G, BT,
+                                    IS_VARLEN)
+    o_e = i_e * BLOCK + tl.arange(0, BLOCK)
+    m_e = o_e < R * D
+    b_lg = tl.load(lg + o_e // D, mask=m_e, other=0.)
+    b_h = tl.load(hg + i_g.to(tl.int64) * R * D + o_e, mask=m_e, other=0.)
+    _walk(s, b_h, b_lg, o_e, m_e, c0, first, cnt, T_n, R, D, BT, CB, REVERSE)
 
 
 @triton.jit
@@ -580,6 +709,7 @@ class ChunkPlan:
         self.N = cu_seqlens.numel() - 1 if self.varlen else B
         self.NT = triton.cdiv(T, BT)
         self.NC, self.chunk_indices, self.chunk_offsets = chunk_tables(self.cu, B, T, BT)
+        self._groups = None
         self.dot_mode, self.state_dot_mode = _dot_modes(dtype)
         self.grid_t = (self.NC, 1) if self.varlen else (self.NT, B)
 
@@ -604,15 +734,49 @@ class ChunkPlan:
                REVERSE=reverse, IS_VARLEN=self.varlen, DOT_MODE=self.dot_mode, **st)
         return s
 
+    def nt_max(self) -> int:
+        """Chunks of the longest sequence (packed sequences: read from the chunk offsets)."""
+        if not self.varlen:
+            return self.NT
+        return int((self.chunk_offsets[1:] - self.chunk_offsets[:-1]).max()) if self.N else 0
+
+    def pass_groups(self):
+        """(G, NG, group_indices, group_offsets, groups per batch row) of the grouped state pass,
+        G = 0 for the single-level walk; groups are chunks of G * BT tokens (``chunk_tables``)."""
+        if self._groups is None:
+            G = pass_group(self.nt_max(), self.N * triton.cdiv(self.R * self.D, PASS_BLOCK))
+            if G == 0:
+                self._groups = (0, 0, None, None, 0)
+            else:
+                NG, gi, go = chunk_tables(self.cu, self.B, self.T, G * self.BT)
+                self._groups = (G, NG, gi, go, triton.cdiv(self.NT, G))
+        return self._groups
+
     def state_pass(self, s, lg, h0, store_final: bool, reverse: bool):
         """In place on s: the states entering every chunk (reverse: the gradients leaving it),
-        from the chunk-local ones and h0 (None: zero); -> the final (N, R, D) state or None."""
+        from the chunk-local ones and h0 (None: zero); -> the final (N, R, D) state or None.
+        Long sequences: three launches over groups of chunks (``pass_group``)."""
         ht = torch.empty(self.N, self.R, self.D, dtype=torch.float32, device=s.device) if store_final else None
         ne = triton.cdiv(self.R * self.D, PASS_BLOCK)
-        grid, fl = grid_of((self.N, ne), (ne, self.N))
-        launch(_state_pass_kernel, grid, FLAT=fl, **self.pass_args(),
-               s=s, lg=lg, h0=h0, ht=ht, USE_INITIAL_STATE=h0 is not None, STORE_FINAL_STATE=store_final,
-               REVERSE=reverse, **self.settings("_state_pass_kernel"))
+        st = self.settings("_state_pass_kernel")
+        flags = dict(USE_INITIAL_STATE=h0 is not None, STORE_FINAL_STATE=store_final, REVERSE=reverse)
+        G, NG, gi, go, NGR = self.pass_groups()
+        grid_b, fl_b = grid_of((self.N, ne), (ne, self.N))
+        if G == 0:
+            launch(_state_pass_kernel, grid_b, FLAT=fl_b, **self.pass_args(), s=s, lg=lg, h0=h0, ht=ht,
+                   **flags, **st)
+            return ht
+        # A: every group's total -> hg; B: the walk over the totals (groups as chunks of G * BT
+        # tokens), in place on hg -> the value entering each group; C: each group's walk from it
+        hg = torch.empty(NG, self.R, self.D, dtype=torch.float32, device=s.device)
+        grid, fl = grid_of((ne, NG))
+        group_args = dict(s=s, hg=hg, lg=lg, cu_seqlens=self.cu, chunk_offsets=self.chunk_offsets,
+                          group_indices=gi, T=self.T, R=self.R, D=self.D, NT=self.NT, NGR=NGR, G=G,
+                          BT=self.BT, BLOCK=PASS_BLOCK, CB=PASS_CHUNKS, REVERSE=reverse, IS_VARLEN=self.varlen)
+        launch(_group_sum_kernel, grid, FLAT=fl, **group_args, **self.settings("_group_sum_kernel"))
+        pa = dict(self.pass_args(), chunk_offsets=go, NT=NGR, BT=G * self.BT)
+        launch(_state_pass_kernel, grid_b, FLAT=fl_b, **pa, s=hg, lg=lg, h0=h0, ht=ht, **flags, **st)
+        launch(_group_apply_kernel, grid, FLAT=fl, **group_args, **self.settings("_group_apply_kernel"))
         return ht
 
     def intra_A(self, q, k, lg):

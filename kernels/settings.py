@@ -168,6 +168,11 @@ BASE: Dict[str, Dict[str, Value]] = {
     # packed sequences spilled 12-24 B on sm_100 under 3.9; 8 warps: 0 B, <= 80 regs under 3.9 and 3.6,
     # all three targets; 2 warps: 0 B at up to 255 regs; gate 12-06)
     "_state_pass_kernel": dict(num_warps=8),
+    # the grouped state pass's levels A (group totals: a (CB, BLOCK) fp32 accumulator; 4 warps: 0 B,
+    # 47-56 regs) and C (a group's walk, the state pass's step; 8 warps as it: 0 B, 58-72 regs), under
+    # 3.6 and 3.9, all three targets, flat grids and packed sequences included (gate 12-06)
+    "_group_sum_kernel": dict(num_warps=4),
+    "_group_apply_kernel": dict(num_warps=8),
     # ---- K2 (kernels/k2.py) ----
     # BM: rows per program, (BM, BR) float32 tiles of <= 2048 elements; BD: its (BD, BR) u and v
     # tiles stay <= 2048 elements (64 x 128 fp32 tiles spilled ~1.1 KB per thread on sm_80 / sm_90 /
@@ -222,6 +227,13 @@ RULES: Tuple[Rule, ...] = (
              "sm_90 (bf16 / fp16, packed sequences; 4 warps, 255 regs); one position at a time: 0 B, "
              "135-255 regs on sm_80 / sm_90 / sm_100; 8 warps instead still 4 B (bf16, sm_90), 16 "
              "channels per step 12 B (gate 12-06).  Under 3.6 the broadcasts spill nothing"),
+    Rule(("_bwd_dqk_kernel",), dict(num_stages=lambda c: 2 if c.D % 16 == 0 else 1), dtype="16-bit",
+         why="16-bit, D a multiple of 16: 2 stages pipeline the loads of its loops over D (cp.async in the PTX; "
+             "none at 1 stage) at the same occupancy: 0 B, 168-255 regs under 3.6 and 128-255 under 3.9, all "
+             "three targets, flat grids included (bf16, R = 16, D = 1024, sm_90, 3.6: 251 regs, 16 cp.async, "
+             "2 CTAs = 8 warps per SM, as at 1 stage with 253).  D = 24 (no 16-wide vector loads): 2 stages "
+             "spilled 24 B under 3.6 and 16-40 B under 3.9 (sm_90, sm_100).  Not reachable: 16 warps per SM (16 "
+             "warps per program spilled 112 B; 8 warps: 220-227 regs, still 8 warps per SM) (gate 12-06)"),
     # ---- K2 ----
     Rule(("_k2_out_kernel",), dict(BD=16, num_warps=4), dtype="16-bit", BR=BIG_R,
          why="R > 32, 16-bit: 16 channels, 4 warps (32 channels: 8 B; 8 warps: 12-16 B; gate 12-02)"),

@@ -47,8 +47,13 @@ def _cu(lens):
 
 
 @RACE
+@pytest.mark.parametrize("levels", [False, True], ids=["one-level", "grouped-pass"])
 @pytest.mark.parametrize("varlen", [False, True])
-def test_scan_on_flat_grids(flat, varlen):
+def test_scan_on_flat_grids(flat, varlen, levels, monkeypatch):
+    """grouped-pass: the state pass over groups of 2 chunks (kernels/scan.py pass_group, forced),
+    its three launches on flat grids too."""
+    from kop_triton.kernels import scan as scan_k
+    monkeypatch.setattr(scan_k, "PASS_GROUP", 2 if levels else 0)
     g = torch.Generator().manual_seed(0)
     B, T, R, D = (1, 150, 4, 40) if varlen else (2, 130, 4, 40)
     cu = _cu([70, 1, 79]) if varlen else None
@@ -67,7 +72,8 @@ def test_scan_on_flat_grids(flat, varlen):
                           list(ref) + list(cotangent_grads(list(ref), leaves64, 1))):
         assert_close(name, a.detach().cpu().double(), e.detach(), 1e-5)
     _assert_all_flat(flat, ["_intra_A_kernel", "_chunk_state_kernel", "_state_pass_kernel",
-                            "_chunk_out_kernel", "_bwd_dqk_kernel"])
+                            "_chunk_out_kernel", "_bwd_dqk_kernel"]
+                     + (["_group_sum_kernel", "_group_apply_kernel"] if levels else []))
 
 
 @RACE

@@ -94,7 +94,7 @@ print(json.dumps({"names": names, "big": sorted({ln.name for ln in big}),
                   "grid": max(math.prod(ln.grid) for ln in big if ln.name == "_k2_out_kernel")}))
 """)
     assert got["names"] == sorted(["_intra_A_kernel", "_chunk_state_kernel", "_state_pass_kernel",
-                                   "_chunk_out_kernel", "_bwd_dqk_kernel", "_conv_fwd_kernel",
+                                   "_group_sum_kernel", "_group_apply_kernel", "_chunk_out_kernel", "_bwd_dqk_kernel", "_conv_fwd_kernel",
                                    "_conv_bwd_dx_kernel", "_conv_bwd_dw_kernel", "_k2_qk_kernel",
                                    "_k2_out_kernel", "_k2_dp_kernel", "_k2_dx_kernel"])
     assert {"_k2_qk_kernel", "_k2_out_kernel", "_bwd_dqk_kernel", "_k2_dx_kernel"} <= set(got["big"])
@@ -145,7 +145,8 @@ print(json.dumps(check_limits()))
 # the gate itself
 # --------------------------------------------------------------------------------------
 
-KERNELS = {"_intra_A_kernel", "_chunk_state_kernel", "_state_pass_kernel", "_chunk_out_kernel", "_bwd_dqk_kernel",
+KERNELS = {"_intra_A_kernel", "_chunk_state_kernel", "_state_pass_kernel", "_group_sum_kernel", "_group_apply_kernel",
+           "_chunk_out_kernel", "_bwd_dqk_kernel",
            "_conv_fwd_kernel", "_conv_bwd_dx_kernel", "_conv_bwd_dw_kernel", "_k2_qk_kernel", "_k2_out_kernel",
            "_k2_dp_kernel", "_k2_dx_kernel"}
 

@@ -350,12 +350,16 @@ def test_fused_with_the_tiles_of_other_targets(monkeypatch, case, nan_empty):
 
 
 @needs_triton
+@pytest.mark.parametrize("levels", [False, True], ids=["one-level", "groups"])
 @pytest.mark.parametrize("varlen", [False, True], ids=["batch", "varlen"])
-def test_fused_state_pass_steps(monkeypatch, varlen, nan_empty):
+def test_fused_state_pass_steps(monkeypatch, varlen, levels, nan_empty):
     """The state pass composing 2 chunks per step (16 by default): several steps per sequence,
-    a partial last step, forward and reversed (backward), packed sequences of 1 to 4 chunks."""
+    a partial last step, forward and reversed (backward), packed sequences of 1 to 5 chunks; and
+    the grouped pass (groups of 3 chunks, forced: long sequences get it), groups crossing no
+    sequence, a sequence's last group short."""
     from kop_triton.kernels import scan as scan_k
     monkeypatch.setattr(scan_k, "PASS_CHUNKS", 2)
+    monkeypatch.setattr(scan_k, "PASS_GROUP", 3 if levels else 0)
     if varlen:
         lens = [200, 1, 130, 64]
         cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)

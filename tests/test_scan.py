@@ -427,6 +427,117 @@ def test_triton_backward_is_deterministic():
         assert torch.equal(a, b), f"{name} differs between two identical backward runs"
 
 
+# ---- the state pass: one level, or three over groups of chunks (kernels/scan.py, pass_group) ----
+
+
+def _walk_reference(s, lg, h0, bounds, BT, reverse):
+    """float64 chunk-by-chunk walk: the value entering every chunk (walk order reversed for
+    `reverse`), and the value after each sequence's last one."""
+    s, g = s.double(), torch.exp2(lg.double())[:, None]
+    out, fin, c0 = s.clone(), [], 0
+    for n, (a, e) in enumerate(bounds):
+        nt = -(-(e - a) // BT)
+        h = torch.zeros_like(s[0]) if h0 is None else h0[n].double()
+        for c in (range(nt - 1, -1, -1) if reverse else range(nt)):
+            out[c0 + c] = h
+            h = g ** min(e - a - c * BT, BT) * h + s[c0 + c]
+        fin.append(h)
+        c0 += nt
+    return out, torch.stack(fin)
+
+
+# (label, B, lens (None: B rows of T) or T, G, chunks per step): with G = 3 and 2 chunks per step
+# a group's own walk takes two steps, the second partial
+PASS_CASES = [
+    ("one-chunk", 1, 40, 3, 2),
+    ("one-group", 1, 3 * 64, 3, 2),
+    ("one-group-short", 1, 3 * 64 - 5, 3, 2),
+    ("group+1chunk", 1, 3 * 64 + 1, 3, 2),
+    ("many-groups", 2, 11 * 64 + 7, 3, 2),
+    ("groups-of-1", 1, 5 * 64, 1, 2),
+    ("more-steps", 1, 40 * 64 - 9, 4, 16),
+    ("packed", 1, [200, 1, 64 * 3, 64 * 3 + 1, 70, 64 * 7 - 3], 3, 2),
+    ("packed-groups-of-2", 1, [1, 64 * 6, 129, 64], 2, 4),
+]
+
+
+@triton_test
+@pytest.mark.parametrize("case", [pytest.param(c, marks=RACE) if c[0] in ("many-groups", "packed") else c
+                                  for c in PASS_CASES], ids=[c[0] for c in PASS_CASES])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reversed"])
+@pytest.mark.parametrize("h0", [True, False], ids=["h0", "zero"])
+def test_triton_state_pass_levels(monkeypatch, case, reverse, h0):
+    """ChunkPlan.state_pass with groups forced (levels A, B, C) against a float64 walk: the value
+    entering every chunk and the final one, at group boundaries (one group, one group and a chunk,
+    a group of one chunk, many), packed sequences of 1 to 7 chunks crossing group boundaries, the
+    last chunk short; bitwise the same on a second run."""
+    _, B, lens, G, CB = case
+    monkeypatch.setattr(ks, "PASS_GROUP", G)
+    monkeypatch.setattr(ks, "PASS_CHUNKS", CB)
+    R, D = 3, 5
+    if isinstance(lens, list):
+        cuts = [0] + torch.tensor(lens).cumsum(0).tolist()
+        cu, T = torch.tensor(cuts, dtype=torch.int32, device=DEVICE), cuts[-1]
+        bounds = list(zip(cuts[:-1], cuts[1:]))
+    else:
+        cu, T = None, lens
+        bounds = [(b * T, (b + 1) * T) for b in range(B)]
+    P = ks.ChunkPlan(B, T, R, D, F32, cu, 64, torch.device(DEVICE))
+    assert P.pass_groups()[0] == G
+    gen = torch.Generator().manual_seed(len(bounds) + T)
+    s = torch.randn(P.NC, R, D, generator=gen)
+    init = torch.randn(len(bounds), R, D, generator=gen) if h0 else None
+    lg = ks.log2_gamma(torch.rand(R, generator=gen) * 0.3 + 0.7)
+    want, want_fin = _walk_reference(s, lg, init, bounds, 64, reverse)
+    runs = []
+    for _ in range(2):
+        got = s.to(DEVICE).clone()
+        fin = P.state_pass(got, lg.to(DEVICE), None if init is None else init.to(DEVICE), True, reverse)
+        runs.append((got.cpu(), fin.cpu()))
+    assert_close("states", runs[0][0], want, 1e-6)
+    assert_close("final", runs[0][1], want_fin, 1e-6)
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@triton_test
+def test_triton_state_pass_group_rule():
+    """One level while the walk takes <= PASS_MAX_STEPS steps or already has PASS_LEVEL_PROGRAMS
+    programs; else groups of ~sqrt(chunks), a power of two >= PASS_CHUNKS: 8 + 8 dependent steps
+    at T = 1M instead of 1,024.  Packed sequences: the longest one decides."""
+    assert (ks.PASS_CHUNKS, ks.PASS_MAX_STEPS, ks.PASS_LEVEL_PROGRAMS, ks.PASS_BLOCK) == (16, 8, 256, 128)
+    steps = lambda nt, G: (-(-(-(-nt // G)) // 16), -(-G // 16))            # noqa: E731  (B, C)
+    for T, G in ((64, 0), (8192, 0), (8193, 16), (16384, 16), (65536, 32), (1 << 20, 128), (1 << 22, 256)):
+        nt = -(-T // 64)
+        assert ks.pass_group(nt, 8) == ks.pass_group(nt, 255) == G, T
+        assert ks.pass_group(nt, 256) == 0, T
+        if G:
+            assert max(steps(nt, G)) <= 16, (T, steps(nt, G))
+    cu = torch.tensor([0, 100, 100 + 64 * 200, 100 + 64 * 200 + 5], dtype=torch.int32)
+    P = ks.ChunkPlan(1, int(cu[-1]), 4, 8, F32, cu, 64, torch.device("cpu"))
+    assert P.nt_max() == 200 and P.pass_groups()[:2] == (16, 1 + 13 + 1)
+    P = ks.ChunkPlan(3, 64 * 128, 4, 8, F32, None, 64, torch.device("cpu"))
+    assert P.pass_groups()[0] == 0
+    # B = 1, R = 16, T = 1M: levels up to D = 1024 (128 programs), one level from D = 2048 (256)
+    for D, G in ((64, 128), (1024, 128), (2048, 0)):
+        assert ks.ChunkPlan(1, 1 << 20, 16, D, F32, None, 64, torch.device("meta")).pass_groups()[0] == G, D
+    assert ks.ChunkPlan(2, 1 << 20, 16, 1024, F32, None, 64, torch.device("meta")).pass_groups()[0] == 0
+
+
+@triton_test
+@pytest.mark.parametrize("varlen", [pytest.param(True, marks=RACE), False], ids=["varlen", "batch"])
+def test_triton_state_pass_levels_end_to_end(monkeypatch, varlen):
+    """The scan forward and every gradient with the grouped pass forced (groups of 2 chunks, one
+    chunk per step): packed sequences crossing group boundaries, initial and final states."""
+    monkeypatch.setattr(ks, "PASS_GROUP", 2)
+    monkeypatch.setattr(ks, "PASS_CHUNKS", 1)
+    if varlen:
+        lens = [150, 1, 64, 200]
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+        _compare(1, sum(lens), 3, 5, cu=cu)
+    else:
+        _compare(2, 5 * 64 + 3, 3, 5)
+
+
 @triton_test
 def test_triton_non_contiguous_inputs():
     ref_in, _ = _inputs(2, 90, 5, 6)

@@ -55,7 +55,11 @@ def test_settings_of_the_pinned_version_on_sm_90(monkeypatch):
     assert kernel_settings("_chunk_out_kernel", f32, R=128, D=1024) == dict(BD=32, BK=16, num_warps=8, num_stages=1)
     assert kernel_settings("_chunk_state_kernel", f32, R=16, D=1024) == dict(BD=64, BK=16, num_warps=8)
     assert kernel_settings("_bwd_dqk_kernel", bf, R=16, D=1024) == \
-        dict(BRS=16, BD=32, DIAG_LOOP=False, num_warps=4, num_stages=1)
+        dict(BRS=16, BD=32, DIAG_LOOP=False, num_warps=4, num_stages=2)
+    # 16-bit: pipelined loads (2 stages) where D is a multiple of 16; 1 stage at D = 24 (it spilled)
+    assert kernel_settings("_bwd_dqk_kernel", torch.float16, R=16, D=24)["num_stages"] == 1
+    assert kernel_settings("_bwd_dqk_kernel", torch.float16, R=16, D=64)["num_stages"] == 2
+    assert kernel_settings("_bwd_dqk_kernel", f32, R=16, D=64)["num_stages"] == 1
     assert kernel_settings("_bwd_dqk_kernel", f32, R=128, D=1024) == \
         dict(BRS=16, BD=16, DIAG_LOOP=True, num_warps=8, num_stages=2)
     assert kernel_settings("_state_pass_kernel", f32, R=128, D=1024) == dict(num_warps=8)

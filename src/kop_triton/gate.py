@@ -83,8 +83,10 @@ def newest_workload() -> List[Case]:
 
 
 def _flat_cases(dt: str) -> List[Case]:
-    """The flat grids (sizes past CUDA's y / z limits), with the smallest and largest tiles."""
-    cases: List[Case] = []
+    """The flat grids (sizes past CUDA's y / z limits), with the smallest and largest tiles; and
+    the grouped state pass (sequences of over 8K tokens: kernels/scan.py ``pass_group``) over
+    packed sequences on its flat grids."""
+    cases: List[Case] = [Case("scan", dt, 1, 1 << 20, 64, R=4, states=True, varlen=True, flat=True)]
     for R in (4, 128):
         cases.append(Case("scan", dt, 2, 2048, 1024, R=R, states=True, flat=True))
         cases.append(Case("k2", dt, 2, 2048, 1024, R=R, K=8, states=True, flat=True))
