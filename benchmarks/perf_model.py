@@ -138,6 +138,8 @@ ITERATIONS: Dict[str, Callable[[Dict, int], int]] = {
     "_k2_qk_kernel": lambda kw, P: _cdiv(kw["D"], kw["BD"]),                   # over D in BD blocks
     "_chunk_state_kernel": lambda kw, P: _cdiv(kw["BT"], kw["BK"]),           # over the chunk in BK rows
     "_state_pass_kernel": lambda kw, P: _cdiv(kw["NT"], kw["CB"]),            # over the chunks, CB a step
+    "_group_sum_kernel": lambda kw, P: _cdiv(kw["G"], kw["CB"]),              # the group's chunks, CB at a time
+    "_group_apply_kernel": lambda kw, P: _cdiv(kw["G"], kw["CB"]),            # its walk over the group
     "_k2_out_kernel": lambda kw, P: _cdiv(kw["BT"], kw["BC"]),                # over the sub-chunks
     "_bwd_dqk_kernel": lambda kw, P: _cdiv(kw["D"], kw["BD"]) * (1 + _cdiv(kw["BR"], kw["BRS"])),
     "_k2_dp_kernel": lambda kw, P: 1,
@@ -150,6 +152,7 @@ ITERATIONS: Dict[str, Callable[[Dict, int], int]] = {
 # kernels whose steps carry a value (a dependent chain: the latency term counts them)
 DEPENDENT: Dict[str, Callable[[Dict], int]] = {
     "_state_pass_kernel": lambda kw: _cdiv(kw["NT"], kw["CB"]),
+    "_group_apply_kernel": lambda kw: _cdiv(kw["G"], kw["CB"]),
 }
 
 # flops per token (D, R, K, chunk BT): the dots of each kernel (2 flops a multiply-add)
@@ -157,6 +160,8 @@ FLOPS: Dict[str, Callable[[int, int, int, int], float]] = {
     "_k2_qk_kernel": lambda D, R, K, BT: 2 * D * 2 * R,                            # x @ [u | v]
     "_chunk_state_kernel": lambda D, R, K, BT: 2 * R * D,                          # k^T x per chunk
     "_state_pass_kernel": lambda D, R, K, BT: 4 * R * D / BT,                      # elementwise compose
+    "_group_sum_kernel": lambda D, R, K, BT: 2 * R * D / BT,                       # decay-weighted sum
+    "_group_apply_kernel": lambda D, R, K, BT: 4 * R * D / BT,
     "_k2_out_kernel": lambda D, R, K, BT: 2 * BT * R + 2 * BT * D + 2 * R * D + 2 * K * D,  # A, A x, q S, conv
     "_bwd_dqk_kernel": lambda D, R, K, BT: 2 * 2 * BT * D + 4 * R * D,            # dA (2 ways), dy S^T, x G^T
     "_k2_dp_kernel": lambda D, R, K, BT: 20 * R,
@@ -289,7 +294,7 @@ class WhatIf:
     note: str = ""
 
 
-WALK = "_state_pass_kernel"
+WALK = ("_state_pass_kernel", "_group_sum_kernel", "_group_apply_kernel")   # the state pass, one or three levels
 
 
 def _traffic_rows(S: Shape) -> Dict[str, List["traffic.Launch"]]:
@@ -360,7 +365,7 @@ def price_launch(ln: Dict, S: Shape, hw: GPU = H100, w: WhatIf = WhatIf(), act_s
     warps = ln["num_warps"]
     occ = occupancy(ln["registers"], warps, ln["smem"], hw)
     ctas = occ["ctas_per_sm"]
-    walk = name == WALK
+    walk = name in WALK
     if not walk and w.min_warps_per_sm:
         ctas = max(ctas, math.ceil(w.min_warps_per_sm / warps))
     if walk and w.walk_programs_min:
@@ -369,7 +374,7 @@ def price_launch(ln: Dict, S: Shape, hw: GPU = H100, w: WhatIf = WhatIf(), act_s
     iters = max(1, it_fn(kw, ln["programs"])) if it_fn else 1
     dep_fn = DEPENDENT.get(name)
     steps = max(1, dep_fn(kw)) if dep_fn else 1
-    if walk:
+    if walk and dep_fn:
         steps = max(1, math.ceil(steps * 64 / w.state_interval / w.walk_step_divisor))
         iters = steps
     stages = ln["num_stages"] if (ln.get("cp_async") or 0) > 0 and ln["num_stages"] > 1 else 1
@@ -431,7 +436,7 @@ def price(S: Shape, launches: List[Dict], hw: GPU = H100, w: WhatIf = WhatIf()) 
                    "copy_bound_s": cb, "fraction_of_copy_bound": cb / t if t else None,
                    "launches": sum(1 for r in rs if r.get("programs")),
                    "latency_bound": sorted({r["kernel"] for r in rs if r["bound"] == "latency"}),
-                   "walk_share": sum(r["time_s"] for r in rs if r["kernel"] == WALK) / t if t else None}
+                   "walk_share": sum(r["time_s"] for r in rs if r["kernel"] in WALK) / t if t else None}
     return {"shape": dataclasses.asdict(S), "gpu": hw.name, "whatif": w.name, "launches": rows, "ops": ops}
 
 

@@ -39,6 +39,7 @@ SUB = 16
 F32 = 4
 SMS_H200 = 132
 MAX_FUSED_R, MAX_FUSED_TAPS, DX_TARGET, MAX_GROUP = 32, 64, 1024, 32     # kernels/k2.py
+PASS_CHUNKS, PASS_MAX_STEPS, PASS_LEVEL_PROGRAMS = 16, 8, 256            # kernels/scan.py
 
 
 @dataclasses.dataclass
@@ -88,6 +89,13 @@ class Shape:
         return math.ceil(math.ceil(self.T / CHUNK) / 16)
 
     @property
+    def pass_group(self) -> int:     # kernels/scan.py pass_group: chunks per group of the grouped pass, 0: one level
+        nt = math.ceil(self.T / CHUNK)
+        if math.ceil(nt / PASS_CHUNKS) <= PASS_MAX_STEPS or self.pass_grid >= PASS_LEVEL_PROGRAMS:
+            return 0
+        return max(PASS_CHUNKS, 1 << math.isqrt(nt - 1).bit_length())
+
+    @property
     def st(self) -> float:           # one (R, D) float32 state per chunk, per token
         return self.R * self.D * F32 / CHUNK
 
@@ -108,6 +116,27 @@ class Launch:
     steps: int = 1                   # dependent steps of one program (the sequential walks)
 
 
+def state_pass(S: Shape, reverse: bool = False) -> List[Launch]:
+    """The walk over the chunk states (kernels/scan.py ``ChunkPlan.state_pass``): one launch of
+    ceil(NT / 16) dependent steps, or, for long sequences on few programs, three: A the groups'
+    totals (reads every state once more), B the walk over the totals, C each group's own walk."""
+    tag = " (reverse)" if reverse else ""
+    G = S.pass_group
+    if G == 0:
+        return [Launch("_state_pass_kernel" + tag, 0, 0, 2 * S.st, S.pass_grid, steps=S.pass_steps,
+                       note="the walk over chunks, 16 composed per step")]
+    NG = S.B * math.ceil(math.ceil(S.T / CHUNK) / G)
+    blocks = math.ceil(S.R * S.D / 128)
+    return [
+        Launch("_group_sum_kernel" + tag, 0, 0, S.st * (1 + 1 / G), blocks * NG,
+               note=f"level A: each group's total of {G} chunk states (reads them; writes 1 / {G})"),
+        Launch("_state_pass_kernel" + tag, 0, 0, 2 * S.st / G, S.pass_grid,
+               steps=math.ceil(math.ceil(S.T / (CHUNK * G)) / 16), note="level B: the walk over the group totals"),
+        Launch("_group_apply_kernel" + tag, 0, 0, S.st * (2 + 1 / G), blocks * NG, steps=math.ceil(G / 16),
+               note="level C: each group's walk from its entry value, in place"),
+    ]
+
+
 def _bm(S: Shape) -> int:
     return max(16, min(64, 2048 // S.BR))
 
@@ -124,8 +153,7 @@ def fused_fwd(S: Shape) -> List[Launch]:
                cached=2 * D * R * F32 / _bm(S), note="reads x; writes q, k, q_hat, norms; u, v per program (cached)"),
         Launch("_chunk_state_kernel", D * s, R * F32, S.st, S.NC * S.nd, cached=R * F32 * (S.nd - 1),
                note="reads x, k"),
-        Launch("_state_pass_kernel", 0, 0, 2 * S.st, S.pass_grid, steps=S.pass_steps,
-               note="the walk over chunks, 16 composed per step"),
+        *state_pass(S),
         Launch("_k2_out_kernel", D * s * (2 + S.halo), 2 * R * F32, S.st, S.nd_out * S.NC,
                cached=D * s + 2 * R * F32 * (S.nd_out - 1), note="reads x (+ halo), q, k, S_prev; writes y"),
     ]
@@ -142,7 +170,7 @@ def fused_bwd(S: Shape) -> List[Launch]:
     out = [
         Launch("_chunk_state_kernel (reverse)", D * s, R * F32, S.st, S.NC * S.nd, cached=R * F32 * (S.nd - 1),
                note="reads dy, q"),
-        Launch("_state_pass_kernel (reverse)", 0, 0, 2 * S.st, S.pass_grid, steps=S.pass_steps),
+        *state_pass(S, reverse=True),
         Launch("_bwd_dqk_kernel", 2 * D * s, 4 * R * F32, 2 * S.st, n_sub * S.NC,
                cached=2 * D * s * (n_sub - 1) + 2 * S.st * (n_sub - 1),
                note="reads x, dy (whole chunk per sub-chunk program), S_prev, G"),
@@ -179,12 +207,11 @@ def old_fused_fwd(S: Shape) -> List[Launch]:
 def _scan_bwd(S: Shape, q_s: int, old: bool = False) -> List[Launch]:
     R, D, s = S.R, S.D, S.s
     n_sub = CHUNK // SUB
-    walk = ((S.B * math.ceil(R * D / 512), math.ceil(S.T / CHUNK)) if old   # the pass of e1fc1ef
-            else (S.pass_grid, S.pass_steps))
     per_block = S.nd if old else 1        # e1fc1ef's grids ran the chunks of one channel block first
     return [
         Launch("_chunk_state_kernel (reverse)", D * s, R * q_s * per_block, S.st, S.NC * S.nd),
-        Launch("_state_pass_kernel (reverse)", 0, 0, 2 * S.st, walk[0], steps=walk[1]),
+        *([Launch("_state_pass_kernel (reverse)", 0, 0, 2 * S.st, S.B * math.ceil(R * D / 512),  # e1fc1ef's
+                  steps=math.ceil(S.T / CHUNK))] if old else state_pass(S, reverse=True)),
         Launch("_intra_A_kernel", 0, 2 * R * q_s + CHUNK * F32, grid=S.NC * n_sub, note="writes A (rows, 64)"),
         Launch("_chunk_out_kernel (reverse: dv)", 2 * D * s, (CHUNK * F32 + R * q_s) * per_block, S.st,
                S.NC * S.nd),
@@ -214,7 +241,7 @@ def unfused_fwd(S: Shape) -> List[Launch]:
         Launch("x @ u, x @ v, normalise (PyTorch)", 2 * D * s, 12 * R * s),
         Launch("_intra_A_kernel", 0, 2 * R * s + CHUNK * F32, grid=S.NC * n_sub),
         Launch("_chunk_state_kernel", D * s, R * s, S.st, S.NC * S.nd),
-        Launch("_state_pass_kernel", 0, 0, 2 * S.st, S.pass_grid, steps=S.pass_steps),
+        *state_pass(S),
         Launch("_chunk_out_kernel", 2 * D * s, CHUNK * F32 + R * s, S.st, S.NC * S.nd),
         Launch("_conv_fwd_kernel", D * s * (2 + S.halo), grid=math.ceil(S.T / 64) * S.B * S.nd),
         Launch("sigmoid(g) * c + y (PyTorch)", 5 * D * s, note="two elementwise ops"),
