@@ -326,3 +326,32 @@ def test_cli_prices_the_kernels_checked_out(tmp_path):
                             for r in launched)
     assert md.read_text().startswith("# K2 fused mixer: performance model (model, not a measurement)")
     assert "| bf16 | 24 | 300 |" in md.read_text()
+
+
+def test_perf_model_diff_joins_two_runs_launch_by_launch(capsys):
+    """benchmarks.perf_model_diff: per shape, the op's figures before -> after and every launch of
+    either run on its own row (a launch only one run has shows '-' on the other side)."""
+    from benchmarks import perf_model_diff
+
+    def run(walk_us, extra):
+        launches = [{"phase": "fwd", "kernel": "_state_pass_kernel", "bytes_per_token": 128.0, "dependent_steps": 9,
+                     "warps_per_sm": 32, "time_s": walk_us * 1e-6, "bound": "latency", "limit": "dependent steps"}]
+        launches += extra
+        op = {"time_s": sum(x["time_s"] for x in launches), "fraction_of_copy_bound": 0.25, "walk_share": 0.5}
+        return {"shapes": [{"shape": {"dtype": "bf16", "D": 64, "T": 2048}, "launches": launches,
+                            "ops": {"fwd_bwd": op}}]}
+
+    import json
+    import tempfile
+    import os
+    new = {"phase": "fwd", "kernel": "_group_sum_kernel", "bytes_per_token": 64.0, "dependent_steps": 1,
+           "warps_per_sm": 40, "time_s": 2e-6, "bound": "bytes", "limit": "copy bandwidth"}
+    with tempfile.TemporaryDirectory() as d:
+        pb, pa = os.path.join(d, "b.json"), os.path.join(d, "a.json")
+        json.dump(run(1024.0, []), open(pb, "w"))
+        json.dump(run(8.0, [new]), open(pa, "w"))
+        perf_model_diff.main(["x", pb, pa, "bf16"])
+    out = capsys.readouterr().out
+    assert "**bf16, D = 64, T = 2,048**: fwd+bwd 1,024.0 us" in out and "-> 10.0 us" in out
+    assert "| fwd _state_pass_kernel | 128 | 9 | 32 | 1,024.0 lat:steps | 128 | 9 | 32 | 8.0 lat:steps |" in out
+    assert "| fwd _group_sum_kernel | - | - | - | - | 64 | 1 | 40 | 2.0 byt:bw |" in out
