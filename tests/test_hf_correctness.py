@@ -162,6 +162,18 @@ def test_growing_sequence_leaves_other_cats_alone():
         torch.cat([c, torch.zeros(3, 1, dtype=torch.long)], -1)           # a wrong shape: torch's own error
 
 
+def test_growing_sequence_shape_and_device_answer_as_the_plain_tensor():
+    """shape and device (Python properties, no per-op dispatch) agree with the plain values after
+    every append, including one that moves to a new buffer."""
+    g = hf._GrowingIds.wrap(torch.arange(6).reshape(2, 3), spare=1)
+    for k in (1, 1, 5):                                                    # the third outgrows the buffer
+        plain = g.plain()
+        assert g.shape == plain.shape == g.size() and g.device == plain.device and g.shape[-1] == g.size(-1)
+        g = torch.cat([g, torch.full((2, k), 9)], dim=-1)
+        assert type(g) is hf._GrowingIds
+    assert g.shape == (2, 10) and g.plain().shape == (2, 10) and g.plain()[:, 3:].eq(9).all()
+
+
 # ---- B2: the prepared step sees the live model ----------------------------------------------
 
 

@@ -321,6 +321,16 @@ class _GrowingIds(torch.Tensor):
         out._g, out._n = _Buffer(buf, T), T
         return out
 
+    # transformers' loop reads shape and device 4 times each per token: Python properties answer
+    # without the per-op __torch_function__ dispatch (the rest of the subclass's cost per token)
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self._g.rows, self._n))
+
+    @property
+    def device(self) -> torch.device:
+        return self._g.device
+
     def plain(self) -> torch.Tensor:
         """A contiguous ordinary tensor holding these values (not aliasing the buffer)."""
         return self._g.buf.narrow(1, 0, self._n).clone(memory_format=torch.contiguous_format)
