@@ -411,6 +411,24 @@ def _group_of(i_g, cu_seqlens, chunk_offsets, group_indices, T, NT, NGR, G, BT: 
 
 
 @triton.jit
+def _group_block(lg, cu_seqlens, chunk_offsets, group_indices, T, R, D, NT, NGR, G, BT: tl.constexpr,
+                 BLOCK: tl.constexpr, IS_VARLEN: tl.constexpr, FLAT: tl.constexpr):
+    """The group and element block of a level-A / level-C program: (i_g, its first chunk's row c0,
+    its sequence's length T_n, its first chunk and chunk count within the sequence, the BLOCK flat
+    (r, d) offsets and mask, log2 gamma of each)."""
+    if FLAT:
+        i_e, _, i_g = tile_ids(tl.cdiv(R * D, BLOCK), 1)
+    else:
+        i_e, i_g = tl.program_id(0), tl.program_id(1)
+    c0, T_n, first, cnt = _group_of(i_g, cu_seqlens, chunk_offsets, group_indices, T, NT, NGR, G, BT,
+                                    IS_VARLEN)
+    o_e = i_e * BLOCK + tl.arange(0, BLOCK)
+    m_e = o_e < R * D
+    b_lg = tl.load(lg + o_e // D, mask=m_e, other=0.)
+    return i_g, c0, T_n, first, cnt, o_e, m_e, b_lg
+
+
+@triton.jit
 def _group_sum_kernel(s, hg, lg, cu_seqlens, chunk_offsets, group_indices, T, R, D, NT, NGR, G,
                       BT: tl.constexpr, BLOCK: tl.constexpr, CB: tl.constexpr, REVERSE: tl.constexpr,
                       IS_VARLEN: tl.constexpr, FLAT: tl.constexpr):
@@ -420,16 +438,9 @@ def _group_sum_kernel(s, hg, lg, cu_seqlens, chunk_offsets, group_indices, T, R,
     group's own decay g^(its tokens) is recomputed where needed, not stored).  Reads s only;
     hg: (NG, R, D) float32.  No dependent steps: the group's chunks in tiles of CB, one fixed-order
     sum."""
-    if FLAT:
-        i_e, _, i_g = tile_ids(tl.cdiv(R * D, BLOCK), 1)
-    else:
-        i_e, i_g = tl.program_id(0), tl.program_id(1)
-    c0, T_n, first, cnt = _group_of(i_g, cu_seqlens, chunk_offsets, group_indices, T, NT, NGR, G, BT,
-                                    IS_VARLEN)
-    o_e = i_e * BLOCK + tl.arange(0, BLOCK)
-    m_e = o_e < R * D
+    i_g, c0, T_n, first, cnt, o_e, m_e, b_lg = _group_block(lg, cu_seqlens, chunk_offsets, group_indices, T, R,
+                                                            D, NT, NGR, G, BT, BLOCK, IS_VARLEN, FLAT)
     o_b = tl.arange(0, CB)
-    b_lg = tl.load(lg + o_e // D, mask=m_e, other=0.)
     if REVERSE:
         e_g = first * BT                                    # walk order ends at the group's first token
     else:
@@ -456,15 +467,8 @@ def _group_apply_kernel(s, hg, lg, cu_seqlens, chunk_offsets, group_indices, T, 
     """Level C of the grouped state pass: from the value entering group i_g (hg[i_g], level B's),
     the walk over the group's own chunks, in place on s (``_walk``: S_prev[c] forward, G[c]
     reversed); ceil(G / CB) dependent steps per program."""
-    if FLAT:
-        i_e, _, i_g = tile_ids(tl.cdiv(R * D, BLOCK), 1)
-    else:
-        i_e, i_g = tl.program_id(0), tl.program_id(1)
-    c0, T_n, first, cnt = _group_of(i_g, cu_seqlens, chunk_offsets, group_indices, T, NT, NGR, G, BT,
-                                    IS_VARLEN)
-    o_e = i_e * BLOCK + tl.arange(0, BLOCK)
-    m_e = o_e < R * D
-    b_lg = tl.load(lg + o_e // D, mask=m_e, other=0.)
+    i_g, c0, T_n, first, cnt, o_e, m_e, b_lg = _group_block(lg, cu_seqlens, chunk_offsets, group_indices, T, R,
+                                                            D, NT, NGR, G, BT, BLOCK, IS_VARLEN, FLAT)
     b_h = tl.load(hg + i_g.to(tl.int64) * R * D + o_e, mask=m_e, other=0.)
     _walk(s, b_h, b_lg, o_e, m_e, c0, first, cnt, T_n, R, D, BT, CB, REVERSE)
 
