@@ -5,47 +5,71 @@
 
 prints, for every shape of the given dtype, the op's fwd+bwd time and fraction of the copy bound
 before -> after, and per launch: bytes per token, dependent steps, resident warps per SM, predicted
-time and bound (markdown)."""
+time and bound (markdown).  A launch only one run has shows "-" on the other side.
+"""
+from __future__ import annotations
+
+import argparse
 import json
-import sys
+from typing import Dict, List, Optional, Tuple
+
+# perf_model's limits, shortened for the table's bound column (an unknown limit is shown whole)
+SHORT_LIMIT = {"dependent steps": "steps",
+               "bytes in flight (occupancy x bytes a CTA loads per iteration)": "in flight",
+               "copy bandwidth": "bw", "SMs covered (each at most 1/SMs of the copy bandwidth)": "SMs",
+               "one DRAM round trip": "1 trip"}
 
 
-def main(argv):
-    b = json.load(open(argv[1])); a = json.load(open(argv[2]))
-    def key(sh): s = sh['shape']; return (s['dtype'], s['D'], s['T'])
-    B = {key(s): s for s in b['shapes']}; A = {key(s): s for s in a['shapes']}
-    def lname(l): return l['kernel'] + (" (rev)" if l.get('traffic_name') and 'reverse' in (l.get('traffic_name') or '') else "")
-    def fmt(l):
-        if l is None: return "-", "-", "-", "-"
-        bound = l.get('bound', '-')
-        lim = l.get('limit', '')
-        short = {'dependent steps': 'steps', 'bytes in flight (occupancy x bytes a CTA loads per iteration)': 'in flight',
-                 'copy bandwidth': 'bw', 'SMs covered (each at most 1/SMs of the copy bandwidth)': 'SMs',
-                 'one DRAM round trip': '1 trip'}.get(lim, lim)
-        return (f"{l['bytes_per_token']:,.0f}", str(l.get('dependent_steps', '-')),
-                str(l.get('warps_per_sm', '-')), f"{l['time_s']*1e6:,.1f} {bound[:3]}:{short}")
+def _shapes(path: str) -> Dict[Tuple[str, int, int], Dict]:
+    with open(path) as f:
+        run = json.load(f)
+    return {(s["shape"]["dtype"], s["shape"]["D"], s["shape"]["T"]): s for s in run["shapes"]}
+
+
+def _cells(launch: Optional[Dict]) -> List[str]:
+    if launch is None:
+        return ["-"] * 4
+    short = SHORT_LIMIT.get(launch.get("limit", ""), launch.get("limit", ""))
+    return [f"{launch['bytes_per_token']:,.0f}", str(launch.get("dependent_steps", "-")),
+            str(launch.get("warps_per_sm", "-")),
+            f"{launch['time_s'] * 1e6:,.1f} {launch.get('bound', '-')[:3]}:{short}"]
+
+
+def table(before: Dict, after: Dict, dtype: str) -> str:
     out = []
-    for k in sorted(A):
-        if k[0] != argv[3]: continue
-        sa, sb = A[k], B.get(k)
-        fa, fb = sa['ops']['fwd_bwd'], sb['ops']['fwd_bwd']
-        out.append(f"\n**{k[0]}, D = {k[1]}, T = {k[2]:,}**: fwd+bwd {fb['time_s']*1e6:,.1f} us ({fb['fraction_of_copy_bound']:.0%} of the copy bound, walk {fb['walk_share']:.0%}) "
-                   f"-> {fa['time_s']*1e6:,.1f} us ({fa['fraction_of_copy_bound']:.0%}, walk {fa['walk_share']:.0%})\n")
-        out.append("| launch | before B/tok | steps | warps/SM | before us, bound | after B/tok | steps | warps/SM | after us, bound |")
+    for k in sorted(after):
+        if k[0] != dtype:
+            continue
+        if k not in before:
+            raise SystemExit(f"perf_model_diff: the before run has no shape dtype={k[0]} D={k[1]} T={k[2]}; "
+                             "price both runs on the same shapes (python -m benchmarks.perf_model --help)")
+        sa, sb = after[k], before[k]
+        fa, fb = sa["ops"]["fwd_bwd"], sb["ops"]["fwd_bwd"]
+        out.append(f"\n**{k[0]}, D = {k[1]}, T = {k[2]:,}**: fwd+bwd {fb['time_s'] * 1e6:,.1f} us "
+                   f"({fb['fraction_of_copy_bound']:.0%} of the copy bound, walk {fb['walk_share']:.0%}) "
+                   f"-> {fa['time_s'] * 1e6:,.1f} us ({fa['fraction_of_copy_bound']:.0%}, walk {fa['walk_share']:.0%})\n")
+        out.append("| launch | before B/tok | steps | warps/SM | before us, bound | after B/tok | steps | warps/SM "
+                   "| after us, bound |")
         out.append("|---|---|---|---|---|---|---|---|---|")
-        lb = [l for l in sb['launches']]; la = [l for l in sa['launches']]
-        names = []
-        for l in la + lb:
-            n = (l['phase'], l['kernel'])
-            if n not in names: names.append(n)
-        for ph, kn in names:
-            xb = [l for l in lb if (l['phase'], l['kernel']) == (ph, kn)]
-            xa = [l for l in la if (l['phase'], l['kernel']) == (ph, kn)]
+        runs: Dict[Tuple[str, str], Tuple[List[Dict], List[Dict]]] = {}    # in the after run's launch order
+        for side, launches in ((1, sa["launches"]), (0, sb["launches"])):
+            for ln in launches:
+                runs.setdefault((ln["phase"], ln["kernel"]), ([], []))[side].append(ln)
+        for (phase, kernel), (xb, xa) in runs.items():
             for i in range(max(len(xb), len(xa))):
-                pb = fmt(xb[i] if i < len(xb) else None); pa = fmt(xa[i] if i < len(xa) else None)
-                out.append(f"| {ph} {kn} | " + " | ".join(pb) + " | " + " | ".join(pa) + " |")
-    print("\n".join(out))
+                cells = _cells(xb[i] if i < len(xb) else None) + _cells(xa[i] if i < len(xa) else None)
+                out.append(f"| {phase} {kernel} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("before", help="a perf_model JSON (--json)")
+    p.add_argument("after", help="a perf_model JSON priced on the same shapes")
+    p.add_argument("dtype", choices=["bf16", "fp16", "fp32"])
+    a = p.parse_args(argv)
+    print(table(_shapes(a.before), _shapes(a.after), a.dtype))
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    main()

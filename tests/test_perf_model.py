@@ -350,7 +350,7 @@ def test_perf_model_diff_joins_two_runs_launch_by_launch(capsys):
         pb, pa = os.path.join(d, "b.json"), os.path.join(d, "a.json")
         json.dump(run(1024.0, []), open(pb, "w"))
         json.dump(run(8.0, [new]), open(pa, "w"))
-        perf_model_diff.main(["x", pb, pa, "bf16"])
+        perf_model_diff.main([pb, pa, "bf16"])
     out = capsys.readouterr().out
     assert "**bf16, D = 64, T = 2,048**: fwd+bwd 1,024.0 us" in out and "-> 10.0 us" in out
     assert "| fwd _state_pass_kernel | 128 | 9 | 32 | 1,024.0 lat:steps | 128 | 9 | 32 | 8.0 lat:steps |" in out
