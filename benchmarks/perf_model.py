@@ -137,6 +137,7 @@ def _cdiv(a, b):
 ITERATIONS: Dict[str, Callable[[Dict, int], int]] = {
     "_k2_qk_kernel": lambda kw, P: _cdiv(kw["D"], kw["BD"]),                   # over D in BD blocks
     "_chunk_state_kernel": lambda kw, P: _cdiv(kw["BT"], kw["BK"]),           # over the chunk in BK rows
+    "_k2_qk_state_kernel": lambda kw, P: 2 * _cdiv(kw["D"], kw["BD"]),         # over D twice (x @ [u | v], k^T x)
     "_state_pass_kernel": lambda kw, P: _cdiv(kw["NT"], kw["CB"]),            # over the chunks, CB a step
     "_group_sum_kernel": lambda kw, P: _cdiv(kw["G"], kw["CB"]),              # the group's chunks, CB at a time
     "_group_apply_kernel": lambda kw, P: _cdiv(kw["G"], kw["CB"]),            # its walk over the group
@@ -159,6 +160,7 @@ DEPENDENT: Dict[str, Callable[[Dict], int]] = {
 FLOPS: Dict[str, Callable[[int, int, int, int], float]] = {
     "_k2_qk_kernel": lambda D, R, K, BT: 2 * D * 2 * R,                            # x @ [u | v]
     "_chunk_state_kernel": lambda D, R, K, BT: 2 * R * D,                          # k^T x per chunk
+    "_k2_qk_state_kernel": lambda D, R, K, BT: 2 * D * 2 * R + 2 * R * D,          # x @ [u | v], k^T x
     "_state_pass_kernel": lambda D, R, K, BT: 4 * R * D / BT,                      # elementwise compose
     "_group_sum_kernel": lambda D, R, K, BT: 2 * R * D / BT,                       # decay-weighted sum
     "_group_apply_kernel": lambda D, R, K, BT: 4 * R * D / BT,

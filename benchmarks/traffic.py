@@ -39,6 +39,7 @@ SUB = 16
 F32 = 4
 SMS_H200 = 132
 MAX_FUSED_R, MAX_FUSED_TAPS, DX_TARGET, MAX_GROUP = 32, 64, 1024, 32     # kernels/k2.py
+FOLD_MIN_CHUNKS = 132                                                    # kernels/k2.py fold_qk
 PASS_CHUNKS, PASS_MAX_STEPS, PASS_LEVEL_PROGRAMS = 16, 8, 256            # kernels/scan.py
 
 
@@ -96,6 +97,10 @@ class Shape:
         return max(PASS_CHUNKS, 1 << math.isqrt(nt - 1).bit_length())
 
     @property
+    def fold_qk(self) -> bool:       # kernels/k2.py fold_qk: the projection folded into the chunk-state pass
+        return self.BR <= MAX_FUSED_R and self.NC >= FOLD_MIN_CHUNKS
+
+    @property
     def st(self) -> float:           # one (R, D) float32 state per chunk, per token
         return self.R * self.D * F32 / CHUNK
 
@@ -148,11 +153,19 @@ def _bm(S: Shape) -> int:
 
 def fused_fwd(S: Shape) -> List[Launch]:
     R, D, s = S.R, S.D, S.s
+    if S.fold_qk:
+        first = [Launch("_k2_qk_state_kernel", D * s, (3 * R + 2) * F32, S.st, S.NC,
+                        cached=D * s + 2 * D * R * F32 / CHUNK,
+                        note="reads x (its second read, right after the first, from L2); writes q, k, "
+                             "q_hat, norms and the chunk-local states; u, v per program (cached)")]
+    else:
+        first = [
+            Launch("_k2_qk_kernel", D * s, (3 * R + 2) * F32, grid=math.ceil(S.tokens / _bm(S)),
+                   cached=2 * D * R * F32 / _bm(S), note="reads x; writes q, k, q_hat, norms; u, v per program (cached)"),
+            Launch("_chunk_state_kernel", D * s, R * F32, S.st, S.NC * S.nd, cached=R * F32 * (S.nd - 1),
+                   note="reads x, k")]
     return [
-        Launch("_k2_qk_kernel", D * s, (3 * R + 2) * F32, grid=math.ceil(S.tokens / _bm(S)),
-               cached=2 * D * R * F32 / _bm(S), note="reads x; writes q, k, q_hat, norms; u, v per program (cached)"),
-        Launch("_chunk_state_kernel", D * s, R * F32, S.st, S.NC * S.nd, cached=R * F32 * (S.nd - 1),
-               note="reads x, k"),
+        *first,
         *state_pass(S),
         Launch("_k2_out_kernel", D * s * (2 + S.halo), 2 * R * F32, S.st, S.nd_out * S.NC,
                cached=D * s + 2 * R * F32 * (S.nd_out - 1), note="reads x (+ halo), q, k, S_prev; writes y"),

@@ -86,6 +86,25 @@ MAX_DX_GROUP = 32
 DX_GROUP = None
 
 
+# The forward folds the q/k projection into the chunk-state pass (``_k2_qk_state_kernel``: x read
+# from DRAM once there instead of twice) for R <= 32 (one chunk of 64 rows is then the
+# projection's own row block, kernels/settings.py ``_block_m``) and at least FOLD_MIN_CHUNKS
+# chunks: the fold does a chunk's state work in the chunk's one program, which the separate
+# chunk-state pass spreads over D / 64 programs, so below about one chunk per SM (132 on an H100)
+# the separate passes fill the GPU better (the model, benchmarks/perf_model.py, prices both).
+# Tests set FOLD_QK to force either path (None: by the rule).
+FOLD_MIN_CHUNKS = 132
+FOLD_QK = None
+
+
+def fold_qk(NC: int, BR: int) -> bool:
+    """Whether k2_fwd runs ``_k2_qk_state_kernel`` (q, k and the chunk-local states in one pass)
+    instead of ``_k2_qk_kernel`` and the chunk-state pass."""
+    if BR > MAX_FUSED_R:
+        return False
+    return NC >= FOLD_MIN_CHUNKS if FOLD_QK is None else bool(FOLD_QK)
+
+
 def dx_group(NC: int, nd: int) -> int:
     if DX_GROUP is not None:
         return DX_GROUP
@@ -98,13 +117,11 @@ def dx_group(NC: int, nd: int) -> int:
 
 
 @triton.jit
-def _k2_qk_kernel(x, u, v, alpha, q, k, qhn, M, D, R, BM: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
-                  DOT_MODE: tl.constexpr):
-    """For BM rows t: q[t] = alpha * normalize(x_t @ u), k[t] = normalize(x_t @ v) and
-    qhn[t] = [normalize(x_t @ u) | ||x_t @ u|| | ||x_t @ v||].
-    x: (M, D); u, v: (D, R), alpha (R,) float32; q, k: (M, R), qhn: (M, R + 2) float32."""
-    i_m = tl.program_id(0)
-    o_m, m_m = block(i_m.to(tl.int64), BM, M)
+def _project(x, u, v, alpha, q, k, qhn, o_m, m_m, D, R, BM: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
+             DOT_MODE: tl.constexpr):
+    """The rows o_m (mask m_m) of q = alpha * normalize(x @ u), k = normalize(x @ v) and
+    qhn = [normalize(x @ u) | ||x u|| | ||x v||], stored; -> k of those rows, (BM, BR) float32
+    (zero in masked rows)."""
     o_r, m_r = block(0, BR, R)
     b_pu = tl.zeros([BM, BR], dtype=tl.float32)
     b_pv = tl.zeros([BM, BR], dtype=tl.float32)
@@ -120,12 +137,56 @@ def _k2_qk_kernel(x, u, v, alpha, q, k, qhn, M, D, R, BM: tl.constexpr, BD: tl.c
     m_mr = m_m[:, None] & m_r[None, :]
     b_qh = b_pu / tl.maximum(n_u, NORM_EPS)[:, None]
     b_alpha = tl.load(alpha + o_r, mask=m_r, other=0.)
+    b_k = b_pv / tl.maximum(n_v, NORM_EPS)[:, None]
     tl.store(q + o_m[:, None] * R + o_r[None, :], b_qh * b_alpha[None, :], mask=m_mr)
-    tl.store(k + o_m[:, None] * R + o_r[None, :], b_pv / tl.maximum(n_v, NORM_EPS)[:, None], mask=m_mr)
+    tl.store(k + o_m[:, None] * R + o_r[None, :], b_k, mask=m_mr)
     W = R + 2
     tl.store(qhn + o_m[:, None] * W + o_r[None, :], b_qh, mask=m_mr)
     tl.store(qhn + o_m * W + R, n_u, mask=m_m)
     tl.store(qhn + o_m * W + R + 1, n_v, mask=m_m)
+    return b_k
+
+
+@triton.jit
+def _k2_qk_kernel(x, u, v, alpha, q, k, qhn, M, D, R, BM: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr,
+                  DOT_MODE: tl.constexpr):
+    """For BM rows t: q[t] = alpha * normalize(x_t @ u), k[t] = normalize(x_t @ v) and
+    qhn[t] = [normalize(x_t @ u) | ||x_t @ u|| | ||x_t @ v||].
+    x: (M, D); u, v: (D, R), alpha (R,) float32; q, k: (M, R), qhn: (M, R + 2) float32."""
+    o_m, m_m = block(tl.program_id(0).to(tl.int64), BM, M)
+    _project(x, u, v, alpha, q, k, qhn, o_m, m_m, D, R, BM, BD, BR, DOT_MODE)
+
+
+@triton.jit
+def _k2_qk_state_kernel(x, u, v, alpha, lg, q, k, qhn, s, cu_seqlens, chunk_indices, T, D, R, NT,
+                        BT: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, IS_VARLEN: tl.constexpr,
+                        DOT_MODE: tl.constexpr, FLAT: tl.constexpr):
+    """``_k2_qk_kernel`` and the forward ``_chunk_state_kernel`` of one chunk in one program (the
+    q/k projection folded into the chunk-state pass): q, k, qhn of the chunk's rows as
+    ``_k2_qk_kernel``, then its chunk-local state s[c] = (k g^(L-1-j))^T @ x, BD channels a step,
+    from the k still in registers.  The chunk's x rows are read twice, the second time right
+    after the first (an L2 hit: 64 D-wide rows, 128 KB at D = 1024 in bf16), so x leaves DRAM
+    once where the two kernels read it twice.  Grid (1, chunks, B), or flattened onto axis x
+    (FLAT).  s: (NC, R, D) float32."""
+    if FLAT:
+        _, i_t, i_b = chunk_tile(1, NT, IS_VARLEN)
+    else:
+        i_t, i_b = tl.program_id(1), tl.program_id(2)
+    _, _, _, i_s, L, t0 = chunk_bounds(cu_seqlens, chunk_indices, i_t, i_b, T, NT, BT, IS_VARLEN)
+    o_t = tl.arange(0, BT)
+    m_t = o_t < L
+    o_m = t0 + o_t
+    b_k = _project(x, u, v, alpha, q, k, qhn, o_m, m_t, D, R, BT, BD, BR, DOT_MODE)
+    o_r, m_r = block(0, BR, R)
+    b_lg = tl.load(lg + o_r, mask=m_r, other=0.)
+    n = tl.where(m_t, L - 1 - o_t, 0).to(tl.float32)
+    b_kt = tl.trans(b_k * tl.exp2(n[:, None] * b_lg[None, :]))                       # (BR, BT)
+    p_s = s + i_s * R * D + o_r[:, None] * D
+    for d0 in range(0, D, BD):
+        o_d = d0 + tl.arange(0, BD)
+        m_d = o_d < D
+        b_x = load_rows(x, o_m, m_t, o_d, m_d, D)                                   # (BT, BD)
+        tl.store(p_s + o_d[None, :], dot(b_kt, b_x, DOT_MODE), mask=m_r[:, None] & m_d[None, :])
 
 
 @triton.jit
@@ -355,11 +416,18 @@ def k2_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
     else:
         qkn = torch.empty(B * T * (3 * R + 2), **fp)
         q, k, qhn = qk_planes(qkn, R)
-        st = P.settings("_k2_qk_kernel")
-        launch(_k2_qk_kernel, (triton.cdiv(B * T, st["BM"]),),
-               x=x2, u=f32(u), v=f32(v), alpha=f32(alpha), q=q, k=k, qhn=qhn, M=B * T, D=D, R=R,
-               BR=P.BR, DOT_MODE=P.dot_mode, **st)
-        states = P.chunk_states(k, x2, lg, reverse=False)
+        proj = dict(x=x2, u=f32(u), v=f32(v), alpha=f32(alpha), q=q, k=k, qhn=qhn, D=D, R=R, BR=P.BR,
+                    DOT_MODE=P.dot_mode)
+        if fold_qk(P.NC, P.BR):
+            # q, k and the chunk-local states in one pass over x (x leaves DRAM once, not twice)
+            states = torch.empty(P.NC, R, D, **fp)
+            grid, fl = grid_of((1, *P.grid_t))
+            launch(_k2_qk_state_kernel, grid, FLAT=fl, **P.chunk_args(), **proj, lg=lg, s=states,
+                   BT=CHUNK, IS_VARLEN=P.varlen, **P.settings("_k2_qk_state_kernel"))
+        else:
+            st = P.settings("_k2_qk_kernel")
+            launch(_k2_qk_kernel, (triton.cdiv(B * T, st["BM"]),), **proj, M=B * T, **st)
+            states = P.chunk_states(k, x2, lg, reverse=False)
         sT = P.state_pass(states, lg, s0, output_final_state, reverse=False)
         gate = torch.sigmoid(f32(gate_logit).reshape(1))
         st = P.settings("_k2_out_kernel", K=P.K)

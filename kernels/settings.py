@@ -178,6 +178,9 @@ BASE: Dict[str, Dict[str, Value]] = {
     # tiles stay <= 2048 elements (64 x 128 fp32 tiles spilled ~1.1 KB per thread on sm_80 / sm_90 /
     # sm_100, gate 12-02)
     "_k2_qk_kernel": dict(BM=_block_m, BD=lambda c: min(tile_d(c), max(16, QK_TILE // c.BR)), num_warps=8),
+    # the projection folded into the forward chunk-state pass (R <= 32, a chunk of 64 rows a program):
+    # BD as _k2_qk's for both its loops over D
+    "_k2_qk_state_kernel": dict(BD=lambda c: min(tile_d(c), max(16, QK_TILE // c.BR)), num_warps=8),
     "_k2_dp_kernel": dict(BM=_block_m, num_warps=4),
     "_k2_out_kernel": dict(BD=tile_d, BK=16, BRS=16, DIAG_LOOP=lambda c: c.BR > 32, num_warps=8),
     # 16-bit, R <= 32: 32 channels (64: 8-100 B, gate 12-02), 8 warps

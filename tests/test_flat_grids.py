@@ -100,12 +100,17 @@ def test_conv_on_flat_grids(flat, varlen, K, per_channel):
     _assert_all_flat(flat, ["_conv_fwd_kernel", "_conv_bwd_dx_kernel", "_conv_bwd_dw_kernel"])
 
 
-@pytest.mark.parametrize("dtype,varlen", [pytest.param(torch.float32, False, marks=RACE), (torch.float32, True),
-                                          (torch.bfloat16, False), pytest.param(torch.bfloat16, True, marks=RACE)],
-                         ids=["fp32-batch", "fp32-varlen", "bf16-batch", "bf16-varlen"])
-def test_k2_on_flat_grids(flat, varlen, dtype):
+@pytest.mark.parametrize("dtype,varlen,fold", [
+    pytest.param(torch.float32, False, False, marks=RACE), (torch.float32, True, False), (torch.bfloat16, False, False),
+    pytest.param(torch.bfloat16, True, False, marks=RACE), pytest.param(torch.float32, False, True, marks=RACE),
+    pytest.param(torch.bfloat16, True, True, marks=RACE)],
+    ids=["fp32-batch", "fp32-varlen", "bf16-batch", "bf16-varlen", "fp32-batch-folded", "bf16-varlen-folded"])
+def test_k2_on_flat_grids(flat, varlen, dtype, fold, monkeypatch):
     """The fused K2 mixer, fp32 (weight gradients in their own passes: conv_bwd_dw's flat grid too)
-    and bf16 (summed inside _k2_dx_kernel)."""
+    and bf16 (summed inside _k2_dx_kernel); folded: the forward's projection and chunk-state pass in
+    one launch (kernels/k2.py fold_qk, forced)."""
+    from kop_triton.kernels import k2 as k2k
+    monkeypatch.setattr(k2k, "FOLD_QK", fold)
     g = torch.Generator().manual_seed(2)
     B, T, D, R, K = (1, 150, 40, 4, 4) if varlen else (2, 130, 40, 4, 4)
     cu = _cu([70, 1, 79]) if varlen else None
@@ -133,8 +138,9 @@ def test_k2_on_flat_grids(flat, varlen, dtype):
     for name, a, e in zip(names, out + list(cotangent_grads(out, leaves, 1)),
                           ref + list(cotangent_grads(ref, leaves64, 1))):
         assert_close(name, a.detach().cpu().double(), e.detach(), tol)
-    kernels = ["_k2_qk_kernel", "_chunk_state_kernel", "_state_pass_kernel", "_k2_out_kernel",
-               "_bwd_dqk_kernel", "_k2_dp_kernel", "_k2_dx_kernel"]
+    kernels = (["_k2_qk_state_kernel"] if fold else ["_k2_qk_kernel"]) + [
+        "_chunk_state_kernel", "_state_pass_kernel", "_k2_out_kernel", "_bwd_dqk_kernel", "_k2_dp_kernel",
+        "_k2_dx_kernel"]
     _assert_all_flat(flat, kernels + (["_conv_bwd_dw_kernel"] if dtype == torch.float32 else []))
 
 

@@ -393,6 +393,51 @@ def test_fused_backward_chunk_groups(monkeypatch, varlen, K, nan_empty):
 
 
 @needs_triton
+@pytest.mark.parametrize("case", ["batch-fp32", pytest.param("varlen-fp32", marks=RACE), "batch-bf16", "varlen-fp16"])
+def test_fused_folded_projection(monkeypatch, case, nan_empty):
+    """The forward with the q/k projection folded into the chunk-state pass (what >= 132 chunks
+    at R <= 32 get; forced here on small inputs): y, the final states and all 9 gradients against
+    the float64 reference; partial last chunks, packed sequences of 1 to 4 chunks whose chunks
+    start mid-row-block, initial states."""
+    from kop_triton.kernels import k2 as k2k
+    monkeypatch.setattr(k2k, "FOLD_QK", True)
+    varlen, dtype = case.startswith("varlen"), {"fp32": torch.float32, "bf16": torch.bfloat16,
+                                                 "fp16": torch.float16}[case.split("-")[1]]
+    R = 32 if dtype == torch.float32 and varlen else 5
+    if varlen:
+        lens = [200, 1, 130, 64]
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+        args = k2_inputs(1, sum(lens), 40, R, 6, True, dtype=dtype, N=len(lens), device=DEVICE)
+        got, ref = run("triton", args, cu_seqlens=cu), run("naive", f64(args), cu_seqlens=cu.cpu())
+    else:
+        args = k2_inputs(2, 150, 40, R, 6, False, dtype=dtype, device=DEVICE)
+        got, ref = run("triton", args), run("naive", f64(args))
+    check_all(got, ref, TOL[("triton", dtype)])
+
+
+@needs_triton
+def test_fold_rule_picks_by_shape():
+    """The fold (one launch, _k2_qk_state_kernel) from FOLD_MIN_CHUNKS chunks on at R <= 32; the two
+    passes (_k2_qk_kernel, _chunk_state_kernel) below it and at R > 32 -- recorded launches, no run."""
+    from kop_triton.kernels import k2 as k2k
+    from kop_triton.kernels.launch import recording
+    assert k2k.FOLD_QK is None and k2k.FOLD_MIN_CHUNKS == 132
+    for T, R, folded in [(132 * 64, 16, True), (131 * 64, 16, False), (1 << 16, 32, True), (1 << 16, 33, False)]:
+        x = torch.empty(1, T, 64, device="meta", dtype=torch.bfloat16)
+        f = lambda *s: torch.empty(*s, device="meta")
+        with recording() as rec:
+            k2k.k2_fwd(x, f(64, R), f(64, R), f(R), f(R), f(8), f(1), None, None, False, None)
+        names = [ln.name for ln in rec.launches]
+        assert ("_k2_qk_state_kernel" in names) == folded, (T, R, names)
+        assert ("_k2_qk_kernel" in names) == (not folded) and ("_chunk_state_kernel" in names) == (not folded)
+        assert k2k.fold_qk(triton_cdiv(T, 64), max(16, 1 << (R - 1).bit_length())) == folded
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+@needs_triton
 @pytest.mark.parametrize("per_channel", [False, True], ids=["shared", "per-channel"])
 def test_fused_varlen(per_channel, nan_empty):
     lens = [5, 1, 70, 12]
@@ -521,11 +566,15 @@ def test_fused_compiles_fullgraph(final):
 
 
 @needs_triton
+@pytest.mark.parametrize("fold", [False, True], ids=["two-passes", "folded"])
 @pytest.mark.parametrize("varlen", [False, True], ids=["batch", "varlen"])
-def test_chunk_states_match_the_scan_kernels_layout(varlen):
+def test_chunk_states_match_the_scan_kernels_layout(monkeypatch, varlen, fold):
     """The fused forward stores chunk states exactly where scan_fwd (H1) puts them, and the q, k,
-    [q_hat, norms] planes its backward reads are those of the PyTorch projection."""
+    [q_hat, norms] planes its backward reads are those of the PyTorch projection; with the
+    projection folded into the chunk-state pass (``_k2_qk_state_kernel``) and without."""
+    from kop_triton.kernels import k2 as k2k
     from kop_triton.kernels.k2 import CHUNK, k2_fwd, qk_planes
+    monkeypatch.setattr(k2k, "FOLD_QK", fold)
     from kop_triton.kernels.scan import scan_fwd
     from kop_triton.ops.k2 import k2_qk
     B, lens = (1, [70, 3, 130]) if varlen else (2, [150])

@@ -86,7 +86,11 @@ def _flat_cases(dt: str) -> List[Case]:
     """The flat grids (sizes past CUDA's y / z limits), with the smallest and largest tiles; and
     the grouped state pass (sequences of over 8K tokens: kernels/scan.py ``pass_group``) over
     packed sequences on its flat grids."""
-    cases: List[Case] = [Case("scan", dt, 1, 1 << 20, 64, R=4, states=True, varlen=True, flat=True)]
+    cases: List[Case] = [Case("scan", dt, 1, 1 << 20, 64, R=4, states=True, varlen=True, flat=True),
+                         # the K2 forward's folded projection (kernels/k2.py fold_qk: >= 132 chunks)
+                         # on packed sequences, flat and not
+                         Case("k2", dt, 1, 1 << 20, 64, R=4, K=8, states=True, varlen=True, flat=True),
+                         Case("k2", dt, 1, 1 << 20, 24, R=32, K=8, states=True, varlen=True)]
     for R in (4, 128):
         cases.append(Case("scan", dt, 2, 2048, 1024, R=R, states=True, flat=True))
         cases.append(Case("k2", dt, 2, 2048, 1024, R=R, K=8, states=True, flat=True))
