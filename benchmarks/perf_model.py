@@ -293,6 +293,7 @@ class WhatIf:
     walk_step_divisor: int = 1       # its dependent steps divided by this (a two-level pass)
     small_scale: float = 1.0         # the O(R) planes' bytes (q, k, q_hat, norms, dp: float32) scaled
     act_at_copy_bound: bool = False  # D-wide activation bytes of each op scaled to the copy bound's passes
+    walk_in_consumers: bool = False  # the grouped pass's levels A and C gone (see WHATIFS)
     note: str = ""
 
 
@@ -355,6 +356,12 @@ def price_launch(ln: Dict, S: Shape, hw: GPU = H100, w: WhatIf = WhatIf(), act_s
            "peak": "tensor cores" if tensor else "CUDA cores fp32"}
     if ln.get("unlaunched_traffic_row"):
         row.update(time_s=0.0, bound="-", limit="-", note="traffic.py row with no recorded launch")
+        return row
+    if w.walk_in_consumers and name.split(" ")[0] in ("_group_sum_kernel", "_group_apply_kernel"):
+        row.update(bytes_per_token=0.0, act_bytes_per_token=0.0, small_bytes_per_token=0.0,
+                   state_bytes_per_token=0.0, bytes=0.0, flops=0.0, time_s=0.0, bound="none",
+                   limit="folded away (what-if)",
+                   note="what-if: folded into the chunk-state pass and the consumers")
         return row
     if ln.get("torch_op"):
         t_b, t_c = nbytes / hw.copy_bw, flops / peak
@@ -464,6 +471,11 @@ WHATIFS = [
            act_at_copy_bound=True,
            note="and every D-wide tensor touched once per op (x, y forward; x, dy, dx backward): a design "
                 "outside this family (no separate chunk-state pass over x / dy), the upper end of the model"),
+    WhatIf("walk in the consumers", walk_in_consumers=True,
+           note="the grouped pass's levels A and C folded away: the chunk-state pass walks each group of "
+                "chunks in one program (writing the within-group prefixes and the group's total), level B "
+                "walks the totals, and the kernels that read the states add the group's entry state "
+                "(g^(64 j) H, shared by the group's chunks: cached); not in the issue's list"),
 ]
 
 
@@ -594,7 +606,8 @@ def markdown(doc: Dict) -> str:
               "| dtype | D | phase | kernel | " + " | ".join(w["name"] for w in ws) + " |",
               "|---|---|---|---|" + "---|" * len(ws)]
         ab = {"SMs covered (each at most 1/SMs of the copy bandwidth)": "SMs", "dependent steps": "steps", "one DRAM round trip": "lat", "copy bandwidth": "bw",
-              "copy bandwidth (assumed)": "bw", "tensor-core peak": "flops", "CUDA-core fp32 peak": "flops"}
+              "copy bandwidth (assumed)": "bw", "tensor-core peak": "flops", "CUDA-core fp32 peak": "flops",
+              "folded away (what-if)": "gone"}
         for sh in big:
             s = sh["shape"]
             for i, r in enumerate(sh["whatifs"][0]["launches"]):

@@ -246,6 +246,9 @@ RULES: Tuple[Rule, ...] = (
          why="fp32, R <= 32: 64 channels spilled 4 B under 3.9 on sm_90 and sm_100 with initial states "
              "(8 warps, 128 regs; 2 or 1 stages the same, 4 warps 4 B on sm_100 per-channel); 32 "
              "channels: 0 B, <= 118 regs under 3.9 and <= 128 under 3.6 on all three targets (gate 12-06)"),
+    Rule(("_k2_qk_state_kernel",), dict(BD=lambda c: min(tile_d(c), 32)), dtype="fp32",
+         why="fp32: the state product (BR, 64) x (64, BD) on CUDA cores; 64 channels spilled 12 B on sm_90 "
+             "(packed sequences, R = 16, Triton 3.6; gate 12-06)"),
     Rule(("_k2_dx_kernel",), dict(BD=16, BK=32), dtype="16-bit", BR=BIG_R,
          why="R > 32, 16-bit: 16 channels (32: 8-100 B), 32-wide R slices (16-wide: 8 B; 2 or 4 "
              "warps: 56 B) (gate 12-02)"),

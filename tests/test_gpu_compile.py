@@ -96,8 +96,9 @@ print(json.dumps({"names": names, "big": sorted({ln.name for ln in big}),
     assert got["names"] == sorted(["_intra_A_kernel", "_chunk_state_kernel", "_state_pass_kernel",
                                    "_group_sum_kernel", "_group_apply_kernel", "_chunk_out_kernel", "_bwd_dqk_kernel", "_conv_fwd_kernel",
                                    "_conv_bwd_dx_kernel", "_conv_bwd_dw_kernel", "_k2_qk_kernel",
-                                   "_k2_out_kernel", "_k2_dp_kernel", "_k2_dx_kernel"])
-    assert {"_k2_qk_kernel", "_k2_out_kernel", "_bwd_dqk_kernel", "_k2_dx_kernel"} <= set(got["big"])
+                                   "_k2_qk_state_kernel", "_k2_out_kernel", "_k2_dp_kernel", "_k2_dx_kernel"])
+    # 16K chunks at R = 16: the projection folded into the chunk-state pass (kernels/k2.py fold_qk)
+    assert {"_k2_qk_state_kernel", "_k2_out_kernel", "_bwd_dqk_kernel", "_k2_dx_kernel"} <= set(got["big"])
     assert got["grid"] == (8192 // 64) * (1 << 20) // 64   # one program per channel block and 64-token chunk
 
 
@@ -147,8 +148,8 @@ print(json.dumps(check_limits()))
 
 KERNELS = {"_intra_A_kernel", "_chunk_state_kernel", "_state_pass_kernel", "_group_sum_kernel", "_group_apply_kernel",
            "_chunk_out_kernel", "_bwd_dqk_kernel",
-           "_conv_fwd_kernel", "_conv_bwd_dx_kernel", "_conv_bwd_dw_kernel", "_k2_qk_kernel", "_k2_out_kernel",
-           "_k2_dp_kernel", "_k2_dx_kernel"}
+           "_conv_fwd_kernel", "_conv_bwd_dx_kernel", "_conv_bwd_dw_kernel", "_k2_qk_kernel", "_k2_qk_state_kernel",
+           "_k2_out_kernel", "_k2_dp_kernel", "_k2_dx_kernel"}
 
 
 def _gate(python: str, which: str, target: str, tmp_path) -> list:

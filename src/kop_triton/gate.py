@@ -90,7 +90,7 @@ def _flat_cases(dt: str) -> List[Case]:
                          # the K2 forward's folded projection (kernels/k2.py fold_qk: >= 132 chunks)
                          # on packed sequences, flat and not
                          Case("k2", dt, 1, 1 << 20, 64, R=4, K=8, states=True, varlen=True, flat=True),
-                         Case("k2", dt, 1, 1 << 20, 24, R=32, K=8, states=True, varlen=True)]
+                         Case("k2", dt, 1, 1 << 20, 64, R=16, K=8, per_channel=True, states=True, varlen=True)]
     for R in (4, 128):
         cases.append(Case("scan", dt, 2, 2048, 1024, R=R, states=True, flat=True))
         cases.append(Case("k2", dt, 2, 2048, 1024, R=R, K=8, states=True, flat=True))
