@@ -124,6 +124,7 @@ def before(v: Version) -> Tuple[Version, Version]:
 SM80 = (0, 90)             # Ampere / Ada (sm_80 .. sm_89) and older
 SMALL_R = (0, 32)          # BR <= 32 (R <= 32)
 BIG_R = (33, 10 ** 6)      # BR 64, 128
+R32 = (32, 32)             # BR = 32 (R 17..32)
 
 
 def _np2(n: int) -> int:
@@ -265,6 +266,37 @@ RULES: Tuple[Rule, ...] = (
          why="sm_80, fp32, R <= 32, before 3.9: 32 channels (16 spilled 8 B under 3.6; gate 12-02, "
              "12-06).  Under 3.9 the other way round: 32 channels spilled 4 B (D = 24), 16 channels "
              "0 B, 168 regs (gate 12-06)"),
+    # ---- R = 32 (BR = 32, R 17..32: the largest small-R tiles).  Not gated before 12-06 (the sets
+    # had R = 4, 16 and 128); gate._edge_cases found these spills, all with the BASE / small-R
+    # settings, and the alternatives below (gate 12-06, Triton 3.6 and 3.9, sm_80 / 90 / 100) ----
+    Rule(("_bwd_dqk_kernel",), dict(BRS=16), dtype="fp32", BR=R32,
+         why="fp32, R = 32: 32-wide key-channel slices spilled 64 B (sm_80) to 544 B (sm_90) under 3.6 and "
+             "60-380 B under 3.9 (scan and K2, plain and packed); 16-wide slices, as R > 32 has: 0 B; gate 12-06"),
+    Rule(("_bwd_dqk_kernel",), dict(num_warps=8), dtype="16-bit", BR=R32,
+         why="16-bit, R = 32: 4 warps spilled 16-100 B under 3.6 (bf16 / fp16, sm_80 / 90 / 100, K2 plain and "
+             "packed); 8 warps: 0 B, <= 255 regs (one CTA of 8 warps per SM, as 2 CTAs of 4 had); 16-wide "
+             "slices instead: 164-400 B, 16 channels: 4-100 B; gate 12-06"),
+    Rule(("_bwd_dqk_kernel",), dict(BD=lambda c: 16 if c.D % 16 else min(tile_d(c), 32)), triton=since((3, 9)),
+         dtype="bf16",
+         why="3.9, bf16, D not a multiple of 16 (1 stage): 32 channels per step spilled 76 B (sm_90) and 64 B "
+             "(sm_100) on packed sequences at R = 16, D = 24; 16 channels: 0 B, 174 regs (8 warps: 0 B, 224 "
+             "regs; no diagonal loop: still 4-8 B); gate 12-06"),
+    Rule(("_k2_qk_kernel",), dict(BD=16), dtype="fp32", BR=R32,
+         why="fp32, R = 32: a (64, 64) x (64, 32) CUDA-core product spilled 3.2-3.5 KB under 3.6 and 3.9 (D = "
+             "1024); 16 channels a step: 0 B; gate 12-06"),
+    Rule(("_k2_out_kernel",), dict(BD=16, DIAG_LOOP=True), dtype="fp32", BR=R32,
+         why="fp32, R = 32: 32 channels spilled 8-40 B on sm_80 / 90 / 100 under 3.6; 16 channels still 8 B "
+             "(also with 4 warps or 1 stage); 16 channels with the diagonal sub-blocks one position at a time: "
+             "0 B, <= 173 regs; gate 12-06"),
+    Rule(("_k2_dx_kernel",), dict(num_warps=8, DIAG_LOOP=True), dtype="fp32", BR=R32,
+         why="fp32, R = 32: 4 warps (the fp32 rule) spilled 8-12 B on sm_90 / sm_100 under 3.6, 8 warps too; "
+             "8 warps with the diagonal loop: 0 B, <= 222 regs; gate 12-06"),
+    Rule(("_k2_dx_kernel",), dict(BD=16), dtype="16-bit", BR=R32,
+         why="16-bit, R = 32: 32 channels spilled 16 B on sm_90 under 3.6 (fp16, packed, the fused weight "
+             "gradients); 16 channels: 0 B; gate 12-06"),
+    Rule(("_chunk_out_kernel",), dict(num_stages=1), triton=since((3, 9)), arch=SM80, BR=R32,
+         why="3.9, sm_80, R = 32: the reversed pass spilled 4-16 B at 3 stages (fp32, fp16; scan, plain and "
+             "packed); 1 stage: 0 B; gate 12-06"),
     # ---- conv ----
     Rule(("_conv_bwd_dx_kernel",), dict(BD=lambda c: min(tile_d(c), 32), num_stages=1), dtype="fp32",
          when=dict(use_dot=True),

@@ -416,6 +416,17 @@ def test_fused_folded_projection(monkeypatch, case, nan_empty):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_fused_r32_settings(dtype, nan_empty):
+    """R = 32 (BR = 32), with the settings that stopped its spills (kernels/settings.py, the R = 32
+    rules: 16-wide key-channel slices in dq/dk for fp32, 16 channels and the diagonal loop in the
+    output and dx kernels, 16 channels in the projection), both projections (two passes: T < 132
+    chunks), against float64."""
+    args = k2_inputs(2, 100, 24, 32, 5, False, dtype=dtype, device=DEVICE)
+    check_all(run("triton", args), run("naive", f64(args)), TOL[("triton", dtype)])
+
+
+@needs_triton
 def test_fold_rule_picks_by_shape():
     """The fold (one launch, _k2_qk_state_kernel) from FOLD_MIN_CHUNKS chunks on at R <= 32; the two
     passes (_k2_qk_kernel, _chunk_state_kernel) below it and at R > 32 -- recorded launches, no run."""

@@ -77,6 +77,30 @@ def test_settings_of_the_pinned_version_on_sm_90(monkeypatch):
     assert kernel_settings("_conv_bwd_dx_kernel", bf, D=256, K=64, dh0_only=False, use_dot=True)["BD"] == 64
 
 
+@pytest.mark.parametrize("version", [(3, 6), (3, 9)])
+def test_r32_settings(monkeypatch, version):
+    """R = 32 (BR = 32), which the compile gate first covered on 12-06 (gate._edge_cases): the settings
+    that stopped its spills."""
+    at(monkeypatch, version, 90)
+    f32, bf, fp16 = torch.float32, torch.bfloat16, torch.float16
+    assert kernel_settings("_bwd_dqk_kernel", f32, R=32, D=24)["BRS"] == 16
+    assert kernel_settings("_bwd_dqk_kernel", f32, R=16, D=24)["BRS"] == 16        # min(BR, 32) below
+    assert kernel_settings("_bwd_dqk_kernel", bf, R=32, D=1024)["num_warps"] == 8
+    assert kernel_settings("_bwd_dqk_kernel", fp16, R=20, D=24)["num_warps"] == 8
+    assert kernel_settings("_bwd_dqk_kernel", bf, R=16, D=1024)["num_warps"] == 4
+    assert kernel_settings("_k2_qk_kernel", f32, R=32, D=1024)["BD"] == 16
+    assert kernel_settings("_k2_qk_kernel", bf, R=32, D=1024)["BD"] == 64
+    assert {k: v for k, v in kernel_settings("_k2_out_kernel", f32, R=32, D=1024).items()
+            if k in ("BD", "DIAG_LOOP")} == dict(BD=16, DIAG_LOOP=True)
+    got = kernel_settings("_k2_dx_kernel", f32, R=32, D=1024)
+    assert (got["num_warps"], got["DIAG_LOOP"]) == (8, True)
+    assert kernel_settings("_k2_dx_kernel", fp16, R=32, D=1024)["BD"] == 16
+    assert kernel_settings("_k2_dx_kernel", fp16, R=16, D=1024)["BD"] == 32
+    # bf16 dq / dk at D not a multiple of 16: 16 channels a step under 3.9 only
+    assert kernel_settings("_bwd_dqk_kernel", bf, R=16, D=24)["BD"] == (16 if version == (3, 9) else 32)
+    assert kernel_settings("_bwd_dqk_kernel", bf, R=16, D=64)["BD"] == 32
+
+
 def test_sm_80_dx_warps_and_stages(monkeypatch):
     for version in ((3, 6), (3, 9)):
         at(monkeypatch, version, 80)

@@ -78,8 +78,19 @@ def newest_workload() -> List[Case]:
             cases.append(Case("conv", dt, 2, 4096, 256, K=K))
             cases.append(Case("conv", dt, 2, 4096, 24, K=K, per_channel=True, states=True))
             cases.append(Case("conv", dt, 1, 300, 64, K=K, states=True, varlen=True))
-        cases += _flat_cases(dt)
+        cases += _flat_cases(dt) + _edge_cases(dt)
     return cases
+
+
+def _edge_cases(dt: str) -> List[Case]:
+    """R = 32 (the largest R of the small-R tiles, BR = 32) and D = 24 on packed sequences, where
+    settings tuned at R = 4 / 16 and 128 spilled (gate 12-06, found by the fold's cases): scan and
+    K2, a plain batch and packed sequences at T = 1M (the grouped pass, the folded projection)."""
+    return [Case("scan", dt, 2, 2048, 24, R=32),
+            Case("scan", dt, 1, 1 << 20, 24, R=32, states=True, varlen=True),
+            Case("k2", dt, 2, 2048, 1024, R=32, K=8),
+            Case("k2", dt, 1, 1 << 20, 24, R=32, K=8, states=True, varlen=True),
+            Case("k2", dt, 1, 1 << 20, 24, R=16, K=8, states=True, varlen=True)]
 
 
 def _flat_cases(dt: str) -> List[Case]:
@@ -133,7 +144,7 @@ def workload(which: str = "full") -> List[Case]:
             cases.append(Case("conv", dt, 1, 300, 64, K=K, states=True, varlen=True))
             cases.append(Case("k2", dt, 1, 300, 64, R=16, K=K, per_channel=K % 2 == 0, states=True,
                               varlen=True))
-        cases += _flat_cases(dt)
+        cases += _flat_cases(dt) + _edge_cases(dt)
     return cases
 
 
