@@ -49,11 +49,12 @@ def _cu(lens):
 @RACE
 @pytest.mark.parametrize("levels", [False, True], ids=["one-level", "grouped-pass"])
 @pytest.mark.parametrize("varlen", [False, True])
-def test_scan_on_flat_grids(flat, varlen, levels, monkeypatch):
+def test_scan_on_flat_grids(flat, varlen, levels):
     """grouped-pass: the state pass over groups of 2 chunks (kernels/scan.py pass_group, forced),
     its three launches on flat grids too."""
-    from kop_triton.kernels import scan as scan_k
-    monkeypatch.setattr(scan_k, "PASS_GROUP", 2 if levels else 0)
+    import dataclasses
+    from kop_triton.kernels.settings import SCAN
+    settings = dataclasses.replace(SCAN, pass_group=2 if levels else 0)
     g = torch.Generator().manual_seed(0)
     B, T, R, D = (1, 150, 4, 40) if varlen else (2, 130, 4, 40)
     cu = _cu([70, 1, 79]) if varlen else None
@@ -66,7 +67,7 @@ def test_scan_on_flat_grids(flat, varlen, levels, monkeypatch):
     ref = decayed_scan(*leaves64[:4], initial_state=leaves64[4], output_final_state=True,
                        cu_seqlens=None if cu is None else cu.cpu(), backend="naive")
     out = decayed_scan(*leaves[:4], initial_state=leaves[4], output_final_state=True, cu_seqlens=cu,
-                       backend="triton")
+                       backend="triton", settings=settings)
     for name, a, e in zip(("o", "final", "dq", "dk", "dv", "dgamma", "dh0"),
                           list(out) + list(cotangent_grads(list(out), leaves, 1)),
                           list(ref) + list(cotangent_grads(list(ref), leaves64, 1))):

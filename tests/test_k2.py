@@ -352,43 +352,43 @@ def test_fused_with_the_tiles_of_other_targets(monkeypatch, case, nan_empty):
 @needs_triton
 @pytest.mark.parametrize("levels", [False, True], ids=["one-level", "groups"])
 @pytest.mark.parametrize("varlen", [False, True], ids=["batch", "varlen"])
-def test_fused_state_pass_steps(monkeypatch, varlen, levels, nan_empty):
+def test_fused_state_pass_steps(varlen, levels, nan_empty):
     """The state pass composing 2 chunks per step (16 by default): several steps per sequence,
     a partial last step, forward and reversed (backward), packed sequences of 1 to 5 chunks; and
     the grouped pass (groups of 3 chunks, forced: long sequences get it), groups crossing no
     sequence, a sequence's last group short."""
-    from kop_triton.kernels import scan as scan_k
-    monkeypatch.setattr(scan_k, "PASS_CHUNKS", 2)
-    monkeypatch.setattr(scan_k, "PASS_GROUP", 3 if levels else 0)
+    import dataclasses
+    from kop_triton.kernels.settings import K2, SCAN
+    st = dataclasses.replace(K2, scan=dataclasses.replace(SCAN, pass_chunks=2, pass_group=3 if levels else 0))
     if varlen:
         lens = [200, 1, 130, 64]
         cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
         args = k2_inputs(1, sum(lens), 5, 3, 4, False, dtype=torch.float32, N=len(lens), device=DEVICE)
-        got, ref = run("triton", args, cu_seqlens=cu), run("naive", f64(args), cu_seqlens=cu.cpu())
+        got, ref = run("triton", args, cu_seqlens=cu, settings=st), run("naive", f64(args), cu_seqlens=cu.cpu())
     else:
         args = k2_inputs(2, 320, 5, 3, 4, False, dtype=torch.float32, device=DEVICE)
-        got, ref = run("triton", args), run("naive", f64(args))
+        got, ref = run("triton", args, settings=st), run("naive", f64(args))
     check_all(got, ref, TOL[("triton", torch.float32)])
 
 
 @needs_triton
 @pytest.mark.parametrize("varlen,K", [(False, 6), pytest.param(True, 6, marks=RACE), (False, 40)],
                          ids=["batch", "varlen", "K40-toeplitz"])
-def test_fused_backward_chunk_groups(monkeypatch, varlen, K, nan_empty):
+def test_fused_backward_chunk_groups(varlen, K, nan_empty):
     """The dx kernel walks groups of 3 chunks (what long inputs get), crossing batch rows and
     packed sequences inside a group, with [du | dv] and the conv's weight gradient summed per
     group in the kernel (what 16-bit inputs get; forced here to check them at fp32 precision)."""
-    from kop_triton.kernels import k2 as k2k
-    monkeypatch.setattr(k2k, "DX_GROUP", 3)
-    monkeypatch.setattr(k2k, "FUSE_WEIGHT_GRADS", True)
+    import dataclasses
+    from kop_triton.kernels.settings import K2
+    st = dataclasses.replace(K2, dx_group=3, fuse_weight_grads=True)
     if varlen:
         lens = [70, 1, 130, 64]
         cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
         args = k2_inputs(1, sum(lens), 9, 3, K, True, dtype=torch.float32, N=len(lens), device=DEVICE)
-        got, ref = run("triton", args, cu_seqlens=cu), run("naive", f64(args), cu_seqlens=cu.cpu())
+        got, ref = run("triton", args, cu_seqlens=cu, settings=st), run("naive", f64(args), cu_seqlens=cu.cpu())
     else:
         args = k2_inputs(2, 150, 9, 3, K, False, dtype=torch.float32, device=DEVICE)
-        got, ref = run("triton", args), run("naive", f64(args))
+        got, ref = run("triton", args, settings=st), run("naive", f64(args))
     check_all(got, ref, TOL[("triton", torch.float32)])
 
 
