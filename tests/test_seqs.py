@@ -1,8 +1,6 @@
 """Packed sequences on the host side (kernels/seqs.py ``Varlen``): the chunk and block tables against a
 per-sequence walk, built from one host read of cu_seqlens; the ops' argument check builds it once and
 the Triton paths read cu_seqlens nowhere else, forward or backward."""
-import traceback
-
 import pytest
 import torch
 
@@ -10,6 +8,7 @@ from helpers import NEEDS_TRITON, TRITON_OK
 from kop_triton import causal_conv, decayed_scan, k2_mixer
 from kop_triton.kernels.seqs import Varlen, as_varlen
 from kop_triton.ops._checks import check_cu_seqlens
+from test_no_host_sync import HostReads   # forward and backward
 
 LENS = [1, 64, 65, 200, 3]
 
@@ -63,33 +62,9 @@ def test_the_check_builds_it_once():
         check_cu_seqlens(torch.tensor([0, 3, 3, 5]), 1, 5, torch.device("cpu"))
 
 
-READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
-
-
-@pytest.fixture
-def host_reads(monkeypatch):
-    """Every host read of tensor data by kop_triton code, forward and backward (the Tensor methods
-    patched: the autograd backward runs outside a TorchFunctionMode's reach)."""
-    hits = []
-
-    def wrap(name):
-        real = getattr(torch.Tensor, name)
-
-        def f(self, *a, **k):
-            caller = traceback.extract_stack(limit=2)[0]
-            if "kop_triton" in caller.filename or "/kernels/" in caller.filename:
-                hits.append(f"{name} at {caller.filename}:{caller.lineno} ({caller.name})")
-            return real(self, *a, **k)
-        return f
-
-    for n in READS:
-        monkeypatch.setattr(torch.Tensor, n, wrap(n))
-    return hits
-
-
 @pytest.mark.skipif(not TRITON_OK, reason=NEEDS_TRITON)
 @pytest.mark.parametrize("op", ["scan", "conv", "k2", "k2-states-bf16"])
-def test_packed_sequences_read_cu_seqlens_once(host_reads, op):
+def test_packed_sequences_read_cu_seqlens_once(op):
     """Forward and backward through the Triton paths (launches recorded): one host read of
     cu_seqlens, the argument check's."""
     from kop_triton.kernels.launch import recording
@@ -103,7 +78,7 @@ def test_packed_sequences_read_cu_seqlens_once(host_reads, op):
     u = torch.randn(8, 3, generator=g, requires_grad=True)
     alpha, gl = torch.ones(3, requires_grad=True), torch.tensor(0.1, requires_grad=True)
     st = (torch.zeros(4, 3, 8, requires_grad=True), torch.zeros(4, 4, 8, requires_grad=True)) if "states" in op else None
-    with recording() as rec:
+    with recording() as rec, HostReads() as reads:
         if op == "scan":
             outs = decayed_scan(q, q, x, gamma, output_final_state=True, backend="triton", cu_seqlens=cu)
         elif op == "conv":
@@ -114,4 +89,4 @@ def test_packed_sequences_read_cu_seqlens_once(host_reads, op):
             outs = (y, *fin)
         sum(o.float().sum() for o in outs).backward()
     assert len(rec.launches) >= 3
-    assert len(host_reads) == 1 and "check_cu_seqlens" in host_reads[0], host_reads
+    assert len(reads.hits) == 1 and "_checks.py" in reads.hits[0], reads.hits
