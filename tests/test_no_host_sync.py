@@ -3,7 +3,8 @@ causal_conv forward + backward, and a KStackLM training step, read no tensor dat
 (without cu_seqlens).  Counted on CPU tensors, which run the same Python code as CUDA ones: every
 ``.item()``, ``float(t)``, ``int(t)``, ``bool(t)``, ``.tolist()``, ``.cpu()``, ``.numpy()`` made by
 kop_triton code.  The Triton path is counted with its launches recorded instead of run
-(``kop_triton.kernels.launch.recording``), so what is counted is exactly the launchers' host code."""
+(``kop_triton.kernels.launch.recording``), so what is counted is exactly the launchers' host code.
+With cu_seqlens every op reads it once, in its argument check (tests/test_seqs.py)."""
 import traceback
 
 import pytest

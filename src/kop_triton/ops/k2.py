@@ -197,6 +197,15 @@ def triton_unfused_k2_mixer(x, u, v, alpha, gamma, kernel, gate_logit, *, initia
     return out, ((s1, c1) if output_final_state else None)
 
 
+def _check_compiled_settings(settings) -> None:
+    """Under torch.compile k2_mixer runs its torch.library op, which takes the default settings only."""
+    from kop_triton.kernels.settings import K2
+    if settings != K2:
+        raise ValueError("k2_mixer(settings=...) other than the defaults (kop_triton.kernels.settings.K2) is not "
+                         "supported under torch.compile: its torch.library op runs the defaults; call k2_mixer "
+                         f"eagerly to run {settings}")
+
+
 def k2_mixer(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
              gamma: torch.Tensor, kernel: torch.Tensor, gate_logit: torch.Tensor, *,
              initial_state: Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = None,
@@ -226,14 +235,12 @@ def k2_mixer(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, alpha: torch.Ten
     dev = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
     bk = resolve_backend(backend, dev, K2_BACKENDS, check_runnable=False)
     check_bool("output_final_state", output_final_state)
-    settings = check_op_settings(settings, "K2Settings")
+    if settings is not None:
+        settings = check_op_settings(settings, "K2Settings")
     if bk == "triton" and torch.compiler.is_compiling():
         check_triton_runnable(bk, dev)
-        from kop_triton.kernels.settings import K2
-        if settings is not None and settings != K2:
-            raise ValueError("k2_mixer(settings=...) other than the defaults (kop_triton.kernels.settings.K2) is not "
-                             "supported under torch.compile: its torch.library op runs the defaults; call k2_mixer "
-                             f"eagerly to run {settings}")
+        if settings is not None:
+            _check_compiled_settings(settings)
         # under torch.compile: the torch.library op, one opaque graph node (no graph break);
         # its eager implementation runs the argument checks, which read gamma and cu_seqlens
         from .library import k2_mixer_triton_op
