@@ -20,14 +20,13 @@ from typing import Optional, Tuple
 
 import torch
 
-from kop_triton.kernels.config import CHUNK, MAX_RANK, check_rank
+from kop_triton.kernels.config import CHUNK, check_rank   # check_rank: the one R <= 128 limit
 
 from .scan_chunked import CPU_CHUNK, chunked_scan
 from ._checks import (check_bool, check_cu_seqlens, check_gamma_range, check_op_settings, check_same_device,
                       check_same_dtype, check_tensor, check_triton_runnable, describe, per_sequence,
                       resolve_backend, state_dtype, triton_compute)
 
-MAX_TRITON_RANK = MAX_RANK          # kop_triton.kernels.config: the one limit (check_rank)
 
 # --------------------------------------------------------------------------------------
 # PyTorch references
