@@ -34,13 +34,18 @@ import dataclasses
 import math
 from typing import Callable, Dict, List
 
-CHUNK = 64        # kernels/config.py (not imported: the model runs without Triton)
-SUB = 16
+from kop_triton.kernels.config import CHUNK, SUB_CHUNK as SUB       # neither imports Triton
+from kop_triton.kernels.settings import CONV, K2, SCAN
+
 F32 = 4
 SMS_H200 = 132
-MAX_FUSED_R, MAX_FUSED_TAPS, DX_TARGET, MAX_GROUP = 32, 64, 1024, 32     # kernels/k2.py
-FOLD_MIN_CHUNKS = 132                                                    # kernels/k2.py fold_qk
-PASS_CHUNKS, PASS_MAX_STEPS, PASS_LEVEL_PROGRAMS = 16, 8, 256            # kernels/scan.py
+# the launchers' own tunables, read from their default settings (kernels/settings.py)
+MAX_FUSED_R, MAX_FUSED_TAPS, DX_TARGET, MAX_GROUP = K2.max_fused_r, K2.max_fused_taps, K2.dx_target_programs, \
+    K2.max_dx_group
+FOLD_MIN_CHUNKS = K2.fold_min_chunks                                     # kernels/k2.py fold_qk
+PASS_BLOCK, PASS_CHUNKS, PASS_MAX_STEPS, PASS_LEVEL_PROGRAMS = SCAN.pass_block, SCAN.pass_chunks, \
+    SCAN.pass_max_steps, SCAN.pass_level_programs
+DW_PROGRAMS = CONV.dw_programs
 
 
 @dataclasses.dataclass
@@ -82,12 +87,12 @@ class Shape:
         return math.ceil(self.D / (16 if self.BR > 32 or self.s == F32 else min(self.BD, 32)))
 
     @property
-    def pass_grid(self) -> int:      # the state pass: 128 flat (r, d) entries a program
-        return self.B * math.ceil(self.R * self.D / 128)
+    def pass_grid(self) -> int:      # the state pass: PASS_BLOCK (128) flat (r, d) entries a program
+        return self.B * math.ceil(self.R * self.D / PASS_BLOCK)
 
     @property
-    def pass_steps(self) -> int:     # its dependent steps: 16 chunks composed per step
-        return math.ceil(math.ceil(self.T / CHUNK) / 16)
+    def pass_steps(self) -> int:     # its dependent steps: PASS_CHUNKS (16) chunks composed per step
+        return math.ceil(math.ceil(self.T / CHUNK) / PASS_CHUNKS)
 
     @property
     def pass_group(self) -> int:     # kernels/scan.py pass_group: chunks per group of the grouped pass, 0: one level
@@ -131,13 +136,14 @@ def state_pass(S: Shape, reverse: bool = False) -> List[Launch]:
         return [Launch("_state_pass_kernel" + tag, 0, 0, 2 * S.st, S.pass_grid, steps=S.pass_steps,
                        note="the walk over chunks, 16 composed per step")]
     NG = S.B * math.ceil(math.ceil(S.T / CHUNK) / G)
-    blocks = math.ceil(S.R * S.D / 128)
+    blocks = math.ceil(S.R * S.D / PASS_BLOCK)
     return [
         Launch("_group_sum_kernel" + tag, 0, 0, S.st * (1 + 1 / G), blocks * NG,
                note=f"level A: each group's total of {G} chunk states (reads them; writes 1 / {G})"),
         Launch("_state_pass_kernel" + tag, 0, 0, 2 * S.st / G, S.pass_grid,
-               steps=math.ceil(math.ceil(S.T / (CHUNK * G)) / 16), note="level B: the walk over the group totals"),
-        Launch("_group_apply_kernel" + tag, 0, 0, S.st * (2 + 1 / G), blocks * NG, steps=math.ceil(G / 16),
+               steps=math.ceil(math.ceil(S.T / (CHUNK * G)) / PASS_CHUNKS),
+               note="level B: the walk over the group totals"),
+        Launch("_group_apply_kernel" + tag, 0, 0, S.st * (2 + 1 / G), blocks * NG, steps=math.ceil(G / PASS_CHUNKS),
                note="level C: each group's walk from its entry value, in place"),
     ]
 
@@ -195,7 +201,7 @@ def fused_bwd(S: Shape) -> List[Launch]:
     if not fuse_duv:
         out.append(Launch("x^T dp (cuBLAS)", D * s, 2 * R * (F32 + s)))
     if not fuse_dw:
-        out.append(Launch("_conv_bwd_dw_kernel", 2 * D * s * math.ceil(S.K / 32), grid=512))
+        out.append(Launch("_conv_bwd_dw_kernel", 2 * D * s * math.ceil(S.K / 32), grid=DW_PROGRAMS))
     return out
 
 

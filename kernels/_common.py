@@ -104,3 +104,13 @@ def state_arg(state, K: int, placeholder: torch.Tensor):
     ``placeholder``, a pointer the kernel is told (used = False) never to read."""
     used = state is not None and K > 1
     return used, (f32(state) if used else placeholder)
+
+
+def passthrough(state, shape, device) -> torch.Tensor:
+    """No tokens (T = 0): nothing launches and a state passes through unchanged -> a float32 copy
+    of ``state``, or float32 zeros of ``shape`` when it is None.  The one T = 0 rule of every
+    launcher: a forward's final state is its initial one, a backward's initial-state gradient is
+    the final state's cotangent."""
+    if state is None:
+        return torch.zeros(shape, dtype=torch.float32, device=device)
+    return f32(state).clone()

@@ -31,14 +31,13 @@ import triton.language as tl
 
 from ._common import dot, dot_mode, f32, state_arg, tile_ids
 from .launch import grid_of, launch, target_arch
-from .settings import kernel_settings
+from .seqs import as_varlen
+from .settings import CONV, ConvSettings, kernel_settings
 from .varlen import Layout, seq_block
 
-# Tile sizes and warps of the three kernels: kernels/settings.py.
-# Shared kernels with more taps than this use the Toeplitz product (the taps loop costs a
-# shifted tile load per tap; the product costs 2*(K+BT) flops per output on tensor cores).
-# A first choice by that arithmetic, not yet measured on a GPU; the benchmarks should settle it.
-DOT_MIN_TAPS = 32
+# Tile sizes and warps of the three kernels: kernels/settings.py (``kernel_settings``); when shared
+# kernels switch to the Toeplitz product and the weight gradient's programs: ``ConvSettings`` there,
+# passed in (``settings=``; default CONV).
 
 
 # --------------------------------------------------------------------------------------
@@ -261,23 +260,25 @@ def _conv_bwd_dw_kernel(x, h0, dy, dw_part, cu, table, n_blocks, NT, T, D, K,
 # --------------------------------------------------------------------------------------
 
 
-def _use_dot(weight: torch.Tensor, K: int, force=None) -> bool:
+def _use_dot(weight: torch.Tensor, K: int, force=None, settings: ConvSettings = CONV) -> bool:
     if weight.dim() != 1:
         return False
-    return (K > DOT_MIN_TAPS) if force is None else bool(force)
+    return (K > settings.dot_min_taps) if force is None else bool(force)
 
 
-def conv_fwd(x, weight, initial_state, output_final_state, cu_seqlens, use_dot=None):
+def conv_fwd(x, weight, initial_state, output_final_state, cu_seqlens, use_dot=None,
+             settings: ConvSettings = CONV):
     """y (B, T, D) in x's dtype, final_state (N, K-1, D) or None.  ``use_dot`` forces a method
-    (tests); None picks by DOT_MIN_TAPS.  Inputs may be non-contiguous."""
+    (tests); None picks by ``settings.dot_min_taps``.  Inputs may be non-contiguous.  cu_seqlens:
+    a tensor, or the ``Varlen`` read from it (``kop_triton.kernels.seqs``), or None."""
     B, T, D = x.shape
     K = weight.shape[-1]
-    lay = Layout(x, cu_seqlens)
+    lay = Layout(x, as_varlen(cu_seqlens))
     x2, w = lay.rows(x), f32(weight)
     use_h0, h0 = state_arg(initial_state, K, x2)
     y = torch.empty(B * T, D, dtype=x.dtype, device=x.device)
     st = kernel_settings("_conv_fwd_kernel", x.dtype, D=D, K=K, arch=target_arch(x.device))
-    dot = _use_dot(weight, K, use_dot)
+    dot = _use_dot(weight, K, use_dot, settings)
     if B * T > 0:
         gt, gb, tab = lay.grid_t(st["BT"])
         nd = triton.cdiv(D, st["BD"])
@@ -291,14 +292,14 @@ def conv_fwd(x, weight, initial_state, output_final_state, cu_seqlens, use_dot=N
 
 
 def conv_bwd_dx(dy, weight, dfinal, need_dh0, cu_seqlens, dx_dtype, dh0_dtype, use_dot=None,
-                scale=None, dh0_only=False):
+                scale=None, dh0_only=False, settings: ConvSettings = CONV):
     """dx (B, T, D) and dh0 (N, K-1, D) (None unless need_dh0) for cotangents dy (times
     ``scale``, a one-element tensor, when given), dfinal.  ``dh0_only``: compute only dh0 (the
     first K-1 extended rows of each
     sequence; dx is None) -- the fused K2 backward forms dx itself."""
     B, T, D = dy.shape
     K = weight.shape[-1]
-    lay = Layout(dy, cu_seqlens)
+    lay = Layout(dy, as_varlen(cu_seqlens))
     g2, w = lay.rows(dy), f32(weight)
     use_dfin, dfin = state_arg(dfinal, K, g2)
     need_dh0 = need_dh0 and K > 1
@@ -307,12 +308,12 @@ def conv_bwd_dx(dy, weight, dfinal, need_dh0, cu_seqlens, dx_dtype, dh0_dtype, u
     dx = g2 if dh0_only else torch.empty(B * T, D, dtype=dx_dtype, device=dy.device)
     dh0 = (torch.empty(lay.N, K - 1, D, dtype=dh0_dtype, device=dy.device) if need_dh0 else dx)
     extra = K - 1 if need_dh0 else 0
-    dot = _use_dot(weight, K, use_dot)
+    dot = _use_dot(weight, K, use_dot, settings)
     # dh0_only: a tile of K - 1 rows (kernels/settings.py)
     st = kernel_settings("_conv_bwd_dx_kernel", dy.dtype, D=D, K=K, arch=target_arch(dy.device),
                          dh0_only=dh0_only, use_dot=dot)
     if dh0_only:
-        gt, gb, tab = (lay.grid_t(st["BT"], rows_of=lambda L, k=K - 1: k) if need_dh0 else (0, 0, None))
+        gt, gb, tab = (lay.grid_t(st["BT"], fixed_rows=K - 1) if need_dh0 else (0, 0, None))
     else:
         gt, gb, tab = lay.grid_t(st["BT"], extra)
     if gt * gb > 0:
@@ -331,19 +332,19 @@ def conv_bwd_dx(dy, weight, dfinal, need_dh0, cu_seqlens, dx_dtype, dh0_dtype, u
     return dx, None
 
 
-def conv_bwd_dw(x, initial_state, dy, K, shared, cu_seqlens):
+def conv_bwd_dw(x, initial_state, dy, K, shared, cu_seqlens, settings: ConvSettings = CONV):
     """float32 dw: (K,) when ``shared`` (summed over channels) else (D, K); fixed-order sums."""
     B, T, D = x.shape
-    lay = Layout(x, cu_seqlens)
+    lay = Layout(x, as_varlen(cu_seqlens))
     x2, g2 = lay.rows(x), lay.rows(dy)
     use_h0, h0 = state_arg(initial_state, K, x2)
     st = kernel_settings("_conv_bwd_dw_kernel", x.dtype, D=D, K=K, arch=target_arch(x.device))
     gt, gb, tab = lay.grid_t(st["BT"])
     n_blocks = gt * gb
     n_ld = triton.cdiv(K, st["BL"]) * triton.cdiv(D, st["BD"])
-    # time splits: enough programs to fill a GPU (~4 waves of 132 SMs), at most one per block;
+    # time splits: enough programs to fill a GPU (settings.dw_programs), at most one per block;
     # depends on shapes only, so the summation order is fixed.
-    NS = max(1, min(n_blocks, 512 // n_ld))
+    NS = max(1, min(n_blocks, settings.dw_programs // n_ld))
     part = torch.empty(NS, K, D, dtype=torch.float32, device=x.device)
     if n_blocks == 0:
         part.zero_()

@@ -61,54 +61,35 @@ import torch
 import triton
 import triton.language as tl
 
-from . import conv as _conv
-from ._common import block, dot, f32, load_rows, log2_gamma, state_arg, tile_ids
+from ._common import block, dot, f32, load_rows, log2_gamma, passthrough, state_arg, tile_ids
 from .config import CHUNK, SUB_CHUNK
 from .conv import _load_xe, conv_bwd_dw, conv_bwd_dx, conv_t_tile, conv_tile
 from .launch import grid_of, launch, target_arch
 from .scan import ChunkPlan, score_cols, score_rows
-from .settings import kernel_settings
+from .seqs import as_varlen
+from .settings import K2, K2Settings, kernel_settings
 from .varlen import Layout, chunk_bounds, chunk_program, chunk_tile, seq_length
 
 NORM_EPS = tl.constexpr(1e-8)   # a constexpr: the compiler rejects a plain Python float global
-# _k2_dx_kernel forms [du | dv] = x^T dp (its two (BD, R) float32 accumulators) for R <= 32, and
-# the conv's weight gradient for kernels of up to 64 taps (one pass over the taps per sub-chunk),
-# for 16-bit inputs; beyond, and for fp32 (whose CUDA-core products leave no registers for them),
-# a matrix product and conv_bwd_dw (one more pass over x; over x and dy)
-MAX_FUSED_R = 32
-MAX_FUSED_TAPS = 64
-FUSE_WEIGHT_GRADS = None        # None: 16-bit inputs only; tests set True to check the fused sums in fp32
-# chunks per _k2_dx_kernel program: enough programs to fill a GPU several times over (the
-# partial sums it writes shrink with the group); a function of shapes only, so the order of
-# every reduction is fixed.  Tests set DX_GROUP to force groups on tiny inputs.
-DX_TARGET_PROGRAMS = 1024
-MAX_DX_GROUP = 32
-DX_GROUP = None
+# What the dx kernel sums in place ([du | dv], the conv's weight gradient) and how many chunks one
+# of its programs walks: ``K2Settings`` (kernels/settings.py), passed in (``settings=``; default K2).
 
 
-# The forward folds the q/k projection into the chunk-state pass (``_k2_qk_state_kernel``: x read
-# from DRAM once there instead of twice) for R <= 32 (one chunk of 64 rows is then the
-# projection's own row block, kernels/settings.py ``_block_m``) and at least FOLD_MIN_CHUNKS
-# chunks: the fold does a chunk's state work in the chunk's one program, which the separate
-# chunk-state pass spreads over D / 64 programs, so below about one chunk per SM (132 on an H100)
-# the separate passes fill the GPU better (the model, benchmarks/perf_model.py, prices both).
-# Tests set FOLD_QK to force either path (None: by the rule).
-FOLD_MIN_CHUNKS = 132
-FOLD_QK = None
-
-
-def fold_qk(NC: int, BR: int) -> bool:
-    """Whether k2_fwd runs ``_k2_qk_state_kernel`` (q, k and the chunk-local states in one pass)
-    instead of ``_k2_qk_kernel`` and the chunk-state pass."""
-    if BR > MAX_FUSED_R:
+def fold_qk(NC: int, BR: int, settings: K2Settings = K2) -> bool:
+    """Whether k2_fwd runs ``_k2_qk_state_kernel`` (q, k and the chunk-local states in one pass
+    over x) instead of ``_k2_qk_kernel`` and the chunk-state pass: R <= 32 (a chunk of 64 rows is
+    then the projection's own row block, kernels/settings.py ``_block_m``) and at least
+    ``settings.fold_min_chunks`` chunks (``K2Settings``: why 132), or as ``settings.fold_qk`` forces."""
+    if BR > settings.max_fused_r:
         return False
-    return NC >= FOLD_MIN_CHUNKS if FOLD_QK is None else bool(FOLD_QK)
+    return NC >= settings.fold_min_chunks if settings.fold_qk is None else settings.fold_qk
 
 
-def dx_group(NC: int, nd: int) -> int:
-    if DX_GROUP is not None:
-        return DX_GROUP
-    return max(1, min(MAX_DX_GROUP, (NC * nd) // DX_TARGET_PROGRAMS))
+def dx_group(NC: int, nd: int, settings: K2Settings = K2) -> int:
+    """Chunks per _k2_dx_kernel program for NC chunks and nd channel blocks (``K2Settings``)."""
+    if settings.dx_group is not None:
+        return settings.dx_group
+    return max(1, min(settings.max_dx_group, (NC * nd) // settings.dx_target_programs))
 
 
 # --------------------------------------------------------------------------------------
@@ -368,25 +349,28 @@ def _k2_dx_kernel(x, dy, q, k, lg, ds, dp, u, v, gate, w, c0, dfin, dx, duv_part
 # --------------------------------------------------------------------------------------
 
 
-class _Plan(ChunkPlan):
-    """The scan's chunk plan plus what the K2 forward and backward share: the conv's kind (K taps,
-    shared or per channel, taps loop or Toeplitz product); launch settings come from
-    ``kernels/settings.py`` (``self.settings(kernel, K=...)``)."""
+class _Plan:
+    """What the K2 forward and backward share: the scan's chunk plan (``chunks``, a ``ChunkPlan``:
+    chunk tables, tile settings, operand modes, the state pass), the flat view of x (``lay``), the
+    conv's kind (K taps, shared or per channel, taps loop or Toeplitz product) and the op's
+    ``K2Settings``; launch settings come from ``kernels/settings.py`` (``chunks.settings(kernel,
+    K=...)``)."""
 
-    def __init__(self, x, R, kernel, cu_seqlens):
+    def __init__(self, x, R, kernel, seqs, settings: K2Settings = K2):
         B, T, D = x.shape
-        self.lay = Layout(x, cu_seqlens)
-        # the chunk tables on cu_seqlens' own device (x's, but for the gate's meta-tensor workloads)
-        cu = None if cu_seqlens is None else cu_seqlens.to(torch.int64).contiguous()
-        super().__init__(B, T, R, D, x.dtype, cu, CHUNK, x.device)
+        self.op_settings = settings
+        self.lay = Layout(x, seqs)
+        # the chunk tables on cu_seqlens' own device (x's, but for the gate's meta-tensor workloads),
+        # the kernels reading its offsets as int64
+        self.chunks = ChunkPlan(B, T, R, D, x.dtype, seqs, CHUNK, x.device, settings.scan, int64_offsets=True)
         self.K = kernel.shape[-1]
-        self.fp32 = self.dot_mode == 0
+        self.fp32 = self.chunks.dot_mode == 0
         self.per_channel = kernel.dim() == 2
-        self.conv_dot = kernel.dim() == 1 and self.K > _conv.DOT_MIN_TAPS
+        self.conv_dot = kernel.dim() == 1 and self.K > settings.conv.dot_min_taps
 
 
 def k2_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
-           output_final_state, cu_seqlens, store_chunk_states=True):
+           output_final_state, cu_seqlens, store_chunk_states=True, settings: K2Settings = K2):
     """Forward launcher (no autograd).  -> (y, scan_final, conv_final, chunk_states, qkn).
 
     x (B, T, D) float32/bfloat16/float16 (float64 is the caller's to convert); u, v (D, R);
@@ -396,11 +380,13 @@ def k2_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
     of ``kop_triton.kernels.scan``, and qkn (B*T * (3R + 2),) float32, the planes q, k and
     [q_hat, ||x u||, ||x v||] of every token (``qk_planes``): what ``k2_bwd`` needs, both None
     unless ``store_chunk_states``.  With no tokens nothing is launched and the initial states
-    pass through.
+    pass through.  cu_seqlens: a tensor, or the ``Varlen`` read from it (``kop_triton.kernels.seqs``);
+    settings: the op's tunables (``K2Settings``).
     """
     B, T, D = x.shape
     R = u.shape[1]
-    P = _Plan(x, R, kernel, cu_seqlens)
+    P = _Plan(x, R, kernel, as_varlen(cu_seqlens), settings)
+    C = P.chunks
     fp = dict(dtype=torch.float32, device=x.device)
     x2 = P.lay.rows(x)
     lg = log2_gamma(gamma)
@@ -408,35 +394,33 @@ def k2_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
     use_c0, c0 = state_arg(conv_state, P.K, x2)
     y = torch.empty(B * T, D, dtype=x.dtype, device=x.device)
     if B * T == 0:                          # no tokens: the scan state passes through unchanged
-        sT = None
-        if output_final_state:
-            sT = s0.clone() if s0 is not None else torch.zeros(P.N, R, D, **fp)
+        sT = passthrough(scan_state, (C.N, R, D), x.device) if output_final_state else None
         states = torch.zeros(0, R, D, **fp) if store_chunk_states else None
         qkn = torch.zeros(0, **fp) if store_chunk_states else None
     else:
         qkn = torch.empty(B * T * (3 * R + 2), **fp)
         q, k, qhn = qk_planes(qkn, R)
-        proj = dict(x=x2, u=f32(u), v=f32(v), alpha=f32(alpha), q=q, k=k, qhn=qhn, D=D, R=R, BR=P.BR,
-                    DOT_MODE=P.dot_mode)
-        if fold_qk(P.NC, P.BR):
+        proj = dict(x=x2, u=f32(u), v=f32(v), alpha=f32(alpha), q=q, k=k, qhn=qhn, D=D, R=R, BR=C.BR,
+                    DOT_MODE=C.dot_mode)
+        if fold_qk(C.NC, C.BR, settings):
             # q, k and the chunk-local states in one pass over x (x leaves DRAM once, not twice)
-            states = torch.empty(P.NC, R, D, **fp)
-            grid, fl = grid_of((1, *P.grid_t))
-            launch(_k2_qk_state_kernel, grid, FLAT=fl, **P.chunk_args(), **proj, lg=lg, s=states,
-                   BT=CHUNK, IS_VARLEN=P.varlen, **P.settings("_k2_qk_state_kernel"))
+            states = torch.empty(C.NC, R, D, **fp)
+            grid, fl = grid_of((1, *C.grid_t))
+            launch(_k2_qk_state_kernel, grid, FLAT=fl, **C.chunk_args(), **proj, lg=lg, s=states,
+                   BT=CHUNK, IS_VARLEN=C.varlen, **C.settings("_k2_qk_state_kernel"))
         else:
-            st = P.settings("_k2_qk_kernel")
+            st = C.settings("_k2_qk_kernel")
             launch(_k2_qk_kernel, (triton.cdiv(B * T, st["BM"]),), **proj, M=B * T, **st)
-            states = P.chunk_states(k, x2, lg, reverse=False)
-        sT = P.state_pass(states, lg, s0, output_final_state, reverse=False)
+            states = C.chunk_states(k, x2, lg, reverse=False)
+        sT = C.state_pass(states, lg, s0, output_final_state, reverse=False)
         gate = torch.sigmoid(f32(gate_logit).reshape(1))
-        st = P.settings("_k2_out_kernel", K=P.K)
-        grid, fl = grid_of((triton.cdiv(D, st["BD"]), *P.grid_t))
-        launch(_k2_out_kernel, grid, FLAT=fl, **P.chunk_args(),
+        st = C.settings("_k2_out_kernel", K=P.K)
+        grid, fl = grid_of((triton.cdiv(D, st["BD"]), *C.grid_t))
+        launch(_k2_out_kernel, grid, FLAT=fl, **C.chunk_args(),
                x=x2, q=q, k=k, lg=lg, gate=gate, w=f32(kernel), c0=c0,
-               s=states, y=y, D=D, R=R, K=P.K, BT=CHUNK, BC=SUB_CHUNK, BR=P.BR,
+               s=states, y=y, D=D, R=R, K=P.K, BT=CHUNK, BC=SUB_CHUNK, BR=C.BR,
                PER_CHANNEL=P.per_channel, CONV_DOT=P.conv_dot,
-               USE_C0=use_c0, IS_VARLEN=P.varlen, DOT_MODE=P.dot_mode, STATE_DOT_MODE=P.state_dot_mode, **st)
+               USE_C0=use_c0, IS_VARLEN=C.varlen, DOT_MODE=C.dot_mode, STATE_DOT_MODE=C.state_dot_mode, **st)
         if not store_chunk_states:
             states = qkn = None
     cT = P.lay.final_rows(x2, conv_state if P.K > 1 else None, P.K) if output_final_state else None
@@ -469,16 +453,18 @@ def k2_dp(qhn, k, alpha, dq, dk):
 
 
 def k2_bwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu_seqlens,
-           chunk_states, qkn, dy, dscan, dconv):
+           chunk_states, qkn, dy, dscan, dconv, settings: K2Settings = K2):
     """Backward launcher of ``k2_fwd`` (no autograd) from x and the forward's chunk_states, qkn.
     -> (dx, du, dv, dalpha, dgamma, dkernel, dgate_logit, dscan_state, dconv_state): dx in x's
     dtype, the others float32 in their input's shape; an initial-state gradient is None where
     that state is None.  dy (B, T, D), dscan (N, R, D), dconv (N, K-1, D): cotangents, each may
-    be None (zero).
+    be None (zero).  cu_seqlens and settings as ``k2_fwd``'s (the same, for the same chunk states).
     """
     B, T, D = x.shape
     R = u.shape[1]
-    P = _Plan(x, R, kernel, cu_seqlens)
+    seqs = as_varlen(cu_seqlens)
+    P = _Plan(x, R, kernel, seqs, settings)
+    C = P.chunks
     K, fp = P.K, dict(dtype=torch.float32, device=x.device)
     x2 = P.lay.rows(x)
     dy2 = torch.zeros_like(x2) if dy is None else P.lay.rows(dy.to(x.dtype))
@@ -488,33 +474,33 @@ def k2_bwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu
     need_dc0 = conv_state is not None
     if B * T == 0:                          # nothing ran: the initial states were the final ones
         z = lambda t: torch.zeros(t.shape, **fp)
-        ds0 = None if scan_state is None else (z(scan_state) if dht is None else dht.clone())
-        dc0 = None if conv_state is None else (z(conv_state) if dconv is None else f32(dconv).clone())
+        ds0 = None if scan_state is None else passthrough(dscan, scan_state.shape, x.device)
+        dc0 = None if conv_state is None else passthrough(dconv, conv_state.shape, x.device)
         return (torch.zeros_like(x), z(u), z(v), z(alpha), z(gamma), z(kernel), z(gate_logit), ds0, dc0)
-    if tuple(chunk_states.shape) != (P.NC, R, D):
-        raise ValueError(f"chunk_states must have shape (NC, R, D) = {(P.NC, R, D)}, got {tuple(chunk_states.shape)}")
+    if tuple(chunk_states.shape) != (C.NC, R, D):
+        raise ValueError(f"chunk_states must have shape (NC, R, D) = {(C.NC, R, D)}, got {tuple(chunk_states.shape)}")
     lg = log2_gamma(gamma)
     af = f32(alpha)
     q, k, qhn = qk_planes(qkn, R)
     if q.shape[0] != B * T:
         raise ValueError(f"qkn holds {q.shape[0]} rows of q, k; the input has B * T = {B * T}")
     # G[c], d scan_state: the scan's reversed chunk-state kernel and state pass
-    dstates = P.chunk_states(q, dy2, lg, reverse=True)
-    ds0 = P.state_pass(dstates, lg, dht, scan_state is not None, reverse=True)
-    dq, dk, dg = P.dqk(q, k, x2, dy2, lg, chunk_states, dstates)        # and the dgamma partials
+    dstates = C.chunk_states(q, dy2, lg, reverse=True)
+    ds0 = C.state_pass(dstates, lg, dht, scan_state is not None, reverse=True)
+    dq, dk, dg = C.dqk(q, k, x2, dy2, lg, chunk_states, dstates)        # and the dgamma partials
     dp, dalpha = k2_dp(qhn, k, af, dq, dk)                              # through the normalisation
     # dx, written once; with it, per group of chunks, [du | dv] = x^T dp and the conv's weight
     # gradient W = sum_t dy_t xe_{t-l} (when fused: R <= 32 and K <= 64, else separate passes)
     uf, vf = f32(u), f32(v)
     use_c0, c0 = state_arg(conv_state, K, x2)
     dx = torch.empty(B * T, D, dtype=x.dtype, device=x.device)
-    fuse = (not P.fp32) if FUSE_WEIGHT_GRADS is None else FUSE_WEIGHT_GRADS
-    fuse_duv = P.BR <= MAX_FUSED_R and fuse
-    fuse_dw = K <= MAX_FUSED_TAPS and fuse
-    st = P.settings("_k2_dx_kernel", K=K)
+    fuse = (not P.fp32) if settings.fuse_weight_grads is None else settings.fuse_weight_grads
+    fuse_duv = C.BR <= settings.max_fused_r and fuse
+    fuse_dw = K <= settings.max_fused_taps and fuse
+    st = C.settings("_k2_dx_kernel", K=K)
     nd = triton.cdiv(D, st["BD"])
-    G = dx_group(P.NC, nd)
-    NG = triton.cdiv(P.NC, G)
+    G = dx_group(C.NC, nd, settings)
+    NG = triton.cdiv(C.NC, G)
     BW = max(16, triton.next_power_of_2(K)) if fuse_dw else 16
     duv_part = torch.empty(NG, D, 2 * R, **fp) if fuse_duv else dp
     dw_part = (torch.empty(NG, D, BW, **fp) if P.per_channel else torch.empty(NG * nd, BW, **fp)) \
@@ -523,11 +509,11 @@ def k2_bwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu
     launch(_k2_dx_kernel, grid, FLAT=fl,
            x=x2, dy=dy2, q=q, k=k, lg=lg, ds=dstates, dp=dp, u=uf, v=vf, gate=g, w=f32(kernel),
            c0=c0, dfin=dfin, dx=dx, duv_part=duv_part, dw_part=dw_part,
-           cu_seqlens=P.cu, chunk_indices=P.chunk_indices, T=T, D=D, R=R, K=K, NT=P.NT, NC=P.NC, G=G,
-           BT=CHUNK, BC=SUB_CHUNK, BR=P.BR, BW=BW,
+           cu_seqlens=C.cu, chunk_indices=C.chunk_indices, T=T, D=D, R=R, K=K, NT=C.NT, NC=C.NC, G=G,
+           BT=CHUNK, BC=SUB_CHUNK, BR=C.BR, BW=BW,
            PER_CHANNEL=P.per_channel, CONV_DOT=P.conv_dot, USE_C0=use_c0,
-           USE_DFIN=use_dfin, FUSE_DUV=fuse_duv, FUSE_DW=fuse_dw, IS_VARLEN=P.varlen,
-           DOT_MODE=P.dot_mode, STATE_DOT_MODE=P.state_dot_mode, **st)
+           USE_DFIN=use_dfin, FUSE_DUV=fuse_duv, FUSE_DW=fuse_dw, IS_VARLEN=C.varlen,
+           DOT_MODE=C.dot_mode, STATE_DOT_MODE=C.state_dot_mode, **st)
     if fuse_duv:
         duv = duv_part.sum(0)                                               # fixed order
     else:
@@ -536,13 +522,13 @@ def k2_bwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu
     if fuse_dw:
         W = dw_part.sum(0)[..., :K] if P.per_channel else dw_part.sum(0)[:K]
     else:
-        W = conv_bwd_dw(x, conv_state, dy2.view(B, T, D), K, kernel.dim() == 1, cu_seqlens)
+        W = conv_bwd_dw(x, conv_state, dy2.view(B, T, D), K, kernel.dim() == 1, seqs, settings=settings.conv)
     dkernel = g * W
     dgate = (g * (1 - g) * (W * f32(kernel)).sum()).reshape(gate_logit.shape)
     dc0 = None
     if need_dc0:
-        _, dc0 = conv_bwd_dx(dy2.view(B, T, D), kernel, dfin if use_dfin else None, True, cu_seqlens,
-                             torch.float32, torch.float32, scale=g, dh0_only=True)
+        _, dc0 = conv_bwd_dx(dy2.view(B, T, D), kernel, dfin if use_dfin else None, True, seqs,
+                             torch.float32, torch.float32, scale=g, dh0_only=True, settings=settings.conv)
     dgamma = dg.sum(dim=0, dtype=torch.float64).to(torch.float32)       # fixed-order reductions
     return (dx.view(B, T, D), duv[:, :R].contiguous(), duv[:, R:].contiguous(), dalpha, dgamma, dkernel,
             dgate, ds0, dc0)

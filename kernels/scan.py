@@ -45,7 +45,7 @@ B) grid below, N0 first, all on axis x):
     _chunk_state_kernel   chunk-local states dS[c] (forward) / dH[c] (backward), grid (D/BD, NT, B)
     _state_pass_kernel    sequential pass over the chunks of a sequence, elementwise in (R, D),
                           grid (N, R*D / BLOCK), flat (R*D / BLOCK, N); forward in time, or
-                          reversed for the backward; PASS_CHUNKS chunks composed per dependent step
+                          reversed for the backward; pass_chunks (``ScanSettings``) chunks composed per dependent step
     sequences of over 8K tokens on fewer than 256 programs (``pass_group``) run the pass in three
     launches over groups of G chunks (never across a sequence), NG groups in all, G ~ sqrt(chunks
     per sequence):
@@ -82,44 +82,30 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block, dot, dot_mode, load_rows, log2_gamma, tile_ids
-from .config import CHUNK, SUB_CHUNK
+from ._common import block, dot, dot_mode, load_rows, log2_gamma, passthrough, tile_ids
+from .config import CHUNK, SUB_CHUNK, check_rank
 from .launch import grid_of, launch, target_arch
-from .settings import kernel_settings
-from .varlen import chunk_bounds, chunk_tables, chunk_tile
+from .seqs import as_varlen
+from .settings import SCAN, ScanSettings, kernel_settings
+from .varlen import chunk_bounds, chunk_tile
 
-# The state pass: flat (R*D) elements per program (a small block gives more programs at B = 1)
-# and chunks composed per step (the dependent steps are ceil(NT / PASS_CHUNKS)); not yet tuned
-# on a GPU.
-PASS_BLOCK = 128
-PASS_CHUNKS = 16
-# Past PASS_MAX_STEPS dependent steps (a sequence of over PASS_CHUNKS * PASS_MAX_STEPS = 128 chunks,
-# 8K tokens) on fewer than PASS_LEVEL_PROGRAMS programs (N * ceil(R * D / PASS_BLOCK)) the pass runs
-# in three levels over groups of G chunks (``pass_group``): A, the groups' totals (parallel over
-# groups x element blocks); B, the single-level walk over the totals (ceil(NG / PASS_CHUNKS)
-# steps); C, each group's own walk from its entry value (parallel again, ceil(G / PASS_CHUNKS) steps
-# per program).  G ~ sqrt(chunks per sequence) balances B's steps against C's: at T = 1M (16,384
-# chunks) G = 128, 8 + 8 steps instead of 1,024.  The levels read the chunk states once more (A):
-# 1.5x the single pass's bytes, which pays only while the single pass is bound by its steps, i.e.
-# while its few programs keep too few bytes in flight: each has one step's 16 rows of BLOCK fp32
-# (8 KB) in flight per step (~1 us, an estimate), 256 programs ~2 TB/s, about 1.5x below an H100's
-# ~3 TB/s -- the break-even PASS_LEVEL_PROGRAMS (an estimate from those figures, not measured on a
-# GPU).  A function of shapes only (the longest sequence's chunks), so every sum has a fixed
-# order.  Tests set PASS_GROUP to force groups (0: one level) on tiny inputs.
-PASS_MAX_STEPS = 8
-PASS_LEVEL_PROGRAMS = 256
-PASS_GROUP = None
+# The state pass's tunables (elements per program, chunks per dependent step, when it runs over
+# groups of chunks): ``ScanSettings`` (kernels/settings.py), passed in (``settings=``; default SCAN).
 
 
-def pass_group(nt_max: int, programs: int = 1) -> int:
+def pass_group(nt_max: int, programs: int = 1, settings: ScanSettings = SCAN) -> int:
     """Chunks per group of the grouped state pass for sequences of at most ``nt_max`` chunks, the
     single-level pass having ``programs`` programs; 0: the single-level walk (it already takes
-    <= PASS_MAX_STEPS dependent steps, or has enough programs to be bound by its bytes)."""
-    if PASS_GROUP is not None:
-        return PASS_GROUP
-    if triton.cdiv(nt_max, PASS_CHUNKS) <= PASS_MAX_STEPS or programs >= PASS_LEVEL_PROGRAMS:
+    <= settings.pass_max_steps dependent steps, or has enough programs to be bound by its bytes).
+    Past that, G ~ sqrt(chunks per sequence), a power of two >= pass_chunks, balances level B's
+    steps against level C's: at T = 1M (16,384 chunks) G = 128, 8 + 8 steps instead of 1,024.  A
+    function of shapes only (the longest sequence's chunks), so every sum has a fixed order."""
+    st = settings
+    if st.pass_group is not None:
+        return st.pass_group
+    if triton.cdiv(nt_max, st.pass_chunks) <= st.pass_max_steps or programs >= st.pass_level_programs:
         return 0
-    return max(PASS_CHUNKS, triton.next_power_of_2(math.isqrt(nt_max - 1) + 1))
+    return max(st.pass_chunks, triton.next_power_of_2(math.isqrt(nt_max - 1) + 1))
 
 
 # --------------------------------------------------------------------------------------
@@ -698,24 +684,37 @@ class ChunkPlan:
     """What every chunked launcher of one call shares: chunk tables, tile settings, operand modes
     and the (chunks, batch rows) part of the grids -- NC and 1 with packed sequences, NT and B
     for a plain batch; the grids put the blocks that share a chunk's rows first, so they run
-    back to back."""
+    back to back.
+
+    ``seqs``: the packed sequences (``kop_triton.kernels.seqs.Varlen``; a cu_seqlens tensor is read
+    into one) or None; the kernels get its offsets as given, or as int64 (``int64_offsets``: the
+    fused K2 launchers').  ``settings``: the state pass's ``ScanSettings``."""
 
     def __init__(self, B: int, T: int, R: int, D: int, dtype: torch.dtype,
-                 cu_seqlens: Optional[torch.Tensor], BT: int = CHUNK, device: Optional[torch.device] = None):
-        if R > 128:
-            raise ValueError(f"the triton scan supports R <= 128, got R = {R}")
+                 seqs, BT: int = CHUNK, device: Optional[torch.device] = None,
+                 settings: ScanSettings = SCAN, int64_offsets: bool = False):
+        check_rank(R)
+        seqs = as_varlen(seqs)
         self.B, self.T, self.R, self.D, self.BT = B, T, R, D, BT
         self.dtype = dtype
+        self.pass_settings = settings
         self.BR = max(16, triton.next_power_of_2(R))          # R as one block, >= the smallest tl.dot tile
         self.arch = target_arch(device) if device is not None else None
-        self.varlen = cu_seqlens is not None
-        self.cu = None if cu_seqlens is None else cu_seqlens.contiguous()
-        self.N = cu_seqlens.numel() - 1 if self.varlen else B
+        self.seqs = seqs
+        self.varlen = seqs is not None
+        self.cu = None if seqs is None else seqs.offsets(dtype=torch.int64 if int64_offsets else None)
+        self.N = seqs.N if self.varlen else B
         self.NT = triton.cdiv(T, BT)
-        self.NC, self.chunk_indices, self.chunk_offsets = chunk_tables(self.cu, B, T, BT)
+        self.NC, self.chunk_indices, self.chunk_offsets = self._tables(BT)
         self._groups = None
         self.dot_mode, self.state_dot_mode = _dot_modes(dtype)
         self.grid_t = (self.NC, 1) if self.varlen else (self.NT, B)
+
+    def _tables(self, BT: int):
+        """(NC, chunk_indices, chunk_offsets) for chunks of BT tokens (both None for a plain batch)."""
+        if not self.varlen:
+            return self.B * triton.cdiv(self.T, BT), None, None
+        return self.seqs.chunk_tables(BT)
 
     def settings(self, kernel: str, K: int = 1, **flags):
         """Launch settings of ``kernel`` for this plan's dtype, R, D and target (kernels/settings.py)."""
@@ -726,7 +725,8 @@ class ChunkPlan:
 
     def pass_args(self):
         return dict(cu_seqlens=self.cu, chunk_offsets=self.chunk_offsets, T=self.T, R=self.R, D=self.D,
-                    NT=self.NT, BT=self.BT, BLOCK=PASS_BLOCK, CB=PASS_CHUNKS, IS_VARLEN=self.varlen)
+                    NT=self.NT, BT=self.BT, BLOCK=self.pass_settings.pass_block, CB=self.pass_settings.pass_chunks,
+                    IS_VARLEN=self.varlen)
 
     def chunk_states(self, x, y, lg, reverse: bool):
         """(NC, R, D) float32 chunk-local states (forward: x = k, y = v; reverse: x = q, y = do)."""
@@ -739,20 +739,19 @@ class ChunkPlan:
         return s
 
     def nt_max(self) -> int:
-        """Chunks of the longest sequence (packed sequences: read from the chunk offsets)."""
-        if not self.varlen:
-            return self.NT
-        return int((self.chunk_offsets[1:] - self.chunk_offsets[:-1]).max()) if self.N else 0
+        """Chunks of the longest sequence (packed sequences: from the lengths read on the host)."""
+        return self.seqs.max_chunks(self.BT) if self.varlen else self.NT
 
     def pass_groups(self):
         """(G, NG, group_indices, group_offsets, groups per batch row) of the grouped state pass,
-        G = 0 for the single-level walk; groups are chunks of G * BT tokens (``chunk_tables``)."""
+        G = 0 for the single-level walk; groups are chunks of G * BT tokens (``Varlen.chunk_tables``)."""
         if self._groups is None:
-            G = pass_group(self.nt_max(), self.N * triton.cdiv(self.R * self.D, PASS_BLOCK))
+            st = self.pass_settings
+            G = pass_group(self.nt_max(), self.N * triton.cdiv(self.R * self.D, st.pass_block), st)
             if G == 0:
                 self._groups = (0, 0, None, None, 0)
             else:
-                NG, gi, go = chunk_tables(self.cu, self.B, self.T, G * self.BT)
+                NG, gi, go = self._tables(G * self.BT)
                 self._groups = (G, NG, gi, go, triton.cdiv(self.NT, G))
         return self._groups
 
@@ -761,7 +760,7 @@ class ChunkPlan:
         from the chunk-local ones and h0 (None: zero); -> the final (N, R, D) state or None.
         Long sequences: three launches over groups of chunks (``pass_group``)."""
         ht = torch.empty(self.N, self.R, self.D, dtype=torch.float32, device=s.device) if store_final else None
-        ne = triton.cdiv(self.R * self.D, PASS_BLOCK)
+        ne = triton.cdiv(self.R * self.D, self.pass_settings.pass_block)
         st = self.settings("_state_pass_kernel")
         flags = dict(USE_INITIAL_STATE=h0 is not None, STORE_FINAL_STATE=store_final, REVERSE=reverse)
         G, NG, gi, go, NGR = self.pass_groups()
@@ -776,7 +775,8 @@ class ChunkPlan:
         grid, fl = grid_of((ne, NG))
         group_args = dict(s=s, hg=hg, lg=lg, cu_seqlens=self.cu, chunk_offsets=self.chunk_offsets,
                           group_indices=gi, T=self.T, R=self.R, D=self.D, NT=self.NT, NGR=NGR, G=G,
-                          BT=self.BT, BLOCK=PASS_BLOCK, CB=PASS_CHUNKS, REVERSE=reverse, IS_VARLEN=self.varlen)
+                          BT=self.BT, BLOCK=self.pass_settings.pass_block, CB=self.pass_settings.pass_chunks,
+                          REVERSE=reverse, IS_VARLEN=self.varlen)
         launch(_group_sum_kernel, grid, FLAT=fl, **group_args, **self.settings("_group_sum_kernel"))
         pa = dict(self.pass_args(), chunk_offsets=go, NT=NGR, BT=G * self.BT)
         launch(_state_pass_kernel, grid_b, FLAT=fl_b, **pa, s=hg, lg=lg, h0=h0, ht=ht, **flags, **st)
@@ -818,11 +818,12 @@ class ChunkPlan:
 
 def scan_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,
              initial_state: Optional[torch.Tensor], output_final_state: bool,
-             cu_seqlens: Optional[torch.Tensor], chunk_size: int = CHUNK):
+             cu_seqlens, chunk_size: int = CHUNK, settings: ScanSettings = SCAN):
     """Forward launcher (no autograd). -> (o, final_state or None, chunk_states).
 
     q, k: (B, T, R) and v: (B, T, D) of one dtype (float32/bfloat16/float16); gamma (R,);
-    initial_state (N, R, D) or None; cu_seqlens (N+1,) int32/int64 or None (then B == 1).
+    initial_state (N, R, D) or None; cu_seqlens (N+1,) int32/int64, or the ``Varlen`` read from
+    it (``kop_triton.kernels.seqs``), or None (then B == 1); settings: the state pass's.
     o: (B, T, D) in v's dtype; final_state (N, R, D) float32; chunk_states (NC, R, D) float32
     in the layout described in the module docstring.  T = 0 launches nothing: the state
     passes through unchanged.
@@ -831,14 +832,13 @@ def scan_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, T, R = q.shape
     D = v.shape[-1]
+    check_rank(R)
+    seqs = as_varlen(cu_seqlens)
     if T == 0:
-        N = cu_seqlens.numel() - 1 if cu_seqlens is not None else B
-        final = None
-        if output_final_state:
-            final = (torch.zeros(N, R, D, dtype=torch.float32, device=q.device) if initial_state is None
-                     else initial_state.to(torch.float32).clone())
+        N = seqs.N if seqs is not None else B
+        final = passthrough(initial_state, (N, R, D), q.device) if output_final_state else None
         return torch.empty_like(v), final, torch.zeros(0, R, D, dtype=torch.float32, device=q.device)
-    P = ChunkPlan(B, T, R, D, v.dtype, cu_seqlens, BT, q.device)
+    P = ChunkPlan(B, T, R, D, v.dtype, seqs, BT, q.device, settings)
     lg = log2_gamma(gamma)
     h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
     A = P.intra_A(q, k, lg)
@@ -849,11 +849,11 @@ def scan_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
 
 def scan_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor,
              initial_state: Optional[torch.Tensor], chunk_states: torch.Tensor, do: torch.Tensor,
-             dfinal_state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
-             chunk_size: int = CHUNK):
+             dfinal_state: Optional[torch.Tensor], cu_seqlens,
+             chunk_size: int = CHUNK, settings: ScanSettings = SCAN):
     """Backward launcher (no autograd). -> (dq, dk, dv, dgamma, dinitial_state or None).
 
-    chunk_states: from scan_fwd (same chunk_size and cu_seqlens); it is only read.
+    chunk_states: from scan_fwd (same chunk_size, cu_seqlens and settings); it is only read.
     do: (B, T, D); dfinal_state: (N, R, D) or None (zero).  dq, dk, dv in the inputs' dtype,
     dgamma (R,) float32 (per-block partials summed in a fixed order), dinitial_state (N, R, D)
     float32 when initial_state is given.
@@ -862,15 +862,14 @@ def scan_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Ten
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.to(v.dtype).contiguous()
     B, T, R = q.shape
     D = v.shape[-1]
+    check_rank(R)
+    seqs = as_varlen(cu_seqlens)
     if T == 0:
-        N = cu_seqlens.numel() - 1 if cu_seqlens is not None else B
-        dh0 = None
-        if initial_state is not None:
-            dh0 = (torch.zeros(N, R, D, dtype=torch.float32, device=q.device) if dfinal_state is None
-                   else dfinal_state.to(torch.float32).clone())
+        N = seqs.N if seqs is not None else B
+        dh0 = None if initial_state is None else passthrough(dfinal_state, (N, R, D), q.device)
         return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
                 torch.zeros(R, dtype=torch.float32, device=q.device), dh0)
-    P = ChunkPlan(B, T, R, D, v.dtype, cu_seqlens, BT, q.device)
+    P = ChunkPlan(B, T, R, D, v.dtype, seqs, BT, q.device, settings)
     if tuple(chunk_states.shape) != (P.NC, R, D):
         raise ValueError(f"chunk_states must have shape (NC, R, D) = {(P.NC, R, D)} for chunk_size "
                          f"{BT}, got {tuple(chunk_states.shape)}")

@@ -340,3 +340,153 @@ def kernel_settings(kernel: str, dtype, *, R: int = 1, D: int = 1, K: int = 1, a
     out.update({k: v for k, v in FORCE.items() if k in out})
     return out
 
+
+
+# --------------------------------------------------------------------------------------
+# per-op tunables: ScanSettings, ConvSettings, K2Settings
+# --------------------------------------------------------------------------------------
+#
+# What a launcher chooses beyond one kernel's tiles: how the state pass composes chunks, when it
+# splits into groups, when the conv switches to its Toeplitz product, what the fused K2 backward
+# sums inside its dx kernel and how many chunks one dx program walks.  One frozen object per op,
+# passed in (``settings=`` on the launchers, the autograd Functions and the public ops); its
+# default instance (SCAN, CONV, K2) is what every call without one runs.  Every field says the
+# measurement or the reasoning that chose its default.  A test forces a path with
+# ``dataclasses.replace(SCAN, pass_group=3)``; fields are checked when the object is built (a
+# ValueError naming the field, the value and the allowed range).  Only the defaults are compile-
+# gated (kernels/report.py): other values of the fields that reach a kernel as a constexpr
+# (pass_block, pass_chunks; the fused weight-gradient sums) compile other specialisations.
+
+
+def _check_field(owner: str, name: str, value, low: int, high: Optional[int] = None, pow2: bool = False,
+                 optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and \
+        (high is None or value <= high) and (not pow2 or value & (value - 1) == 0)
+    if not ok:
+        rng = f"[{low}, {high}]" if high is not None else f">= {low}"
+        what = f"a power of two in {rng}" if pow2 else f"an int {rng}" if high is None else f"an int in {rng}"
+        raise ValueError(f"{owner}.{name} must be {what}{' or None' if optional else ''}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanSettings:
+    """The chunked scan's state pass (kernels/scan.py ``ChunkPlan.state_pass``, ``pass_group``);
+    the fused K2 mixer runs the same pass (``K2Settings.scan``)."""
+
+    # flat (R*D) elements per program of the pass: a small block gives more programs at B = 1 (the
+    # pass is the only walk over a sequence; its programs are its parallelism); not yet tuned on a
+    # GPU.  A constexpr (BLOCK): 128 is what the compile gate checked (8 warps, 0 B spilled, gate 12-06)
+    pass_block: int = 128
+    # chunks composed per dependent step (CB; the steps are ceil(chunks / pass_chunks)): a step's 16
+    # rows of pass_block fp32 (8 KB) are loaded independently of the running state, so one program
+    # keeps them in flight together (an estimate of latency hiding, not measured on a GPU; the
+    # compile gate checked 16: 0 B spilled)
+    pass_chunks: int = 16
+    # past pass_max_steps dependent steps (a sequence of over pass_chunks * pass_max_steps = 128
+    # chunks, 8K tokens) on fewer than pass_level_programs programs (N * ceil(R*D / pass_block)) the
+    # pass runs in three levels over groups of G ~ sqrt(chunks) chunks (``pass_group``): the levels
+    # read the chunk states once more (1.5x the bytes), which pays only while the single pass is
+    # bound by its steps: each program has one step's 8 KB in flight per ~1 us step (an estimate),
+    # 256 programs ~2 TB/s, about 1.5x below an H100's ~3 TB/s -- the break-even (estimates from
+    # those figures, not measured on a GPU)
+    pass_max_steps: int = 8
+    pass_level_programs: int = 256
+    # chunks per group of the grouped pass, forced (tests: groups on tiny inputs); 0: one level;
+    # None: by the rule above
+    pass_group: Optional[int] = None
+
+    def __post_init__(self):
+        _check_field("ScanSettings", "pass_block", self.pass_block, 16, 1024, pow2=True)
+        _check_field("ScanSettings", "pass_chunks", self.pass_chunks, 1, 128, pow2=True)
+        _check_field("ScanSettings", "pass_max_steps", self.pass_max_steps, 1)
+        _check_field("ScanSettings", "pass_level_programs", self.pass_level_programs, 1)
+        _check_field("ScanSettings", "pass_group", self.pass_group, 0, optional=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSettings:
+    """The causal conv's launchers (kernels/conv.py); the fused K2 mixer's conv tiles too."""
+
+    # shared kernels with more taps than this use the Toeplitz product on tensor cores (the taps
+    # loop costs a shifted tile load per tap; the product 2 * (K + BT) flops per output): a first
+    # choice by that arithmetic, not yet measured on a GPU.  0: always the product (shared kernels);
+    # a huge value: always the taps loop
+    dot_min_taps: int = 32
+    # at most this many programs of the weight-gradient kernel (_conv_bwd_dw_kernel's time splits
+    # NS = min(blocks, dw_programs // (lag blocks x channel blocks))): ~4 waves of 132 SMs (an
+    # H100 SXM / H200); a function of shapes only, so its fixed-order sums stay fixed
+    dw_programs: int = 512
+
+    def __post_init__(self):
+        _check_field("ConvSettings", "dot_min_taps", self.dot_min_taps, 0)
+        _check_field("ConvSettings", "dw_programs", self.dw_programs, 1)
+
+
+SCAN = ScanSettings()
+CONV = ConvSettings()
+
+
+@dataclasses.dataclass(frozen=True)
+class K2Settings:
+    """The fused K2 mixer's launchers (kernels/k2.py ``k2_fwd`` / ``k2_bwd``), with the scan's and
+    the conv's settings it runs."""
+
+    # _k2_dx_kernel sums [du | dv] = x^T dp in two (BD, BR) fp32 accumulators for BR <= max_fused_r
+    # (R <= 32) and the conv's weight gradient for kernels of up to max_fused_taps taps; beyond, a
+    # matrix product and conv_bwd_dw (one more pass over x; over x and dy).  The limits the compile
+    # gate checked at 0 B spilled (16-bit; R = 128 left no registers for them, gate 12-02)
+    max_fused_r: int = 32
+    max_fused_taps: int = 64
+    # None: the fused sums for 16-bit inputs only (fp32's CUDA-core products leave no registers for
+    # them, gate 12-02); True / False: forced (tests check the fused sums at fp32 precision)
+    fuse_weight_grads: Optional[bool] = None
+    # chunks per _k2_dx_kernel program: max(1, min(max_dx_group, chunks x channel blocks //
+    # dx_target_programs)) -- enough programs to fill a GPU several times over (1024 ~ 8 waves of
+    # 132 SMs), the partial sums it writes shrinking with the group; a function of shapes only, so
+    # every reduction's order is fixed; not yet tuned on a GPU
+    dx_target_programs: int = 1024
+    max_dx_group: int = 32
+    # forced chunks per dx program (tests: groups on tiny inputs); None: by the rule above
+    dx_group: Optional[int] = None
+    # the forward folds the q/k projection into the chunk-state pass (``_k2_qk_state_kernel``: x
+    # leaves DRAM once there instead of twice) for R <= max_fused_r from fold_min_chunks chunks on:
+    # the fold does a chunk's state work in the chunk's one program, which the separate chunk-state
+    # pass spreads over D / 64 programs, so below about one chunk per SM (132 on an H100 SXM /
+    # H200) the separate passes fill the GPU better (an estimate; the model, benchmarks/perf_model.py,
+    # prices both: at T = 1M, bf16, R = 16 fwd 27% -> 31% of the copy bound at D = 1024)
+    fold_min_chunks: int = 132
+    # True / False: the fold forced on (R <= max_fused_r) or off (tests); None: by the rule above
+    fold_qk: Optional[bool] = None
+    scan: ScanSettings = SCAN
+    conv: ConvSettings = CONV
+
+    def __post_init__(self):
+        _check_field("K2Settings", "max_fused_r", self.max_fused_r, 0, 128)
+        _check_field("K2Settings", "max_fused_taps", self.max_fused_taps, 0, 4096)
+        if self.fuse_weight_grads is not None and not isinstance(self.fuse_weight_grads, bool):
+            raise ValueError(f"K2Settings.fuse_weight_grads must be None, True or False, "
+                             f"got {self.fuse_weight_grads!r}")
+        _check_field("K2Settings", "dx_target_programs", self.dx_target_programs, 1)
+        _check_field("K2Settings", "max_dx_group", self.max_dx_group, 1)
+        _check_field("K2Settings", "dx_group", self.dx_group, 1, optional=True)
+        _check_field("K2Settings", "fold_min_chunks", self.fold_min_chunks, 1)
+        if self.fold_qk is not None and not isinstance(self.fold_qk, bool):
+            raise ValueError(f"K2Settings.fold_qk must be None, True or False, got {self.fold_qk!r}")
+        for name, cls in (("scan", ScanSettings), ("conv", ConvSettings)):
+            if not isinstance(getattr(self, name), cls):
+                raise ValueError(f"K2Settings.{name} must be a {cls.__name__}, got {getattr(self, name)!r}")
+
+
+K2 = K2Settings()
+
+
+def op_settings(settings, cls, default):
+    """``settings`` if it is a ``cls``, ``default`` for None; else a TypeError naming the class wanted."""
+    if settings is None:
+        return default
+    if not isinstance(settings, cls):
+        raise TypeError(f"settings must be a kop_triton.kernels.settings.{cls.__name__} (or None: the defaults), "
+                        f"got {type(settings).__name__} {settings!r}")
+    return settings

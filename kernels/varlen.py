@@ -11,6 +11,11 @@ All sequences live in one flat (rows, D) buffer: row ``bos + t`` of sequence ``n
 * blocks of ``BT`` rows of each sequence extended by ``extra`` rows on the left (the conv
   kernels: the extension covers the initial-state rows), ``Layout.grid_t``.
 
+The tables of both live in one host-side object, ``kop_triton.kernels.seqs.Varlen``, built once per
+call from cu_seqlens (one host read: the ops' argument check makes it, the autograd Functions keep
+it for the backward); this module holds the device side, the jit helpers that read them, and
+``Layout``, the conv launchers' flat view of a batch.
+
 Offsets are int64 on the device side: a batch may hold more than 2^31 elements.
 """
 from __future__ import annotations
@@ -20,6 +25,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from .seqs import Varlen, as_varlen  # noqa: F401  (the host side: re-exported)
 
 
 # --------------------------------------------------------------------------------------
@@ -108,73 +115,33 @@ def seq_block(cu, table, i_t, i_b, T, IS_VARLEN: tl.constexpr):
 # --------------------------------------------------------------------------------------
 
 
-def chunk_tables(cu_seqlens: Optional[torch.Tensor], B: int, T: int, BT: int):
-    """-> (NC, chunk_indices, chunk_offsets).  Varlen: chunk_indices (NC, 2) int32 holds
-    (sequence, chunk within the sequence) per global chunk, chunk_offsets (N+1,) int64 the
-    first global chunk of every sequence.  Without cu_seqlens both are None, NC = B*ceil(T/BT)."""
-    if cu_seqlens is None:
-        return B * triton.cdiv(T, BT), None, None
-    chunk_offsets = chunk_offsets_of(cu_seqlens, BT)
-    n_chunks = chunk_offsets[1:] - chunk_offsets[:-1]
-    NC = int(chunk_offsets[-1])
-    seq = torch.repeat_interleave(torch.arange(n_chunks.numel(), device=cu_seqlens.device), n_chunks,
-                                  output_size=NC)
-    within = torch.arange(NC, device=cu_seqlens.device) - chunk_offsets[seq]
-    chunk_indices = torch.stack([seq, within], dim=1).to(torch.int32).contiguous()
-    return NC, chunk_indices, chunk_offsets
-
-
-def chunk_offsets_of(cu_seqlens: torch.Tensor, BT: int) -> torch.Tensor:
-    """(N+1,) int64 exclusive cumulative sum of ceil(len_n / BT): the first chunk_states row of
-    every packed sequence."""
-    cu = cu_seqlens.to(torch.int64)
-    n_chunks = (cu[1:] - cu[:-1] + BT - 1) // BT
-    return torch.cat([cu.new_zeros(1), n_chunks.cumsum(0)])
-
-
-def block_table(cu_host, n_rows_of, BT: int, device) -> torch.Tensor:
-    """(n_blocks, 2) int32 rows (sequence, block index) covering n_rows_of(length) rows each."""
-    lens = torch.tensor([n_rows_of(b - a) for a, b in zip(cu_host[:-1], cu_host[1:])], dtype=torch.int64)
-    nblk = (lens + BT - 1) // BT
-    seq = torch.repeat_interleave(torch.arange(len(lens)), nblk)
-    first = torch.repeat_interleave(torch.cumsum(nblk, 0) - nblk, nblk)
-    idx = torch.arange(int(nblk.sum())) - first
-    return torch.stack([seq, idx], 1).to(torch.int32).contiguous().to(device)
-
-
 class Layout:
     """Flat (rows, D) view of a plain batch or of packed sequences."""
 
-    def __init__(self, x: torch.Tensor, cu_seqlens):
+    def __init__(self, x: torch.Tensor, seqs: Optional[Varlen]):
         B, T, D = x.shape
         self.B, self.T, self.D = B, T, D
-        self.varlen = cu_seqlens is not None
+        self.seqs = seqs
+        self.varlen = seqs is not None
         if self.varlen:
-            self.cu_host = [int(c) for c in cu_seqlens.tolist()]
-            self.cu = cu_seqlens.to(device=x.device, dtype=torch.int64).contiguous()
-            self.N = len(self.cu_host) - 1
+            self.cu = seqs.offsets(x.device, torch.int64)
+            self.N = seqs.N
         else:
-            self.cu_host = None
             self.cu = torch.arange(B + 1, device=x.device, dtype=torch.int64) * T
             self.N = B
-        self._tables = {}
 
     def rows(self, t: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> its contiguous flat (B * T, D) rows."""
         return t.contiguous().view(self.B * self.T, self.D)
 
-    def grid_t(self, BT: int, extra: int = 0, rows_of=None):
+    def grid_t(self, BT: int, extra: int = 0, fixed_rows: Optional[int] = None):
         """(grid size over time, grid size over batch, table) for blocks of BT rows of each
-        sequence extended by ``extra`` rows on the left (``rows_of(length)`` rows instead,
-        when given: a fixed count per sequence)."""
+        sequence extended by ``extra`` rows on the left (``fixed_rows`` rows instead, when given:
+        a fixed count per sequence); packed sequences: the table of ``Varlen.block_table``."""
         if not self.varlen:
-            n = self.T + extra if rows_of is None else rows_of(self.T)
+            n = self.T + extra if fixed_rows is None else fixed_rows
             return triton.cdiv(n, BT), self.B, self.cu
-        key = (BT, extra, rows_of)
-        if key not in self._tables:
-            fn = (lambda L: L + extra) if rows_of is None else rows_of
-            self._tables[key] = block_table(self.cu_host, fn, BT, self.cu.device)
-        tab = self._tables[key]
+        tab = self.seqs.block_table(BT, extra, fixed_rows, self.cu.device)
         return tab.shape[0], 1, tab
 
     def final_rows(self, x2, h0, K):

@@ -20,14 +20,13 @@ RACE = pytest.mark.race
 
 
 @pytest.fixture
-def conv_method(request, monkeypatch):
-    """'auto' keeps the size rule; 'taps' / 'dot' force one method for shared kernels."""
-    from kop_triton.kernels import conv as kc
-    if request.param == "taps":
-        monkeypatch.setattr(kc, "DOT_MIN_TAPS", 10 ** 9)
-    elif request.param == "dot":
-        monkeypatch.setattr(kc, "DOT_MIN_TAPS", 0)
-    return request.param
+def conv_method(request):
+    """The ConvSettings of a method: 'auto' keeps the size rule; 'taps' / 'dot' force one method for
+    shared kernels (``dot_min_taps`` at its extremes)."""
+    import dataclasses
+    from kop_triton.kernels.settings import CONV
+    return {"auto": CONV, "taps": dataclasses.replace(CONV, dot_min_taps=10 ** 9),
+            "dot": dataclasses.replace(CONV, dot_min_taps=0)}[request.param]
 
 
 def conv_inputs(B, T, D, K, per_channel, dtype=torch.float64, seed=0, init=True, N=None, device="cpu"):
@@ -137,7 +136,7 @@ def test_triton_max_kernel_size(nan_empty):
                          ids=["K2-2Dblocks", "K8-T<K", "K65"])
 def test_triton_both_methods_shared_kernel(conv_method, K, T, D, nan_empty):
     x, w, h0 = conv_inputs(2, T, D, K, False, dtype=torch.float32, device=DEVICE)
-    check_all(loss_grads("triton", x, w, h0), loss_grads("naive", *f64(x, w, h0)),
+    check_all(loss_grads("triton", x, w, h0, settings=conv_method), loss_grads("naive", *f64(x, w, h0)),
               TOL[("triton", torch.float32)])
 
 

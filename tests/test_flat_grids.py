@@ -49,11 +49,12 @@ def _cu(lens):
 @RACE
 @pytest.mark.parametrize("levels", [False, True], ids=["one-level", "grouped-pass"])
 @pytest.mark.parametrize("varlen", [False, True])
-def test_scan_on_flat_grids(flat, varlen, levels, monkeypatch):
+def test_scan_on_flat_grids(flat, varlen, levels):
     """grouped-pass: the state pass over groups of 2 chunks (kernels/scan.py pass_group, forced),
     its three launches on flat grids too."""
-    from kop_triton.kernels import scan as scan_k
-    monkeypatch.setattr(scan_k, "PASS_GROUP", 2 if levels else 0)
+    import dataclasses
+    from kop_triton.kernels.settings import SCAN
+    settings = dataclasses.replace(SCAN, pass_group=2 if levels else 0)
     g = torch.Generator().manual_seed(0)
     B, T, R, D = (1, 150, 4, 40) if varlen else (2, 130, 4, 40)
     cu = _cu([70, 1, 79]) if varlen else None
@@ -66,7 +67,7 @@ def test_scan_on_flat_grids(flat, varlen, levels, monkeypatch):
     ref = decayed_scan(*leaves64[:4], initial_state=leaves64[4], output_final_state=True,
                        cu_seqlens=None if cu is None else cu.cpu(), backend="naive")
     out = decayed_scan(*leaves[:4], initial_state=leaves[4], output_final_state=True, cu_seqlens=cu,
-                       backend="triton")
+                       backend="triton", settings=settings)
     for name, a, e in zip(("o", "final", "dq", "dk", "dv", "dgamma", "dh0"),
                           list(out) + list(cotangent_grads(list(out), leaves, 1)),
                           list(ref) + list(cotangent_grads(list(ref), leaves64, 1))):
@@ -105,12 +106,13 @@ def test_conv_on_flat_grids(flat, varlen, K, per_channel):
     pytest.param(torch.bfloat16, True, False, marks=RACE), pytest.param(torch.float32, False, True, marks=RACE),
     pytest.param(torch.bfloat16, True, True, marks=RACE)],
     ids=["fp32-batch", "fp32-varlen", "bf16-batch", "bf16-varlen", "fp32-batch-folded", "bf16-varlen-folded"])
-def test_k2_on_flat_grids(flat, varlen, dtype, fold, monkeypatch):
+def test_k2_on_flat_grids(flat, varlen, dtype, fold):
     """The fused K2 mixer, fp32 (weight gradients in their own passes: conv_bwd_dw's flat grid too)
     and bf16 (summed inside _k2_dx_kernel); folded: the forward's projection and chunk-state pass in
     one launch (kernels/k2.py fold_qk, forced)."""
-    from kop_triton.kernels import k2 as k2k
-    monkeypatch.setattr(k2k, "FOLD_QK", fold)
+    import dataclasses
+    from kop_triton.kernels.settings import K2
+    st = dataclasses.replace(K2, fold_qk=fold)
     g = torch.Generator().manual_seed(2)
     B, T, D, R, K = (1, 150, 40, 4, 4) if varlen else (2, 130, 40, 4, 4)
     cu = _cu([70, 1, 79]) if varlen else None
@@ -127,7 +129,7 @@ def test_k2_on_flat_grids(flat, varlen, dtype, fold, monkeypatch):
 
     def call(ls, backend, cu_):
         y, (s1, c1) = k2_mixer(*ls[:7], initial_state=(ls[7], ls[8]), output_final_state=True,
-                               cu_seqlens=cu_, backend=backend)
+                               cu_seqlens=cu_, backend=backend, **({"settings": st} if backend == "triton" else {}))
         return [y, s1, c1]
 
     ref = call(leaves64, "naive", None if cu is None else cu.cpu())

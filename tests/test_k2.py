@@ -352,55 +352,56 @@ def test_fused_with_the_tiles_of_other_targets(monkeypatch, case, nan_empty):
 @needs_triton
 @pytest.mark.parametrize("levels", [False, True], ids=["one-level", "groups"])
 @pytest.mark.parametrize("varlen", [False, True], ids=["batch", "varlen"])
-def test_fused_state_pass_steps(monkeypatch, varlen, levels, nan_empty):
+def test_fused_state_pass_steps(varlen, levels, nan_empty):
     """The state pass composing 2 chunks per step (16 by default): several steps per sequence,
     a partial last step, forward and reversed (backward), packed sequences of 1 to 5 chunks; and
     the grouped pass (groups of 3 chunks, forced: long sequences get it), groups crossing no
     sequence, a sequence's last group short."""
-    from kop_triton.kernels import scan as scan_k
-    monkeypatch.setattr(scan_k, "PASS_CHUNKS", 2)
-    monkeypatch.setattr(scan_k, "PASS_GROUP", 3 if levels else 0)
+    import dataclasses
+    from kop_triton.kernels.settings import K2, SCAN
+    st = dataclasses.replace(K2, scan=dataclasses.replace(SCAN, pass_chunks=2, pass_group=3 if levels else 0))
     if varlen:
         lens = [200, 1, 130, 64]
         cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
         args = k2_inputs(1, sum(lens), 5, 3, 4, False, dtype=torch.float32, N=len(lens), device=DEVICE)
-        got, ref = run("triton", args, cu_seqlens=cu), run("naive", f64(args), cu_seqlens=cu.cpu())
+        got, ref = run("triton", args, cu_seqlens=cu, settings=st), run("naive", f64(args), cu_seqlens=cu.cpu())
     else:
         args = k2_inputs(2, 320, 5, 3, 4, False, dtype=torch.float32, device=DEVICE)
-        got, ref = run("triton", args), run("naive", f64(args))
+        got, ref = run("triton", args, settings=st), run("naive", f64(args))
     check_all(got, ref, TOL[("triton", torch.float32)])
 
 
 @needs_triton
 @pytest.mark.parametrize("varlen,K", [(False, 6), pytest.param(True, 6, marks=RACE), (False, 40)],
                          ids=["batch", "varlen", "K40-toeplitz"])
-def test_fused_backward_chunk_groups(monkeypatch, varlen, K, nan_empty):
+def test_fused_backward_chunk_groups(varlen, K, nan_empty):
     """The dx kernel walks groups of 3 chunks (what long inputs get), crossing batch rows and
     packed sequences inside a group, with [du | dv] and the conv's weight gradient summed per
     group in the kernel (what 16-bit inputs get; forced here to check them at fp32 precision)."""
-    from kop_triton.kernels import k2 as k2k
-    monkeypatch.setattr(k2k, "DX_GROUP", 3)
-    monkeypatch.setattr(k2k, "FUSE_WEIGHT_GRADS", True)
+    import dataclasses
+    from kop_triton.kernels.settings import K2
+    st = dataclasses.replace(K2, dx_group=3, fuse_weight_grads=True)
     if varlen:
         lens = [70, 1, 130, 64]
         cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
         args = k2_inputs(1, sum(lens), 9, 3, K, True, dtype=torch.float32, N=len(lens), device=DEVICE)
-        got, ref = run("triton", args, cu_seqlens=cu), run("naive", f64(args), cu_seqlens=cu.cpu())
+        got, ref = run("triton", args, cu_seqlens=cu, settings=st), run("naive", f64(args), cu_seqlens=cu.cpu())
     else:
         args = k2_inputs(2, 150, 9, 3, K, False, dtype=torch.float32, device=DEVICE)
-        got, ref = run("triton", args), run("naive", f64(args))
+        got, ref = run("triton", args, settings=st), run("naive", f64(args))
     check_all(got, ref, TOL[("triton", torch.float32)])
 
 
 @needs_triton
 @pytest.mark.parametrize("case", ["batch-fp32", pytest.param("varlen-fp32", marks=RACE), "batch-bf16", "varlen-fp16"])
-def test_fused_folded_projection(monkeypatch, case, nan_empty):
+def test_fused_folded_projection(case, nan_empty):
     """The forward with the q/k projection folded into the chunk-state pass (what >= 132 chunks
     at R <= 32 get; forced here on small inputs): y, the final states and all 9 gradients against
     the float64 reference; partial last chunks, packed sequences of 1 to 4 chunks whose chunks
     start mid-row-block, initial states."""
-    from kop_triton.kernels import k2 as k2k
-    monkeypatch.setattr(k2k, "FOLD_QK", True)
+    import dataclasses
+    from kop_triton.kernels.settings import K2
+    st = dataclasses.replace(K2, fold_qk=True)
     varlen, dtype = case.startswith("varlen"), {"fp32": torch.float32, "bf16": torch.bfloat16,
                                                  "fp16": torch.float16}[case.split("-")[1]]
     R = 32 if dtype == torch.float32 and varlen else 5
@@ -408,10 +409,10 @@ def test_fused_folded_projection(monkeypatch, case, nan_empty):
         lens = [200, 1, 130, 64]
         cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
         args = k2_inputs(1, sum(lens), 40, R, 6, True, dtype=dtype, N=len(lens), device=DEVICE)
-        got, ref = run("triton", args, cu_seqlens=cu), run("naive", f64(args), cu_seqlens=cu.cpu())
+        got, ref = run("triton", args, cu_seqlens=cu, settings=st), run("naive", f64(args), cu_seqlens=cu.cpu())
     else:
         args = k2_inputs(2, 150, 40, R, 6, False, dtype=dtype, device=DEVICE)
-        got, ref = run("triton", args), run("naive", f64(args))
+        got, ref = run("triton", args, settings=st), run("naive", f64(args))
     check_all(got, ref, TOL[("triton", dtype)])
 
 
@@ -428,11 +429,13 @@ def test_fused_r32_settings(dtype, nan_empty):
 
 @needs_triton
 def test_fold_rule_picks_by_shape():
-    """The fold (one launch, _k2_qk_state_kernel) from FOLD_MIN_CHUNKS chunks on at R <= 32; the two
-    passes (_k2_qk_kernel, _chunk_state_kernel) below it and at R > 32 -- recorded launches, no run."""
+    """The fold (one launch, _k2_qk_state_kernel) from K2Settings.fold_min_chunks chunks on at R <= 32;
+    the two passes (_k2_qk_kernel, _chunk_state_kernel) below it and at R > 32 -- recorded launches,
+    no run."""
     from kop_triton.kernels import k2 as k2k
     from kop_triton.kernels.launch import recording
-    assert k2k.FOLD_QK is None and k2k.FOLD_MIN_CHUNKS == 132
+    from kop_triton.kernels.settings import K2
+    assert K2.fold_qk is None and K2.fold_min_chunks == 132
     for T, R, folded in [(132 * 64, 16, True), (131 * 64, 16, False), (1 << 16, 32, True), (1 << 16, 33, False)]:
         x = torch.empty(1, T, 64, device="meta", dtype=torch.bfloat16)
         f = lambda *s: torch.empty(*s, device="meta")
@@ -579,13 +582,13 @@ def test_fused_compiles_fullgraph(final):
 @needs_triton
 @pytest.mark.parametrize("fold", [False, True], ids=["two-passes", "folded"])
 @pytest.mark.parametrize("varlen", [False, True], ids=["batch", "varlen"])
-def test_chunk_states_match_the_scan_kernels_layout(monkeypatch, varlen, fold):
+def test_chunk_states_match_the_scan_kernels_layout(varlen, fold):
     """The fused forward stores chunk states exactly where scan_fwd (H1) puts them, and the q, k,
     [q_hat, norms] planes its backward reads are those of the PyTorch projection; with the
     projection folded into the chunk-state pass (``_k2_qk_state_kernel``) and without."""
-    from kop_triton.kernels import k2 as k2k
+    import dataclasses
     from kop_triton.kernels.k2 import CHUNK, k2_fwd, qk_planes
-    monkeypatch.setattr(k2k, "FOLD_QK", fold)
+    from kop_triton.kernels.settings import K2
     from kop_triton.kernels.scan import scan_fwd
     from kop_triton.ops.k2 import k2_qk
     B, lens = (1, [70, 3, 130]) if varlen else (2, [150])
@@ -593,7 +596,8 @@ def test_chunk_states_match_the_scan_kernels_layout(monkeypatch, varlen, fold):
             k2_inputs(B, sum(lens), 9, 3, 4, dtype=torch.float32, N=len(lens) if varlen else None, device=DEVICE)]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=DEVICE) if varlen else None
     x, u, v, alpha, gamma, w, gl, s0, c0 = args
-    _, sT, _, states, qkn = k2_fwd(x, u, v, alpha, gamma, w, gl, s0, c0, True, cu)
+    _, sT, _, states, qkn = k2_fwd(x, u, v, alpha, gamma, w, gl, s0, c0, True, cu,
+                                   settings=dataclasses.replace(K2, fold_qk=fold))
     q, k = k2_qk(x, u, v, alpha)
     _, sT_ref, states_ref = scan_fwd(q, k, x, gamma, s0, True, cu, CHUNK)
     assert_close("chunk_states", states, states_ref, 1e-5)

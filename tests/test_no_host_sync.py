@@ -3,33 +3,48 @@ causal_conv forward + backward, and a KStackLM training step, read no tensor dat
 (without cu_seqlens).  Counted on CPU tensors, which run the same Python code as CUDA ones: every
 ``.item()``, ``float(t)``, ``int(t)``, ``bool(t)``, ``.tolist()``, ``.cpu()``, ``.numpy()`` made by
 kop_triton code.  The Triton path is counted with its launches recorded instead of run
-(``kop_triton.kernels.launch.recording``), so what is counted is exactly the launchers' host code."""
+(``kop_triton.kernels.launch.recording``), so what is counted is exactly the launchers' host code.
+With cu_seqlens every op reads it once, in its argument check (tests/test_seqs.py)."""
 import traceback
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 from helpers import NEEDS_TRITON, TRITON_OK
 from kop_triton import KOperator, KStackConfig, KStackLM, causal_conv, decayed_scan, k2_mixer
 
-HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
-              torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.cpu, torch.Tensor.numpy}
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
 
 
-class HostReads(TorchFunctionMode):
-    """Records every host read of tensor data whose caller is kop_triton code."""
+class HostReads:
+    """Records every host read of tensor data whose caller is kop_triton code, forward and backward:
+    the torch.Tensor methods are patched while it is entered (a TorchFunctionMode would not see the
+    autograd backward, which runs outside the mode)."""
 
     def __init__(self):
-        super().__init__()
         self.hits = []
+        self._saved = {}
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in HOST_READS:
-            caller = traceback.extract_stack(limit=2)[0]                 # the frame that called func
+    def _wrap(self, name, real):
+        hits = self.hits
+
+        def read(t, *args, **kwargs):
+            caller = traceback.extract_stack(limit=2)[0]                 # the frame that called it
             if "kop_triton" in caller.filename or "/kernels/" in caller.filename:
-                self.hits.append(f"{func.__name__} at {caller.filename}:{caller.lineno}")
-        return func(*args, **(kwargs or {}))
+                hits.append(f"{name} at {caller.filename}:{caller.lineno}")
+            return real(t, *args, **kwargs)
+        return read
+
+    def __enter__(self):
+        for name in HOST_READS:
+            self._saved[name] = real = getattr(torch.Tensor, name)
+            setattr(torch.Tensor, name, self._wrap(name, real))
+        return self
+
+    def __exit__(self, *exc):
+        for name, real in self._saved.items():
+            setattr(torch.Tensor, name, real)
+        return False
 
 
 def test_the_counter_sees_host_reads():
@@ -41,6 +56,22 @@ def test_the_counter_sees_host_reads():
     with HostReads() as c:                       # a kop_triton function that does read the host
         _checks.check_cu_seqlens(torch.tensor([0, 2, 5]), 1, 5, torch.device("cpu"))
     assert any(h.startswith("tolist") for h in c.hits), c.hits
+    ns = {}                                      # ... and in an autograd backward (a function whose code
+    exec(compile("def read(t):\n    return t.tolist()", "/x/kop_triton/fake.py", "exec"), ns)  # is "kop_triton's")
+
+    class ReadsInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            ns["read"](g)
+            return g * 2
+
+    with HostReads() as c:
+        ReadsInBackward.apply(torch.randn(3, requires_grad=True)).sum().backward()
+    assert [h.split(" at ")[0] for h in c.hits] == ["tolist"], c.hits
 
 
 def _kop_fwd_bwd(backend):

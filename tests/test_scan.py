@@ -6,6 +6,8 @@ The Triton tests run on CUDA when a GPU is present, otherwise on CPU tensors thr
 interpreter (TRITON_INTERPRET=1, set by conftest.py).  Every buffer their launchers allocate is
 filled with NaN first (conftest.nan_empty), so an element a kernel never writes cannot go unnoticed.
 """
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -14,6 +16,7 @@ from helpers import (CUDA_ONLY_INT64, CUDA_ONLY_LONG, DEVICE, INT32_EDGE, NEEDS_
                      assert_close, assert_triton_on_cpu_is_a_clear_error, check_blockwise, cotangent_grads, make_gamma,
                      scan_inputs)
 from kop_triton import decayed_scan
+from kop_triton.kernels.settings import SCAN
 from kop_triton.ops.scan import chunked_decayed_scan, naive_decayed_scan, recurrent_decayed_scan
 
 if TRITON_OK:
@@ -267,13 +270,13 @@ def _inputs(B, T, R, D, dtype=F32, seed=0, gamma=None, init=True):
     return ref, got
 
 
-def _run(q, k, v, g, h0, backend, seed=1, cu=None, final=True):
+def _run(q, k, v, g, h0, backend, seed=1, cu=None, final=True, **kw):
     o, s = decayed_scan(q, k, v, g, initial_state=h0, output_final_state=final, cu_seqlens=cu,
-                        backend=backend)
+                        backend=backend, **kw)
     return o, s, cotangent_grads([o, s], [q, k, v, g, h0], seed)
 
 
-def _compare(B, T, R, D, dtype=F32, gamma=None, init=True, final=True, cu=None, seed=0, tol=None):
+def _compare(B, T, R, D, dtype=F32, gamma=None, init=True, final=True, cu=None, seed=0, tol=None, settings=None):
     ref_in, got_in = _inputs(B, T, R, D, dtype=dtype, seed=seed, gamma=gamma, init=init)
     if cu is not None and init:
         n = cu.numel() - 1
@@ -281,7 +284,7 @@ def _compare(B, T, R, D, dtype=F32, gamma=None, init=True, final=True, cu=None, 
         ref_in[4] = h0.clone().requires_grad_()
         got_in[4] = h0.to(F32).to(DEVICE).requires_grad_()
     ref = _run(*ref_in, "naive", cu=cu, final=final)
-    got = _run(*got_in, "triton", cu=None if cu is None else cu.to(DEVICE), final=final)
+    got = _run(*got_in, "triton", cu=None if cu is None else cu.to(DEVICE), final=final, settings=settings)
     tol = TOL[("triton", dtype)] if tol is None else tol
     assert got[0].dtype == dtype
     assert_close("o", got[0], ref[0], tol)
@@ -466,14 +469,13 @@ PASS_CASES = [
                                   for c in PASS_CASES], ids=[c[0] for c in PASS_CASES])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reversed"])
 @pytest.mark.parametrize("h0", [True, False], ids=["h0", "zero"])
-def test_triton_state_pass_levels(monkeypatch, case, reverse, h0):
+def test_triton_state_pass_levels(case, reverse, h0):
     """ChunkPlan.state_pass with groups forced (levels A, B, C) against a float64 walk: the value
     entering every chunk and the final one, at group boundaries (one group, one group and a chunk,
     a group of one chunk, many), packed sequences of 1 to 7 chunks crossing group boundaries, the
     last chunk short; bitwise the same on a second run."""
     _, B, lens, G, CB = case
-    monkeypatch.setattr(ks, "PASS_GROUP", G)
-    monkeypatch.setattr(ks, "PASS_CHUNKS", CB)
+    settings = dataclasses.replace(SCAN, pass_group=G, pass_chunks=CB)
     R, D = 3, 5
     if isinstance(lens, list):
         cuts = [0] + torch.tensor(lens).cumsum(0).tolist()
@@ -482,8 +484,8 @@ def test_triton_state_pass_levels(monkeypatch, case, reverse, h0):
     else:
         cu, T = None, lens
         bounds = [(b * T, (b + 1) * T) for b in range(B)]
-    P = ks.ChunkPlan(B, T, R, D, F32, cu, 64, torch.device(DEVICE))
-    assert P.pass_groups()[0] == G
+    P = ks.ChunkPlan(B, T, R, D, F32, cu, 64, torch.device(DEVICE), settings)
+    assert P.pass_groups()[0] == G and P.pass_args()["CB"] == CB
     gen = torch.Generator().manual_seed(len(bounds) + T)
     s = torch.randn(P.NC, R, D, generator=gen)
     init = torch.randn(len(bounds), R, D, generator=gen) if h0 else None
@@ -504,7 +506,7 @@ def test_triton_state_pass_group_rule():
     """One level while the walk takes <= PASS_MAX_STEPS steps or already has PASS_LEVEL_PROGRAMS
     programs; else groups of ~sqrt(chunks), a power of two >= PASS_CHUNKS: 8 + 8 dependent steps
     at T = 1M instead of 1,024.  Packed sequences: the longest one decides."""
-    assert (ks.PASS_CHUNKS, ks.PASS_MAX_STEPS, ks.PASS_LEVEL_PROGRAMS, ks.PASS_BLOCK) == (16, 8, 256, 128)
+    assert (SCAN.pass_chunks, SCAN.pass_max_steps, SCAN.pass_level_programs, SCAN.pass_block) == (16, 8, 256, 128)
     steps = lambda nt, G: (-(-(-(-nt // G)) // 16), -(-G // 16))            # noqa: E731  (B, C)
     for T, G in ((64, 0), (8192, 0), (8193, 16), (16384, 16), (65536, 32), (1 << 20, 128), (1 << 22, 256)):
         nt = -(-T // 64)
@@ -525,17 +527,16 @@ def test_triton_state_pass_group_rule():
 
 @triton_test
 @pytest.mark.parametrize("varlen", [pytest.param(True, marks=RACE), False], ids=["varlen", "batch"])
-def test_triton_state_pass_levels_end_to_end(monkeypatch, varlen):
+def test_triton_state_pass_levels_end_to_end(varlen):
     """The scan forward and every gradient with the grouped pass forced (groups of 2 chunks, one
     chunk per step): packed sequences crossing group boundaries, initial and final states."""
-    monkeypatch.setattr(ks, "PASS_GROUP", 2)
-    monkeypatch.setattr(ks, "PASS_CHUNKS", 1)
+    settings = dataclasses.replace(SCAN, pass_group=2, pass_chunks=1)
     if varlen:
         lens = [150, 1, 64, 200]
         cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
-        _compare(1, sum(lens), 3, 5, cu=cu)
+        _compare(1, sum(lens), 3, 5, cu=cu, settings=settings)
     else:
-        _compare(2, 5 * 64 + 3, 3, 5)
+        _compare(2, 5 * 64 + 3, 3, 5, settings=settings)
 
 
 @triton_test

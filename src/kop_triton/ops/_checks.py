@@ -10,6 +10,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from kop_triton.kernels.seqs import Varlen
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "triton", "chunked", "recurrent", "naive")
 
@@ -145,10 +147,14 @@ def check_triton_runnable(backend: str, device: torch.device) -> None:
 
 
 def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], batch: int, seqlen: int,
-                     device: torch.device) -> Optional[int]:
-    """Validate packed-sequence offsets; return the number of sequences N (or None)."""
+                     device: torch.device, seqs: Optional[Varlen] = None) -> Optional[Varlen]:
+    """Validate packed-sequence offsets -> the ``Varlen`` read from them (``kop_triton.kernels.seqs``:
+    N, the lengths, the kernels' tables; the one host read of cu_seqlens in a call), or None.
+    ``seqs``: the ``Varlen`` an earlier check of the same call already read (returned as is)."""
     if cu_seqlens is None:
         return None
+    if seqs is not None and seqs.cu is cu_seqlens:
+        return seqs
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be an int32/int64 tensor of shape (N+1,), got {describe(cu_seqlens)}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -159,14 +165,14 @@ def check_cu_seqlens(cu_seqlens: Optional[torch.Tensor], batch: int, seqlen: int
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the inputs are on {device}")
     if batch != 1:
         raise ValueError(f"cu_seqlens requires a packed batch of size 1, got batch size {batch}")
-    c = cu_seqlens.detach().cpu().tolist()
+    c = cu_seqlens.detach().tolist()                 # the one host read of the call
     if c[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {c[:4]}...")
     if c[-1] != seqlen:
         raise ValueError(f"cu_seqlens must end at the sequence length T={seqlen}, got last value {c[-1]}")
     if any(b <= a for a, b in zip(c[:-1], c[1:])):
         raise ValueError(f"cu_seqlens must be strictly increasing, got {c if len(c) <= 16 else c[:16]}")
-    return len(c) - 1
+    return Varlen(cu_seqlens, c)
 
 
 def per_sequence(fn, sliced: tuple, shared: tuple, initial_state, output_final_state: bool, cu_seqlens, **kw):
@@ -189,6 +195,23 @@ def state_dtype(*tensors: torch.Tensor) -> torch.dtype:
     inputs (x; q, k, v), not the parameters: a float64 gamma or kernel with float32 inputs still
     gives float32 states."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def triton_compute(*tensors):
+    """The Triton kernels' inputs: float64 tensors as float32 (the kernels compute in float32 at most;
+    the caller casts the results back, states to ``state_dtype``), others unchanged, None stays None.
+    The one float64 rule of the scan's and the K2 mixer's Triton paths (the conv's kernels read
+    float64 themselves, as fp32)."""
+    return tuple(t.float() if t is not None and t.dtype == torch.float64 else t for t in tensors)
+
+
+def check_op_settings(settings, kind: str):
+    """None, or a ``kop_triton.kernels.settings.<kind>`` (ScanSettings, ConvSettings, K2Settings: the
+    Triton backend's tunables), else a TypeError naming the class wanted."""
+    if settings is None:
+        return None
+    from kop_triton.kernels import settings as S
+    return S.op_settings(settings, getattr(S, kind), None)
 
 
 def check_gamma_range(gamma: torch.Tensor) -> None:

@@ -20,8 +20,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._checks import (check_bool, check_cu_seqlens, check_same_device, check_tensor, check_triton_runnable, describe,
-                      per_sequence, resolve_backend, state_dtype)
+from ._checks import (check_bool, check_cu_seqlens, check_op_settings, check_same_device, check_tensor,
+                      check_triton_runnable, describe, per_sequence, resolve_backend, state_dtype)
 
 MAX_KERNEL_SIZE = 4096
 CONV_BACKENDS = ("auto", "triton", "naive")
@@ -47,13 +47,15 @@ def naive_causal_conv(x, weight, *, initial_state=None, output_final_state=False
 
 
 class _TritonCausalConv(torch.autograd.Function):
-    """Autograd wrapper of the launchers in ``kop_triton.kernels.conv`` (no math here)."""
+    """Autograd wrapper of the launchers in ``kop_triton.kernels.conv`` (no math here); ``seqs`` (the
+    ``Varlen`` of cu_seqlens, read once) and ``settings`` (``ConvSettings``) are kept for the backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, initial_state, output_final_state, cu_seqlens):
+    def forward(ctx, x, weight, initial_state, output_final_state, cu_seqlens, seqs, settings):
         from kop_triton.kernels.conv import conv_fwd
-        y, final = conv_fwd(x, weight, initial_state, output_final_state, cu_seqlens)
+        y, final = conv_fwd(x, weight, initial_state, output_final_state, seqs, settings=settings)
         ctx.save_for_backward(x, weight, initial_state, cu_seqlens)
+        ctx.seqs, ctx.settings = seqs, settings
         return y, final
 
     @staticmethod
@@ -66,21 +68,30 @@ class _TritonCausalConv(torch.autograd.Function):
         if dy is None:
             dy = torch.zeros_like(x)
         if need_x or need_h0:
-            dx, dh0 = conv_bwd_dx(dy, weight, dfinal, need_h0, cu, x.dtype,
-                                  None if h0 is None else h0.dtype)
+            dx, dh0 = conv_bwd_dx(dy, weight, dfinal, need_h0, ctx.seqs, x.dtype,
+                                  None if h0 is None else h0.dtype, settings=ctx.settings)
         if need_w:
-            dw = conv_bwd_dw(x, h0, dy, K, weight.dim() == 1, cu).to(weight.dtype)
-        return (dx if need_x else None), dw, (dh0 if need_h0 else None), None, None
+            dw = conv_bwd_dw(x, h0, dy, K, weight.dim() == 1, ctx.seqs, settings=ctx.settings).to(weight.dtype)
+        return (dx if need_x else None), dw, (dh0 if need_h0 else None), None, None, None, None
 
 
-def triton_causal_conv(x, weight, *, initial_state=None, output_final_state=False, cu_seqlens=None):
+def triton_causal_conv(x, weight, *, initial_state=None, output_final_state=False, cu_seqlens=None,
+                       settings=None, seqs=None):
     """The Triton kernels (taps for short or per-channel kernels, a blocked Toeplitz product on
-    tensor cores for long shared kernels); forward and backward for x, weight and initial_state."""
-    y, final = _TritonCausalConv.apply(x, weight, initial_state, bool(output_final_state), cu_seqlens)
+    tensor cores for long shared kernels); forward and backward for x, weight and initial_state.
+    settings: a ``ConvSettings`` (None: the defaults); seqs: the ``Varlen`` the argument check read
+    from cu_seqlens (None: read here)."""
+    from kop_triton.kernels.seqs import as_varlen
+    from kop_triton.kernels.settings import CONV, ConvSettings, op_settings
+    settings = op_settings(settings, ConvSettings, CONV)
+    seqs = as_varlen(cu_seqlens) if seqs is None else seqs
+    y, final = _TritonCausalConv.apply(x, weight, initial_state, bool(output_final_state), cu_seqlens, seqs, settings)
     return y, (final if output_final_state else None)
 
 
-def _check_conv_args(x, weight, initial_state, cu_seqlens):
+def _check_conv_args(x, weight, initial_state, cu_seqlens, seqs=None):
+    """-> the ``Varlen`` of cu_seqlens (None without): its one host read (``check_cu_seqlens``; ``seqs``:
+    already read by an earlier check of the same call)."""
     check_tensor("x", x, 3, "(B, T, D)")
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a tensor of shape (K,) or (D, K), got {describe(weight)}")
@@ -93,8 +104,8 @@ def _check_conv_args(x, weight, initial_state, cu_seqlens):
         raise ValueError(f"weight of shape (D, K) must have D = {D} rows to match x, got {describe(weight)}")
     if not 1 <= K <= MAX_KERNEL_SIZE:
         raise ValueError(f"weight must have 1 <= K <= {MAX_KERNEL_SIZE} taps, got {describe(weight)}")
-    N = check_cu_seqlens(cu_seqlens, B, T, x.device)
-    N = B if N is None else N
+    seqs = check_cu_seqlens(cu_seqlens, B, T, x.device, seqs)
+    N = B if seqs is None else seqs.N
     if initial_state is not None:
         if initial_state.dtype not in (torch.float32, torch.float64):   # states are fp32 (fp64), as decayed_scan's
             raise TypeError(f"initial_state must be a float tensor of dtype float32 (or float64) and shape "
@@ -102,11 +113,12 @@ def _check_conv_args(x, weight, initial_state, cu_seqlens):
         want = (N, K - 1, D)
         if tuple(initial_state.shape) != want:
             raise ValueError(f"initial_state must have shape (N, K-1, D) = {want}, got {describe(initial_state)}")
+    return seqs
 
 
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, *, initial_state: Optional[torch.Tensor] = None,
                 output_final_state: bool = False, cu_seqlens: Optional[torch.Tensor] = None,
-                backend: str = "auto") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                backend: str = "auto", settings=None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Causal convolution with a shared (K,) or per-channel (D, K) kernel.
 
     Args:
@@ -115,15 +127,20 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, *, initial_state: Optiona
         output_final_state: also return the last K-1 inputs, (N, K-1, D).
         cu_seqlens: optional (N+1,) offsets of packed sequences in a B = 1 batch.
         backend: "auto" | "triton" | "naive".
+        settings: the Triton backend's tunables, a ``kop_triton.kernels.settings.ConvSettings``
+            (None: its defaults, ``CONV``); the naive backend ignores it.
 
     Returns:
         (y, final_state): y (B, T, D) in x's dtype; final_state None unless asked for.
     """
     dev = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
     bk = resolve_backend(backend, dev, CONV_BACKENDS, cpu_default="naive", check_runnable=False)
-    _check_conv_args(x, weight, initial_state, cu_seqlens)
+    seqs = _check_conv_args(x, weight, initial_state, cu_seqlens)
     check_bool("output_final_state", output_final_state)
+    settings = check_op_settings(settings, "ConvSettings")
     check_triton_runnable(bk, dev)          # after the argument checks: the same error for a bad call anywhere
-    fn = triton_causal_conv if bk == "triton" else naive_causal_conv
-    return fn(x, weight, initial_state=initial_state, output_final_state=output_final_state,
-              cu_seqlens=cu_seqlens)
+    if bk == "triton":
+        return triton_causal_conv(x, weight, initial_state=initial_state, output_final_state=output_final_state,
+                                  cu_seqlens=cu_seqlens, settings=settings, seqs=seqs)
+    return naive_causal_conv(x, weight, initial_state=initial_state, output_final_state=output_final_state,
+                             cu_seqlens=cu_seqlens)

@@ -36,7 +36,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._checks import BACKENDS, check_bool, check_triton_runnable, resolve_backend
+from ._checks import BACKENDS, check_bool, check_op_settings, check_triton_runnable, resolve_backend
 from .scan_chunked import CPU_CHUNK
 from .conv import naive_causal_conv
 from .k2_triton import _check_k2_args, _split_state, k2_triton_backward, k2_triton_forward
@@ -132,62 +132,85 @@ def k2_qk_backward(x, u, v, alpha, dq, dk):
 
 
 class _TritonK2Mixer(torch.autograd.Function):
-    """Autograd wrapper of ``k2_triton_forward`` / ``k2_triton_backward`` (no math here)."""
+    """Autograd wrapper of ``k2_triton_forward`` / ``k2_triton_backward`` (no math here); ``seqs``
+    (the ``Varlen`` of cu_seqlens, read once) and ``settings`` (``K2Settings``) kept for the backward."""
 
     @staticmethod
     def forward(ctx, x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
-                output_final_state, cu_seqlens):
+                output_final_state, cu_seqlens, seqs, settings):
         y, sT, cT, states, qkn = k2_triton_forward(x, u, v, alpha, gamma, kernel, gate_logit, scan_state,
                                                    conv_state, output_final_state, cu_seqlens,
-                                                   store_chunk_states=any(ctx.needs_input_grad[:9]))
+                                                   store_chunk_states=any(ctx.needs_input_grad[:9]),
+                                                   settings=settings, seqs=seqs)
         ctx.save_for_backward(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
                               cu_seqlens, states, qkn)
+        ctx.seqs, ctx.settings = seqs, settings
         ctx.set_materialize_grads(False)
         return y, sT, cT
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dscan, dconv):
-        return (*k2_triton_backward(*ctx.saved_tensors, dy, dscan, dconv), None, None)
+        return (*k2_triton_backward(*ctx.saved_tensors, dy, dscan, dconv, settings=ctx.settings, seqs=ctx.seqs),
+                None, None, None, None)
 
 
 def triton_k2_mixer(x, u, v, alpha, gamma, kernel, gate_logit, *, initial_state=None,
-                    output_final_state=False, cu_seqlens=None):
+                    output_final_state=False, cu_seqlens=None, settings=None, seqs=None):
     """The fused Triton kernel (see ``k2_triton_backward`` for what the backward fuses).
 
     Computes in float32 (float64 inputs are computed in float32 and cast back); the final
-    states are float32 (float64 for float64 inputs, like the references).
+    states are float32 (float64 for float64 inputs, like the references).  settings: a
+    ``K2Settings`` (None: the defaults); seqs: the ``Varlen`` the argument check read from
+    cu_seqlens (None: read here).
     """
+    from kop_triton.kernels.seqs import as_varlen
+    from kop_triton.kernels.settings import K2, K2Settings, op_settings
+    settings = op_settings(settings, K2Settings, K2)
+    seqs = as_varlen(cu_seqlens) if seqs is None else seqs
     s0, c0 = _split_state(initial_state)
     y, sT, cT = _TritonK2Mixer.apply(x, u, v, alpha, gamma, kernel, gate_logit, s0, c0,
-                                     bool(output_final_state), cu_seqlens)
+                                     bool(output_final_state), cu_seqlens, seqs, settings)
     if not output_final_state:
         return y, None
     return y, (sT, cT)
 
 
 def triton_unfused_k2_mixer(x, u, v, alpha, gamma, kernel, gate_logit, *, initial_state=None,
-                            output_final_state=False, cu_seqlens=None):
+                            output_final_state=False, cu_seqlens=None, settings=None, seqs=None):
     """The unfused Triton composition (the benchmarks' comparison for the fused kernel):
     PyTorch q, k (materialised (B, T, R)), ``decayed_scan(backend="triton")``,
     ``causal_conv(backend="triton")`` (materialised (B, T, D) conv output), PyTorch gate-and-add."""
+    from kop_triton.kernels.seqs import as_varlen
+    from kop_triton.kernels.settings import K2, K2Settings, op_settings
     from .conv import triton_causal_conv
     from .scan import triton_decayed_scan
+    settings = op_settings(settings, K2Settings, K2)
+    seqs = as_varlen(cu_seqlens) if seqs is None else seqs
     s0, c0 = _split_state(initial_state)
     q, k = k2_qk(x, u, v, alpha)
     y, s1 = triton_decayed_scan(q, k, x, gamma, initial_state=s0, output_final_state=output_final_state,
-                                cu_seqlens=cu_seqlens)
+                                cu_seqlens=cu_seqlens, settings=settings.scan, seqs=seqs)
     c, c1 = triton_causal_conv(x, kernel, initial_state=c0, output_final_state=output_final_state,
-                               cu_seqlens=cu_seqlens)
+                               cu_seqlens=cu_seqlens, settings=settings.conv, seqs=seqs)
     out = torch.sigmoid(gate_logit.to(x.dtype)) * c + y
     return out, ((s1, c1) if output_final_state else None)
+
+
+def _check_compiled_settings(settings) -> None:
+    """Under torch.compile k2_mixer runs its torch.library op, which takes the default settings only."""
+    from kop_triton.kernels.settings import K2
+    if settings != K2:
+        raise ValueError("k2_mixer(settings=...) other than the defaults (kop_triton.kernels.settings.K2) is not "
+                         "supported under torch.compile: its torch.library op runs the defaults; call k2_mixer "
+                         f"eagerly to run {settings}")
 
 
 def k2_mixer(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor,
              gamma: torch.Tensor, kernel: torch.Tensor, gate_logit: torch.Tensor, *,
              initial_state: Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = None,
              output_final_state: bool = False, cu_seqlens: Optional[torch.Tensor] = None,
-             backend: str = "auto"):
+             backend: str = "auto", settings=None):
     """The K2 mixing term: sigmoid(gate_logit) * causal_conv(x, kernel) + decayed scan of x.
 
     Args:
@@ -203,6 +226,8 @@ def k2_mixer(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, alpha: torch.Ten
             torch.library op of ``kop_triton.ops.library``); "triton_unfused" composes the Triton
             scan and conv with PyTorch q/k and gating (the benchmarks' unfused comparison);
             the others compose the PyTorch references; "auto" is triton on CUDA, chunked elsewhere.
+        settings: the Triton backends' tunables, a ``kop_triton.kernels.settings.K2Settings`` (None:
+            its defaults, ``K2``; under ``torch.compile`` only the defaults); the others ignore it.
 
     Returns:
         (y, final_state): y (B, T, D) in x's dtype; final_state a tuple or None.
@@ -210,23 +235,29 @@ def k2_mixer(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, alpha: torch.Ten
     dev = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
     bk = resolve_backend(backend, dev, K2_BACKENDS, check_runnable=False)
     check_bool("output_final_state", output_final_state)
+    if settings is not None:
+        settings = check_op_settings(settings, "K2Settings")
     if bk == "triton" and torch.compiler.is_compiling():
         check_triton_runnable(bk, dev)
+        if settings is not None:
+            _check_compiled_settings(settings)
         # under torch.compile: the torch.library op, one opaque graph node (no graph break);
         # its eager implementation runs the argument checks, which read gamma and cu_seqlens
         from .library import k2_mixer_triton_op
         y, s1, c1 = k2_mixer_triton_op(x, u, v, alpha, gamma, kernel, gate_logit,
                                        initial_state=initial_state, cu_seqlens=cu_seqlens)
         return y, ((s1, c1) if output_final_state else None)
-    _check_k2_args(x, u, v, alpha, gamma, kernel, gate_logit, initial_state, cu_seqlens,
-                   "triton" if bk.startswith("triton") else bk)
+    seqs = _check_k2_args(x, u, v, alpha, gamma, kernel, gate_logit, initial_state, cu_seqlens,
+                          "triton" if bk.startswith("triton") else bk)
     check_triton_runnable(bk, dev)          # after the argument checks: the same error for a bad call anywhere
     if bk == "triton_unfused":
         return triton_unfused_k2_mixer(x, u, v, alpha, gamma, kernel, gate_logit, initial_state=initial_state,
-                                       output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+                                       output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                       settings=settings, seqs=seqs)
     if bk == "triton":
         return triton_k2_mixer(x, u, v, alpha, gamma, kernel, gate_logit, initial_state=initial_state,
-                               output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+                               output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                               settings=settings, seqs=seqs)
     if bk == "chunked":
         # the fused chunked Function (conv folded into the scan's chunk products) where it applies
         from .k2_chunked import chunked_k2_mixer, fused_supported

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_same_device, check_tensor, describe, state_dtype
+from ._checks import check_same_device, check_tensor, describe, state_dtype, triton_compute
 from .conv import _check_conv_args
 from .scan import _check_scan_args
 
@@ -23,6 +23,7 @@ def _split_state(state):
 
 
 def _check_k2_args(x, u, v, alpha, gamma, kernel, gate_logit, initial_state, cu_seqlens, backend):
+    """-> the ``Varlen`` of cu_seqlens (None without), read once for both checks below."""
     check_tensor("x", x, 3, "(B, T, D)")
     check_tensor("u", u, 2, "(D, R)")
     check_tensor("v", v, 2, "(D, R)")
@@ -39,12 +40,12 @@ def _check_k2_args(x, u, v, alpha, gamma, kernel, gate_logit, initial_state, cu_
     s0, c0 = _split_state(initial_state)
     B, T, _ = x.shape
     qk_stub = x.new_empty(B, T, R)
-    _check_scan_args(qk_stub, qk_stub, x, gamma, s0, cu_seqlens, backend)
-    _check_conv_args(x, kernel, c0, cu_seqlens)
+    seqs = _check_scan_args(qk_stub, qk_stub, x, gamma, s0, cu_seqlens, backend)
+    return _check_conv_args(x, kernel, c0, cu_seqlens, seqs)
 
 
 def k2_triton_forward(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
-                      output_final_state, cu_seqlens, store_chunk_states=True):
+                      output_final_state, cu_seqlens, store_chunk_states=True, settings=None, seqs=None):
     """Fused forward (``kop_triton.kernels.k2.k2_fwd``), no autograd.
     -> (y, scan_final, conv_final, chunk_states, qkn).
 
@@ -53,12 +54,14 @@ def k2_triton_forward(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, con
     states (N, R, D) and (N, K-1, D) in ``state_dtype(x)``, None unless ``output_final_state``;
     chunk_states (NC, R, D) and qkn (B*T*(3R+2),), float32: what ``k2_triton_backward`` needs
     (the scan state entering every 64-token chunk; the planes q, k and [q_hat, norms] of every
-    token, ``kop_triton.kernels.k2.qk_planes``), None unless ``store_chunk_states``.
+    token, ``kop_triton.kernels.k2.qk_planes``), None unless ``store_chunk_states``.  settings: a
+    ``K2Settings`` (None: the defaults); seqs: the ``Varlen`` of cu_seqlens when already read.
     """
-    from kop_triton.kernels.k2 import k2_fwd
-    xc = x.float() if x.dtype == torch.float64 else x
+    from kop_triton.kernels.k2 import K2, k2_fwd
+    xc, = triton_compute(x)
     y, sT, cT, states, qkn = k2_fwd(xc, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
-                                    output_final_state, cu_seqlens, store_chunk_states=store_chunk_states)
+                                    output_final_state, cu_seqlens if seqs is None else seqs,
+                                    store_chunk_states=store_chunk_states, settings=K2 if settings is None else settings)
     if output_final_state:
         sdt = state_dtype(x)
         sT, cT = sT.to(sdt), cT.to(sdt)
@@ -66,17 +69,19 @@ def k2_triton_forward(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, con
 
 
 def k2_triton_backward(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
-                       cu_seqlens, chunk_states, qkn, dy, dscan, dconv):
+                       cu_seqlens, chunk_states, qkn, dy, dscan, dconv, settings=None, seqs=None):
     """Backward of ``k2_triton_forward`` (``kop_triton.kernels.k2.k2_bwd``) from x and the
     forward's chunk_states and qkn, no autograd.
     -> (dx, du, dv, dalpha, dgamma, dkernel, dgate_logit, dscan_state, dconv_state), each in its
     input's dtype and shape; an initial-state gradient is None where that state is None.
     dy (B, T, D), dscan (N, R, D), dconv (N, K-1, D): cotangents, each may be None (zero).
-    Deterministic: no atomics anywhere; every reduction runs in a fixed order.
+    Deterministic: no atomics anywhere; every reduction runs in a fixed order.  settings, seqs: the
+    forward's.
     """
-    from kop_triton.kernels.k2 import k2_bwd
-    xc = x.float() if x.dtype == torch.float64 else x               # the forward's compute dtype
-    grads = k2_bwd(xc, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu_seqlens,
-                   chunk_states, qkn, dy, dscan, dconv)
+    from kop_triton.kernels.k2 import K2, k2_bwd
+    xc, = triton_compute(x)                                         # the forward's compute dtype
+    grads = k2_bwd(xc, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
+                   cu_seqlens if seqs is None else seqs, chunk_states, qkn, dy, dscan, dconv,
+                   settings=K2 if settings is None else settings)
     like = (x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state)
     return tuple(None if g is None else g.to(t.dtype).reshape(t.shape) for g, t in zip(grads, like))

@@ -61,9 +61,9 @@ def k2_mixer_fwd(x: Tensor, u: Tensor, v: Tensor, alpha: Tensor, gamma: Tensor, 
                  gate_logit: Tensor, scan_state: Optional[Tensor], conv_state: Optional[Tensor],
                  cu_seqlens: Optional[Tensor], store_chunk_states: bool
                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    _check_k2_args(x, u, v, alpha, gamma, kernel, gate_logit, (scan_state, conv_state), cu_seqlens, "triton")
+    seqs = _check_k2_args(x, u, v, alpha, gamma, kernel, gate_logit, (scan_state, conv_state), cu_seqlens, "triton")
     y, s1, c1, states, qkn = k2_triton_forward(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
-                                          True, cu_seqlens, store_chunk_states)
+                                          True, cu_seqlens, store_chunk_states, seqs=seqs)
     R, D = u.shape[1], x.shape[-1]
     if states is None:
         states = x.new_empty((0, R, D), dtype=torch.float32)

@@ -20,14 +20,13 @@ from typing import Optional, Tuple
 
 import torch
 
-from kop_triton.kernels.config import CHUNK
+from kop_triton.kernels.config import CHUNK, check_rank   # check_rank: the one R <= 128 limit
 
 from .scan_chunked import CPU_CHUNK, chunked_scan
-from ._checks import (check_bool, check_cu_seqlens, check_gamma_range, check_same_device, check_same_dtype,
-                      check_tensor, check_triton_runnable, describe, per_sequence, resolve_backend,
-                      state_dtype)
+from ._checks import (check_bool, check_cu_seqlens, check_gamma_range, check_op_settings, check_same_device,
+                      check_same_dtype, check_tensor, check_triton_runnable, describe, per_sequence,
+                      resolve_backend, state_dtype, triton_compute)
 
-MAX_TRITON_RANK = 128
 
 # --------------------------------------------------------------------------------------
 # PyTorch references
@@ -125,14 +124,17 @@ class _TritonDecayedScan(torch.autograd.Function):
     """Thin autograd wrapper over kop_triton.kernels.scan.scan_fwd / scan_bwd (float32 states).
 
     The kernels are imported on first use, so the package imports without triton installed.
+    ``seqs`` (the ``Varlen`` of cu_seqlens, read once) and ``settings`` (``ScanSettings``) are kept
+    for the backward.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, gamma, initial_state, output_final_state, cu_seqlens):
+    def forward(ctx, q, k, v, gamma, initial_state, output_final_state, cu_seqlens, seqs, settings):
         from kop_triton.kernels.scan import scan_fwd
         o, final, chunk_states = scan_fwd(q, k, v, gamma, initial_state, output_final_state,
-                                          cu_seqlens, CHUNK)
+                                          seqs, CHUNK, settings)
         ctx.save_for_backward(q, k, v, gamma, initial_state, chunk_states, cu_seqlens)
+        ctx.seqs, ctx.settings = seqs, settings
         ctx.set_materialize_grads(False)
         return o, final
 
@@ -143,22 +145,28 @@ class _TritonDecayedScan(torch.autograd.Function):
         if do is None:
             do = torch.zeros_like(v)
         dq, dk, dv, dgamma, dh0 = scan_bwd(q, k, v, gamma, initial_state, chunk_states, do,
-                                           dfinal, cu_seqlens, CHUNK)
-        return dq, dk, dv, dgamma.to(gamma.dtype), dh0, None, None
+                                           dfinal, ctx.seqs, CHUNK, ctx.settings)
+        return dq, dk, dv, dgamma.to(gamma.dtype), dh0, None, None, None, None
 
 
 def triton_decayed_scan(q, k, v, gamma, *, initial_state=None, output_final_state=False,
-                        cu_seqlens=None):
+                        cu_seqlens=None, settings=None, seqs=None):
     """The Triton kernels (CUDA, or CPU tensors under TRITON_INTERPRET=1); R <= 128.
 
     Computes in float32 (float64 inputs are computed in float32 and cast back); the final
-    state is float32 (float64 for float64 inputs, like the references).
+    state is float32 (float64 for float64 inputs, like the references).  settings: a
+    ``ScanSettings`` (None: the defaults); seqs: the ``Varlen`` the argument check read from
+    cu_seqlens (None: read here).
     """
+    from kop_triton.kernels.seqs import as_varlen
+    from kop_triton.kernels.settings import SCAN, ScanSettings, op_settings
+    settings = op_settings(settings, ScanSettings, SCAN)
+    seqs = as_varlen(cu_seqlens) if seqs is None else seqs
     B, T, R = q.shape
     D = v.shape[-1]
     out_dtype = v.dtype
     st_dtype = state_dtype(q, k, v)
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    N = B if seqs is None else seqs.N
     if T == 0:
         # nothing to scan: o is empty and the state passes through unchanged
         o = v.new_zeros(B, 0, D)
@@ -167,12 +175,8 @@ def triton_decayed_scan(q, k, v, gamma, *, initial_state=None, output_final_stat
         if initial_state is None:
             return o, torch.zeros(N, R, D, dtype=st_dtype, device=q.device)
         return o, initial_state.to(st_dtype) * 1
-    if out_dtype == torch.float64:
-        q, k, v = q.float(), k.float(), v.float()
-    h0 = initial_state
-    if h0 is not None and h0.dtype != torch.float32:
-        h0 = h0.float()
-    o, final = _TritonDecayedScan.apply(q, k, v, gamma, h0, bool(output_final_state), cu_seqlens)
+    q, k, v, h0 = triton_compute(q, k, v, initial_state)
+    o, final = _TritonDecayedScan.apply(q, k, v, gamma, h0, bool(output_final_state), cu_seqlens, seqs, settings)
     o = o.to(out_dtype)
     if final is not None:
         final = final.to(st_dtype)
@@ -191,7 +195,8 @@ SCAN_BACKENDS = {
 }
 
 
-def _check_scan_args(q, k, v, gamma, initial_state, cu_seqlens, backend):
+def _check_scan_args(q, k, v, gamma, initial_state, cu_seqlens, backend, seqs=None):
+    """-> the ``Varlen`` of cu_seqlens (None without): its one host read (``check_cu_seqlens``)."""
     check_tensor("q", q, 3, "(B, T, R)")
     check_tensor("k", k, 3, "(B, T, R)")
     check_tensor("v", v, 3, "(B, T, D)")
@@ -208,8 +213,8 @@ def _check_scan_args(q, k, v, gamma, initial_state, cu_seqlens, backend):
     if R < 1 or v.shape[-1] < 1:
         raise ValueError(f"R and D must be >= 1, got q {describe(q)}, v {describe(v)}")
     check_gamma_range(gamma)
-    N = check_cu_seqlens(cu_seqlens, B, T, q.device)
-    N = B if N is None else N
+    seqs = check_cu_seqlens(cu_seqlens, B, T, q.device, seqs)
+    N = B if seqs is None else seqs.N
     if initial_state is not None:
         if not isinstance(initial_state, torch.Tensor):
             raise TypeError(f"initial_state must be a tensor of shape (N, R, D), got {describe(initial_state)}")
@@ -218,14 +223,15 @@ def _check_scan_args(q, k, v, gamma, initial_state, cu_seqlens, backend):
         want = (N, R, v.shape[-1])
         if tuple(initial_state.shape) != want:
             raise ValueError(f"initial_state must have shape (N, R, D) = {want}, got {describe(initial_state)}")
-    if backend == "triton" and R > MAX_TRITON_RANK:
-        raise ValueError(f"the triton backend supports R <= {MAX_TRITON_RANK}, got R = {R}")
+    if backend == "triton":
+        check_rank(R)
+    return seqs
 
 
 def decayed_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch.Tensor, *,
                  initial_state: Optional[torch.Tensor] = None, output_final_state: bool = False,
                  cu_seqlens: Optional[torch.Tensor] = None,
-                 backend: str = "auto") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                 backend: str = "auto", settings=None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Decayed linear-attention scan with a constant per-channel decay.
 
     S_t = diag(gamma) S_{t-1} + k_t (outer) v_t  (S is (R, D), float32),   o_t = q_t @ S_t.
@@ -237,15 +243,20 @@ def decayed_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma: torch
         output_final_state: also return the (N, R, D) float32 state after the last token.
         cu_seqlens: optional int32/int64 (N+1,) offsets of packed sequences in a B = 1 batch.
         backend: "auto" | "triton" | "chunked" | "recurrent" | "naive".
+        settings: the Triton backend's tunables, a ``kop_triton.kernels.settings.ScanSettings``
+            (None: its defaults, ``SCAN``); the other backends ignore it.
 
     Returns:
         (o, final_state): o is (B, T, D) in v's dtype; final_state is None unless asked for.
     """
     dev = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
     bk = resolve_backend(backend, dev, check_runnable=False)
-    _check_scan_args(q, k, v, gamma, initial_state, cu_seqlens, bk)
+    seqs = _check_scan_args(q, k, v, gamma, initial_state, cu_seqlens, bk)
     check_bool("output_final_state", output_final_state)
+    settings = check_op_settings(settings, "ScanSettings")
     check_triton_runnable(bk, dev)          # after the argument checks: the same error for a bad call anywhere
-    fn = triton_decayed_scan if bk == "triton" else SCAN_BACKENDS[bk]
-    return fn(q, k, v, gamma, initial_state=initial_state, output_final_state=output_final_state,
-              cu_seqlens=cu_seqlens)
+    if bk == "triton":
+        return triton_decayed_scan(q, k, v, gamma, initial_state=initial_state, output_final_state=output_final_state,
+                                   cu_seqlens=cu_seqlens, settings=settings, seqs=seqs)
+    return SCAN_BACKENDS[bk](q, k, v, gamma, initial_state=initial_state, output_final_state=output_final_state,
+                             cu_seqlens=cu_seqlens)
