@@ -441,9 +441,12 @@ def k2_bwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu
     use_c0, c0 = state_arg(conv_state, K, x2)
     dx = torch.empty(B * T, D, dtype=x.dtype, device=x.device)
     fuse = (not P.fp32) if FUSE_WEIGHT_GRADS is None else FUSE_WEIGHT_GRADS
-    fuse_duv = P.BR <= MAX_FUSED_R and fuse
+    # plain: the specialisation a register cap was gated on (kernels/settings.py)
+    plain = not (P.varlen or use_c0 or use_dfin) and D % 16 == 0 and R % 16 == 0
+    st = P.settings("_k2_dx_kernel", K=K, plain=plain)
+    # FUSE_DUV: a launch setting (kernels/settings.py: where its accumulators cost occupancy, off)
+    fuse_duv = st.pop("FUSE_DUV") and P.BR <= MAX_FUSED_R and fuse
     fuse_dw = K <= MAX_FUSED_TAPS and fuse
-    st = P.settings("_k2_dx_kernel", K=K)
     nd = triton.cdiv(D, st["BD"])
     G = dx_group(P.NC, nd)
     NG = triton.cdiv(P.NC, G)
