@@ -362,7 +362,9 @@ def k2_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
         states = P.chunk_states(k, x2, lg, reverse=False)
         sT = P.state_pass(states, lg, s0, output_final_state, reverse=False)
         gate = torch.sigmoid(f32(gate_logit).reshape(1))
-        st = P.settings("_k2_out_kernel", K=P.K)
+        # plain: the specialisation a register cap was gated on (kernels/settings.py)
+        plain = not (P.varlen or use_c0 or P.per_channel) and D % 16 == 0 and R % 16 == 0
+        st = P.settings("_k2_out_kernel", K=P.K, plain=plain)
         grid, fl = grid_of((triton.cdiv(D, st["BD"]), *P.grid_t))
         launch(_k2_out_kernel, grid, FLAT=fl, **P.chunk_args(),
                x=x2, q=q, k=k, lg=lg, gate=gate, w=f32(kernel), c0=c0,
