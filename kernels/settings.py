@@ -238,10 +238,13 @@ RULES: Tuple[Rule, ...] = (
              "warps per program spilled 112 B; 8 warps: 220-227 regs, still 8 warps per SM) (gate 12-06)"),
     # ---- K2 ----
     Rule(("_k2_out_kernel",), dict(maxnreg=64), dtype="bf16", BR=(16, 16), when=dict(plain=True),
-         why="bf16, R <= 16, R and D multiples of 16, a shared kernel, no conv state, no packed sequences (plain): "
-             "capped at 64 "
+         triton=before((3, 9)),
+         why="before 3.9, bf16, R <= 16, R and D multiples of 16, a shared kernel, no conv state, no packed "
+             "sequences (plain): capped at 64 "
              "regs (maxnreg; unconstrained ptxas takes 99 at 8 warps: 2 programs per SM), 4 programs of 8 warps "
-             "per SM, twice the loads in flight; 0 B (sm_80 / sm_90 / sm_100, 3.6 and 3.9).  Capped elsewhere it "
+             "per SM, twice the loads in flight; 0 B under 3.6 on sm_80 / sm_90 / sm_100 (D = 256-8192).  Under "
+             "3.9 capped at 64: 132-148 B (sm_90 / sm_100), at 80: 68-72 B, at 96: 0 B but still 2 programs per "
+             "SM: no cap there.  Capped elsewhere it "
              "spilled 16-188 B under 3.6 (fp16, R = 4, D = 24, per-channel kernels: 28-40 B even plain); 4 warps capped at 96 or 80: 24-28 B; 16 warps at 64: 80 B (gate 12-06)"),
     Rule(("_k2_out_kernel",), dict(BD=16, num_warps=4), dtype="16-bit", BR=BIG_R,
          why="R > 32, 16-bit: 16 channels, 4 warps (32 channels: 8 B; 8 warps: 12-16 B; gate 12-02)"),

@@ -80,7 +80,8 @@ def test_settings_of_the_pinned_version_on_sm_90(monkeypatch):
 @pytest.mark.parametrize("version", [(3, 6), (3, 9)])
 def test_register_caps(monkeypatch, version):
     """bf16, R <= 16: _k2_dx without the fused x^T dp at 4 warps, capped at 168 regs (3 programs per
-    SM) on sm_90 / sm_100 only for the gated plain specialisation; _k2_out capped at 64 (4 per SM)."""
+    SM) on sm_90 / sm_100 only for the gated plain specialisation; _k2_out capped at 64 (4 per SM)
+    before Triton 3.9."""
     bf = torch.bfloat16
     for arch in (90, 100):
         at(monkeypatch, version, arch)
@@ -89,7 +90,8 @@ def test_register_caps(monkeypatch, version):
         assert "maxnreg" not in kernel_settings("_k2_dx_kernel", bf, R=16, D=1024, plain=False)
         for dt, R in ((torch.float16, 16), (bf, 32)):                                  # they spilled capped
             assert kernel_settings("_k2_dx_kernel", dt, R=R, D=1024, plain=True)["num_warps"] == 8
-        assert kernel_settings("_k2_out_kernel", bf, R=16, D=1024, plain=True)["maxnreg"] == 64
+        assert kernel_settings("_k2_out_kernel", bf, R=16, D=1024, plain=True).get("maxnreg") == \
+            (64 if version < (3, 9) else None)                                       # 3.9 spilled capped
         assert "maxnreg" not in kernel_settings("_k2_out_kernel", bf, R=16, D=1024, plain=False)
         assert "maxnreg" not in kernel_settings("_k2_out_kernel", torch.float16, R=16, D=1024, plain=True)
         assert "maxnreg" not in kernel_settings("_k2_out_kernel", bf, R=64, D=1024, plain=True)
