@@ -167,7 +167,7 @@ FLOPS: Dict[str, Callable[[int, int, int, int], float]] = {
     "_k2_out_kernel": lambda D, R, K, BT: 2 * BT * R + 2 * BT * D + 2 * R * D + 2 * K * D,  # A, A x, q S, conv
     "_bwd_dqk_kernel": lambda D, R, K, BT: 2 * 2 * BT * D + 4 * R * D,            # dA (2 ways), dy S^T, x G^T
     "_k2_dp_kernel": lambda D, R, K, BT: 20 * R,
-    "_k2_dx_kernel": lambda D, R, K, BT: 2 * BT * D + 2 * R * D + 4 * R * D + 4 * R * D + 4 * K * D,
+    "_k2_dx_kernel": lambda D, R, K, BT: 2 * BT * D + 2 * R * D + 4 * R * D + 4 * K * D,   # x^T dp: its own row
     "x^T dp (cuBLAS)": lambda D, R, K, BT: 4 * R * D,
 }
 

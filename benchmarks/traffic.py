@@ -182,7 +182,10 @@ def fused_bwd(S: Shape) -> List[Launch]:
     R, D, s = S.R, S.D, S.s
     n_sub = CHUNK // SUB
     fused = S.s != F32                    # the in-kernel weight-gradient sums: 16-bit inputs only
-    fuse_duv, fuse_dw = S.BR <= MAX_FUSED_R and fused, S.K <= MAX_FUSED_TAPS and fused
+    # [du | dv] = x^T dp in the kernel for R <= 32, but for R <= 16 (kernels/settings.py FUSE_DUV, sm_90:
+    # off for bf16 at R <= 16 on plain inputs, where its accumulators cost occupancy; a Shape knows only
+    # the element size: 16-bit read as bf16, inputs as plain -- B rows of T tokens, no conv states)
+    fuse_duv, fuse_dw = S.BR <= MAX_FUSED_R and S.BR > 16 and fused, S.K <= MAX_FUSED_TAPS and fused
     G = max(1, min(MAX_GROUP, S.NC * S.nd_dx // DX_TARGET))
     NG = math.ceil(S.NC / G)
     part = NG * (D * 2 * R * F32 * fuse_duv + (D * S.K * F32 if fuse_dw else 0)) / S.tokens

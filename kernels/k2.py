@@ -414,7 +414,9 @@ def k2_fwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state,
             states = C.chunk_states(k, x2, lg, reverse=False)
         sT = C.state_pass(states, lg, s0, output_final_state, reverse=False)
         gate = torch.sigmoid(f32(gate_logit).reshape(1))
-        st = C.settings("_k2_out_kernel", K=P.K)
+        # plain: the specialisation a register cap was gated on (kernels/settings.py)
+        plain = not (C.varlen or use_c0 or P.per_channel) and D % 16 == 0 and R % 16 == 0
+        st = C.settings("_k2_out_kernel", K=P.K, plain=plain)
         grid, fl = grid_of((triton.cdiv(D, st["BD"]), *C.grid_t))
         launch(_k2_out_kernel, grid, FLAT=fl, **C.chunk_args(),
                x=x2, q=q, k=k, lg=lg, gate=gate, w=f32(kernel), c0=c0,
@@ -495,9 +497,12 @@ def k2_bwd(x, u, v, alpha, gamma, kernel, gate_logit, scan_state, conv_state, cu
     use_c0, c0 = state_arg(conv_state, K, x2)
     dx = torch.empty(B * T, D, dtype=x.dtype, device=x.device)
     fuse = (not P.fp32) if settings.fuse_weight_grads is None else settings.fuse_weight_grads
-    fuse_duv = C.BR <= settings.max_fused_r and fuse
+    # plain: the specialisation a register cap was gated on (kernels/settings.py)
+    plain = not (C.varlen or use_c0 or use_dfin) and D % 16 == 0 and R % 16 == 0
+    st = C.settings("_k2_dx_kernel", K=K, plain=plain)
+    # FUSE_DUV: a launch setting (kernels/settings.py: where its accumulators cost occupancy, off)
+    fuse_duv = st.pop("FUSE_DUV") and C.BR <= settings.max_fused_r and fuse
     fuse_dw = K <= settings.max_fused_taps and fuse
-    st = C.settings("_k2_dx_kernel", K=K)
     nd = triton.cdiv(D, st["BD"])
     G = dx_group(C.NC, nd, settings)
     NG = triton.cdiv(C.NC, G)

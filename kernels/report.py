@@ -129,7 +129,7 @@ def launch_spec(ln: Launch, arch: int, exact: bool = False, binders: Optional[Di
     cexpr = {p.name: kw[p.name] for p in fn.params if p.is_constexpr}
     ints = {p.name: s for p, s in zip(fn.params, spec)
             if not p.is_constexpr and s[0] == "constexpr"}            # runtime-specialised (== 1, None)
-    opt = {k: v for k, v in kw.items() if k in ("num_warps", "num_stages")}
+    opt = {k: v for k, v in kw.items() if k in ("num_warps", "num_stages", "maxnreg")}
     cfg = ", ".join(f"{k}={v}" for k, v in {**cexpr, **opt}.items())
     if ints:
         cfg += "; const " + ", ".join(f"{k}={v[1]}" for k, v in ints.items())

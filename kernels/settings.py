@@ -184,9 +184,11 @@ BASE: Dict[str, Dict[str, Value]] = {
     "_k2_qk_state_kernel": dict(BD=lambda c: min(tile_d(c), max(16, QK_TILE // c.BR)), num_warps=8),
     "_k2_dp_kernel": dict(BM=_block_m, num_warps=4),
     "_k2_out_kernel": dict(BD=tile_d, BK=16, BRS=16, DIAG_LOOP=lambda c: c.BR > 32, num_warps=8),
-    # 16-bit, R <= 32: 32 channels (64: 8-100 B, gate 12-02), 8 warps
+    # 16-bit, R <= 32: 32 channels (64: 8-100 B, gate 12-02), 8 warps; FUSE_DUV: [du | dv] = x^T dp
+    # summed in the kernel (R <= 32, when its weight-gradient sums are fused at all: k2.py), else one
+    # matrix product after it (one more read of x)
     "_k2_dx_kernel": dict(BD=lambda c: min(tile_d(c), 32), BK=16, BRS=16, DIAG_LOOP=lambda c: c.BR > 32,
-                          num_warps=8),
+                          FUSE_DUV=True, num_warps=8),
     # ---- conv (kernels/conv.py) ----
     # BT = BS = 64 feeds the tensor cores with 64 x 64 x BD products, BD <= 64 keeps a fp32 (BT, BD)
     # accumulator at 32 registers per thread with 4 warps (first choices by that arithmetic, not
@@ -239,6 +241,15 @@ RULES: Tuple[Rule, ...] = (
              "spilled 24 B under 3.6 and 16-40 B under 3.9 (sm_90, sm_100).  Not reachable: 16 warps per SM (16 "
              "warps per program spilled 112 B; 8 warps: 220-227 regs, still 8 warps per SM) (gate 12-06)"),
     # ---- K2 ----
+    Rule(("_k2_out_kernel",), dict(maxnreg=64), dtype="bf16", BR=(16, 16), when=dict(plain=True),
+         triton=before((3, 9)),
+         why="before 3.9, bf16, R <= 16, R and D multiples of 16, a shared kernel, no conv state, no packed "
+             "sequences (plain): capped at 64 "
+             "regs (maxnreg; unconstrained ptxas takes 99 at 8 warps: 2 programs per SM), 4 programs of 8 warps "
+             "per SM, twice the loads in flight; 0 B under 3.6 on sm_80 / sm_90 / sm_100 (D = 256-8192).  Under "
+             "3.9 capped at 64: 132-148 B (sm_90 / sm_100), at 80: 68-72 B, at 96: 0 B but still 2 programs per "
+             "SM: no cap there.  Capped elsewhere it "
+             "spilled 16-188 B under 3.6 (fp16, R = 4, D = 24, per-channel kernels: 28-40 B even plain); 4 warps capped at 96 or 80: 24-28 B; 16 warps at 64: 80 B (gate 12-06)"),
     Rule(("_k2_out_kernel",), dict(BD=16, num_warps=4), dtype="16-bit", BR=BIG_R,
          why="R > 32, 16-bit: 16 channels, 4 warps (32 channels: 8 B; 8 warps: 12-16 B; gate 12-02)"),
     Rule(("_k2_out_kernel",), dict(BD=16, num_warps=8), dtype="fp32", BR=BIG_R,
@@ -258,6 +269,17 @@ RULES: Tuple[Rule, ...] = (
              "warps and 2 stages still 12-52 B in the flat-grid variant (bf16, 3.9 and 3.6); 16-wide slices, "
              "4 warps, 2 stages: 0 B, <= 230 regs under 3.9 and 3.6, flat grids included (8 warps and 2 "
              "stages: 32-120 B) (gate 12-06)"),
+    Rule(("_k2_dx_kernel",), dict(num_warps=4, maxnreg=168, FUSE_DUV=False), dtype="bf16", BR=(16, 16),
+         arch=(90, 10 ** 6), when=dict(plain=True),
+         why="bf16, R <= 16, sm_90 / sm_100, R and D multiples of 16, no conv states, no packed sequences "
+             "(plain): 3 programs of 4 warps per SM instead of 1 of 8 (3x the loads in flight), capped at 168 "
+             "regs (maxnreg), [du | dv] = x^T dp after the kernel (FUSE_DUV off): 0 B, 157-167 regs under 3.6 "
+             "and 3.9 (D = 64-8192, K = 1-64, shared and per-channel kernels).  Unconstrained ptxas takes "
+             "203-233 regs whatever the code (8 or 4 warps, fused or not; 1-2 programs per SM).  Capped, the "
+             "fused x^T dp sums spill (4 warps at 168: 36 B; 8 warps at 128: 44-64 B), and so does the rest "
+             "elsewhere: 8-40 B under 3.6 at fp16 (its fp32 state products), R = 32, R or D not a multiple of 16 "
+             "(D = 24, R = 4), conv states, packed sequences; 4 warps uncapped there too (ptxas settles at 168 "
+             "and spills 8-16 B); sm_80 8 B (gate 12-06)"),
     Rule(("_k2_dx_kernel",), dict(BD=16, BK=16, num_warps=4), dtype="fp32",
          why="fp32 on CUDA cores: 16 channels, 4 warps (32 channels spilled on sm_90; 8 warps 4-12 B; "
              "gate 12-02)"),

@@ -34,7 +34,7 @@ def test_dx_fp32_channels_by_version_and_target(monkeypatch, version, arch, BD):
     """sm_80, fp32, R <= 32: 32 channels before Triton 3.9, 16 from it (ptxas spilled the other)."""
     at(monkeypatch, version, arch)
     assert kernel_settings("_k2_dx_kernel", torch.float32, R=16, D=1024) == \
-        dict(BD=BD, BK=16, BRS=16, DIAG_LOOP=False, num_warps=4)
+        dict(BD=BD, BK=16, BRS=16, DIAG_LOOP=False, FUSE_DUV=True, num_warps=4)
     # R > 32 is not affected
     assert kernel_settings("_k2_dx_kernel", torch.float32, R=64, D=1024)["BD"] == 16
 
@@ -67,7 +67,7 @@ def test_settings_of_the_pinned_version_on_sm_90(monkeypatch):
         dict(BD=16, BK=16, BRS=16, DIAG_LOOP=True, num_warps=4)
     assert kernel_settings("_k2_out_kernel", f32, R=16, D=1024)["BD"] == 32
     assert kernel_settings("_k2_dx_kernel", bf, R=128, D=1024) == \
-        dict(BD=16, BK=32, BRS=16, DIAG_LOOP=True, num_warps=8)
+        dict(BD=16, BK=32, BRS=16, DIAG_LOOP=True, FUSE_DUV=True, num_warps=8)
     assert kernel_settings("_k2_qk_kernel", bf, R=128, D=1024) == dict(BM=16, BD=16, num_warps=8)
     assert kernel_settings("_conv_bwd_dw_kernel", bf, D=24, K=8) == dict(BT=64, BL=8, BD=32, num_warps=8)
     assert kernel_settings("_conv_bwd_dx_kernel", bf, D=24, K=8, dh0_only=True, use_dot=False)["BT"] == 16
@@ -101,6 +101,33 @@ def test_r32_settings(monkeypatch, version):
     assert kernel_settings("_bwd_dqk_kernel", bf, R=16, D=64)["BD"] == 32
 
 
+@pytest.mark.parametrize("version", [(3, 6), (3, 9)])
+def test_register_caps(monkeypatch, version):
+    """bf16, R <= 16: _k2_dx without the fused x^T dp at 4 warps, capped at 168 regs (3 programs per
+    SM) on sm_90 / sm_100 only for the gated plain specialisation; _k2_out capped at 64 (4 per SM)
+    before Triton 3.9."""
+    bf = torch.bfloat16
+    for arch in (90, 100):
+        at(monkeypatch, version, arch)
+        assert kernel_settings("_k2_dx_kernel", bf, R=16, D=1024, plain=True) == \
+            dict(BD=32, BK=16, BRS=16, DIAG_LOOP=False, FUSE_DUV=False, num_warps=4, maxnreg=168)
+        assert "maxnreg" not in kernel_settings("_k2_dx_kernel", bf, R=16, D=1024, plain=False)
+        for dt, R in ((torch.float16, 16), (bf, 32)):                                  # they spilled capped
+            assert kernel_settings("_k2_dx_kernel", dt, R=R, D=1024, plain=True)["num_warps"] == 8
+        assert kernel_settings("_k2_out_kernel", bf, R=16, D=1024, plain=True).get("maxnreg") == \
+            (64 if version < (3, 9) else None)                                       # 3.9 spilled capped
+        assert "maxnreg" not in kernel_settings("_k2_out_kernel", bf, R=16, D=1024, plain=False)
+        assert "maxnreg" not in kernel_settings("_k2_out_kernel", torch.float16, R=16, D=1024, plain=True)
+        assert "maxnreg" not in kernel_settings("_k2_out_kernel", bf, R=64, D=1024, plain=True)
+        assert "maxnreg" not in kernel_settings("_k2_out_kernel", torch.float32, R=16, D=1024, plain=True)
+        # fp32 and R > 32 keep the fused sums' setting (their launcher decides: fp32 unfused, R > 32 past MAX_FUSED_R)
+        assert kernel_settings("_k2_dx_kernel", torch.float32, R=16, D=1024, plain=True)["FUSE_DUV"] is True
+        assert "maxnreg" not in kernel_settings("_k2_dx_kernel", bf, R=64, D=1024, plain=True)
+    at(monkeypatch, version, 80)
+    got = kernel_settings("_k2_dx_kernel", bf, R=16, D=1024, plain=True)       # sm_80: as before
+    assert (got["num_warps"], got["FUSE_DUV"], "maxnreg" in got) == (8, True, False)
+
+
 def test_sm_80_dx_warps_and_stages(monkeypatch):
     for version in ((3, 6), (3, 9)):
         at(monkeypatch, version, 80)
@@ -125,7 +152,7 @@ def test_force(monkeypatch):
 def test_every_rule_names_known_kernels_and_says_why():
     for rule in S.RULES:
         assert set(rule.kernels) <= set(S.BASE), rule.kernels
-        known = set().union(*(S.BASE[k] for k in rule.kernels)) | {"num_warps", "num_stages"}
+        known = set().union(*(S.BASE[k] for k in rule.kernels)) | {"num_warps", "num_stages", "maxnreg"}
         assert set(rule.set) <= known, (rule.kernels, rule.set)       # no misspelt setting
         assert len(rule.why) > 20 and ("gate 12-02" in rule.why or "gate 12-06" in rule.why), rule.why
 

@@ -73,6 +73,7 @@ def newest_workload() -> List[Case]:
         cases.append(Case("scan", dt, 1, 300, 64, R=4, states=True, varlen=True))
         cases.append(Case("scan", dt, 1, 1 << 20, 1024, R=16, states=True))
         cases.append(Case("k2", dt, 1, 1 << 20, 1024, R=16, K=8, states=True))
+        cases.append(Case("k2", dt, 1, 1 << 20, 1024, R=16, K=8))          # the register-capped settings
         cases.append(Case("k2", dt, 1, 300, 64, R=16, K=8, per_channel=True, states=True, varlen=True))
         for K in (8, 4096):
             cases.append(Case("conv", dt, 2, 4096, 256, K=K))
@@ -136,6 +137,8 @@ def workload(which: str = "full") -> List[Case]:
                 cases.append(Case("scan", dt, 1, 300, 64, R=R, states=True, varlen=True))
         cases.append(Case("scan", dt, 1, 1 << 20, 1024, R=16, states=True))
         cases.append(Case("k2", dt, 1, 1 << 20, 8192 if full else 1024, R=16, K=8, states=True))
+        # no states, R and D multiples of 16: the register-capped settings of _k2_out / _k2_dx (bf16)
+        cases.append(Case("k2", dt, 1, 1 << 20, 1024, R=16, K=8))
         for K in Ks + (() if full else (1,)):
             for D in ((1, 24, 64, 256, 4096) if full else (24, 256)):
                 if full or K != 1:
