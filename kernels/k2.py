@@ -19,6 +19,10 @@ Forward, four launches (x is read three times, y written once):
                              (rows, R), (rows, R), (rows, R + 2) (reads x);
   2. ``_chunk_state_kernel`` (scan) grid (D / 64, NC): chunk-local states (k g^(L-1-j))^T @ x
                              (reads x);
+     1+2 as one launch from ``K2Settings.fold_min_chunks`` (132) chunks on at R <= 32 (``fold_qk``):
+     ``_k2_qk_state_kernel`` grid (1, NC): per chunk, the projection and then the chunk-local state
+                             from the k still in registers, the chunk's x rows re-read from L2
+                             (x leaves DRAM twice forward instead of three times);
   3. ``_state_pass_kernel``  (scan) grid (N, R*D / 128): the only walk over a sequence, elementwise
                              on the (R, D) chunk states, 16 chunks composed per step ->
                              S_prev[c] (the chunk states the backward reads) and the final state;
@@ -43,7 +47,9 @@ recomputed; dy read three times, x twice, dx written once: about six D-wide pass
                              (k g^(L-1-j)) @ G + gate * conv^T(dy) + dconv_final + dp @ [u | v]^T,
                              written once (reads dy, its chunk and K - 1 rows after it); from the
                              same sub-chunks' x rows, the group's partial sums of [du | dv] = x^T dp
-                             (R <= 32) and of the conv's weight gradient W[l] = sum_t dy_t xe_{t-l}
+                             (R <= 32, where the launch settings keep FUSE_DUV: not for bf16 at R <= 16
+                             on plain inputs, whose dx kernel runs capped at 168 registers, 3 programs
+                             per SM, kernels/settings.py) and of the conv's weight gradient W[l] = sum_t dy_t xe_{t-l}
                              (K <= 64), giving dkernel = gate W and dgate_logit = gate (1 - gate)
                              <W, kernel>;
      beyond those sizes one matrix product x^T dp and ``conv_bwd_dw`` (one or two more passes);
