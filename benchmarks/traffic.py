@@ -35,7 +35,7 @@ import math
 from typing import Callable, Dict, List
 
 from kop_triton.kernels.config import CHUNK, SUB_CHUNK as SUB       # neither imports Triton
-from kop_triton.kernels.settings import CONV, K2, SCAN
+from kop_triton.kernels.settings import CONV, K2, QK_TILE, SCAN
 
 F32 = 4
 SMS_H200 = 132
@@ -103,7 +103,7 @@ class Shape:
 
     @property
     def fold_qk(self) -> bool:       # kernels/k2.py fold_qk: the projection folded into the chunk-state pass
-        return self.BR <= MAX_FUSED_R and self.NC >= FOLD_MIN_CHUNKS
+        return CHUNK * self.BR <= QK_TILE and self.NC >= FOLD_MIN_CHUNKS
 
     @property
     def st(self) -> float:           # one (R, D) float32 state per chunk, per token
@@ -148,8 +148,8 @@ def state_pass(S: Shape, reverse: bool = False) -> List[Launch]:
     ]
 
 
-def _bm(S: Shape) -> int:
-    return max(16, min(64, 2048 // S.BR))
+def _bm(S: Shape) -> int:                # kernels/settings.py _block_m
+    return max(16, min(64, QK_TILE // S.BR))
 
 
 # --------------------------------------------------------------------------------------

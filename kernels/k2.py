@@ -73,7 +73,7 @@ from .conv import _load_xe, conv_bwd_dw, conv_bwd_dx, conv_t_tile, conv_tile
 from .launch import grid_of, launch, target_arch
 from .scan import ChunkPlan, score_cols, score_rows
 from .seqs import as_varlen
-from .settings import K2, K2Settings, kernel_settings
+from .settings import K2, QK_TILE, K2Settings, kernel_settings
 from .varlen import Layout, chunk_bounds, chunk_program, chunk_tile, seq_length
 
 NORM_EPS = tl.constexpr(1e-8)   # a constexpr: the compiler rejects a plain Python float global
@@ -83,10 +83,11 @@ NORM_EPS = tl.constexpr(1e-8)   # a constexpr: the compiler rejects a plain Pyth
 
 def fold_qk(NC: int, BR: int, settings: K2Settings = K2) -> bool:
     """Whether k2_fwd runs ``_k2_qk_state_kernel`` (q, k and the chunk-local states in one pass
-    over x) instead of ``_k2_qk_kernel`` and the chunk-state pass: R <= 32 (a chunk of 64 rows is
-    then the projection's own row block, kernels/settings.py ``_block_m``) and at least
-    ``settings.fold_min_chunks`` chunks (``K2Settings``: why 132), or as ``settings.fold_qk`` forces."""
-    if BR > settings.max_fused_r:
+    over x) instead of ``_k2_qk_kernel`` and the chunk-state pass: the projection's (64, BR) float32
+    tiles of a whole chunk within kernels/settings.py ``QK_TILE`` (R <= 32: a chunk is then the
+    projection's own row block, ``_block_m``) and at least ``settings.fold_min_chunks`` chunks
+    (``K2Settings``: why 132), or as ``settings.fold_qk`` forces."""
+    if CHUNK * BR > QK_TILE:
         return False
     return NC >= settings.fold_min_chunks if settings.fold_qk is None else settings.fold_qk
 
@@ -364,7 +365,6 @@ class _Plan:
 
     def __init__(self, x, R, kernel, seqs, settings: K2Settings = K2):
         B, T, D = x.shape
-        self.op_settings = settings
         self.lay = Layout(x, seqs)
         # the chunk tables on cu_seqlens' own device (x's, but for the gate's meta-tensor workloads),
         # the kernels reading its offsets as int64

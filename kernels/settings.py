@@ -473,13 +473,13 @@ class K2Settings:
     # forced chunks per dx program (tests: groups on tiny inputs); None: by the rule above
     dx_group: Optional[int] = None
     # the forward folds the q/k projection into the chunk-state pass (``_k2_qk_state_kernel``: x
-    # leaves DRAM once there instead of twice) for R <= max_fused_r from fold_min_chunks chunks on:
+    # leaves DRAM once there instead of twice) for R <= 32 (64 x BR <= QK_TILE) from fold_min_chunks chunks on:
     # the fold does a chunk's state work in the chunk's one program, which the separate chunk-state
     # pass spreads over D / 64 programs, so below about one chunk per SM (132 on an H100 SXM /
     # H200) the separate passes fill the GPU better (an estimate; the model, benchmarks/perf_model.py,
     # prices both: at T = 1M, bf16, R = 16 fwd 27% -> 31% of the copy bound at D = 1024)
     fold_min_chunks: int = 132
-    # True / False: the fold forced on (R <= max_fused_r) or off (tests); None: by the rule above
+    # True / False: the fold forced on (R <= 32) or off (tests); None: by the rule above
     fold_qk: Optional[bool] = None
     scan: ScanSettings = SCAN
     conv: ConvSettings = CONV
