@@ -392,6 +392,12 @@ def _check_field(owner: str, name: str, value, low: int, high: Optional[int] = N
         raise ValueError(f"{owner}.{name} must be {what}{' or None' if optional else ''}, got {value!r}")
 
 
+def _check_flag(owner: str, name: str, value) -> None:
+    """A forcing switch: None (by the launcher's rule), True or False."""
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{owner}.{name} must be None, True or False, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ScanSettings:
     """The chunked scan's state pass (kernels/scan.py ``ChunkPlan.state_pass``, ``pass_group``);
@@ -487,15 +493,12 @@ class K2Settings:
     def __post_init__(self):
         _check_field("K2Settings", "max_fused_r", self.max_fused_r, 0, 128)
         _check_field("K2Settings", "max_fused_taps", self.max_fused_taps, 0, 4096)
-        if self.fuse_weight_grads is not None and not isinstance(self.fuse_weight_grads, bool):
-            raise ValueError(f"K2Settings.fuse_weight_grads must be None, True or False, "
-                             f"got {self.fuse_weight_grads!r}")
+        _check_flag("K2Settings", "fuse_weight_grads", self.fuse_weight_grads)
         _check_field("K2Settings", "dx_target_programs", self.dx_target_programs, 1)
         _check_field("K2Settings", "max_dx_group", self.max_dx_group, 1)
         _check_field("K2Settings", "dx_group", self.dx_group, 1, optional=True)
         _check_field("K2Settings", "fold_min_chunks", self.fold_min_chunks, 1)
-        if self.fold_qk is not None and not isinstance(self.fold_qk, bool):
-            raise ValueError(f"K2Settings.fold_qk must be None, True or False, got {self.fold_qk!r}")
+        _check_flag("K2Settings", "fold_qk", self.fold_qk)
         for name, cls in (("scan", ScanSettings), ("conv", ConvSettings)):
             if not isinstance(getattr(self, name), cls):
                 raise ValueError(f"K2Settings.{name} must be a {cls.__name__}, got {getattr(self, name)!r}")
