@@ -201,22 +201,17 @@ class Shape:
         return f"{self.dtype} B={self.B} T={self.T} D={self.D} R={self.R} K={self.K}"
 
 
-def _require_compiler() -> None:
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("the performance model records launches as the compile gate does: run it without "
-                           "TRITON_INTERPRET=1 (python -m benchmarks.perf_model ...)")
-
-
 def record(S: Shape, arch: int = 90, sms: int = 132) -> List[Dict]:
     """Every launch of the fused K2 mixer's forward and backward at ``S``, recorded on meta tensors
     as a ``sms``-SM sm_<arch> GPU gets them -> [{"phase", "kernel", "grid", "programs", "kwargs"
     (the non-tensor arguments), "tensor_bytes", "dtype", "config"}]; "dtype" and "config" are the
     compile gate's columns for that launch's specialisation."""
-    _require_compiler()
+    from kop_triton.kernels.report import DTYPES, _require_compiler, launch_spec
+    _require_compiler("the performance model (it records launches as the compile gate does)",
+                      "python -m benchmarks.perf_model ...")
     import torch
 
     from kop_triton.kernels.launch import recording
-    from kop_triton.kernels.report import DTYPES, launch_spec
     from kop_triton.ops.k2 import triton_k2_mixer
     dt, f32 = DTYPES[S.dtype], torch.float32
     mk = lambda *s, dtype=f32: torch.empty(*s, dtype=dtype, device="meta").requires_grad_()  # noqa: E731

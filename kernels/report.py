@@ -52,11 +52,11 @@ import triton
 from .launch import Launch
 
 
-def _require_compiler() -> None:
-    """The gate compiles; under the interpreter the kernels are not compilable objects."""
+def _require_compiler(tool: str = "the compile gate", command: str = "python -m kop_triton.kernels.report") -> None:
+    """The gate compiles (and the tools that record launches as it does need the same kernels);
+    under the interpreter the kernels are not compilable objects."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("the compile gate must run without TRITON_INTERPRET=1 "
-                           "(run it as its own process: python -m kop_triton.kernels.report)")
+        raise RuntimeError(f"{tool} must run without TRITON_INTERPRET=1 (run it as its own process: {command})")
 
 TARGETS = {"sm_80": 80, "sm_90": 90, "sm_100": 100}
 # Largest dynamic shared memory per block (opt-in), CUDA C Programming Guide, "Technical
